@@ -1,0 +1,140 @@
+//! Hugging Face model directories: config.json, tokenizer.json, and single or sharded
+//! safetensors (model.safetensors or model.safetensors.index.json), memory-mapped.
+
+use crate::{Backing, DType, FormatError, Result, TensorData};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub struct HfDirectory {
+    pub dir: PathBuf,
+    /// config.json, parsed but not interpreted (the model layer knows what the keys mean).
+    pub config: serde_json::Value,
+    pub tensors: BTreeMap<String, TensorData>,
+}
+
+impl HfDirectory {
+    pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref().to_path_buf();
+        let config_path = dir.join("config.json");
+        let text = std::fs::read_to_string(&config_path).map_err(|source| FormatError::Io {
+            path: config_path.clone(),
+            source,
+        })?;
+        let config: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| FormatError::Malformed {
+                path: config_path.clone(),
+                what: format!("invalid JSON: {e}"),
+            })?;
+        let index = dir.join("model.safetensors.index.json");
+        let files: Vec<PathBuf> = if index.exists() {
+            let text = std::fs::read_to_string(&index).map_err(|source| FormatError::Io {
+                path: index.clone(),
+                source,
+            })?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| FormatError::Malformed {
+                    path: index.clone(),
+                    what: format!("invalid JSON: {e}"),
+                })?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| FormatError::Malformed {
+                    path: index.clone(),
+                    what: "no \"weight_map\" object".into(),
+                })?;
+            let mut shards: Vec<String> = map
+                .values()
+                .filter_map(|s| s.as_str().map(str::to_string))
+                .collect();
+            shards.sort();
+            shards.dedup();
+            for s in &shards {
+                if s.contains('/') || s.contains('\\') || s.starts_with('.') {
+                    return Err(FormatError::Malformed {
+                        path: index.clone(),
+                        what: format!("shard name {s:?} leaves the model directory"),
+                    });
+                }
+            }
+            shards.into_iter().map(|s| dir.join(s)).collect()
+        } else {
+            let single = dir.join("model.safetensors");
+            if !single.exists() {
+                return Err(FormatError::Other(format!(
+                    "{}: no model.safetensors or model.safetensors.index.json",
+                    dir.display()
+                )));
+            }
+            vec![single]
+        };
+        let mut tensors = BTreeMap::new();
+        for f in files {
+            for t in read_safetensors(&f)? {
+                tensors.insert(t.name.clone(), t);
+            }
+        }
+        Ok(HfDirectory {
+            dir,
+            config,
+            tensors,
+        })
+    }
+
+    pub fn tokenizer_json(&self) -> Option<PathBuf> {
+        let p = self.dir.join("tokenizer.json");
+        p.exists().then_some(p)
+    }
+
+    pub fn tensor(&self, name: &str) -> Result<TensorData> {
+        self.tensors.get(name).cloned().ok_or_else(|| FormatError::Tensor {
+            name: name.to_string(),
+            what: format!("is missing from {}", self.dir.display()),
+        })
+    }
+}
+
+/// Memory-maps one safetensors file and lists its tensors (F32, F16 and BF16).
+pub fn read_safetensors(path: &Path) -> Result<Vec<TensorData>> {
+    let io = |source| FormatError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(io)?;
+    // SAFETY: read-only map of a model file (see GgufFile::open).
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
+    let backing: Backing = Arc::new(map);
+    safetensors_from_backing(path, backing)
+}
+
+pub fn safetensors_from_backing(path: &Path, backing: Backing) -> Result<Vec<TensorData>> {
+    let bytes: &[u8] = (*backing).as_ref();
+    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| FormatError::Malformed {
+        path: path.to_path_buf(),
+        what: format!("not a valid safetensors file: {e}"),
+    })?;
+    let base = bytes.as_ptr() as usize;
+    let mut out = Vec::new();
+    for (name, view) in st.tensors() {
+        let dtype = match view.dtype() {
+            safetensors::Dtype::F32 => DType::F32,
+            safetensors::Dtype::F16 => DType::F16,
+            safetensors::Dtype::BF16 => DType::BF16,
+            other => {
+                return Err(FormatError::Tensor {
+                    name,
+                    what: format!("has dtype {other:?}; only F32, F16 and BF16 are supported"),
+                })
+            }
+        };
+        let start = view.data().as_ptr() as usize - base;
+        let range = start..start + view.data().len();
+        let mut shape = view.shape().to_vec();
+        if shape.is_empty() {
+            shape.push(1);
+        }
+        out.push(TensorData::new(name, dtype, shape, backing.clone(), range)?);
+    }
+    Ok(out)
+}

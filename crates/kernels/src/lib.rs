@@ -1,0 +1,11 @@
+//! CPU math for gemma3: matrix products over every stored weight type, attention, RMSNorm,
+//! RoPE, GELU and softmax. Hot loops are compiled several times for different instruction
+//! sets and picked at run time (see [`simd`]); every path is checked against the scalar
+//! reference dequantization in `gemma3_formats::quant`. Nothing here knows what Gemma is.
+
+pub mod attention;
+pub mod matmul;
+pub mod ops;
+pub mod simd;
+
+pub use matmul::{matmul, matmul_weights, Weights};

@@ -1,0 +1,24 @@
+//! Gemma 3 itself: configuration, weight binding by name (GGUF and Hugging Face layouts),
+//! the text decoder and its KV cache. One entry point: [`TextModel::forward`].
+
+pub mod cache;
+pub mod config;
+pub mod text;
+pub mod weights;
+
+pub use cache::KvCache;
+pub use config::{LayerKind, TextConfig};
+pub use text::{Logits, TextModel, Workspace};
+pub use weights::{TextWeights, WeightSource};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Format(#[from] gemma3_formats::FormatError),
+    #[error("config: {0}")]
+    Config(String),
+    #[error("weights: {0}")]
+    Weights(String),
+    #[error("input: {0}")]
+    Input(String),
+}

@@ -1,0 +1,364 @@
+//! The Gemma 3 text decoder on CPU: a batch of tokens at consecutive positions goes through
+//! every layer at once (matrix products), keys/values land in the [`KvCache`], and logits
+//! are produced only for the rows asked for.
+//!
+//! Per layer (fixtures README, items 1-8): `x += post_attn_norm(attn(input_norm(x)))`,
+//! `x += post_ffn_norm(mlp(pre_ffn_norm(x)))`; attention applies q/k RMSNorm per head
+//! before NeoX RoPE, scales scores by `query_pre_attn_scalar^-0.5`, and sliding layers see
+//! keys `j` with `i - W < j <= i`.
+
+use crate::cache::KvCache;
+use crate::weights::TextWeights;
+use crate::{LayerKind, ModelError, TextConfig};
+use gemma3_kernels::attention::{attend, KvView};
+use gemma3_kernels::ops::{gelu_gate, rms_norm, rms_norm_inplace, rms_norm_rows, rope_cos_sin, rope_inv_freq, rope_neox};
+use gemma3_kernels::matmul;
+use rayon::prelude::*;
+use std::cell::RefCell;
+
+/// Which rows of a batch get logits.
+#[derive(Clone, Copy, Debug)]
+pub enum Logits<'a> {
+    None,
+    Last,
+    All,
+    /// Rows (indices into the tokens passed to `forward`), ascending.
+    Rows(&'a [usize]),
+}
+
+/// Where a traced forward pass is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    /// The scaled embeddings.
+    Embedding,
+    /// The residual stream after layer `i`.
+    Layer(usize),
+    /// After the final norm.
+    FinalNorm,
+}
+
+/// Rows of logits computed per output-projection call: the projection is decoded once per
+/// group, so larger groups are faster but hold `LOGIT_GROUP × vocab` floats.
+const LOGIT_GROUP: usize = 32;
+
+/// Buffers for one forward pass of up to `max_batch` tokens, allocated once.
+pub struct Workspace {
+    pub max_batch: usize,
+    x: Vec<f32>,
+    xn: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    attn: Vec<f32>,
+    o: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    cos_local: Vec<f32>,
+    sin_local: Vec<f32>,
+    cos_global: Vec<f32>,
+    sin_global: Vec<f32>,
+    final_rows: Vec<f32>,
+    logits: Vec<f32>,
+}
+
+impl Workspace {
+    pub fn new(cfg: &TextConfig, max_batch: usize) -> Self {
+        let n = max_batch.max(1);
+        let h = cfg.hidden_size;
+        let qd = cfg.num_heads * cfg.head_dim;
+        let kvd = cfg.num_kv_heads * cfg.head_dim;
+        let half = cfg.head_dim / 2;
+        let g = LOGIT_GROUP.min(n);
+        Workspace {
+            max_batch: n,
+            x: vec![0.0; n * h],
+            xn: vec![0.0; n * h],
+            q: vec![0.0; n * qd],
+            k: vec![0.0; n * kvd],
+            v: vec![0.0; n * kvd],
+            attn: vec![0.0; n * qd],
+            o: vec![0.0; n * h],
+            gate: vec![0.0; n * cfg.intermediate_size],
+            up: vec![0.0; n * cfg.intermediate_size],
+            cos_local: vec![0.0; n * half],
+            sin_local: vec![0.0; n * half],
+            cos_global: vec![0.0; n * half],
+            sin_global: vec![0.0; n * half],
+            final_rows: vec![0.0; g * h],
+            logits: vec![0.0; g * cfg.vocab_size],
+        }
+    }
+
+    pub fn bytes(&self) -> usize {
+        4 * [
+            &self.x, &self.xn, &self.q, &self.k, &self.v, &self.attn, &self.o, &self.gate, &self.up,
+            &self.cos_local, &self.sin_local, &self.cos_global, &self.sin_global, &self.final_rows,
+            &self.logits,
+        ]
+        .iter()
+        .map(|v| v.len())
+        .sum::<usize>()
+    }
+}
+
+thread_local! {
+    static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+pub struct TextModel {
+    pub cfg: TextConfig,
+    pub weights: TextWeights,
+    inv_freq_local: Vec<f32>,
+    inv_freq_global: Vec<f32>,
+}
+
+impl TextModel {
+    pub fn new(cfg: TextConfig, weights: TextWeights) -> Self {
+        let inv_freq_local = rope_inv_freq(cfg.head_dim, cfg.rope_local_theta, 1.0);
+        let inv_freq_global = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_linear_factor);
+        TextModel {
+            cfg,
+            weights,
+            inv_freq_local,
+            inv_freq_global,
+        }
+    }
+
+    /// Loads the text decoder of a GGUF file.
+    pub fn from_gguf(g: &gemma3_formats::GgufFile) -> Result<Self, ModelError> {
+        let cfg = TextConfig::from_gguf(g)?;
+        let weights = TextWeights::load(&crate::WeightSource::Gguf(g), &cfg)?;
+        Ok(Self::new(cfg, weights))
+    }
+
+    /// Loads the text decoder of a Hugging Face directory (text-only or multimodal).
+    pub fn from_hf(d: &gemma3_formats::HfDirectory) -> Result<Self, ModelError> {
+        let cfg = TextConfig::from_hf_json(&d.config)?;
+        let weights = TextWeights::load(&crate::WeightSource::Hf(d), &cfg)?;
+        Ok(Self::new(cfg, weights))
+    }
+
+    /// Runs `tokens` at positions `cache.len ..`, appending their keys/values to the cache,
+    /// and calls `on_logits(row, logits)` for each row `want` names, in order.
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        ws: &mut Workspace,
+        want: Logits<'_>,
+        on_logits: &mut dyn FnMut(usize, &[f32]),
+    ) -> Result<(), ModelError> {
+        self.forward_traced(tokens, cache, ws, want, on_logits, None)
+    }
+
+    /// [`forward`](Self::forward), also showing each stage's hidden states
+    /// (`rows × hidden`, one call per batch chunk) to `trace`.
+    pub fn forward_traced(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        ws: &mut Workspace,
+        want: Logits<'_>,
+        on_logits: &mut dyn FnMut(usize, &[f32]),
+        mut trace: Option<&mut dyn FnMut(Stage, &[f32])>,
+    ) -> Result<(), ModelError> {
+        let n_all = tokens.len();
+        if n_all == 0 {
+            return Ok(());
+        }
+        if cache.len + n_all > cache.context {
+            return Err(ModelError::Input(format!(
+                "{} tokens at position {} exceed the context size of {} tokens",
+                n_all, cache.len, cache.context
+            )));
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
+            return Err(ModelError::Input(format!(
+                "token id {bad} is outside the vocabulary (size {})",
+                self.cfg.vocab_size
+            )));
+        }
+        let mut start = 0;
+        while start < n_all {
+            let n = (n_all - start).min(ws.max_batch);
+            let end = start + n;
+            self.forward_chunk(&tokens[start..end], cache, ws, trace.as_deref_mut());
+            // Rows of this chunk that want logits.
+            let mut rows: Vec<usize> = Vec::new();
+            let rows: &[usize] = match want {
+                Logits::None => &[],
+                Logits::Last => {
+                    if end == n_all {
+                        rows.push(n - 1);
+                    }
+                    &rows
+                }
+                Logits::All => {
+                    rows.extend(0..n);
+                    &rows
+                }
+                Logits::Rows(r) => {
+                    rows.extend(r.iter().filter(|&&i| i >= start && i < end).map(|&i| i - start));
+                    &rows
+                }
+            };
+            self.project(ws, rows, start, on_logits);
+            start = end;
+        }
+        Ok(())
+    }
+
+    fn forward_chunk(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        ws: &mut Workspace,
+        mut trace: Option<&mut (dyn FnMut(Stage, &[f32]) + '_)>,
+    ) {
+        let cfg = &self.cfg;
+        let n = tokens.len();
+        let h = cfg.hidden_size;
+        let hd = cfg.head_dim;
+        let half = hd / 2;
+        let nh = cfg.num_heads;
+        let nkv = cfg.num_kv_heads;
+        let qd = nh * hd;
+        let kvd = nkv * hd;
+        let ff = cfg.intermediate_size;
+        let eps = cfg.rms_norm_eps;
+        let p0 = cache.len;
+        let w = &self.weights;
+
+        // Embeddings, scaled by sqrt(hidden).
+        for (t, &tok) in tokens.iter().enumerate() {
+            let row = &mut ws.x[t * h..(t + 1) * h];
+            gemma3_formats::quant::dequantize(w.embed.dtype, w.embed.row(tok as usize), row);
+            row.iter_mut().for_each(|v| *v *= w.embed_scale);
+        }
+        if let Some(tr) = trace.as_deref_mut() {
+            tr(Stage::Embedding, &ws.x[..n * h]);
+        }
+        for t in 0..n {
+            let r = t * half..(t + 1) * half;
+            rope_cos_sin(p0 + t, &self.inv_freq_local, &mut ws.cos_local[r.clone()], &mut ws.sin_local[r.clone()]);
+            rope_cos_sin(p0 + t, &self.inv_freq_global, &mut ws.cos_global[r.clone()], &mut ws.sin_global[r]);
+        }
+        let scale = cfg.attn_scale();
+        let softcap = cfg.attn_logit_softcapping;
+
+        for (li, lw) in w.layers.iter().enumerate() {
+            let kind = cfg.layer_kinds[li];
+            for t in 0..n {
+                rms_norm(&ws.x[t * h..(t + 1) * h], &lw.attn_norm, eps, &mut ws.xn[t * h..(t + 1) * h]);
+            }
+            matmul(&lw.q, &ws.xn, n, &mut ws.q);
+            matmul(&lw.k, &ws.xn, n, &mut ws.k);
+            matmul(&lw.v, &ws.xn, n, &mut ws.v);
+            rms_norm_rows(&mut ws.q[..n * qd], &lw.q_norm, eps);
+            rms_norm_rows(&mut ws.k[..n * kvd], &lw.k_norm, eps);
+            let (cos, sin) = match kind {
+                LayerKind::Sliding => (&ws.cos_local, &ws.sin_local),
+                LayerKind::Full => (&ws.cos_global, &ws.sin_global),
+            };
+            for t in 0..n {
+                let (c, s) = (&cos[t * half..(t + 1) * half], &sin[t * half..(t + 1) * half]);
+                rope_neox(&mut ws.q[t * qd..(t + 1) * qd], hd, c, s);
+                rope_neox(&mut ws.k[t * kvd..(t + 1) * kvd], hd, c, s);
+            }
+            let lc = &mut cache.layers[li];
+            for t in 0..n {
+                let slot = (p0 + t) % lc.capacity;
+                lc.k[slot * kvd..(slot + 1) * kvd].copy_from_slice(&ws.k[t * kvd..(t + 1) * kvd]);
+                lc.v[slot * kvd..(slot + 1) * kvd].copy_from_slice(&ws.v[t * kvd..(t + 1) * kvd]);
+            }
+            let window = match kind {
+                LayerKind::Sliding => Some(cfg.sliding_window),
+                LayerKind::Full => None,
+            };
+            let (lk, lv, cap) = (&lc.k[..], &lc.v[..], lc.capacity);
+            let q = &ws.q;
+            let group = nh / nkv;
+            ws.attn[..n * qd]
+                .par_chunks_mut(hd)
+                .enumerate()
+                .for_each(|(task, out)| {
+                    let (t, head) = (task / nh, task % nh);
+                    let pos = p0 + t;
+                    let lo = window.map_or(0, |w| (pos + 1).saturating_sub(w));
+                    let kv = KvView {
+                        k: lk,
+                        v: lv,
+                        capacity: cap,
+                        stride: kvd,
+                        offset: (head / group) * hd,
+                        head_dim: hd,
+                    };
+                    let qh = &q[t * qd + head * hd..t * qd + (head + 1) * hd];
+                    SCORES.with(|s| {
+                        let mut s = s.borrow_mut();
+                        if s.len() < pos + 1 - lo {
+                            s.resize(pos + 1 - lo, 0.0);
+                        }
+                        attend(qh, &kv, lo, pos + 1, scale, softcap, &mut s, out);
+                    });
+                });
+            matmul(&lw.o, &ws.attn, n, &mut ws.o);
+            for t in 0..n {
+                let o = &mut ws.o[t * h..(t + 1) * h];
+                rms_norm_inplace(o, &lw.post_attn_norm, eps);
+                for (x, y) in ws.x[t * h..(t + 1) * h].iter_mut().zip(o.iter()) {
+                    *x += *y;
+                }
+                rms_norm(&ws.x[t * h..(t + 1) * h], &lw.pre_ffn_norm, eps, &mut ws.xn[t * h..(t + 1) * h]);
+            }
+            matmul(&lw.gate, &ws.xn, n, &mut ws.gate);
+            matmul(&lw.up, &ws.xn, n, &mut ws.up);
+            gelu_gate(&mut ws.gate[..n * ff], &ws.up[..n * ff]);
+            matmul(&lw.down, &ws.gate, n, &mut ws.o);
+            for t in 0..n {
+                let o = &mut ws.o[t * h..(t + 1) * h];
+                rms_norm_inplace(o, &lw.post_ffn_norm, eps);
+                for (x, y) in ws.x[t * h..(t + 1) * h].iter_mut().zip(o.iter()) {
+                    *x += *y;
+                }
+            }
+            if let Some(tr) = trace.as_deref_mut() {
+                tr(Stage::Layer(li), &ws.x[..n * h]);
+            }
+        }
+        cache.len += n;
+        if let Some(tr) = trace.as_deref_mut() {
+            for t in 0..n {
+                rms_norm(&ws.x[t * h..(t + 1) * h], &w.final_norm, eps, &mut ws.xn[t * h..(t + 1) * h]);
+            }
+            tr(Stage::FinalNorm, &ws.xn[..n * h]);
+        }
+    }
+
+    /// Final norm and output projection of `rows` of the last chunk, in groups.
+    fn project(
+        &self,
+        ws: &mut Workspace,
+        rows: &[usize],
+        row_offset: usize,
+        on_logits: &mut dyn FnMut(usize, &[f32]),
+    ) {
+        let h = self.cfg.hidden_size;
+        let vocab = self.cfg.vocab_size;
+        let group = ws.final_rows.len() / h;
+        for chunk in rows.chunks(group) {
+            for (g, &r) in chunk.iter().enumerate() {
+                rms_norm(&ws.x[r * h..(r + 1) * h], &self.weights.final_norm, self.cfg.rms_norm_eps, &mut ws.final_rows[g * h..(g + 1) * h]);
+            }
+            let m = chunk.len();
+            matmul(&self.weights.lm_head, &ws.final_rows[..m * h], m, &mut ws.logits[..m * vocab]);
+            for (g, &r) in chunk.iter().enumerate() {
+                let l = &mut ws.logits[g * vocab..(g + 1) * vocab];
+                if let Some(c) = self.cfg.final_logit_softcapping {
+                    l.iter_mut().for_each(|v| *v = c * (*v / c).tanh());
+                }
+                on_logits(row_offset + r, l);
+            }
+        }
+    }
+}
