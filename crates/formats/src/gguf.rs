@@ -79,7 +79,9 @@ impl MetaValue {
     /// A short rendering for `info` (arrays summarised).
     pub fn summary(&self) -> String {
         match self {
-            MetaValue::String(s) if s.len() > 60 => format!("{:?}…", &s[..s.floor_char_boundary(60)]),
+            MetaValue::String(s) if s.len() > 60 => {
+                format!("{:?}…", &s[..s.floor_char_boundary(60)])
+            }
             MetaValue::String(s) => format!("{s:?}"),
             MetaValue::Array(a) if a.len() > 8 => format!("[{} values]", a.len()),
             MetaValue::Array(a) => format!(
@@ -207,13 +209,15 @@ impl<'a> Cursor<'a> {
                     8 | 10..=12 => 8,
                     9 => 12,
                     _ => {
-                        return Err(
-                            self.malformed(format!("metadata {key}: unknown array element type {ety}"))
-                        )
+                        return Err(self.malformed(format!(
+                            "metadata {key}: unknown array element type {ety}"
+                        )))
                     }
                 };
                 // Every element takes at least `min` bytes: a count the file cannot hold is a lie.
-                if n.checked_mul(min).is_none_or(|b| b > self.remaining() as u64) {
+                if n.checked_mul(min)
+                    .is_none_or(|b| b > self.remaining() as u64)
+                {
                     return Err(FormatError::Truncated {
                         path: self.path.to_path_buf(),
                         what: format!("metadata {key}: array of {n} elements"),
@@ -309,7 +313,9 @@ impl GgufFile {
             let name = c.string(&format!("tensor info {i}"))?;
             let n_dims = c.u32(&name)?;
             if n_dims == 0 || n_dims > MAX_DIMS {
-                return Err(c.malformed(format!("tensor {name}: {n_dims} dimensions (1 to {MAX_DIMS} allowed)")));
+                return Err(c.malformed(format!(
+                    "tensor {name}: {n_dims} dimensions (1 to {MAX_DIMS} allowed)"
+                )));
             }
             let mut dims = Vec::with_capacity(n_dims as usize);
             for _ in 0..n_dims {
@@ -342,7 +348,10 @@ impl GgufFile {
             if dims[0] % be != 0 {
                 return Err(FormatError::Tensor {
                     name,
-                    what: format!("row length {} is not a multiple of the {dtype} block size {be}", dims[0]),
+                    what: format!(
+                        "row length {} is not a multiple of the {dtype} block size {be}",
+                        dims[0]
+                    ),
                 });
             }
             let size = numel / be * dtype.block_bytes() as u64;
@@ -446,7 +455,13 @@ impl GgufWriter {
         self
     }
     /// Adds a tensor; `shape` is outermost first, `data` its stored bytes.
-    pub fn tensor(&mut self, name: &str, shape: &[usize], dtype: DType, data: Vec<u8>) -> &mut Self {
+    pub fn tensor(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+        data: Vec<u8>,
+    ) -> &mut Self {
         let dims = shape.iter().rev().map(|&d| d as u64).collect();
         self.tensors.push((name.to_string(), dims, dtype, data));
         self

@@ -88,10 +88,13 @@ impl HfDirectory {
     }
 
     pub fn tensor(&self, name: &str) -> Result<TensorData> {
-        self.tensors.get(name).cloned().ok_or_else(|| FormatError::Tensor {
-            name: name.to_string(),
-            what: format!("is missing from {}", self.dir.display()),
-        })
+        self.tensors
+            .get(name)
+            .cloned()
+            .ok_or_else(|| FormatError::Tensor {
+                name: name.to_string(),
+                what: format!("is missing from {}", self.dir.display()),
+            })
     }
 }
 

@@ -17,7 +17,11 @@ pub fn dequantize(dtype: DType, bytes: &[u8], out: &mut [f32]) {
     let be = dtype.block_elems();
     let bb = dtype.block_bytes();
     assert_eq!(out.len() % be, 0, "{dtype}: output is not whole blocks");
-    assert_eq!(bytes.len(), out.len() / be * bb, "{dtype}: byte count mismatch");
+    assert_eq!(
+        bytes.len(),
+        out.len() / be * bb,
+        "{dtype}: byte count mismatch"
+    );
     match dtype {
         DType::F32 => {
             for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {

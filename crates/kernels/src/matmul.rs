@@ -48,9 +48,21 @@ pub fn matmul(w: &TensorData, x: &[f32], n: usize, out: &mut [f32]) {
 
 pub fn matmul_weights(w: Weights<'_>, x: &[f32], n: usize, out: &mut [f32]) {
     let (rows, cols) = (w.rows, w.cols);
-    assert!(x.len() >= n * cols, "matmul: input has {} values, need {n}x{cols}", x.len());
-    assert!(out.len() >= n * rows, "matmul: output has {} values, need {n}x{rows}", out.len());
-    assert_eq!(w.dtype.row_bytes(cols), Some(w.row_bytes()), "matmul: bad weight bytes");
+    assert!(
+        x.len() >= n * cols,
+        "matmul: input has {} values, need {n}x{cols}",
+        x.len()
+    );
+    assert!(
+        out.len() >= n * rows,
+        "matmul: output has {} values, need {n}x{rows}",
+        out.len()
+    );
+    assert_eq!(
+        w.dtype.row_bytes(cols),
+        Some(w.row_bytes()),
+        "matmul: bad weight bytes"
+    );
     if n == 0 || rows == 0 {
         return;
     }

@@ -79,7 +79,10 @@ impl TextConfig {
     pub fn from_hf_json(v: &Value) -> Result<Self, ModelError> {
         let top = v;
         let v = v.get("text_config").unwrap_or(v);
-        let mt = v.get("model_type").and_then(Value::as_str).unwrap_or("gemma3_text");
+        let mt = v
+            .get("model_type")
+            .and_then(Value::as_str)
+            .unwrap_or("gemma3_text");
         if !matches!(mt, "gemma3_text" | "gemma3") {
             return Err(ModelError::Config(format!(
                 "model_type {mt:?} is not supported: this engine runs Gemma 3 (gemma3, gemma3_text)"
@@ -104,7 +107,10 @@ impl TextConfig {
         let (mut rope_theta, mut rope_local_theta, mut factor) = (1_000_000.0, 10_000.0, 1.0);
         if let Some(rp) = v.get("rope_parameters").filter(|x| x.is_object()) {
             if let Some(full) = rp.get("full_attention") {
-                rope_theta = full.get("rope_theta").and_then(Value::as_f64).unwrap_or(rope_theta);
+                rope_theta = full
+                    .get("rope_theta")
+                    .and_then(Value::as_f64)
+                    .unwrap_or(rope_theta);
                 factor = linear_factor(full)?;
             }
             if let Some(sl) = rp.get("sliding_attention") {
@@ -115,7 +121,10 @@ impl TextConfig {
             }
             if rp.get("full_attention").is_none() {
                 // A single flat rope_parameters applies to full layers.
-                rope_theta = rp.get("rope_theta").and_then(Value::as_f64).unwrap_or(rope_theta);
+                rope_theta = rp
+                    .get("rope_theta")
+                    .and_then(Value::as_f64)
+                    .unwrap_or(rope_theta);
                 factor = linear_factor(rp)?;
             }
         } else {
@@ -152,7 +161,11 @@ impl TextConfig {
             )));
         }
         let eos_token_ids = match top.get("eos_token_id").or_else(|| v.get("eos_token_id")) {
-            Some(Value::Array(a)) => a.iter().filter_map(Value::as_u64).map(|x| x as u32).collect(),
+            Some(Value::Array(a)) => a
+                .iter()
+                .filter_map(Value::as_u64)
+                .map(|x| x as u32)
+                .collect(),
             Some(x) => x.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
             None => vec![1],
         };
@@ -193,7 +206,9 @@ impl TextConfig {
         let req = |k: &str| -> Result<usize, ModelError> {
             g.get_u64(&format!("gemma3.{k}"))
                 .map(|x| x as usize)
-                .ok_or_else(|| ModelError::Config(format!("{}: missing gemma3.{k}", g.path.display())))
+                .ok_or_else(|| {
+                    ModelError::Config(format!("{}: missing gemma3.{k}", g.path.display()))
+                })
         };
         let hidden_size = req("embedding_length")?;
         let num_heads = req("attention.head_count")?;
@@ -249,15 +264,27 @@ impl TextConfig {
             rope_theta: g.get_f64("gemma3.rope.freq_base").unwrap_or(1_000_000.0),
             rope_local_theta: g.get_f64("gemma3.rope.freq_base_swa").unwrap_or(10_000.0),
             rope_linear_factor,
-            sliding_window: req("attention.sliding_window").unwrap_or(if size == "270M" || size == "1B" { 512 } else { 1024 }),
+            sliding_window: req("attention.sliding_window").unwrap_or(
+                if size == "270M" || size == "1B" {
+                    512
+                } else {
+                    1024
+                },
+            ),
             layer_kinds: Self::pattern_kinds(num_layers, pattern),
             query_pre_attn_scalar,
             max_position_embeddings: req("context_length").unwrap_or(131_072),
-            final_logit_softcapping: g.get_f64("gemma3.final_logit_softcapping").map(|x| x as f32),
+            final_logit_softcapping: g
+                .get_f64("gemma3.final_logit_softcapping")
+                .map(|x| x as f32),
             attn_logit_softcapping: g.get_f64("gemma3.attn_logit_softcapping").map(|x| x as f32),
             bos_token_id: g.get_u64("tokenizer.ggml.bos_token_id").unwrap_or(2) as u32,
             // <end_of_turn> (106) ends a chat turn as well as <eos>.
-            eos_token_ids: if eos == 106 { vec![1, 106] } else { vec![eos, 106] },
+            eos_token_ids: if eos == 106 {
+                vec![1, 106]
+            } else {
+                vec![eos, 106]
+            },
         };
         cfg.validate()?;
         Ok(cfg)
@@ -265,7 +292,11 @@ impl TextConfig {
 
     fn validate(&self) -> Result<(), ModelError> {
         let bad = |m: String| Err(ModelError::Config(m));
-        if self.hidden_size == 0 || self.num_heads == 0 || self.num_kv_heads == 0 || self.head_dim == 0 {
+        if self.hidden_size == 0
+            || self.num_heads == 0
+            || self.num_kv_heads == 0
+            || self.head_dim == 0
+        {
             return bad(format!("zero-sized dimension in {self:?}"));
         }
         if self.num_heads % self.num_kv_heads != 0 {

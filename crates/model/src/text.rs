@@ -11,8 +11,10 @@ use crate::cache::KvCache;
 use crate::weights::TextWeights;
 use crate::{LayerKind, ModelError, TextConfig};
 use gemma3_kernels::attention::{attend, KvView};
-use gemma3_kernels::ops::{gelu_gate, rms_norm, rms_norm_inplace, rms_norm_rows, rope_cos_sin, rope_inv_freq, rope_neox};
 use gemma3_kernels::matmul;
+use gemma3_kernels::ops::{
+    gelu_gate, rms_norm, rms_norm_inplace, rms_norm_rows, rope_cos_sin, rope_inv_freq, rope_neox,
+};
 use rayon::prelude::*;
 use std::cell::RefCell;
 
@@ -91,8 +93,20 @@ impl Workspace {
 
     pub fn bytes(&self) -> usize {
         4 * [
-            &self.x, &self.xn, &self.q, &self.k, &self.v, &self.attn, &self.o, &self.gate, &self.up,
-            &self.cos_local, &self.sin_local, &self.cos_global, &self.sin_global, &self.final_rows,
+            &self.x,
+            &self.xn,
+            &self.q,
+            &self.k,
+            &self.v,
+            &self.attn,
+            &self.o,
+            &self.gate,
+            &self.up,
+            &self.cos_local,
+            &self.sin_local,
+            &self.cos_global,
+            &self.sin_global,
+            &self.final_rows,
             &self.logits,
         ]
         .iter()
@@ -198,7 +212,11 @@ impl TextModel {
                     &rows
                 }
                 Logits::Rows(r) => {
-                    rows.extend(r.iter().filter(|&&i| i >= start && i < end).map(|&i| i - start));
+                    rows.extend(
+                        r.iter()
+                            .filter(|&&i| i >= start && i < end)
+                            .map(|&i| i - start),
+                    );
                     &rows
                 }
             };
@@ -240,8 +258,18 @@ impl TextModel {
         }
         for t in 0..n {
             let r = t * half..(t + 1) * half;
-            rope_cos_sin(p0 + t, &self.inv_freq_local, &mut ws.cos_local[r.clone()], &mut ws.sin_local[r.clone()]);
-            rope_cos_sin(p0 + t, &self.inv_freq_global, &mut ws.cos_global[r.clone()], &mut ws.sin_global[r]);
+            rope_cos_sin(
+                p0 + t,
+                &self.inv_freq_local,
+                &mut ws.cos_local[r.clone()],
+                &mut ws.sin_local[r.clone()],
+            );
+            rope_cos_sin(
+                p0 + t,
+                &self.inv_freq_global,
+                &mut ws.cos_global[r.clone()],
+                &mut ws.sin_global[r],
+            );
         }
         let scale = cfg.attn_scale();
         let softcap = cfg.attn_logit_softcapping;
@@ -249,7 +277,12 @@ impl TextModel {
         for (li, lw) in w.layers.iter().enumerate() {
             let kind = cfg.layer_kinds[li];
             for t in 0..n {
-                rms_norm(&ws.x[t * h..(t + 1) * h], &lw.attn_norm, eps, &mut ws.xn[t * h..(t + 1) * h]);
+                rms_norm(
+                    &ws.x[t * h..(t + 1) * h],
+                    &lw.attn_norm,
+                    eps,
+                    &mut ws.xn[t * h..(t + 1) * h],
+                );
             }
             matmul(&lw.q, &ws.xn, n, &mut ws.q);
             matmul(&lw.k, &ws.xn, n, &mut ws.k);
@@ -261,7 +294,10 @@ impl TextModel {
                 LayerKind::Full => (&ws.cos_global, &ws.sin_global),
             };
             for t in 0..n {
-                let (c, s) = (&cos[t * half..(t + 1) * half], &sin[t * half..(t + 1) * half]);
+                let (c, s) = (
+                    &cos[t * half..(t + 1) * half],
+                    &sin[t * half..(t + 1) * half],
+                );
                 rope_neox(&mut ws.q[t * qd..(t + 1) * qd], hd, c, s);
                 rope_neox(&mut ws.k[t * kvd..(t + 1) * kvd], hd, c, s);
             }
@@ -309,7 +345,12 @@ impl TextModel {
                 for (x, y) in ws.x[t * h..(t + 1) * h].iter_mut().zip(o.iter()) {
                     *x += *y;
                 }
-                rms_norm(&ws.x[t * h..(t + 1) * h], &lw.pre_ffn_norm, eps, &mut ws.xn[t * h..(t + 1) * h]);
+                rms_norm(
+                    &ws.x[t * h..(t + 1) * h],
+                    &lw.pre_ffn_norm,
+                    eps,
+                    &mut ws.xn[t * h..(t + 1) * h],
+                );
             }
             matmul(&lw.gate, &ws.xn, n, &mut ws.gate);
             matmul(&lw.up, &ws.xn, n, &mut ws.up);
@@ -329,7 +370,12 @@ impl TextModel {
         cache.len += n;
         if let Some(tr) = trace.as_deref_mut() {
             for t in 0..n {
-                rms_norm(&ws.x[t * h..(t + 1) * h], &w.final_norm, eps, &mut ws.xn[t * h..(t + 1) * h]);
+                rms_norm(
+                    &ws.x[t * h..(t + 1) * h],
+                    &w.final_norm,
+                    eps,
+                    &mut ws.xn[t * h..(t + 1) * h],
+                );
             }
             tr(Stage::FinalNorm, &ws.xn[..n * h]);
         }
@@ -348,10 +394,20 @@ impl TextModel {
         let group = ws.final_rows.len() / h;
         for chunk in rows.chunks(group) {
             for (g, &r) in chunk.iter().enumerate() {
-                rms_norm(&ws.x[r * h..(r + 1) * h], &self.weights.final_norm, self.cfg.rms_norm_eps, &mut ws.final_rows[g * h..(g + 1) * h]);
+                rms_norm(
+                    &ws.x[r * h..(r + 1) * h],
+                    &self.weights.final_norm,
+                    self.cfg.rms_norm_eps,
+                    &mut ws.final_rows[g * h..(g + 1) * h],
+                );
             }
             let m = chunk.len();
-            matmul(&self.weights.lm_head, &ws.final_rows[..m * h], m, &mut ws.logits[..m * vocab]);
+            matmul(
+                &self.weights.lm_head,
+                &ws.final_rows[..m * h],
+                m,
+                &mut ws.logits[..m * vocab],
+            );
             for (g, &r) in chunk.iter().enumerate() {
                 let l = &mut ws.logits[g * vocab..(g + 1) * vocab];
                 if let Some(c) = self.cfg.final_logit_softcapping {

@@ -152,7 +152,11 @@ impl TextWeights {
         } else {
             embed.clone()
         };
-        let embed_scale = round_to_dtype((h as f32).sqrt(), embed.dtype, matches!(src, WeightSource::Hf(_)));
+        let embed_scale = round_to_dtype(
+            (h as f32).sqrt(),
+            embed.dtype,
+            matches!(src, WeightSource::Hf(_)),
+        );
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
             let n = |s: &str| layer_name(i, s);

