@@ -3,16 +3,17 @@
 //! against, so they favour clarity over speed.
 
 use crate::DType;
-use half::{bf16, f16};
+use half::f16;
 
-#[inline]
+#[inline(always)]
 pub fn f16_at(b: &[u8], i: usize) -> f32 {
-    f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
+    f16_bits_to_f32(u16::from_le_bytes([b[i], b[i + 1]]))
 }
 
 /// Dequantizes `bytes` (whole blocks of `dtype`) into `out`, one value per element.
-/// Panics if the lengths disagree: callers hold validated tensors.
-#[inline]
+/// Panics if the lengths disagree: callers hold validated tensors. Inlined so that kernels
+/// compiled for wider vector units get vectorised copies of the block loops.
+#[inline(always)]
 pub fn dequantize(dtype: DType, bytes: &[u8], out: &mut [f32]) {
     let be = dtype.block_elems();
     let bb = dtype.block_bytes();
@@ -22,6 +23,13 @@ pub fn dequantize(dtype: DType, bytes: &[u8], out: &mut [f32]) {
         out.len() / be * bb,
         "{dtype}: byte count mismatch"
     );
+    macro_rules! blocks {
+        ($f:ident) => {
+            for (o, b) in out.chunks_exact_mut(be).zip(bytes.chunks_exact(bb)) {
+                $f(b, o);
+            }
+        };
+    }
     match dtype {
         DType::F32 => {
             for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
@@ -30,21 +38,36 @@ pub fn dequantize(dtype: DType, bytes: &[u8], out: &mut [f32]) {
         }
         DType::F16 => {
             for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-                *o = f16::from_le_bytes([c[0], c[1]]).to_f32();
+                *o = f16_bits_to_f32(u16::from_le_bytes([c[0], c[1]]));
             }
         }
         DType::BF16 => {
             for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-                *o = bf16::from_le_bytes([c[0], c[1]]).to_f32();
+                *o = f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16);
             }
         }
-        _ => {
-            let f = block_fn(dtype);
-            for (o, b) in out.chunks_exact_mut(be).zip(bytes.chunks_exact(bb)) {
-                f(b, o);
-            }
-        }
+        DType::Q4_0 => blocks!(dequant_q4_0),
+        DType::Q4_1 => blocks!(dequant_q4_1),
+        DType::Q5_0 => blocks!(dequant_q5_0),
+        DType::Q5_1 => blocks!(dequant_q5_1),
+        DType::Q8_0 => blocks!(dequant_q8_0),
+        DType::Q4_K => blocks!(dequant_q4_k),
+        DType::Q5_K => blocks!(dequant_q5_k),
+        DType::Q6_K => blocks!(dequant_q6_k),
     }
+}
+
+/// IEEE half to single, branch-free so that loops over it vectorise. Exact for every
+/// input: normals and subnormals by rescaling, infinities and NaNs by their exponent.
+#[inline(always)]
+pub fn f16_bits_to_f32(h: u16) -> f32 {
+    let sign = ((h as u32) & 0x8000) << 16;
+    let em = (h as u32) & 0x7fff;
+    // Shift exponent+mantissa into place and rebias by multiplying with 2^112.
+    let scaled = f32::from_bits(em << 13) * f32::from_bits(0x7780_0000);
+    let inf_nan = f32::from_bits((em << 13) | 0x7f80_0000);
+    let v = if em >= 0x7c00 { inf_nan } else { scaled };
+    f32::from_bits(v.to_bits() | sign)
 }
 
 /// The per-block dequantizer of a quantized type.
@@ -63,7 +86,7 @@ pub fn block_fn(dtype: DType) -> fn(&[u8], &mut [f32]) {
 }
 
 /// Q4_0: f16 d, 16 bytes of nibbles. Low nibbles are values 0..16, high nibbles 16..32.
-#[inline]
+#[inline(always)]
 pub fn dequant_q4_0(b: &[u8], y: &mut [f32]) {
     let d = f16_at(b, 0);
     let qs = &b[2..18];
@@ -74,7 +97,7 @@ pub fn dequant_q4_0(b: &[u8], y: &mut [f32]) {
 }
 
 /// Q4_1: f16 d, f16 m, 16 bytes of nibbles; value = q*d + m.
-#[inline]
+#[inline(always)]
 pub fn dequant_q4_1(b: &[u8], y: &mut [f32]) {
     let d = f16_at(b, 0);
     let m = f16_at(b, 2);
@@ -86,7 +109,7 @@ pub fn dequant_q4_1(b: &[u8], y: &mut [f32]) {
 }
 
 /// Q5_0: f16 d, 32 high bits (u32 LE), 16 bytes of low nibbles; value = (q5 - 16)*d.
-#[inline]
+#[inline(always)]
 pub fn dequant_q5_0(b: &[u8], y: &mut [f32]) {
     let d = f16_at(b, 0);
     let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
@@ -100,7 +123,7 @@ pub fn dequant_q5_0(b: &[u8], y: &mut [f32]) {
 }
 
 /// Q5_1: f16 d, f16 m, 32 high bits, 16 bytes of low nibbles; value = q5*d + m.
-#[inline]
+#[inline(always)]
 pub fn dequant_q5_1(b: &[u8], y: &mut [f32]) {
     let d = f16_at(b, 0);
     let m = f16_at(b, 2);
@@ -115,7 +138,7 @@ pub fn dequant_q5_1(b: &[u8], y: &mut [f32]) {
 }
 
 /// Q8_0: f16 d, 32 signed bytes; value = q*d.
-#[inline]
+#[inline(always)]
 pub fn dequant_q8_0(b: &[u8], y: &mut [f32]) {
     let d = f16_at(b, 0);
     for j in 0..32 {
@@ -125,7 +148,7 @@ pub fn dequant_q8_0(b: &[u8], y: &mut [f32]) {
 
 /// The 6-bit scale and min of sub-block `j` (0..8) packed in the 12 `scales` bytes of
 /// Q4_K and Q5_K.
-#[inline]
+#[inline(always)]
 pub fn k_scale_min(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
@@ -140,7 +163,7 @@ pub fn k_scale_min(j: usize, q: &[u8]) -> (u8, u8) {
 /// Q4_K: super-block of 256 = 8 sub-blocks of 32. f16 d, f16 dmin, 12 bytes of 6-bit
 /// scales/mins, 128 bytes of nibbles. Each 32-byte run of `qs` holds two sub-blocks: low
 /// nibbles first, high nibbles second. value = d*sc*q - dmin*m.
-#[inline]
+#[inline(always)]
 pub fn dequant_q4_k(b: &[u8], y: &mut [f32]) {
     let d = f16_at(b, 0);
     let dmin = f16_at(b, 2);
@@ -161,7 +184,7 @@ pub fn dequant_q4_k(b: &[u8], y: &mut [f32]) {
 }
 
 /// Q5_K: like Q4_K plus 32 bytes `qh` of fifth bits: sub-block `s` takes bit `s` of each qh byte.
-#[inline]
+#[inline(always)]
 pub fn dequant_q5_k(b: &[u8], y: &mut [f32]) {
     let d = f16_at(b, 0);
     let dmin = f16_at(b, 2);
@@ -187,7 +210,7 @@ pub fn dequant_q5_k(b: &[u8], y: &mut [f32]) {
 /// Q6_K: 128 bytes low nibbles `ql`, 64 bytes of 2-bit highs `qh`, 16 signed 8-bit scales,
 /// f16 d. Each half (128 values) uses 64 ql bytes, 32 qh bytes and 8 scales; value =
 /// d*scale*(q6 - 32), with 16 values per scale.
-#[inline]
+#[inline(always)]
 pub fn dequant_q6_k(b: &[u8], y: &mut [f32]) {
     let ql_all = &b[0..128];
     let qh_all = &b[128..192];

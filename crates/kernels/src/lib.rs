@@ -4,6 +4,7 @@
 //! reference dequantization in `gemma3_formats::quant`. Nothing here knows what Gemma is.
 
 pub mod attention;
+pub mod dot;
 pub mod matmul;
 pub mod ops;
 pub mod simd;

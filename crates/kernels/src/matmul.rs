@@ -7,7 +7,7 @@
 //! in a fixed order, so a row's result does not depend on the batch it is in.
 
 use crate::dispatch;
-use crate::ops::{dot_body, fmadd};
+use crate::dot::dot_rows;
 use gemma3_formats::{quant, DType, TensorData};
 use rayon::prelude::*;
 use std::cell::RefCell;
@@ -102,22 +102,8 @@ unsafe fn matmul_rows(
     out: *mut f32,
     buf: &mut [f32],
 ) {
-    rows_dispatch(w, x, n, r0, r1, out as usize, buf)
-}
-
-dispatch!(fn rows_dispatch(w: Weights<'_>, x: &[f32], n: usize, r0: usize, r1: usize, out: usize, buf: &mut [f32]) => rows_body);
-
-#[inline(always)]
-fn rows_body<const FMA: bool>(
-    w: Weights<'_>,
-    x: &[f32],
-    n: usize,
-    r0: usize,
-    r1: usize,
-    out: usize,
-    buf: &mut [f32],
-) {
-    let out = out as *mut f32;
+    let dot4 = dot_rows::<4>();
+    let dot1 = dot_rows::<1>();
     let cols = w.cols;
     let rb = w.row_bytes();
     let mut t0 = r0;
@@ -126,28 +112,28 @@ fn rows_body<const FMA: bool>(
         let nt = t1 - t0;
         for r in 0..nt {
             let src = &w.bytes[(t0 + r) * rb..(t0 + r + 1) * rb];
-            quant::dequantize(w.dtype, src, &mut buf[r * cols..(r + 1) * cols]);
+            dequantize_row(w.dtype, src, &mut buf[r * cols..(r + 1) * cols]);
         }
+        let tile = &buf[..nt * cols];
         for i in 0..n {
             let xi = &x[i * cols..(i + 1) * cols];
+            let o = out.add(i * w.rows + t0);
             let mut r = 0;
             while r + 4 <= nt {
-                let d = dot4_body::<FMA>(
-                    &buf[r * cols..(r + 1) * cols],
-                    &buf[(r + 1) * cols..(r + 2) * cols],
-                    &buf[(r + 2) * cols..(r + 3) * cols],
-                    &buf[(r + 3) * cols..(r + 4) * cols],
-                    xi,
-                );
+                let rows = [
+                    &tile[r * cols..],
+                    &tile[(r + 1) * cols..],
+                    &tile[(r + 2) * cols..],
+                    &tile[(r + 3) * cols..],
+                ];
+                let d = dot4(&rows, xi);
                 for (k, v) in d.iter().enumerate() {
-                    // SAFETY: in bounds (checked by matmul) and owned by this task.
-                    unsafe { *out.add(i * w.rows + t0 + r + k) = *v };
+                    *o.add(r + k) = *v;
                 }
                 r += 4;
             }
             while r < nt {
-                let v = dot_body::<FMA>(&buf[r * cols..(r + 1) * cols], xi);
-                unsafe { *out.add(i * w.rows + t0 + r) = v };
+                *o.add(r) = dot1(&[&tile[r * cols..]], xi)[0];
                 r += 1;
             }
         }
@@ -155,38 +141,9 @@ fn rows_body<const FMA: bool>(
     }
 }
 
-/// Four dot products sharing `x`; each row is summed in exactly `dot_body`'s order.
+dispatch!(fn dequantize_row(dtype: DType, bytes: &[u8], out: &mut [f32]) => dequantize_body);
+
 #[inline(always)]
-fn dot4_body<const FMA: bool>(a: &[f32], b: &[f32], c: &[f32], d: &[f32], x: &[f32]) -> [f32; 4] {
-    let n = x.len();
-    let (a, b, c, d) = (&a[..n], &b[..n], &c[..n], &d[..n]);
-    let mut acc = [[0f32; 16]; 4];
-    let full = n / 16 * 16;
-    let mut k = 0;
-    while k < full {
-        let xs = &x[k..k + 16];
-        let rows = [&a[k..k + 16], &b[k..k + 16], &c[k..k + 16], &d[k..k + 16]];
-        for (acc_r, row) in acc.iter_mut().zip(rows) {
-            for l in 0..16 {
-                acc_r[l] = fmadd::<FMA>(row[l], xs[l], acc_r[l]);
-            }
-        }
-        k += 16;
-    }
-    let rows = [a, b, c, d];
-    let mut res = [0f32; 4];
-    for (j, acc_r) in acc.iter_mut().enumerate() {
-        for (l, kk) in (full..n).enumerate() {
-            acc_r[l] = fmadd::<FMA>(rows[j][kk], x[kk], acc_r[l]);
-        }
-        let mut w = 8;
-        while w > 0 {
-            for l in 0..w {
-                acc_r[l] += acc_r[l + w];
-            }
-            w /= 2;
-        }
-        res[j] = acc_r[0];
-    }
-    res
+fn dequantize_body<const FMA: bool>(dtype: DType, bytes: &[u8], out: &mut [f32]) {
+    quant::dequantize(dtype, bytes, out)
 }

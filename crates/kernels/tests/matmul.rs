@@ -1,0 +1,142 @@
+//! The matrix product on every weight type and every code path this CPU runs, against a
+//! plain f64 product of the reference dequantization, on random data and odd shapes.
+
+use gemma3_formats::{quant, DType, TensorData};
+use gemma3_kernels::simd::{set_level, Level};
+use gemma3_kernels::{matmul, ops};
+use std::sync::Arc;
+
+struct Lcg(u64);
+impl Lcg {
+    fn next(&mut self) -> u32 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) as u32
+    }
+    fn f(&mut self) -> f32 {
+        (self.next() as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+    }
+}
+
+/// Offsets of f16 scale fields in a block, which must hold finite values.
+fn scale_fields(t: DType) -> &'static [usize] {
+    match t {
+        DType::Q4_0 | DType::Q5_0 | DType::Q8_0 => &[0],
+        DType::Q4_1 | DType::Q5_1 | DType::Q4_K | DType::Q5_K => &[0, 2],
+        DType::Q6_K => &[208],
+        _ => &[],
+    }
+}
+
+fn random_tensor(t: DType, rows: usize, cols: usize, rng: &mut Lcg) -> TensorData {
+    let n = rows * cols;
+    let bytes: Vec<u8> = match t {
+        DType::F32 => (0..n).flat_map(|_| rng.f().to_le_bytes()).collect(),
+        DType::F16 => (0..n)
+            .flat_map(|_| half::f16::from_f32(rng.f()).to_le_bytes())
+            .collect(),
+        DType::BF16 => (0..n)
+            .flat_map(|_| half::bf16::from_f32(rng.f()).to_le_bytes())
+            .collect(),
+        _ => {
+            let nb = n / t.block_elems();
+            let mut b: Vec<u8> = (0..nb * t.block_bytes())
+                .map(|_| rng.next() as u8)
+                .collect();
+            for blk in b.chunks_exact_mut(t.block_bytes()) {
+                for &off in scale_fields(t) {
+                    let s = 0.01 + rng.f().abs() * 0.05;
+                    blk[off..off + 2].copy_from_slice(&half::f16::from_f32(s).to_le_bytes());
+                }
+            }
+            b
+        }
+    };
+    let len = bytes.len();
+    TensorData::new("w".into(), t, vec![rows, cols], Arc::new(bytes), 0..len).unwrap()
+}
+
+fn check(t: DType, rows: usize, cols: usize, n: usize, rng: &mut Lcg) {
+    let w = random_tensor(t, rows, cols, rng);
+    let x: Vec<f32> = (0..n * cols).map(|_| rng.f()).collect();
+    let mut wf = vec![0f32; rows * cols];
+    quant::dequantize(t, w.bytes(), &mut wf);
+    let mut out = vec![f32::NAN; n * rows];
+    matmul(&w, &x, n, &mut out);
+    for i in 0..n {
+        for r in 0..rows {
+            let want: f64 = (0..cols)
+                .map(|k| wf[r * cols + k] as f64 * x[i * cols + k] as f64)
+                .sum();
+            let scale: f64 = (0..cols)
+                .map(|k| (wf[r * cols + k] as f64 * x[i * cols + k] as f64).abs())
+                .sum();
+            let got = out[i * rows + r] as f64;
+            assert!(
+                (got - want).abs() <= 1e-5 * scale + 1e-6,
+                "{t} {rows}x{cols} n={n}: out[{i}][{r}] = {got}, want {want}"
+            );
+        }
+    }
+    // A row's result does not depend on the batch it is in.
+    let mut single = vec![0f32; rows];
+    matmul(&w, &x[(n - 1) * cols..], 1, &mut single);
+    assert_eq!(
+        &single[..],
+        &out[(n - 1) * rows..],
+        "{t}: batch changed a row's result"
+    );
+}
+
+#[test]
+fn every_type_every_path_odd_shapes() {
+    let mut levels = vec![Level::Portable];
+    for l in [Level::Avx2, Level::Avx512] {
+        if set_level(l) == l {
+            levels.push(l);
+        }
+    }
+    let mut rng = Lcg(12345);
+    for &level in &levels {
+        assert_eq!(set_level(level), level);
+        for t in DType::ALL {
+            let be = t.block_elems().max(1);
+            // Row lengths: one block, several, and not a multiple of 16 or 32 for floats.
+            let cols_list: Vec<usize> = if be == 1 {
+                vec![1, 7, 33, 100, 257]
+            } else {
+                vec![be, 3 * be, 5 * be]
+            };
+            for &cols in &cols_list {
+                for &(rows, n) in &[(1usize, 1usize), (5, 3), (13, 1), (37, 9)] {
+                    check(t, rows, cols, n, &mut rng);
+                }
+            }
+        }
+    }
+    set_level(Level::Avx512);
+}
+
+#[test]
+fn dot_and_norms() {
+    let mut rng = Lcg(7);
+    for n in [1usize, 15, 16, 17, 640, 1001] {
+        let a: Vec<f32> = (0..n).map(|_| rng.f()).collect();
+        let b: Vec<f32> = (0..n).map(|_| rng.f()).collect();
+        let want: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
+        assert!((ops::dot(&a, &b) as f64 - want).abs() < 1e-4);
+        let w: Vec<f32> = (0..n).map(|_| 1.0 + rng.f()).collect();
+        let mut y = vec![0f32; n];
+        ops::rms_norm(&a, &w, 1e-6, &mut y);
+        let rms = ((a.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / n as f64) + 1e-6).sqrt();
+        for i in 0..n {
+            assert!((y[i] as f64 - a[i] as f64 / rms * w[i] as f64).abs() < 1e-4);
+        }
+    }
+    let mut s = vec![1.0f32, 2.0, 3.0];
+    ops::softmax(&mut s);
+    assert!((s.iter().sum::<f32>() - 1.0).abs() < 1e-6 && s[2] > s[1]);
+    assert!((ops::gelu_tanh(1.0) - 0.841_192).abs() < 1e-5);
+}
