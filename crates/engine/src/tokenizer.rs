@@ -612,11 +612,10 @@ impl Tokenizer {
                     }
                     // Any occurrence starting up to the last claimed byte overlaps it too, and
                     // none may start inside a claimed run.
-                    Some(c) => {
-                        from = c + 1;
-                        while from < bytes.len() && claimed[from] {
-                            from += 1;
-                        }
+                    Some(_) => {
+                        from =
+                            start + 1 + text[start + 1..].chars().next().map_or(0, |c| c.len_utf8())
+                                - 1
                     }
                 }
             }

@@ -1,0 +1,158 @@
+//! The `gemma3` binary end to end on the real model: the `logits` JSON contract that
+//! acceptance checks read, tokenize, generate (argument and stdin), info, and clear errors.
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+
+fn gemma3(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_gemma3"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout.clone()).unwrap()
+}
+
+fn shared() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared")
+}
+
+#[test]
+fn logits_contract_matches_transformers_top10() {
+    let o = gemma3(&[
+        "logits",
+        "--ids",
+        "2,818,5279,529,7001,563",
+        "--top-k",
+        "10",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["ids"], serde_json::json!([2, 818, 5279, 529, 7001, 563]));
+    let pos = v["positions"].as_array().unwrap();
+    assert_eq!(pos.len(), 6);
+    for p in pos {
+        let top = p["top"].as_array().unwrap();
+        assert_eq!(top.len(), 10);
+        for w in top.windows(2) {
+            assert!(
+                w[0][1].as_f64().unwrap() >= w[1][1].as_f64().unwrap(),
+                "not descending"
+            );
+        }
+    }
+    let reference: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(shared().join("reference/transformers_270m.json")).unwrap(),
+    )
+    .unwrap();
+    let want: Vec<u64> = reference["prompts"][0]["top10_next_token"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["id"].as_u64().unwrap())
+        .collect();
+    let got: Vec<u64> = pos[5]["top"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e[0].as_u64().unwrap())
+        .collect();
+    assert_eq!(got, want);
+    // --prompt gives the same ids and logits.
+    let o2 = gemma3(&["logits", "--prompt", "The capital of France is"]);
+    let v2: serde_json::Value = serde_json::from_str(&stdout(&o2)).unwrap();
+    assert_eq!(v2, v);
+}
+
+#[test]
+fn logits_whole_vocabulary() {
+    let o = gemma3(&["logits", "--ids", "2", "--top-k", "0"]);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["positions"][0]["top"].as_array().unwrap().len(), 262144);
+}
+
+#[test]
+fn tokenize_json() {
+    let o = gemma3(&["tokenize", "--json", "Hello world"]);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["ids"], serde_json::json!([2, 9259, 1902]));
+    assert_eq!(v["pieces"], serde_json::json!(["<bos>", "Hello", "▁world"]));
+}
+
+#[test]
+fn generate_from_argument_and_stdin() {
+    let o = gemma3(&["generate", "-n", "8", "The capital of France is"]);
+    assert_eq!(stdout(&o), " the capital of the country of France.\n");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_gemma3"))
+        .args(["generate", "-n", "8"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"The capital of France is")
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(stdout(&o), " the capital of the country of France.\n");
+}
+
+#[test]
+fn info_describes_the_model() {
+    let s = stdout(&gemma3(&["info"]));
+    for want in [
+        "GGUF v3",
+        "270M",
+        "18 (15 sliding, window 512; 3 full)",
+        "Q4_K",
+        "Q8_0",
+        "262144",
+    ] {
+        assert!(s.contains(want), "info lacks {want:?}:\n{s}");
+    }
+}
+
+#[test]
+fn bad_inputs_are_clear_errors() {
+    let o = gemma3(&["generate", "--model", "/nonexistent.gguf", "hi"]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        e.contains("/nonexistent.gguf") && e.contains("does not exist"),
+        "{e}"
+    );
+    assert!(!e.contains("panicked"), "{e}");
+
+    // A truncated copy of the real model.
+    let dir = std::env::temp_dir().join(format!("gemma3-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let real = gemma3_engine::load::cached_default_model().expect("run scripts/fetch-model.sh");
+    let bytes = std::fs::read(&real).unwrap();
+    let cut = dir.join("truncated.gguf");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let o = gemma3(&["info", "--model", cut.to_str().unwrap()]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(e.contains("truncated"), "{e}");
+    // Not a GGUF at all.
+    let junk = dir.join("junk.gguf");
+    std::fs::write(&junk, b"hello, this is not a model").unwrap();
+    let o = gemma3(&["info", "--model", junk.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not a GGUF file"));
+    std::fs::remove_dir_all(&dir).ok();
+
+    // Out-of-vocabulary ids and bad sampling values.
+    let o = gemma3(&["logits", "--ids", "2,999999"]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("outside the vocabulary"));
+    let o = gemma3(&["generate", "--top-p", "0", "hi"]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("top_p"));
+}

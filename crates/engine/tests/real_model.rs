@@ -1,0 +1,199 @@
+//! The real Gemma 3 270M Q4_K_M against llama.cpp (../shared/reference/llamacpp): teacher-
+//! forced argmax agreement, greedy generation, and perplexity.
+
+use gemma3_engine::perplexity::perplexity;
+use gemma3_engine::{GenerateOptions, Model};
+use gemma3_model::{KvCache, Logits, Workspace};
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+fn shared() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared")
+}
+
+fn model() -> &'static Model {
+    static M: OnceLock<Model> = OnceLock::new();
+    M.get_or_init(|| {
+        let p = gemma3_engine::load::cached_default_model().unwrap_or_else(|| {
+            panic!("the real model is missing: run scripts/fetch-model.sh (or set GEMMA3_MODEL)")
+        });
+        Model::open(p).unwrap()
+    })
+}
+
+fn greedy_cases() -> Vec<serde_json::Value> {
+    std::fs::read_to_string(shared().join("reference/llamacpp/greedy.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+#[test]
+fn teacher_forced_argmax_matches_llamacpp() {
+    let m = model();
+    let mut ws = Workspace::new(&m.text.cfg, 128);
+    let (mut agree, mut total) = (0, 0);
+    for case in greedy_cases() {
+        let prompt = ids(&case["prompt_token_ids"]);
+        let out = ids(&case["output_token_ids"]);
+        let mut seq = prompt.clone();
+        seq.extend(&out);
+        let mut cache = KvCache::new(&m.text.cfg, seq.len(), 128);
+        let rows: Vec<usize> = (prompt.len() - 1..seq.len() - 1).collect();
+        let mut case_agree = 0;
+        m.text
+            .forward(
+                &seq,
+                &mut cache,
+                &mut ws,
+                Logits::Rows(&rows),
+                &mut |r, l| {
+                    let next = gemma3_engine::sampling::argmax(l);
+                    if next == seq[r + 1] {
+                        case_agree += 1;
+                    }
+                },
+            )
+            .unwrap();
+        eprintln!(
+            "{:?}: {case_agree}/{} positions agree",
+            case["prompt"],
+            out.len()
+        );
+        agree += case_agree;
+        total += out.len();
+    }
+    let frac = agree as f64 / total as f64;
+    assert!(frac >= 0.95, "argmax agreement {agree}/{total} = {frac:.3}");
+}
+
+#[test]
+fn first_16_greedy_tokens_match_llamacpp() {
+    let m = model();
+    let mut exact = 0;
+    let cases = greedy_cases();
+    for case in &cases {
+        let prompt = case["prompt"].as_str().unwrap();
+        // Our tokenizer gives llama.cpp's prompt ids.
+        assert_eq!(
+            m.encode_prompt(prompt, None, true),
+            ids(&case["prompt_token_ids"]),
+            "{prompt:?}"
+        );
+        let opts = GenerateOptions {
+            max_new_tokens: 16,
+            ..Default::default()
+        };
+        let g = m.generate(prompt, &opts, |_| true).unwrap();
+        let want = &ids(&case["output_token_ids"])[..16];
+        if g.tokens == want {
+            exact += 1;
+        } else {
+            eprintln!("{prompt:?}: got {:?}, llama.cpp {:?}", g.tokens, want);
+        }
+    }
+    assert!(
+        exact >= 4,
+        "{exact} of {} prompts have identical first 16 tokens",
+        cases.len()
+    );
+}
+
+#[test]
+fn greedy_text_streams_and_matches_transformers() {
+    // transformers' 32-token continuation of "The capital of France is" (float32).
+    let m = model();
+    let mut streamed = String::new();
+    let opts = GenerateOptions {
+        max_new_tokens: 32,
+        ..Default::default()
+    };
+    let g = m
+        .generate("The capital of France is", &opts, |p| {
+            streamed.push_str(p);
+            true
+        })
+        .unwrap();
+    assert_eq!(streamed, g.text);
+    assert_eq!(
+        g.text,
+        " the capital of the country of France. It is the largest city in France and the second largest city in Europe. It is located in the middle of the country"
+    );
+}
+
+#[test]
+fn stop_strings_and_seeded_sampling() {
+    let m = model();
+    let opts = GenerateOptions {
+        max_new_tokens: 40,
+        stop_strings: vec!["France.".into()],
+        ..Default::default()
+    };
+    let g = m
+        .generate("The capital of France is", &opts, |_| true)
+        .unwrap();
+    assert_eq!(g.text, " the capital of the country of ");
+    assert_eq!(g.stop, gemma3_engine::StopReason::StopString);
+
+    let sampled = |seed| {
+        let opts = GenerateOptions {
+            max_new_tokens: 12,
+            sampling: gemma3_engine::SamplingParams::gemma_default(seed),
+            ..Default::default()
+        };
+        m.generate("Once upon a time", &opts, |_| true)
+            .unwrap()
+            .tokens
+    };
+    assert_eq!(sampled(1), sampled(1));
+    assert_ne!(sampled(1), sampled(2));
+}
+
+#[test]
+fn prompt_longer_than_context_is_an_error() {
+    let m = model();
+    let opts = GenerateOptions {
+        context: Some(8),
+        ..Default::default()
+    };
+    let e = m
+        .generate(
+            "one two three four five six seven eight nine ten",
+            &opts,
+            |_| true,
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("does not fit the context"), "{e}");
+}
+
+#[test]
+fn perplexity_matches_llamacpp() {
+    let m = model();
+    let text = std::fs::read_to_string(shared().join("reference/gpl-3.txt")).unwrap();
+    let tokens = m.tokenizer.encode(&text, true, false);
+    assert_eq!(tokens.len(), 7563, "llama.cpp counts 7563 tokens with BOS");
+    let r = perplexity(m, &tokens, 512, |_, _, _| {}).unwrap();
+    assert_eq!(r.chunks, 14);
+    assert_eq!(r.scored_tokens, 3570);
+    let rel = (r.ppl - 13.8920).abs() / 13.8920;
+    eprintln!(
+        "perplexity {:.4} (llama.cpp 13.8920), {:.2}% apart",
+        r.ppl,
+        rel * 100.0
+    );
+    assert!(
+        rel < 0.01,
+        "perplexity {} is {:.2}% from 13.892",
+        r.ppl,
+        rel * 100.0
+    );
+}
