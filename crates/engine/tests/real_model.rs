@@ -21,6 +21,16 @@ fn model() -> &'static Model {
     })
 }
 
+/// The model multiplying in f32, as transformers does.
+fn exact_model() -> &'static Model {
+    static M: OnceLock<Model> = OnceLock::new();
+    M.get_or_init(|| {
+        let mut m = Model::open(gemma3_engine::load::cached_default_model().unwrap()).unwrap();
+        m.set_precision(gemma3_model::Precision::Exact);
+        m
+    })
+}
+
 fn greedy_cases() -> Vec<serde_json::Value> {
     std::fs::read_to_string(shared().join("reference/llamacpp/greedy.jsonl"))
         .unwrap()
@@ -111,7 +121,7 @@ fn first_16_greedy_tokens_match_llamacpp() {
 #[test]
 fn greedy_text_streams_and_matches_transformers() {
     // transformers' 32-token continuation of "The capital of France is" (float32).
-    let m = model();
+    let m = exact_model();
     let mut streamed = String::new();
     let opts = GenerateOptions {
         max_new_tokens: 32,

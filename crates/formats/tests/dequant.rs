@@ -155,7 +155,7 @@ fn q5_k() {
     // qh byte l: bit s set when (l + s) is even.
     b.extend((0..32u8).map(|l| {
         (0..8)
-            .filter(|s| (l as usize + s) % 2 == 0)
+            .filter(|s| (l as usize + s).is_multiple_of(2))
             .fold(0u8, |a, s| a | (1 << s))
     }));
     for _g in 0..4 {

@@ -7,6 +7,7 @@ pub mod attention;
 pub mod dot;
 pub mod matmul;
 pub mod ops;
+pub mod qdot;
 pub mod simd;
 
-pub use matmul::{matmul, matmul_weights, Weights};
+pub use matmul::{matmul, matmul_multi, matmul_weights, Precision, Weights};

@@ -91,6 +91,31 @@ pub fn gelu_gate(gate: &mut [f32], up: &[f32]) {
     }
 }
 
+/// `gate[i] = gelu_tanh(gate[i]) * up[i]` with GELU read from a table over every f16
+/// value, as ggml does on CPU: the input and the GELU are rounded to f16. Faster than
+/// `tanh`, and it reproduces llama.cpp's numerics.
+pub fn gelu_gate_f16(gate: &mut [f32], up: &[f32]) {
+    static TABLE: std::sync::OnceLock<Vec<f32>> = std::sync::OnceLock::new();
+    let table = TABLE.get_or_init(|| {
+        (0..=u16::MAX)
+            .map(|bits| {
+                let x = gemma3_formats::quant::f16_bits_to_f32(bits);
+                half::f16::from_f32(gelu_tanh(x)).to_f32()
+            })
+            .collect()
+    });
+    for (g, u) in gate.iter_mut().zip(up) {
+        *g = table[half::f16::from_f32(*g).to_bits() as usize] * *u;
+    }
+}
+
+/// Rounds every value to the nearest f16 (what an f16 KV cache stores).
+pub fn round_to_f16(x: &mut [f32]) {
+    for v in x {
+        *v = half::f16::from_f32(*v).to_f32();
+    }
+}
+
 /// Numerically stable softmax in place.
 pub fn softmax(x: &mut [f32]) {
     let max = x.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));

@@ -57,6 +57,21 @@ pub fn level() -> Level {
     }
 }
 
+/// Whether the CPU has AVX-512 VNNI (8-bit dot products), used by the quantized kernels
+/// at the AVX-512 level.
+pub fn has_vnni() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static VNNI: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *VNNI.get_or_init(|| {
+            std::arch::is_x86_feature_detected!("avx512vnni")
+                && std::env::var("GEMMA3_NO_VNNI").is_err()
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 /// Forces a level (clamped to what the CPU supports); for tests and benchmarks.
 pub fn set_level(l: Level) -> Level {
     let l = l.min(detect());

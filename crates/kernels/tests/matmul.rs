@@ -3,7 +3,7 @@
 
 use gemma3_formats::{quant, DType, TensorData};
 use gemma3_kernels::simd::{set_level, Level};
-use gemma3_kernels::{matmul, ops};
+use gemma3_kernels::{matmul, ops, Precision};
 use std::sync::Arc;
 
 struct Lcg(u64);
@@ -58,31 +58,70 @@ fn random_tensor(t: DType, rows: usize, cols: usize, rng: &mut Lcg) -> TensorDat
     TensorData::new("w".into(), t, vec![rows, cols], Arc::new(bytes), 0..len).unwrap()
 }
 
-fn check(t: DType, rows: usize, cols: usize, n: usize, rng: &mut Lcg) {
+/// ggml's Q8_K reference quantization (per 256: the largest-magnitude value maps to -127),
+/// then back to f32.
+fn q8k_round_trip(x: &[f32]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(x.len());
+    for b in x.chunks(256) {
+        let (mut amax, mut max) = (0f32, 0f32);
+        for &v in b {
+            if v.abs() > amax {
+                amax = v.abs();
+                max = v;
+            }
+        }
+        if amax == 0.0 {
+            out.extend(std::iter::repeat_n(0.0, b.len()));
+            continue;
+        }
+        let iscale = -127.0 / max;
+        for &v in b {
+            let q = (iscale * v).round().min(127.0);
+            out.push(q * (1.0 / iscale));
+        }
+    }
+    out
+}
+
+fn check(t: DType, rows: usize, cols: usize, n: usize, precision: Precision, rng: &mut Lcg) {
     let w = random_tensor(t, rows, cols, rng);
     let x: Vec<f32> = (0..n * cols).map(|_| rng.f()).collect();
     let mut wf = vec![0f32; rows * cols];
     quant::dequantize(t, w.bytes(), &mut wf);
+    // The integer path multiplies by 8-bit activations: its reference is the f64 product
+    // with the activations quantized and dequantized by the reference Q8_0 code.
+    let k_quant = matches!(t, DType::Q4_K | DType::Q5_K | DType::Q6_K);
+    let xr: Vec<f32> = if precision == Precision::Fast && k_quant {
+        q8k_round_trip(&x)
+    } else if precision == Precision::Fast && t.is_quantized() {
+        let mut q = Vec::new();
+        quant::quantize_q8_0(&x, &mut q);
+        let mut back = vec![0f32; x.len()];
+        quant::dequantize(DType::Q8_0, &q, &mut back);
+        back
+    } else {
+        x.clone()
+    };
     let mut out = vec![f32::NAN; n * rows];
-    matmul(&w, &x, n, &mut out);
+    matmul(&w, &x, n, &mut out, precision);
     for i in 0..n {
         for r in 0..rows {
             let want: f64 = (0..cols)
-                .map(|k| wf[r * cols + k] as f64 * x[i * cols + k] as f64)
+                .map(|k| wf[r * cols + k] as f64 * xr[i * cols + k] as f64)
                 .sum();
             let scale: f64 = (0..cols)
-                .map(|k| (wf[r * cols + k] as f64 * x[i * cols + k] as f64).abs())
+                .map(|k| (wf[r * cols + k] as f64 * xr[i * cols + k] as f64).abs())
                 .sum();
             let got = out[i * rows + r] as f64;
             assert!(
                 (got - want).abs() <= 1e-5 * scale + 1e-6,
-                "{t} {rows}x{cols} n={n}: out[{i}][{r}] = {got}, want {want}"
+                "{t} {precision:?} {rows}x{cols} n={n}: out[{i}][{r}] = {got}, want {want}"
             );
         }
     }
     // A row's result does not depend on the batch it is in.
     let mut single = vec![0f32; rows];
-    matmul(&w, &x[(n - 1) * cols..], 1, &mut single);
+    matmul(&w, &x[(n - 1) * cols..], 1, &mut single, precision);
     assert_eq!(
         &single[..],
         &out[(n - 1) * rows..],
@@ -92,6 +131,8 @@ fn check(t: DType, rows: usize, cols: usize, n: usize, rng: &mut Lcg) {
 
 #[test]
 fn every_type_every_path_odd_shapes() {
+    // With VNNI the AVX-512 level uses it for integer dots; GEMMA3_NO_VNNI=1 covers the
+    // AVX2 integer kernel at that level.
     let mut levels = vec![Level::Portable];
     for l in [Level::Avx2, Level::Avx512] {
         if set_level(l) == l {
@@ -111,7 +152,9 @@ fn every_type_every_path_odd_shapes() {
             };
             for &cols in &cols_list {
                 for &(rows, n) in &[(1usize, 1usize), (5, 3), (13, 1), (37, 9)] {
-                    check(t, rows, cols, n, &mut rng);
+                    for p in [Precision::Fast, Precision::Exact] {
+                        check(t, rows, cols, n, p, &mut rng);
+                    }
                 }
             }
         }

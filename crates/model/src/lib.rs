@@ -8,6 +8,7 @@ pub mod weights;
 
 pub use cache::KvCache;
 pub use config::{LayerKind, TextConfig};
+pub use gemma3_kernels::Precision;
 pub use text::{Logits, TextModel, Workspace};
 pub use weights::{TextWeights, WeightSource};
 

@@ -11,10 +11,11 @@ use crate::cache::KvCache;
 use crate::weights::TextWeights;
 use crate::{LayerKind, ModelError, TextConfig};
 use gemma3_kernels::attention::{attend, KvView};
-use gemma3_kernels::matmul;
 use gemma3_kernels::ops::{
-    gelu_gate, rms_norm, rms_norm_inplace, rms_norm_rows, rope_cos_sin, rope_inv_freq, rope_neox,
+    gelu_gate, gelu_gate_f16, rms_norm, rms_norm_inplace, rms_norm_rows, rope_cos_sin,
+    rope_inv_freq, rope_neox, round_to_f16,
 };
+use gemma3_kernels::{matmul, matmul_multi, Precision, Weights};
 use rayon::prelude::*;
 use std::cell::RefCell;
 
@@ -122,6 +123,8 @@ thread_local! {
 pub struct TextModel {
     pub cfg: TextConfig,
     pub weights: TextWeights,
+    /// How quantized weights are multiplied (8-bit activations by default).
+    pub precision: Precision,
     inv_freq_local: Vec<f32>,
     inv_freq_global: Vec<f32>,
 }
@@ -133,6 +136,7 @@ impl TextModel {
         TextModel {
             cfg,
             weights,
+            precision: Precision::default(),
             inv_freq_local,
             inv_freq_global,
         }
@@ -284,9 +288,13 @@ impl TextModel {
                     &mut ws.xn[t * h..(t + 1) * h],
                 );
             }
-            matmul(&lw.q, &ws.xn, n, &mut ws.q);
-            matmul(&lw.k, &ws.xn, n, &mut ws.k);
-            matmul(&lw.v, &ws.xn, n, &mut ws.v);
+            matmul_multi(
+                &[Weights::of(&lw.q), Weights::of(&lw.k), Weights::of(&lw.v)],
+                &ws.xn,
+                n,
+                &mut [&mut ws.q, &mut ws.k, &mut ws.v],
+                self.precision,
+            );
             rms_norm_rows(&mut ws.q[..n * qd], &lw.q_norm, eps);
             rms_norm_rows(&mut ws.k[..n * kvd], &lw.k_norm, eps);
             let (cos, sin) = match kind {
@@ -301,6 +309,12 @@ impl TextModel {
                 rope_neox(&mut ws.q[t * qd..(t + 1) * qd], hd, c, s);
                 rope_neox(&mut ws.k[t * kvd..(t + 1) * kvd], hd, c, s);
             }
+            if self.precision == Precision::Fast {
+                // llama.cpp keeps K and V in f16 and converts Q to f16 for the scores.
+                round_to_f16(&mut ws.q[..n * qd]);
+                round_to_f16(&mut ws.k[..n * kvd]);
+                round_to_f16(&mut ws.v[..n * kvd]);
+            }
             let lc = &mut cache.layers[li];
             for t in 0..n {
                 let slot = (p0 + t) % lc.capacity;
@@ -314,31 +328,41 @@ impl TextModel {
             let (lk, lv, cap) = (&lc.k[..], &lc.v[..], lc.capacity);
             let q = &ws.q;
             let group = nh / nkv;
-            ws.attn[..n * qd]
-                .par_chunks_mut(hd)
-                .enumerate()
-                .for_each(|(task, out)| {
-                    let (t, head) = (task / nh, task % nh);
-                    let pos = p0 + t;
-                    let lo = window.map_or(0, |w| (pos + 1).saturating_sub(w));
-                    let kv = KvView {
-                        k: lk,
-                        v: lv,
-                        capacity: cap,
-                        stride: kvd,
-                        offset: (head / group) * hd,
-                        head_dim: hd,
-                    };
-                    let qh = &q[t * qd + head * hd..t * qd + (head + 1) * hd];
-                    SCORES.with(|s| {
-                        let mut s = s.borrow_mut();
-                        if s.len() < pos + 1 - lo {
-                            s.resize(pos + 1 - lo, 0.0);
-                        }
-                        attend(qh, &kv, lo, pos + 1, scale, softcap, &mut s, out);
-                    });
+            let attend_one = |(task, out): (usize, &mut [f32])| {
+                let (t, head) = (task / nh, task % nh);
+                let pos = p0 + t;
+                let lo = window.map_or(0, |w| (pos + 1).saturating_sub(w));
+                let kv = KvView {
+                    k: lk,
+                    v: lv,
+                    capacity: cap,
+                    stride: kvd,
+                    offset: (head / group) * hd,
+                    head_dim: hd,
+                };
+                let qh = &q[t * qd + head * hd..t * qd + (head + 1) * hd];
+                SCORES.with(|s| {
+                    let mut s = s.borrow_mut();
+                    if s.len() < pos + 1 - lo {
+                        s.resize(pos + 1 - lo, 0.0);
+                    }
+                    attend(qh, &kv, lo, pos + 1, scale, softcap, &mut s, out);
                 });
-            matmul(&lw.o, &ws.attn, n, &mut ws.o);
+            };
+            // Fork-join costs more than a few short heads: go parallel only for real work.
+            let keys = window.map_or(p0 + n, |w| w.min(p0 + n));
+            if n * nh * keys * hd >= 1 << 18 {
+                ws.attn[..n * qd]
+                    .par_chunks_mut(hd)
+                    .enumerate()
+                    .for_each(attend_one);
+            } else {
+                ws.attn[..n * qd]
+                    .chunks_mut(hd)
+                    .enumerate()
+                    .for_each(attend_one);
+            }
+            matmul(&lw.o, &ws.attn, n, &mut ws.o, self.precision);
             for t in 0..n {
                 let o = &mut ws.o[t * h..(t + 1) * h];
                 rms_norm_inplace(o, &lw.post_attn_norm, eps);
@@ -352,10 +376,19 @@ impl TextModel {
                     &mut ws.xn[t * h..(t + 1) * h],
                 );
             }
-            matmul(&lw.gate, &ws.xn, n, &mut ws.gate);
-            matmul(&lw.up, &ws.xn, n, &mut ws.up);
-            gelu_gate(&mut ws.gate[..n * ff], &ws.up[..n * ff]);
-            matmul(&lw.down, &ws.gate, n, &mut ws.o);
+            matmul_multi(
+                &[Weights::of(&lw.gate), Weights::of(&lw.up)],
+                &ws.xn,
+                n,
+                &mut [&mut ws.gate, &mut ws.up],
+                self.precision,
+            );
+            if self.precision == Precision::Fast {
+                gelu_gate_f16(&mut ws.gate[..n * ff], &ws.up[..n * ff]);
+            } else {
+                gelu_gate(&mut ws.gate[..n * ff], &ws.up[..n * ff]);
+            }
+            matmul(&lw.down, &ws.gate, n, &mut ws.o, self.precision);
             for t in 0..n {
                 let o = &mut ws.o[t * h..(t + 1) * h];
                 rms_norm_inplace(o, &lw.post_ffn_norm, eps);
@@ -368,7 +401,7 @@ impl TextModel {
             }
         }
         cache.len += n;
-        if let Some(tr) = trace.as_deref_mut() {
+        if let Some(tr) = trace {
             for t in 0..n {
                 rms_norm(
                     &ws.x[t * h..(t + 1) * h],
@@ -407,6 +440,7 @@ impl TextModel {
                 &ws.final_rows[..m * h],
                 m,
                 &mut ws.logits[..m * vocab],
+                self.precision,
             );
             for (g, &r) in chunk.iter().enumerate() {
                 let l = &mut ws.logits[g * vocab..(g + 1) * vocab];

@@ -1,0 +1,539 @@
+//! Integer dot products for quantized weights, as ggml does them: activations are quantized
+//! once per row to 8 bits (blocks of 32 with an f16-rounded scale, like Q8_0), weights are
+//! unpacked to unsigned bytes with an affine map per 16 values (`w = a·u + b`), and the
+//! inner loop multiplies u8 by i8 in integers (AVX-512 VNNI `vpdpbusd`, AVX2 16-bit madd,
+//! or portable code). Per 16-value group `g`:
+//!
+//! `Σ w·x ≈ dx(g) · (a(g) · Σ u·q + b(g) · Σ q)`
+//!
+//! so the offsets and minimums of every type reduce to the per-group activation sums. One
+//! unpacked layout serves every block type; only `unpack_row` knows the bit layouts.
+
+use crate::simd::{level, Level};
+use gemma3_formats::quant::{f16_at, k_scale_min};
+use gemma3_formats::DType;
+
+/// Activations of `n` rows quantized to 8 bits.
+#[derive(Default)]
+pub struct QuantActs {
+    pub cols: usize,
+    pub q: Vec<i8>,
+    /// The block scale, repeated for each 16-value group.
+    pub dg: Vec<f32>,
+    /// Per 16-value group: block scale × Σq (what the weights' `b` terms multiply).
+    pub ds: Vec<f32>,
+}
+
+impl QuantActs {
+    /// Quantizes `n` rows of `cols` values (`cols` a multiple of 32). Buffers only grow.
+    pub fn quantize(&mut self, x: &[f32], n: usize, cols: usize) {
+        self.quantize_as(x, n, cols, ActBlock::Q8_0)
+    }
+
+    /// Quantizes with `block`'s scale granularity (`cols` a multiple of its size).
+    pub fn quantize_as(&mut self, x: &[f32], n: usize, cols: usize, block: ActBlock) {
+        assert_eq!(cols % block.size(), 0);
+        self.cols = cols;
+        self.q.resize(n * cols, 0);
+        self.dg.resize(n * cols / 16, 0.0);
+        self.ds.resize(n * cols / 16, 0.0);
+        match block {
+            ActBlock::Q8_0 => {
+                quantize_dispatch(&x[..n * cols], &mut self.q, &mut self.dg, &mut self.ds)
+            }
+            ActBlock::Q8K => {
+                quantize_k_dispatch(&x[..n * cols], &mut self.q, &mut self.dg, &mut self.ds)
+            }
+        }
+    }
+
+    pub fn row(&self, i: usize) -> (&[i8], &[f32], &[f32]) {
+        let c = self.cols;
+        let g = c / 16;
+        (
+            &self.q[i * c..(i + 1) * c],
+            &self.dg[i * g..(i + 1) * g],
+            &self.ds[i * g..(i + 1) * g],
+        )
+    }
+}
+
+/// How activations are blocked for 8-bit quantization: ggml pairs 32-value weight types
+/// with Q8_0 activations (a scale per 32) and K-quants with Q8_K (a scale per 256).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ActBlock {
+    Q8_0,
+    Q8K,
+}
+
+impl ActBlock {
+    pub fn size(self) -> usize {
+        match self {
+            ActBlock::Q8_0 => 32,
+            ActBlock::Q8K => 256,
+        }
+    }
+    /// The activation blocking ggml uses with weights of `dtype`.
+    pub fn for_weights(dtype: DType) -> ActBlock {
+        match dtype {
+            DType::Q4_K | DType::Q5_K | DType::Q6_K => ActBlock::Q8K,
+            _ => ActBlock::Q8_0,
+        }
+    }
+}
+
+crate::dispatch!(fn quantize_k_dispatch(x: &[f32], q: &mut [i8], dg: &mut [f32], ds: &mut [f32]) => quantize_k_body);
+
+/// Q8_K as ggml makes it: the value of largest magnitude maps to -127, the scale is kept in
+/// f32, and other values are clamped to 127.
+#[inline(always)]
+fn quantize_k_body<const FMA: bool>(x: &[f32], q: &mut [i8], dg: &mut [f32], ds: &mut [f32]) {
+    for (((xb, qb), db), sb) in x
+        .chunks_exact(256)
+        .zip(q.chunks_exact_mut(256))
+        .zip(dg.chunks_exact_mut(16))
+        .zip(ds.chunks_exact_mut(16))
+    {
+        let (mut amax, mut max) = (0f32, 0f32);
+        for &v in xb {
+            if v.abs() > amax {
+                amax = v.abs();
+                max = v;
+            }
+        }
+        if amax == 0.0 {
+            qb.fill(0);
+            db.fill(0.0);
+            sb.fill(0.0);
+            continue;
+        }
+        let iscale = -127.0 / max;
+        for (qv, xv) in qb.iter_mut().zip(xb) {
+            *qv = (iscale * xv).round().min(127.0) as i8;
+        }
+        let d = 1.0 / iscale;
+        db.fill(d);
+        for (g, s) in sb.iter_mut().enumerate() {
+            *s = d * qb[16 * g..16 * g + 16]
+                .iter()
+                .map(|&v| v as i32)
+                .sum::<i32>() as f32;
+        }
+    }
+}
+
+crate::dispatch!(fn quantize_dispatch(x: &[f32], q: &mut [i8], dg: &mut [f32], ds: &mut [f32]) => quantize_body);
+
+#[inline(always)]
+fn quantize_body<const FMA: bool>(x: &[f32], q: &mut [i8], dg: &mut [f32], ds: &mut [f32]) {
+    for (((xb, qb), db), sb) in x
+        .chunks_exact(32)
+        .zip(q.chunks_exact_mut(32))
+        .zip(dg.chunks_exact_mut(2))
+        .zip(ds.chunks_exact_mut(2))
+    {
+        let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let scale = amax / 127.0;
+        let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+        for (qv, xv) in qb.iter_mut().zip(xb) {
+            *qv = (xv * inv).round() as i8;
+        }
+        // ggml stores the block scale as f16; the dot product uses that rounded value.
+        let d = half::f16::from_f32(scale).to_f32();
+        db.fill(d);
+        sb[0] = d * qb[..16].iter().map(|&v| v as i32).sum::<i32>() as f32;
+        sb[1] = d * qb[16..].iter().map(|&v| v as i32).sum::<i32>() as f32;
+    }
+}
+
+/// Whether `dtype` goes through the integer path.
+pub fn supports(dtype: DType) -> bool {
+    dtype.is_quantized()
+}
+
+/// Unpacks one weight row: `u` gets one byte per value, `a`/`b` one affine map per 16
+/// values, such that value `k` is `a[k/16] * u[k] + b[k/16]`.
+#[inline(always)]
+pub fn unpack_row(dtype: DType, bytes: &[u8], u: &mut [u8], a: &mut [f32], b: &mut [f32]) {
+    let be = dtype.block_elems();
+    let bb = dtype.block_bytes();
+    let nb = bytes.len() / bb;
+    let g = be / 16;
+    // Plain loops (not iterator adapters) so everything inlines into the caller's
+    // instruction-set wrapper.
+    for k in 0..nb {
+        let blk = &bytes[k * bb..(k + 1) * bb];
+        let u = &mut u[k * be..(k + 1) * be];
+        let (a, b) = (&mut a[k * g..(k + 1) * g], &mut b[k * g..(k + 1) * g]);
+        match dtype {
+            DType::Q8_0 => unpack_q8_0(blk.try_into().unwrap(), u.try_into().unwrap(), a, b),
+            DType::Q4_0 => unpack_q4_01::<false>(blk, u.try_into().unwrap(), a, b),
+            DType::Q4_1 => unpack_q4_01::<true>(blk, u.try_into().unwrap(), a, b),
+            DType::Q5_0 => unpack_q5_01::<false>(blk, u.try_into().unwrap(), a, b),
+            DType::Q5_1 => unpack_q5_01::<true>(blk, u.try_into().unwrap(), a, b),
+            DType::Q4_K => unpack_qk::<false>(blk, u.try_into().unwrap(), a, b),
+            DType::Q5_K => unpack_qk::<true>(blk, u.try_into().unwrap(), a, b),
+            DType::Q6_K => unpack_q6_k(blk.try_into().unwrap(), u.try_into().unwrap(), a, b),
+            DType::F32 | DType::F16 | DType::BF16 => unreachable!("float weights use the f32 path"),
+        }
+    }
+}
+
+#[inline(always)]
+fn unpack_q8_0(blk: &[u8; 34], u: &mut [u8; 32], a: &mut [f32], b: &mut [f32]) {
+    let d = f16_at(blk, 0);
+    for j in 0..32 {
+        u[j] = blk[2 + j] ^ 0x80; // i8 + 128
+    }
+    a.fill(d);
+    b.fill(-128.0 * d);
+}
+
+#[inline(always)]
+fn unpack_q4_01<const MIN: bool>(blk: &[u8], u: &mut [u8; 32], a: &mut [f32], b: &mut [f32]) {
+    let d = f16_at(blk, 0);
+    let off = if MIN { 4 } else { 2 };
+    let qs: &[u8; 16] = blk[off..off + 16].try_into().unwrap();
+    for j in 0..16 {
+        u[j] = qs[j] & 0x0f;
+        u[j + 16] = qs[j] >> 4;
+    }
+    a.fill(d);
+    b.fill(if MIN { f16_at(blk, 2) } else { -8.0 * d });
+}
+
+#[inline(always)]
+fn unpack_q5_01<const MIN: bool>(blk: &[u8], u: &mut [u8; 32], a: &mut [f32], b: &mut [f32]) {
+    let d = f16_at(blk, 0);
+    let off = if MIN { 4 } else { 2 };
+    let qh = u32::from_le_bytes(blk[off..off + 4].try_into().unwrap());
+    let qs: &[u8; 16] = blk[off + 4..off + 20].try_into().unwrap();
+    // Shifts by the lane index, written over 32 lanes so they vectorise.
+    let mut high = [0u8; 32];
+    for (j, h) in high.iter_mut().enumerate() {
+        *h = (((qh >> j) & 1) << 4) as u8;
+    }
+    for j in 0..16 {
+        u[j] = (qs[j] & 0x0f) | high[j];
+        u[j + 16] = (qs[j] >> 4) | high[j + 16];
+    }
+    a.fill(d);
+    b.fill(if MIN { f16_at(blk, 2) } else { -16.0 * d });
+}
+
+/// Q4_K and Q5_K: 8 sub-blocks of 32 with 6-bit scales and mins.
+#[inline(always)]
+fn unpack_qk<const FIVE: bool>(blk: &[u8], u: &mut [u8; 256], a: &mut [f32], b: &mut [f32]) {
+    let d = f16_at(blk, 0);
+    let dmin = f16_at(blk, 2);
+    let scales: &[u8; 12] = blk[4..16].try_into().unwrap();
+    let qs: &[u8; 128] = if FIVE {
+        blk[48..176].try_into().unwrap()
+    } else {
+        blk[16..144].try_into().unwrap()
+    };
+    for c in 0..4 {
+        for l in 0..32 {
+            u[64 * c + l] = qs[32 * c + l] & 0x0f;
+            u[64 * c + 32 + l] = qs[32 * c + l] >> 4;
+        }
+    }
+    if FIVE {
+        let qh: &[u8; 32] = blk[16..48].try_into().unwrap();
+        for s in 0..8 {
+            for l in 0..32 {
+                u[32 * s + l] |= ((qh[l] >> s) & 1) << 4;
+            }
+        }
+    }
+    for s in 0..8 {
+        let (sc, m) = k_scale_min(s, scales);
+        a[2 * s] = d * sc as f32;
+        a[2 * s + 1] = d * sc as f32;
+        b[2 * s] = -dmin * m as f32;
+        b[2 * s + 1] = -dmin * m as f32;
+    }
+}
+
+#[inline(always)]
+fn unpack_q6_k(blk: &[u8; 210], u: &mut [u8; 256], a: &mut [f32], b: &mut [f32]) {
+    let d = f16_at(blk, 208);
+    for h in 0..2 {
+        let ql: &[u8; 64] = blk[64 * h..64 * h + 64].try_into().unwrap();
+        let qh: &[u8; 32] = blk[128 + 32 * h..128 + 32 * h + 32].try_into().unwrap();
+        for l in 0..32 {
+            u[128 * h + l] = (ql[l] & 0x0f) | ((qh[l] & 3) << 4);
+            u[128 * h + l + 32] = (ql[l + 32] & 0x0f) | (((qh[l] >> 2) & 3) << 4);
+            u[128 * h + l + 64] = (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4);
+            u[128 * h + l + 96] = (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4);
+        }
+    }
+    // Scale i covers values 16i..16i+16, in the order the values were laid out.
+    for g in 0..16 {
+        let s = d * (blk[192 + g] as i8) as f32;
+        a[g] = s;
+        b[g] = -32.0 * s;
+    }
+}
+
+/// `Σ_g a[g]·dg[g]·Σ u·q + b[g]·ds[g]` over one row (`g` = 16-value group).
+pub type QDot = fn(&[u8], &[f32], &[f32], &[i8], &[f32], &[f32]) -> f32;
+
+/// The best integer dot product for this CPU.
+pub fn qdot_fn() -> QDot {
+    match level() {
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512 if crate::simd::has_vnni() => {
+            |u, a, b, q, d, s| unsafe { vnni::qdot(u, a, b, q, d, s) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512 | Level::Avx2 => |u, a, b, q, d, s| unsafe { avx2::qdot(u, a, b, q, d, s) },
+        _ => qdot_portable,
+    }
+}
+
+pub fn qdot_portable(u: &[u8], a: &[f32], b: &[f32], q: &[i8], dg: &[f32], ds: &[f32]) -> f32 {
+    let mut acc = 0f32;
+    for (g, (ug, qg)) in u.chunks_exact(16).zip(q.chunks_exact(16)).enumerate() {
+        let isum: i32 = ug.iter().zip(qg).map(|(&x, &y)| x as i32 * y as i32).sum();
+        acc += a[g] * dg[g] * isum as f32 + b[g] * ds[g];
+    }
+    acc
+}
+
+#[cfg(target_arch = "x86_64")]
+mod vnni {
+    use std::arch::x86_64::*;
+
+    /// # Safety
+    /// AVX-512 F/BW/VNNI required; `u`, `q` hold `cols` values (a multiple of 32), `a`, `b`,
+    /// `s16` cols/16 and `dx` cols/32.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub unsafe fn qdot(u: &[u8], a: &[f32], b: &[f32], q: &[i8], dg: &[f32], ds: &[f32]) -> f32 {
+        let n = u.len();
+        let groups = n / 16;
+        assert!(
+            q.len() >= n
+                && a.len() >= groups
+                && b.len() >= groups
+                && dg.len() >= groups
+                && ds.len() >= groups
+        );
+        // Lane j of a 64-byte step holds bytes 4j..4j+3: group j/4 of that step.
+        let idx = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+        let mut acc = _mm512_setzero_ps();
+        let mut k = 0;
+        while k + 64 <= n {
+            let uv = _mm512_loadu_si512(u.as_ptr().add(k) as *const _);
+            let qv = _mm512_loadu_si512(q.as_ptr().add(k) as *const _);
+            let isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), uv, qv);
+            let g = k / 16;
+            let s4 = _mm_mul_ps(
+                _mm_loadu_ps(a.as_ptr().add(g)),
+                _mm_loadu_ps(dg.as_ptr().add(g)),
+            );
+            let sv = _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(s4));
+            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), sv, acc);
+            k += 64;
+        }
+        if k < n {
+            // 32 values left: two groups.
+            let m: __mmask64 = (1u64 << 32) - 1;
+            let uv = _mm512_maskz_loadu_epi8(m, u.as_ptr().add(k) as *const i8);
+            let qv = _mm512_maskz_loadu_epi8(m, q.as_ptr().add(k));
+            let isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), uv, qv);
+            let g = k / 16;
+            let s4 = _mm_set_ps(0.0, 0.0, a[g + 1] * dg[g + 1], a[g] * dg[g]);
+            let sv = _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(s4));
+            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), sv, acc);
+        }
+        // The offsets and minimums: Σ b·ds over the groups.
+        let mut g = 0;
+        while g + 16 <= groups {
+            acc = _mm512_fmadd_ps(
+                _mm512_loadu_ps(b.as_ptr().add(g)),
+                _mm512_loadu_ps(ds.as_ptr().add(g)),
+                acc,
+            );
+            g += 16;
+        }
+        if g < groups {
+            let m: __mmask16 = ((1u32 << (groups - g)) - 1) as u16;
+            acc = _mm512_fmadd_ps(
+                _mm512_maskz_loadu_ps(m, b.as_ptr().add(g)),
+                _mm512_maskz_loadu_ps(m, ds.as_ptr().add(g)),
+                acc,
+            );
+        }
+        _mm512_reduce_add_ps(acc)
+    }
+
+    /// One weight row of a 32-value block type (`KIND` 0 = Q8_0, 1 = Q4_0, 2 = Q5_0)
+    /// against `N` rows of 8-bit activations, without unpacking: each block is decoded once
+    /// into 32 unsigned bytes in a register and `vpdpbusd` multiplies them by every input;
+    /// the block's offset is applied through the activation sums. Each input has its own
+    /// accumulators, summed in the same order whatever `N` is, so a row's result does not
+    /// depend on the batch.
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/VL/VNNI required; `w` holds whole blocks for `q[i].len()` values, `dg[i]`
+    /// and `ds[i]` q[i].len()/16 values.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    pub unsafe fn fused<const KIND: u8, const N: usize>(
+        w: &[u8],
+        q: [&[i8]; N],
+        dg: [&[f32]; N],
+        ds: [&[f32]; N],
+    ) -> [f32; N] {
+        let n = q[0].len();
+        let nb = n / 32;
+        let bb = match KIND {
+            0 => 34,
+            1 => 18,
+            _ => 22,
+        };
+        assert!(w.len() >= nb * bb);
+        for i in 0..N {
+            assert!(q[i].len() >= n && dg[i].len() >= 2 * nb && ds[i].len() >= 2 * nb);
+        }
+        let offset = match KIND {
+            0 => -128.0f32,
+            1 => -8.0,
+            _ => -16.0,
+        };
+        let high_bit = _mm256_set1_epi8(0x10);
+        let m4 = _mm_set1_epi8(0x0f);
+        let mut acc = [_mm256_setzero_ps(); N];
+        let mut bias = [0f32; N];
+        for k in 0..nb {
+            let blk = w.as_ptr().add(k * bb);
+            let d = gemma3_formats::quant::f16_bits_to_f32(u16::from_le_bytes([*blk, *blk.add(1)]));
+            let uw = match KIND {
+                0 => _mm256_xor_si256(
+                    _mm256_loadu_si256(blk.add(2) as *const _),
+                    _mm256_set1_epi8(-128),
+                ),
+                1 => {
+                    let qs = _mm_loadu_si128(blk.add(2) as *const _);
+                    _mm256_set_m128i(
+                        _mm_and_si128(_mm_srli_epi16(qs, 4), m4),
+                        _mm_and_si128(qs, m4),
+                    )
+                }
+                _ => {
+                    let qh =
+                        u32::from_le_bytes([*blk.add(2), *blk.add(3), *blk.add(4), *blk.add(5)]);
+                    let qs = _mm_loadu_si128(blk.add(6) as *const _);
+                    let lo = _mm256_set_m128i(
+                        _mm_and_si128(_mm_srli_epi16(qs, 4), m4),
+                        _mm_and_si128(qs, m4),
+                    );
+                    _mm256_or_si256(lo, _mm256_and_si256(_mm256_movm_epi8(qh), high_bit))
+                }
+            };
+            for i in 0..N {
+                let xv = _mm256_loadu_si256(q[i].as_ptr().add(32 * k) as *const _);
+                let isum = _mm256_dpbusd_epi32(_mm256_setzero_si256(), uw, xv);
+                acc[i] = _mm256_fmadd_ps(
+                    _mm256_cvtepi32_ps(isum),
+                    _mm256_set1_ps(d * *dg[i].get_unchecked(2 * k)),
+                    acc[i],
+                );
+                bias[i] += d * (*ds[i].get_unchecked(2 * k) + *ds[i].get_unchecked(2 * k + 1));
+            }
+        }
+        let mut out = [0f32; N];
+        for i in 0..N {
+            let s = _mm_add_ps(
+                _mm256_castps256_ps128(acc[i]),
+                _mm256_extractf128_ps(acc[i], 1),
+            );
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+            out[i] = _mm_cvtss_f32(s) + offset * bias[i];
+        }
+        out
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    /// # Safety
+    /// AVX2 and FMA required; shapes as for the VNNI version.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn qdot(u: &[u8], a: &[f32], b: &[f32], q: &[i8], dg: &[f32], ds: &[f32]) -> f32 {
+        let n = u.len();
+        let groups = n / 16;
+        assert!(
+            q.len() >= n
+                && a.len() >= groups
+                && b.len() >= groups
+                && dg.len() >= groups
+                && ds.len() >= groups
+        );
+        let mut acc0 = _mm256_setzero_ps();
+        let mut acc1 = _mm256_setzero_ps();
+        let mut k = 0;
+        while k + 32 <= n {
+            let g = k / 16;
+            let u0 = _mm256_cvtepu8_epi16(_mm_loadu_si128(u.as_ptr().add(k) as *const _));
+            let q0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(q.as_ptr().add(k) as *const _));
+            let u1 = _mm256_cvtepu8_epi16(_mm_loadu_si128(u.as_ptr().add(k + 16) as *const _));
+            let q1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(q.as_ptr().add(k + 16) as *const _));
+            let p0 = _mm256_cvtepi32_ps(_mm256_madd_epi16(u0, q0));
+            let p1 = _mm256_cvtepi32_ps(_mm256_madd_epi16(u1, q1));
+            acc0 = _mm256_fmadd_ps(
+                p0,
+                _mm256_set1_ps(*a.get_unchecked(g) * *dg.get_unchecked(g)),
+                acc0,
+            );
+            acc1 = _mm256_fmadd_ps(
+                p1,
+                _mm256_set1_ps(*a.get_unchecked(g + 1) * *dg.get_unchecked(g + 1)),
+                acc1,
+            );
+            k += 32;
+        }
+        let mut g = 0;
+        while g + 8 <= groups {
+            acc0 = _mm256_fmadd_ps(
+                _mm256_loadu_ps(b.as_ptr().add(g)),
+                _mm256_loadu_ps(ds.as_ptr().add(g)),
+                acc0,
+            );
+            g += 8;
+        }
+        let mut tail = 0f32;
+        while g < groups {
+            tail += b[g] * ds[g];
+            g += 1;
+        }
+        let s = _mm256_add_ps(acc0, acc1);
+        let s = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        _mm_cvtss_f32(s) + tail
+    }
+}
+
+/// Dot products straight from packed blocks against `N` activation rows.
+pub type FusedDot<const N: usize> =
+    unsafe fn(&[u8], [&[i8]; N], [&[f32]; N], [&[f32]; N]) -> [f32; N];
+
+/// The fused kernels (1 and 4 inputs) for `dtype` on this CPU, if there are any (32-value
+/// block types with AVX-512 VNNI).
+pub fn fused_fns(dtype: DType) -> Option<(FusedDot<1>, FusedDot<4>)> {
+    #[cfg(target_arch = "x86_64")]
+    if level() == Level::Avx512 && crate::simd::has_vnni() {
+        return match dtype {
+            DType::Q8_0 => Some((vnni::fused::<0, 1>, vnni::fused::<0, 4>)),
+            DType::Q4_0 => Some((vnni::fused::<1, 1>, vnni::fused::<1, 4>)),
+            DType::Q5_0 => Some((vnni::fused::<2, 1>, vnni::fused::<2, 4>)),
+            _ => None,
+        };
+    }
+    let _ = dtype;
+    None
+}
