@@ -51,6 +51,12 @@ pub struct BenchArgs {
     /// Instead, time the matrix product of every weight type at model shapes
     #[arg(long)]
     pub kernels: bool,
+    /// With --kernels: only shapes whose label contains this (e.g. "270M", "output")
+    #[arg(long)]
+    pub shape: Option<String>,
+    /// With --kernels: only these weight types (e.g. Q8_0,Q4_K)
+    #[arg(long = "type", value_delimiter = ',')]
+    pub types: Vec<String>,
 }
 
 struct Row {
@@ -273,7 +279,18 @@ fn kernels(a: &BenchArgs) -> Result<()> {
     println!("| shape | type | batch | precision | time | weights GB/s | GFLOP/s |");
     println!("| --- | --- | ---: | --- | ---: | ---: | ---: |");
     for &(label, rows, cols) in shapes {
+        if a.shape.as_deref().is_some_and(|f| !label.contains(f)) {
+            continue;
+        }
         for &t in &types {
+            if !a.types.is_empty()
+                && !a
+                    .types
+                    .iter()
+                    .any(|n| n.eq_ignore_ascii_case(&t.to_string()))
+            {
+                continue;
+            }
             if cols % t.block_elems() != 0 {
                 continue;
             }

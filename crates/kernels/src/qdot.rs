@@ -403,9 +403,15 @@ mod vnni {
         };
         let high_bit = _mm256_set1_epi8(0x10);
         let m4 = _mm_set1_epi8(0x0f);
-        let mut acc = [_mm256_setzero_ps(); N];
-        let mut bias = [0f32; N];
-        for k in 0..nb {
+        // Four independent accumulator chains per input (block k goes to chain k % 4): a
+        // single chain would wait on the FMA latency every block. Chains are separate
+        // variables so they stay in registers.
+        let mut acc0 = [_mm256_setzero_ps(); N];
+        let mut acc1 = [_mm256_setzero_ps(); N];
+        let mut acc2 = [_mm256_setzero_ps(); N];
+        let mut acc3 = [_mm256_setzero_ps(); N];
+        let mut bias = [[0f32; 4]; N];
+        let block = |k: usize, acc: &mut [__m256; N], bias: &mut [[f32; 4]; N], lane: usize| {
             let blk = w.as_ptr().add(k * bb);
             let d = gemma3_formats::quant::f16_bits_to_f32(u16::from_le_bytes([*blk, *blk.add(1)]));
             let uw = match KIND {
@@ -439,18 +445,39 @@ mod vnni {
                     _mm256_set1_ps(d * *dg[i].get_unchecked(2 * k)),
                     acc[i],
                 );
-                bias[i] += d * (*ds[i].get_unchecked(2 * k) + *ds[i].get_unchecked(2 * k + 1));
+                bias[i][lane] +=
+                    d * (*ds[i].get_unchecked(2 * k) + *ds[i].get_unchecked(2 * k + 1));
             }
+        };
+        let mut k = 0;
+        while k + 4 <= nb {
+            block(k, &mut acc0, &mut bias, 0);
+            block(k + 1, &mut acc1, &mut bias, 1);
+            block(k + 2, &mut acc2, &mut bias, 2);
+            block(k + 3, &mut acc3, &mut bias, 3);
+            k += 4;
         }
+        if k < nb {
+            block(k, &mut acc0, &mut bias, 0);
+        }
+        if k + 1 < nb {
+            block(k + 1, &mut acc1, &mut bias, 1);
+        }
+        if k + 2 < nb {
+            block(k + 2, &mut acc2, &mut bias, 2);
+        }
+        let acc = [acc0, acc1, acc2, acc3];
         let mut out = [0f32; N];
         for i in 0..N {
-            let s = _mm_add_ps(
-                _mm256_castps256_ps128(acc[i]),
-                _mm256_extractf128_ps(acc[i], 1),
+            let a = _mm256_add_ps(
+                _mm256_add_ps(acc[0][i], acc[1][i]),
+                _mm256_add_ps(acc[2][i], acc[3][i]),
             );
+            let s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
             let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
             let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-            out[i] = _mm_cvtss_f32(s) + offset * bias[i];
+            let b = (bias[i][0] + bias[i][1]) + (bias[i][2] + bias[i][3]);
+            out[i] = _mm_cvtss_f32(s) + offset * b;
         }
         out
     }

@@ -9,7 +9,7 @@ pub mod weights;
 pub use cache::KvCache;
 pub use config::{LayerKind, TextConfig};
 pub use gemma3_kernels::Precision;
-pub use text::{Logits, TextModel, Workspace};
+pub use text::{attention_mask, key_range, ImageInputs, Logits, Stage, TextModel, Workspace};
 pub use weights::{TextWeights, WeightSource};
 
 #[derive(Debug, thiserror::Error)]

@@ -40,6 +40,56 @@ pub enum Stage {
     FinalNorm,
 }
 
+/// Image inputs of a multimodal batch. Each contiguous run of `image_token` in the tokens is
+/// one image block: its rows take the next `hidden`-sized rows of `embeds` (projector
+/// outputs, not scaled), and in the prefill its tokens attend to each other both ways
+/// (fixtures README, item 9). Earlier images stay causal; text never sees later images.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ImageInputs<'a> {
+    pub image_token: u32,
+    /// `n_image_tokens × hidden` values, in the order the image tokens appear.
+    pub embeds: &'a [f32],
+}
+
+/// The keys query `i` attends to: `j > i - window` (sliding layers) and `j < reach`, where
+/// `reach` is `i + 1` (causal) or the end of `i`'s image block (bidirectional within an
+/// image). The rule of fixtures README item 9; the forward pass and [`attention_mask`]
+/// both use it.
+pub fn key_range(i: usize, reach: usize, window: Option<usize>) -> std::ops::Range<usize> {
+    let lo = window.map_or(0, |w| (i + 1).saturating_sub(w));
+    lo..reach.max(i + 1)
+}
+
+/// The prefill attention mask of `tokens` for one layer kind (`mask[i][j]`: query `i` may
+/// see key `j`), with image blocks made of runs of `image_token`.
+pub fn attention_mask(
+    tokens: &[u32],
+    image_token: Option<u32>,
+    window: Option<usize>,
+) -> Vec<Vec<bool>> {
+    let n = tokens.len();
+    let is_img = |t: usize| image_token.is_some_and(|it| tokens[t] == it);
+    let mut reach: Vec<usize> = (1..=n).collect();
+    let mut t = 0;
+    while t < n {
+        if is_img(t) {
+            let b0 = t;
+            while t < n && is_img(t) {
+                t += 1;
+            }
+            reach[b0..t].fill(t);
+        } else {
+            t += 1;
+        }
+    }
+    (0..n)
+        .map(|i| {
+            let r = key_range(i, reach[i], window);
+            (0..n).map(|j| r.contains(&j)).collect()
+        })
+        .collect()
+}
+
 /// Rows of logits computed per output-projection call: the projection is decoded once per
 /// group, so larger groups are faster but hold `LOGIT_GROUP × vocab` floats.
 const LOGIT_GROUP: usize = 32;
@@ -62,6 +112,11 @@ pub struct Workspace {
     sin_global: Vec<f32>,
     final_rows: Vec<f32>,
     logits: Vec<f32>,
+    /// Rows of the current chunk that want logits (reused, so decode allocates nothing).
+    rows: Vec<usize>,
+    /// Per row of the chunk: one past the last key it may see (its image block's end, or
+    /// itself).
+    attn_hi: Vec<usize>,
 }
 
 impl Workspace {
@@ -89,6 +144,8 @@ impl Workspace {
             sin_global: vec![0.0; n * half],
             final_rows: vec![0.0; g * h],
             logits: vec![0.0; g * cfg.vocab_size],
+            rows: Vec::with_capacity(n),
+            attn_hi: vec![0; n],
         }
     }
 
@@ -178,6 +235,20 @@ impl TextModel {
         ws: &mut Workspace,
         want: Logits<'_>,
         on_logits: &mut dyn FnMut(usize, &[f32]),
+        trace: Option<&mut dyn FnMut(Stage, &[f32])>,
+    ) -> Result<(), ModelError> {
+        self.forward_with(tokens, None, cache, ws, want, on_logits, trace)
+    }
+
+    /// The general forward pass: [`forward_traced`](Self::forward_traced) plus images.
+    pub fn forward_with(
+        &self,
+        tokens: &[u32],
+        images: Option<ImageInputs<'_>>,
+        cache: &mut KvCache,
+        ws: &mut Workspace,
+        want: Logits<'_>,
+        on_logits: &mut dyn FnMut(usize, &[f32]),
         mut trace: Option<&mut dyn FnMut(Stage, &[f32])>,
     ) -> Result<(), ModelError> {
         let n_all = tokens.len();
@@ -196,35 +267,89 @@ impl TextModel {
                 self.cfg.vocab_size
             )));
         }
+        let h = self.cfg.hidden_size;
+        if let Some(im) = images {
+            let n_img = tokens.iter().filter(|&&t| t == im.image_token).count();
+            if im.embeds.len() != n_img * h {
+                return Err(ModelError::Input(format!(
+                    "the tokens hold {n_img} image tokens but {} image embeddings were given",
+                    im.embeds.len() / h.max(1)
+                )));
+            }
+        }
+        let is_img = |t: usize| images.is_some_and(|im| tokens[t] == im.image_token);
         let mut start = 0;
+        let mut embeds_used = 0;
         while start < n_all {
-            let n = (n_all - start).min(ws.max_batch);
-            let end = start + n;
-            self.forward_chunk(&tokens[start..end], cache, ws, trace.as_deref_mut());
+            let mut end = (start + ws.max_batch).min(n_all);
+            // Never split an image block across chunks: its tokens see each other.
+            if end < n_all && is_img(end) && is_img(end - 1) {
+                let mut b = end - 1;
+                while b > start && is_img(b - 1) {
+                    b -= 1;
+                }
+                if b == start {
+                    return Err(ModelError::Input(format!(
+                        "an image block longer than the batch size ({}) cannot be processed",
+                        ws.max_batch
+                    )));
+                }
+                end = b;
+            }
+            let n = end - start;
+            // Attention reach of each row, and the image rows' embeddings.
+            for t in 0..n {
+                ws.attn_hi[t] = t + 1;
+            }
+            let mut chunk_images = None;
+            if let Some(im) = images {
+                let mut t = 0;
+                while t < n {
+                    if is_img(start + t) {
+                        let b0 = t;
+                        while t < n && is_img(start + t) {
+                            t += 1;
+                        }
+                        for r in b0..t {
+                            ws.attn_hi[r] = t;
+                        }
+                    } else {
+                        t += 1;
+                    }
+                }
+                let k = (start..end).filter(|&r| is_img(r)).count();
+                chunk_images = Some(ImageInputs {
+                    image_token: im.image_token,
+                    embeds: &im.embeds[embeds_used * h..(embeds_used + k) * h],
+                });
+                embeds_used += k;
+            }
+            self.forward_chunk(
+                &tokens[start..end],
+                chunk_images,
+                cache,
+                ws,
+                trace.as_deref_mut(),
+            );
             // Rows of this chunk that want logits.
-            let mut rows: Vec<usize> = Vec::new();
-            let rows: &[usize] = match want {
-                Logits::None => &[],
+            let mut rows = std::mem::take(&mut ws.rows);
+            rows.clear();
+            match want {
+                Logits::None => {}
                 Logits::Last => {
                     if end == n_all {
                         rows.push(n - 1);
                     }
-                    &rows
                 }
-                Logits::All => {
-                    rows.extend(0..n);
-                    &rows
-                }
-                Logits::Rows(r) => {
-                    rows.extend(
-                        r.iter()
-                            .filter(|&&i| i >= start && i < end)
-                            .map(|&i| i - start),
-                    );
-                    &rows
-                }
-            };
-            self.project(ws, rows, start, on_logits);
+                Logits::All => rows.extend(0..n),
+                Logits::Rows(r) => rows.extend(
+                    r.iter()
+                        .filter(|&&i| i >= start && i < end)
+                        .map(|&i| i - start),
+                ),
+            }
+            self.project(ws, &rows, start, on_logits);
+            ws.rows = rows;
             start = end;
         }
         Ok(())
@@ -233,6 +358,7 @@ impl TextModel {
     fn forward_chunk(
         &self,
         tokens: &[u32],
+        images: Option<ImageInputs<'_>>,
         cache: &mut KvCache,
         ws: &mut Workspace,
         mut trace: Option<&mut (dyn FnMut(Stage, &[f32]) + '_)>,
@@ -251,11 +377,24 @@ impl TextModel {
         let p0 = cache.len;
         let w = &self.weights;
 
-        // Embeddings, scaled by sqrt(hidden).
+        // Embeddings, scaled by sqrt(hidden); image tokens take projector outputs unscaled.
+        let mut next_image_row = 0;
         for (t, &tok) in tokens.iter().enumerate() {
             let row = &mut ws.x[t * h..(t + 1) * h];
-            gemma3_formats::quant::dequantize(w.embed.dtype, w.embed.row(tok as usize), row);
-            row.iter_mut().for_each(|v| *v *= w.embed_scale);
+            match images {
+                Some(im) if tok == im.image_token => {
+                    row.copy_from_slice(&im.embeds[next_image_row * h..(next_image_row + 1) * h]);
+                    next_image_row += 1;
+                }
+                _ => {
+                    gemma3_formats::quant::dequantize(
+                        w.embed.dtype,
+                        w.embed.row(tok as usize),
+                        row,
+                    );
+                    row.iter_mut().for_each(|v| *v *= w.embed_scale);
+                }
+            }
         }
         if let Some(tr) = trace.as_deref_mut() {
             tr(Stage::Embedding, &ws.x[..n * h]);
@@ -327,11 +466,13 @@ impl TextModel {
             };
             let (lk, lv, cap) = (&lc.k[..], &lc.v[..], lc.capacity);
             let q = &ws.q;
+            let attn_hi = &ws.attn_hi;
             let group = nh / nkv;
             let attend_one = |(task, out): (usize, &mut [f32])| {
                 let (t, head) = (task / nh, task % nh);
                 let pos = p0 + t;
-                let lo = window.map_or(0, |w| (pos + 1).saturating_sub(w));
+                let keys = key_range(pos, p0 + attn_hi[t], window);
+                let (lo, hi) = (keys.start, keys.end);
                 let kv = KvView {
                     k: lk,
                     v: lv,
@@ -343,10 +484,10 @@ impl TextModel {
                 let qh = &q[t * qd + head * hd..t * qd + (head + 1) * hd];
                 SCORES.with(|s| {
                     let mut s = s.borrow_mut();
-                    if s.len() < pos + 1 - lo {
-                        s.resize(pos + 1 - lo, 0.0);
+                    if s.len() < hi - lo {
+                        s.resize(hi - lo, 0.0);
                     }
-                    attend(qh, &kv, lo, pos + 1, scale, softcap, &mut s, out);
+                    attend(qh, &kv, lo, hi, scale, softcap, &mut s, out);
                 });
             };
             // Fork-join costs more than a few short heads: go parallel only for real work.
