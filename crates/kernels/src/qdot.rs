@@ -368,17 +368,86 @@ mod vnni {
         _mm512_reduce_add_ps(acc)
     }
 
-    /// One weight row of a 32-value block type (`KIND` 0 = Q8_0, 1 = Q4_0, 2 = Q5_0)
-    /// against `N` rows of 8-bit activations, without unpacking: each block is decoded once
-    /// into 32 unsigned bytes in a register and `vpdpbusd` multiplies them by every input;
-    /// the block's offset is applied through the activation sums. Each input has its own
-    /// accumulators, summed in the same order whatever `N` is, so a row's result does not
-    /// depend on the batch.
+    /// Per-input accumulators of one chain: scaled integer sums (16 lanes) and the offset
+    /// terms (one lane per 16-value group of a pair of groups).
+    struct Chain<const N: usize> {
+        acc: [__m512; N],
+        bias: [__m128; N],
+    }
+
+    impl<const N: usize> Chain<N> {
+        #[inline(always)]
+        unsafe fn new() -> Self {
+            Chain {
+                acc: [_mm512_setzero_ps(); N],
+                bias: [_mm_setzero_ps(); N],
+            }
+        }
+    }
+
+    /// Adds a pair of 32-value groups starting at group `g` of a weight row to every input.
+    /// `uw` holds the 64 values as unsigned bytes, `sv` the weight scale of each 4-byte
+    /// lane, `bv` the offsets of the four 16-value quarters. `half` marks a lone last group
+    /// (upper 32 values absent).
+    #[inline(always)]
+    unsafe fn pair<const N: usize>(
+        c: &mut Chain<N>,
+        g: usize,
+        uw: __m512i,
+        sv: __m512,
+        bv: __m128,
+        half: bool,
+        q: &[&[i8]; N],
+        dg: &[&[f32]; N],
+        ds: &[&[f32]; N],
+    ) {
+        // Lane j of a 64-byte step covers bytes 4j..4j+3: 16-value group j / 4.
+        let idx = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+        let (mx, mg): (__mmask64, __mmask8) = if half {
+            ((1u64 << 32) - 1, 0b0011)
+        } else {
+            (!0, 0b1111)
+        };
+        for i in 0..N {
+            let xv = _mm512_maskz_loadu_epi8(mx, q[i].as_ptr().add(32 * g));
+            let isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), uw, xv);
+            let d4 = _mm_maskz_loadu_ps(mg, dg[i].as_ptr().add(2 * g));
+            let scale = _mm512_mul_ps(sv, _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(d4)));
+            c.acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, c.acc[i]);
+            c.bias[i] = _mm_fmadd_ps(
+                bv,
+                _mm_maskz_loadu_ps(mg, ds[i].as_ptr().add(2 * g)),
+                c.bias[i],
+            );
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn join(lo: __m256i, hi: __m256i) -> __m512i {
+        _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1)
+    }
+
+    /// A 512-bit vector of two scales, each over 8 lanes (32 values).
+    #[inline(always)]
+    unsafe fn two(a: f32, b: f32) -> __m512 {
+        _mm512_insertf32x8(
+            _mm512_castps256_ps512(_mm256_set1_ps(a)),
+            _mm256_set1_ps(b),
+            1,
+        )
+    }
+
+    /// One weight row (`KIND` 0 = Q8_0, 1 = Q4_0, 2 = Q5_0, 3 = Q4_K, 4 = Q6_K) against `N`
+    /// rows of 8-bit activations, without unpacking: blocks are decoded into unsigned bytes
+    /// in registers, 64 values at a time, and `vpdpbusd` multiplies them by every input;
+    /// offsets and minimums go through the activation sums. Pairs of groups alternate over
+    /// two accumulator chains. Each input is summed in the same order whatever `N` is, so
+    /// a row's result does not depend on the batch.
     ///
     /// # Safety
-    /// AVX-512 F/BW/VL/VNNI required; `w` holds whole blocks for `q[i].len()` values, `dg[i]`
-    /// and `ds[i]` q[i].len()/16 values.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    /// AVX-512 F/BW/VL/DQ/VNNI required; `w` holds whole blocks for `q[i].len()` values,
+    /// `dg[i]` and `ds[i]` q[i].len()/16 values.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")]
     pub unsafe fn fused<const KIND: u8, const N: usize>(
         w: &[u8],
         q: [&[i8]; N],
@@ -386,35 +455,28 @@ mod vnni {
         ds: [&[f32]; N],
     ) -> [f32; N] {
         let n = q[0].len();
-        let nb = n / 32;
-        let bb = match KIND {
-            0 => 34,
-            1 => 18,
-            _ => 22,
+        let (be, bb) = match KIND {
+            0 => (32, 34),
+            1 => (32, 18),
+            2 => (32, 22),
+            3 => (256, 144),
+            _ => (256, 210),
         };
+        let nb = n / be;
         assert!(w.len() >= nb * bb);
         for i in 0..N {
-            assert!(q[i].len() >= n && dg[i].len() >= 2 * nb && ds[i].len() >= 2 * nb);
+            assert!(q[i].len() >= n && dg[i].len() >= n / 16 && ds[i].len() >= n / 16);
         }
-        let offset = match KIND {
-            0 => -128.0f32,
-            1 => -8.0,
-            _ => -16.0,
+        let f16 = |p: *const u8| {
+            gemma3_formats::quant::f16_bits_to_f32(u16::from_le_bytes([*p, *p.add(1)]))
         };
-        let high_bit = _mm256_set1_epi8(0x10);
         let m4 = _mm_set1_epi8(0x0f);
-        // Four independent accumulator chains per input (block k goes to chain k % 4): a
-        // single chain would wait on the FMA latency every block. Chains are separate
-        // variables so they stay in registers.
-        let mut acc0 = [_mm256_setzero_ps(); N];
-        let mut acc1 = [_mm256_setzero_ps(); N];
-        let mut acc2 = [_mm256_setzero_ps(); N];
-        let mut acc3 = [_mm256_setzero_ps(); N];
-        let mut bias = [[0f32; 4]; N];
-        let block = |k: usize, acc: &mut [__m256; N], bias: &mut [[f32; 4]; N], lane: usize| {
+        let m4w = _mm256_set1_epi8(0x0f);
+        let (mut c0, mut c1) = (Chain::<N>::new(), Chain::<N>::new());
+        // A 32-value block's bytes.
+        let bytes = |k: usize| -> __m256i {
             let blk = w.as_ptr().add(k * bb);
-            let d = gemma3_formats::quant::f16_bits_to_f32(u16::from_le_bytes([*blk, *blk.add(1)]));
-            let uw = match KIND {
+            match KIND {
                 0 => _mm256_xor_si256(
                     _mm256_loadu_si256(blk.add(2) as *const _),
                     _mm256_set1_epi8(-128),
@@ -434,50 +496,145 @@ mod vnni {
                         _mm_and_si128(_mm_srli_epi16(qs, 4), m4),
                         _mm_and_si128(qs, m4),
                     );
-                    _mm256_or_si256(lo, _mm256_and_si256(_mm256_movm_epi8(qh), high_bit))
+                    let hi = _mm256_and_si256(_mm256_movm_epi8(qh), _mm256_set1_epi8(0x10));
+                    _mm256_or_si256(lo, hi)
                 }
-            };
-            for i in 0..N {
-                let xv = _mm256_loadu_si256(q[i].as_ptr().add(32 * k) as *const _);
-                let isum = _mm256_dpbusd_epi32(_mm256_setzero_si256(), uw, xv);
-                acc[i] = _mm256_fmadd_ps(
-                    _mm256_cvtepi32_ps(isum),
-                    _mm256_set1_ps(d * *dg[i].get_unchecked(2 * k)),
-                    acc[i],
-                );
-                bias[i][lane] +=
-                    d * (*ds[i].get_unchecked(2 * k) + *ds[i].get_unchecked(2 * k + 1));
             }
         };
-        let mut k = 0;
-        while k + 4 <= nb {
-            block(k, &mut acc0, &mut bias, 0);
-            block(k + 1, &mut acc1, &mut bias, 1);
-            block(k + 2, &mut acc2, &mut bias, 2);
-            block(k + 3, &mut acc3, &mut bias, 3);
-            k += 4;
+        let offset = _mm_set1_ps(match KIND {
+            0 => -128.0,
+            1 => -8.0,
+            _ => -16.0,
+        });
+        let by8 = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+        // Blocks k and k+1 (k+1 absent when `half`) as one 64-value step, their two f16
+        // scales converted together.
+        let step = |c: &mut Chain<N>, k: usize, half: bool| {
+            let d0 = *(w.as_ptr().add(k * bb) as *const u16);
+            let d1 = if half {
+                0
+            } else {
+                *(w.as_ptr().add((k + 1) * bb) as *const u16)
+            };
+            let dv = _mm_cvtph_ps(_mm_cvtsi32_si128((d0 as u32 | (d1 as u32) << 16) as i32));
+            let sv = _mm512_permutexvar_ps(by8, _mm512_castps128_ps512(dv));
+            let bv = _mm_mul_ps(_mm_permute_ps(dv, 0b01_01_00_00), offset);
+            let hi = if half {
+                _mm256_setzero_si256()
+            } else {
+                bytes(k + 1)
+            };
+            pair(c, k, join(bytes(k), hi), sv, bv, half, &q, &dg, &ds);
+        };
+        if KIND < 3 {
+            // Chains are picked by constant position (a run-time choice would keep them in
+            // memory): blocks k, k+1 go to chain 0 and k+2, k+3 to chain 1.
+            let mut k = 0;
+            while k + 4 <= nb {
+                step(&mut c0, k, false);
+                step(&mut c1, k + 2, false);
+                k += 4;
+            }
+            if k + 2 <= nb {
+                step(&mut c0, k, false);
+                if k + 2 < nb {
+                    step(&mut c1, k + 2, true);
+                }
+            } else if k < nb {
+                step(&mut c0, k, true);
+            }
+        } else if KIND == 3 {
+            // Q4_K: each 32 bytes of nibbles hold sub-blocks 2c (low) and 2c+1 (high).
+            for k in 0..nb {
+                let blk = w.as_ptr().add(k * bb);
+                let (d, dmin) = (f16(blk), f16(blk.add(2)));
+                let scales: &[u8; 12] = &*(blk.add(4) as *const [u8; 12]);
+                for c in 0..4 {
+                    let qs = _mm256_loadu_si256(blk.add(16 + 32 * c) as *const _);
+                    let uw = join(
+                        _mm256_and_si256(qs, m4w),
+                        _mm256_and_si256(_mm256_srli_epi16(qs, 4), m4w),
+                    );
+                    let (s0, m0) = super::k_scale_min(2 * c, scales);
+                    let (s1, m1) = super::k_scale_min(2 * c + 1, scales);
+                    let (b0, b1) = (-dmin * m0 as f32, -dmin * m1 as f32);
+                    let ch = if c % 2 == 0 { &mut c0 } else { &mut c1 };
+                    pair(
+                        ch,
+                        8 * k + 2 * c,
+                        uw,
+                        two(d * s0 as f32, d * s1 as f32),
+                        _mm_set_ps(b1, b1, b0, b0),
+                        false,
+                        &q,
+                        &dg,
+                        &ds,
+                    );
+                }
+            }
+        } else {
+            // Q6_K: per 128 values, 64 bytes of low nibbles and 32 of 2-bit highs; a signed
+            // 8-bit scale per 16 values.
+            let m2 = _mm256_set1_epi8(0x30);
+            let idx = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+            for k in 0..nb {
+                let blk = w.as_ptr().add(k * bb);
+                let d = f16(blk.add(208));
+                for h in 0..2 {
+                    let ql0 = _mm256_loadu_si256(blk.add(64 * h) as *const _);
+                    let ql1 = _mm256_loadu_si256(blk.add(64 * h + 32) as *const _);
+                    let qh = _mm256_loadu_si256(blk.add(128 + 32 * h) as *const _);
+                    let v0 = _mm256_or_si256(
+                        _mm256_and_si256(ql0, m4w),
+                        _mm256_and_si256(_mm256_slli_epi16(qh, 4), m2),
+                    );
+                    let v1 = _mm256_or_si256(
+                        _mm256_and_si256(ql1, m4w),
+                        _mm256_and_si256(_mm256_slli_epi16(qh, 2), m2),
+                    );
+                    let v2 = _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4w),
+                        _mm256_and_si256(qh, m2),
+                    );
+                    let v3 = _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4w),
+                        _mm256_and_si256(_mm256_srli_epi16(qh, 2), m2),
+                    );
+                    for (j, uw) in [join(v0, v1), join(v2, v3)].into_iter().enumerate() {
+                        // Groups 4h+2j and 4h+2j+1: scales 8h+4j .. 8h+4j+4.
+                        let sc = blk.add(192 + 8 * h + 4 * j);
+                        let s4 = _mm_mul_ps(
+                            _mm_set1_ps(d),
+                            _mm_set_ps(
+                                *sc.add(3) as i8 as f32,
+                                *sc.add(2) as i8 as f32,
+                                *sc.add(1) as i8 as f32,
+                                *sc as i8 as f32,
+                            ),
+                        );
+                        let sv = _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(s4));
+                        let ch = if j == 0 { &mut c0 } else { &mut c1 };
+                        pair(
+                            ch,
+                            8 * k + 4 * h + 2 * j,
+                            uw,
+                            sv,
+                            _mm_mul_ps(_mm_set1_ps(-32.0), s4),
+                            false,
+                            &q,
+                            &dg,
+                            &ds,
+                        );
+                    }
+                }
+            }
         }
-        if k < nb {
-            block(k, &mut acc0, &mut bias, 0);
-        }
-        if k + 1 < nb {
-            block(k + 1, &mut acc1, &mut bias, 1);
-        }
-        if k + 2 < nb {
-            block(k + 2, &mut acc2, &mut bias, 2);
-        }
-        let acc = [acc0, acc1, acc2, acc3];
         let mut out = [0f32; N];
         for i in 0..N {
-            let a = _mm256_add_ps(
-                _mm256_add_ps(acc[0][i], acc[1][i]),
-                _mm256_add_ps(acc[2][i], acc[3][i]),
-            );
-            let s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-            let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-            let b = (bias[i][0] + bias[i][1]) + (bias[i][2] + bias[i][3]);
-            out[i] = _mm_cvtss_f32(s) + offset * b;
+            let b = _mm_add_ps(c0.bias[i], c1.bias[i]);
+            let b = _mm_add_ps(b, _mm_movehl_ps(b, b));
+            let b = _mm_add_ss(b, _mm_shuffle_ps(b, b, 1));
+            out[i] = _mm512_reduce_add_ps(_mm512_add_ps(c0.acc[i], c1.acc[i])) + _mm_cvtss_f32(b);
         }
         out
     }
@@ -549,8 +706,8 @@ mod avx2 {
 pub type FusedDot<const N: usize> =
     unsafe fn(&[u8], [&[i8]; N], [&[f32]; N], [&[f32]; N]) -> [f32; N];
 
-/// The fused kernels (1 and 4 inputs) for `dtype` on this CPU, if there are any (32-value
-/// block types with AVX-512 VNNI).
+/// The fused kernels (1 and 4 inputs) for `dtype` on this CPU, if there are any (AVX-512
+/// VNNI; the types of Gemma 3's GGUF files).
 pub fn fused_fns(dtype: DType) -> Option<(FusedDot<1>, FusedDot<4>)> {
     #[cfg(target_arch = "x86_64")]
     if level() == Level::Avx512 && crate::simd::has_vnni() {
@@ -558,6 +715,8 @@ pub fn fused_fns(dtype: DType) -> Option<(FusedDot<1>, FusedDot<4>)> {
             DType::Q8_0 => Some((vnni::fused::<0, 1>, vnni::fused::<0, 4>)),
             DType::Q4_0 => Some((vnni::fused::<1, 1>, vnni::fused::<1, 4>)),
             DType::Q5_0 => Some((vnni::fused::<2, 1>, vnni::fused::<2, 4>)),
+            DType::Q4_K => Some((vnni::fused::<3, 1>, vnni::fused::<3, 4>)),
+            DType::Q6_K => Some((vnni::fused::<4, 1>, vnni::fused::<4, 4>)),
             _ => None,
         };
     }
