@@ -56,6 +56,8 @@ pub enum StopReason {
 #[derive(Clone, Debug)]
 pub struct Generation {
     pub prompt_tokens: usize,
+    /// Prompt tokens whose keys/values were reused from the previous request.
+    pub reused_tokens: usize,
     /// Generated ids (an end-of-sequence token is not included).
     pub tokens: Vec<u32>,
     /// The text shown (up to any stop string).
@@ -67,7 +69,7 @@ pub struct Generation {
 
 impl Generation {
     pub fn prefill_tokens_per_s(&self) -> f64 {
-        self.prompt_tokens as f64 / self.prefill_secs.max(1e-9)
+        (self.prompt_tokens - self.reused_tokens) as f64 / self.prefill_secs.max(1e-9)
     }
     /// Decode speed over the tokens after the first (which comes from the prefill).
     pub fn decode_tokens_per_s(&self) -> f64 {
@@ -84,6 +86,9 @@ pub struct Generator<'m> {
     pub cache: KvCache,
     pub ws: Workspace,
     logits: Vec<f32>,
+    /// The tokens whose keys and values are in the cache, so that a prompt sharing a
+    /// prefix with the previous request (a chat's history) is not computed again.
+    cached: Vec<u32>,
 }
 
 impl<'m> Generator<'m> {
@@ -94,7 +99,14 @@ impl<'m> Generator<'m> {
             cache: KvCache::new(cfg, context, MAX_BATCH),
             ws: Workspace::new(cfg, MAX_BATCH),
             logits: vec![0.0; cfg.vocab_size],
+            cached: Vec::new(),
         }
+    }
+
+    /// Forgets the cached prefix (the next request is computed from scratch).
+    pub fn forget(&mut self) {
+        self.cache.clear();
+        self.cached.clear();
     }
 
     pub fn context(&self) -> usize {
@@ -129,22 +141,39 @@ impl<'m> Generator<'m> {
         history.extend_from_slice(prompt);
         let mut out = Generation {
             prompt_tokens: prompt.len(),
+            reused_tokens: 0,
             tokens: Vec::with_capacity(opts.max_new_tokens),
             text: String::new(),
             stop: StopReason::MaxTokens,
             prefill_secs: 0.0,
             decode_secs: 0.0,
         };
-        self.cache.clear();
+        // Reuse the longest cached prefix (at least one prompt token must run, for logits).
+        let common = self
+            .cached
+            .iter()
+            .zip(prompt)
+            .take_while(|(a, b)| a == b)
+            .count();
+        let reuse = common.min(prompt.len() - 1);
+        let start = if reuse > 0 && self.cache.truncate(reuse) {
+            reuse
+        } else {
+            self.cache.clear();
+            0
+        };
+        self.cached.truncate(start);
+        out.reused_tokens = start;
         let t0 = Instant::now();
         let logits = &mut self.logits;
         model.forward(
-            prompt,
+            &prompt[start..],
             &mut self.cache,
             &mut self.ws,
             Logits::Last,
             &mut |_, l| logits.copy_from_slice(l),
         )?;
+        self.cached.extend_from_slice(&prompt[start..]);
         out.prefill_secs = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
         let mut stream = StreamDecoder::new();
@@ -204,6 +233,7 @@ impl<'m> Generator<'m> {
                 Logits::Last,
                 &mut |_, l| logits.copy_from_slice(l),
             )?;
+            self.cached.push(next);
         }
         if !matches!(out.stop, StopReason::StopString) {
             pending.push_str(&stream.flush());

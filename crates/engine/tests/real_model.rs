@@ -207,3 +207,35 @@ fn perplexity_matches_llamacpp() {
         rel * 100.0
     );
 }
+
+#[test]
+fn a_shared_prefix_is_reused_and_gives_the_same_tokens() {
+    let m = model();
+    let opts = GenerateOptions {
+        max_new_tokens: 8,
+        ..Default::default()
+    };
+    let mut g = gemma3_engine::Generator::new(m, 256);
+    let first = m.encode_prompt("The capital of France is", None, true);
+    let a = g.generate_ids(&first, &opts, |_| true).unwrap();
+    assert_eq!(a.reused_tokens, 0);
+    // The same prompt again: all but its last token come from the cache.
+    let b = g.generate_ids(&first, &opts, |_| true).unwrap();
+    assert_eq!(b.reused_tokens, first.len() - 1);
+    assert_eq!(a.tokens, b.tokens);
+    // A continuation of the first exchange reuses prompt + generated tokens.
+    let mut longer = first.clone();
+    longer.extend(&a.tokens);
+    longer.extend(m.encode_prompt(" Its population is", Some(false), true));
+    let c = g.generate_ids(&longer, &opts, |_| true).unwrap();
+    assert!(
+        c.reused_tokens >= first.len() + a.tokens.len() - 1,
+        "reused {}",
+        c.reused_tokens
+    );
+    let fresh = gemma3_engine::Generator::new(m, 256)
+        .generate_ids(&longer, &opts, |_| true)
+        .unwrap()
+        .tokens;
+    assert_eq!(c.tokens, fresh);
+}
