@@ -2,7 +2,8 @@
 //! with the softmax in f32. Keys and values are read where they lie in the cache (a ring
 //! for sliding layers), so grouped-query heads share K/V without copies.
 
-use crate::ops::{axpy, dot};
+use crate::dispatch;
+use crate::ops::{axpy_body, dot_body};
 
 /// Where key/value position `p` lives: `base + (p % capacity) * stride`.
 #[derive(Clone, Copy)]
@@ -26,7 +27,26 @@ impl KvView<'_> {
 }
 
 /// `out = softmax(q·K[lo..hi]ᵀ * scale) · V[lo..hi]`. `scores` needs `hi - lo` floats.
+/// Scores are capped with `c·tanh(s/c)` when `softcap` is set. Compiled once per
+/// instruction set as a whole, so the per-key dot products are inlined.
+#[allow(clippy::too_many_arguments)]
 pub fn attend(
+    q: &[f32],
+    kv: &KvView<'_>,
+    lo: usize,
+    hi: usize,
+    scale: f32,
+    softcap: Option<f32>,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    attend_dispatch(q, kv, lo, hi, scale, softcap, scores, out)
+}
+
+dispatch!(fn attend_dispatch(q: &[f32], kv: &KvView<'_>, lo: usize, hi: usize, scale: f32, softcap: Option<f32>, scores: &mut [f32], out: &mut [f32]) => attend_body);
+
+#[inline(always)]
+fn attend_body<const FMA: bool>(
     q: &[f32],
     kv: &KvView<'_>,
     lo: usize,
@@ -41,7 +61,7 @@ pub fn attend(
     let mut max = f32::NEG_INFINITY;
     for (s, p) in scores.iter_mut().zip(lo..hi) {
         let o = kv.at(p);
-        *s = dot(q, &kv.k[o..o + hd]) * scale;
+        *s = dot_body::<FMA>(q, &kv.k[o..o + hd]) * scale;
         if let Some(c) = softcap {
             *s = c * (*s / c).tanh();
         }
@@ -56,6 +76,6 @@ pub fn attend(
     out[..hd].fill(0.0);
     for (s, p) in scores.iter().zip(lo..hi) {
         let o = kv.at(p);
-        axpy(*s * inv, &kv.v[o..o + hd], &mut out[..hd]);
+        axpy_body::<FMA>(*s * inv, &kv.v[o..o + hd], &mut out[..hd]);
     }
 }

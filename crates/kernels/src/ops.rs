@@ -43,7 +43,7 @@ pub(crate) fn dot_body<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
 dispatch!(pub fn dot(a: &[f32], b: &[f32]) -> f32 => dot_body);
 
 #[inline(always)]
-fn axpy_body<const FMA: bool>(alpha: f32, x: &[f32], y: &mut [f32]) {
+pub(crate) fn axpy_body<const FMA: bool>(alpha: f32, x: &[f32], y: &mut [f32]) {
     for (yi, xi) in y.iter_mut().zip(x) {
         *yi = fmadd::<FMA>(alpha, *xi, *yi);
     }
