@@ -6,7 +6,8 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use gemma3_formats::{DType, TensorData};
 use gemma3_kernels::{matmul, Precision};
-use gemma3_model::{KvCache, Logits, Workspace};
+use gemma3_model::vision::{VisionLayer, VisionWeights};
+use gemma3_model::{KvCache, Logits, VisionConfig, VisionTower, Workspace};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -57,6 +58,10 @@ pub struct BenchArgs {
     /// With --kernels: only these weight types (e.g. Q8_0,Q4_K)
     #[arg(long = "type", value_delimiter = ',')]
     pub types: Vec<String>,
+    /// Instead, time the vision tower: a full-size SigLIP So400m (27 layers, hidden 1152)
+    /// with random BF16 weights encoding one 896x896 image, with the projector
+    #[arg(long)]
+    pub vision: bool,
 }
 
 struct Row {
@@ -88,10 +93,14 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if a.kernels {
         return kernels(&a);
     }
+    if a.vision {
+        return vision(&a);
+    }
     let model = crate::setup(&crate::ModelArgs {
         model: a.model.clone(),
         threads: None,
         exact: a.exact,
+        mmproj: None,
     })?;
     let cfg = &model.text.cfg;
     let max_p = a.n_prompt.iter().copied().max().unwrap_or(0);
@@ -328,4 +337,159 @@ fn kernels(a: &BenchArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A Gemma 3 (So400m) vision tower with random weights: BF16 matrices (as on the hub)
+/// uniform in ±1/sqrt(fan-in), unit LayerNorms, small biases.
+fn random_tower(cfg: &VisionConfig) -> Result<VisionTower> {
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut uniform = move |a: f32| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        ((seed >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * a
+    };
+    let mut matrix = |rows: usize, cols: usize| -> Result<TensorData> {
+        let a = 1.0 / (cols as f32).sqrt();
+        let bytes: Vec<u8> = (0..rows * cols)
+            .flat_map(|_| half::bf16::from_f32(uniform(a)).to_le_bytes())
+            .collect();
+        let len = bytes.len();
+        Ok(TensorData::new(
+            "random".into(),
+            DType::BF16,
+            vec![rows, cols],
+            Arc::new(bytes),
+            0..len,
+        )?)
+    };
+    let (d, f) = (cfg.hidden_size, cfg.intermediate_size);
+    let small = |n: usize| vec![0.01f32; n];
+    let mut layers = Vec::with_capacity(cfg.num_layers);
+    for _ in 0..cfg.num_layers {
+        layers.push(VisionLayer {
+            ln1_w: vec![1.0; d],
+            ln1_b: small(d),
+            q: matrix(d, d)?,
+            q_b: small(d),
+            k: matrix(d, d)?,
+            k_b: small(d),
+            v: matrix(d, d)?,
+            v_b: small(d),
+            o: matrix(d, d)?,
+            o_b: small(d),
+            ln2_w: vec![1.0; d],
+            ln2_b: small(d),
+            fc1: matrix(f, d)?,
+            fc1_b: small(f),
+            fc2: matrix(d, f)?,
+            fc2_b: small(d),
+        });
+    }
+    let cpp = cfg.num_channels * cfg.patch_size * cfg.patch_size;
+    let to_f32 = |t: TensorData| TensorData::from_f32("random", t.shape.clone(), &t.to_f32());
+    let weights = VisionWeights {
+        patch: to_f32(matrix(d, cpp)?)?,
+        patch_b: small(d),
+        position: (0..cfg.num_patches() * d)
+            .map(|i| (i % 7) as f32 * 0.01)
+            .collect(),
+        layers,
+        post_ln_w: vec![1.0; d],
+        post_ln_b: small(d),
+        soft_norm: vec![1.0; d],
+        projection: to_f32(matrix(cfg.text_hidden_size, d)?)?,
+    };
+    Ok(VisionTower::new(cfg.clone(), weights))
+}
+
+/// Floating-point operations (multiply and add counted apart) of one image through the
+/// tower and projector.
+fn vision_flops(cfg: &VisionConfig) -> f64 {
+    let n = cfg.num_patches() as f64;
+    let d = cfg.hidden_size as f64;
+    let f = cfg.intermediate_size as f64;
+    let cpp = (cfg.num_channels * cfg.patch_size * cfg.patch_size) as f64;
+    let per_layer = 2.0 * n * d * d * 4.0 // q, k, v, out
+        + 2.0 * n * n * d * 2.0 // scores and weighted values
+        + 2.0 * n * d * f * 2.0; // fc1, fc2
+    2.0 * n * d * cpp
+        + cfg.num_layers as f64 * per_layer
+        + 2.0 * cfg.mm_tokens_per_image as f64 * d * cfg.text_hidden_size as f64
+}
+
+fn vision(a: &BenchArgs) -> Result<()> {
+    let cfg = VisionConfig::default();
+    let t0 = Instant::now();
+    let tower = random_tower(&cfg)?;
+    eprintln!(
+        "random So400m weights ({:.0} M parameters) made in {:.1} s",
+        tower.num_params() as f64 / 1e6,
+        t0.elapsed().as_secs_f64()
+    );
+    let pixels: Vec<f32> = (0..cfg.pixel_values_len())
+        .map(|i| ((i * 7919) % 2000) as f32 / 1000.0 - 1.0)
+        .collect();
+    let flops = vision_flops(&cfg);
+    let mut rows = Vec::new();
+    for &t in &a.threads {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(t)
+            .build()
+            .context("thread pool")?;
+        let times = pool.install(|| -> Result<(Vec<f64>, Option<f64>)> {
+            // Warm up: thread-local buffers, page faults.
+            let out = tower.encode(&pixels)?;
+            if !out.iter().all(|v| v.is_finite()) {
+                bail!("the vision tower gave non-finite values");
+            }
+            let mut times = Vec::with_capacity(a.reps);
+            let cpu0 = process_cpu_seconds();
+            for _ in 0..a.reps {
+                let t0 = Instant::now();
+                tower.encode(&pixels)?;
+                times.push(t0.elapsed().as_secs_f64());
+            }
+            let cpu = process_cpu_seconds().zip(cpu0).map(|(b, a)| b - a);
+            Ok((times, cpu))
+        })?;
+        let (times, cpu) = times;
+        let (mean, sd) = mean_sd(&times);
+        // CPU seconds per wall second: below the thread count when other work shares
+        // the cores.
+        let cores = cpu.map(|c| c / times.iter().sum::<f64>());
+        rows.push((t, mean, sd, times.len(), cores));
+    }
+    if a.json {
+        let v: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|&(t, mean, sd, reps, cores)| {
+                serde_json::json!({"test": "vision So400m 896x896", "threads": t, "seconds": mean, "sd": sd, "reps": reps, "gflop": flops / 1e9, "gflop_per_s": flops / mean / 1e9, "cores_used": cores})
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("| model | threads | test | s/image | GFLOP | GFLOP/s | cores used |");
+        println!("| --- | ---: | --- | ---: | ---: | ---: | ---: |");
+        for (t, mean, sd, _, cores) in rows {
+            println!(
+                "| SigLIP So400m (random BF16) + projector | {t} | 896x896, {} patches | {mean:.2} ± {sd:.2} | {:.0} | {:.1} | {} |",
+                cfg.num_patches(),
+                flops / 1e9,
+                flops / mean / 1e9,
+                cores.map_or("?".to_string(), |c| format!("{c:.2}"))
+            );
+        }
+    }
+    Ok(())
+}
+
+/// User + system CPU time of this process (Linux `/proc/self/stat`, 100 ticks a second).
+fn process_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
 }

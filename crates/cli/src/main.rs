@@ -4,12 +4,16 @@
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use gemma3_engine::perplexity::perplexity;
-use gemma3_engine::{GenerateOptions, Model, ModelSource, SamplingParams, StopReason};
-use gemma3_model::{KvCache, Logits, Workspace};
+use gemma3_engine::{
+    GenerateOptions, Image, Model, ModelSource, PanAndScan, SamplingParams, StopReason,
+};
+use gemma3_model::{ImageInputs, KvCache, Logits, Workspace};
 use std::io::{Read, Write};
 use std::path::PathBuf;
 
 mod bench_cmd;
+mod chat_cmd;
+mod eval_cmd;
 
 #[derive(Parser)]
 #[command(
@@ -42,10 +46,37 @@ pub(crate) struct ModelArgs {
     /// 8-bit activations (slower; for checking numerics)
     #[arg(long)]
     pub(crate) exact: bool,
+    /// llama.cpp's mmproj GGUF with the vision tower, for a GGUF text model (Hugging Face
+    /// multimodal checkpoints carry their own)
+    #[arg(long)]
+    pub(crate) mmproj: Option<PathBuf>,
+}
+
+/// Images for a multimodal model.
+#[derive(Args, Clone)]
+struct ImageArgs {
+    /// An image (PNG, JPEG, WebP, GIF, BMP) shown where the prompt's next
+    /// <start_of_image> is (markers are added in front when missing); repeatable
+    #[arg(long = "image")]
+    images: Vec<PathBuf>,
+    /// Also show elongated images as crops (Gemma3Processor's pan & scan)
+    #[arg(long)]
+    pan_and_scan: bool,
+}
+
+impl ImageArgs {
+    fn load(&self) -> Result<(Vec<Image>, Option<PanAndScan>)> {
+        let images = self
+            .images
+            .iter()
+            .map(Image::open)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((images, self.pan_and_scan.then(PanAndScan::default)))
+    }
 }
 
 #[derive(Args, Clone)]
-struct SamplingArgs {
+pub(crate) struct SamplingArgs {
     /// Sampling temperature; 0 picks the most likely token every time (greedy)
     #[arg(long, default_value_t = 0.0)]
     temperature: f32,
@@ -76,7 +107,7 @@ struct SamplingArgs {
 }
 
 impl SamplingArgs {
-    fn params(&self) -> SamplingParams {
+    pub(crate) fn params(&self) -> SamplingParams {
         SamplingParams {
             temperature: self.temperature,
             top_k: self.top_k,
@@ -96,6 +127,12 @@ enum Command {
     /// Measure speed like llama-bench: prompt processing (pp) and generation (tg) in tokens/s,
     /// or with --kernels the matrix product of every weight type at model shapes
     Bench(bench_cmd::BenchArgs),
+    /// Talk with an instruction-tuned model using Gemma's chat template, one message per line
+    Chat(chat_cmd::ChatArgs),
+    /// Score a benchmark (hellaswag, piqa, arc_easy, arc_challenge, boolq, winogrande,
+    /// lambada_openai) by log-likelihood as lm-evaluation-harness does: acc, acc_norm,
+    /// standard errors, LAMBADA perplexity; --json OUT for per-item scores, --resume to go on
+    Eval(eval_cmd::EvalArgs),
     /// Continue a prompt (raw completion; no chat template), streaming tokens to stdout
     Generate {
         /// The prompt; read from stdin when absent
@@ -125,6 +162,8 @@ enum Command {
         /// Print timing statistics to stderr
         #[arg(long)]
         verbose: bool,
+        #[command(flatten)]
+        images: ImageArgs,
     },
     /// Show the token ids (and pieces) of a text
     Tokenize {
@@ -178,6 +217,10 @@ enum Command {
         /// Multiply with 8-bit activations (faster, llama.cpp-like numerics)
         #[arg(long)]
         fast: bool,
+        /// Images: with --prompt as for generate; with --ids each run of image soft tokens
+        /// takes the next image
+        #[command(flatten)]
+        images: ImageArgs,
     },
 }
 
@@ -199,7 +242,7 @@ pub(crate) fn setup(m: &ModelArgs) -> Result<Model> {
             .build_global()
             .context("starting the thread pool")?;
     }
-    let mut model = Model::open_or_default(m.model.as_deref())?;
+    let mut model = Model::open_with_mmproj(m.model.as_deref(), m.mmproj.as_deref())?;
     if m.exact {
         model.set_precision(gemma3_model::Precision::Exact);
     }
@@ -217,6 +260,8 @@ fn read_stdin() -> Result<String> {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Bench(a) => bench_cmd::run(a)?,
+        Command::Chat(a) => chat_cmd::run(a)?,
+        Command::Eval(a) => eval_cmd::run(a)?,
         Command::Generate {
             prompt,
             model,
@@ -228,12 +273,14 @@ fn run(cli: Cli) -> Result<()> {
             no_bos,
             ignore_eos,
             verbose,
+            images,
         } => {
             let prompt = match prompt {
                 Some(p) => p,
                 None => read_stdin()?,
             };
             let m = setup(&model)?;
+            let (images, pan_and_scan) = images.load()?;
             let opts = GenerateOptions {
                 max_new_tokens: max_tokens,
                 sampling: sampling.params(),
@@ -242,6 +289,8 @@ fn run(cli: Cli) -> Result<()> {
                 add_bos: if no_bos { Some(false) } else { None },
                 parse_special: !no_parse_special,
                 context: ctx_size,
+                images,
+                pan_and_scan,
             };
             let stdout = std::io::stdout();
             let mut out = stdout.lock();
@@ -252,6 +301,9 @@ fn run(cli: Cli) -> Result<()> {
                     .is_ok()
             })?;
             let _ = writeln!(out);
+            if verbose && !opts.images.is_empty() {
+                eprintln!("images: encoded in {:.3} s", g.image_secs);
+            }
             if verbose {
                 eprintln!(
                     "prompt: {} tokens in {:.3} s ({:.1} tokens/s); generated: {} tokens, {:.1} tokens/s; stop: {:?}",
@@ -332,15 +384,33 @@ fn run(cli: Cli) -> Result<()> {
             ids,
             top_k,
             fast,
+            images,
         } => {
             let mut m = setup(&model)?;
             if !fast {
                 m.set_precision(gemma3_model::Precision::Exact);
             }
-            let ids = match (ids, prompt) {
-                (Some(ids), _) => ids,
-                (None, Some(p)) => m.encode_prompt(&p, None, true),
-                (None, None) => bail!("give --prompt or --ids"),
+            let (images, pan_and_scan) = images.load()?;
+            let views = match images.is_empty() {
+                true => None,
+                false => Some(m.image_views(&images, pan_and_scan.as_ref())?),
+            };
+            let ids = match (ids, prompt, &views) {
+                (Some(ids), _, _) => ids,
+                (None, Some(p), Some(v)) => m.image_prompt_ids(&p, v, None, true)?,
+                (None, Some(p), None) => m.encode_prompt(&p, None, true),
+                (None, None, _) => bail!("give --prompt or --ids"),
+            };
+            let embeds = match &views {
+                Some(v) => m.encode_image_views(&ids, v)?,
+                None => vec![],
+            };
+            let image_inputs = match views {
+                Some(_) => Some(ImageInputs {
+                    image_token: m.image_tokens()?.soft,
+                    embeds: &embeds,
+                }),
+                None => None,
             };
             if ids.is_empty() {
                 bail!("no tokens to run");
@@ -361,8 +431,13 @@ fn run(cli: Cli) -> Result<()> {
             )?;
             let mut err = None;
             let mut order: Vec<u32> = Vec::with_capacity(cfg.vocab_size);
-            m.text
-                .forward(&ids, &mut cache, &mut ws, Logits::All, &mut |row, l| {
+            m.text.forward_with(
+                &ids,
+                image_inputs,
+                &mut cache,
+                &mut ws,
+                Logits::All,
+                &mut |row, l| {
                     order.clear();
                     order.extend(0..l.len() as u32);
                     let k = if top_k == 0 {
@@ -397,7 +472,9 @@ fn run(cli: Cli) -> Result<()> {
                     if let Err(e) = out.write_all(s.as_bytes()) {
                         err.get_or_insert(e);
                     }
-                })?;
+                },
+                None,
+            )?;
             if let Some(e) = err {
                 return Err(e.into());
             }
@@ -492,6 +569,7 @@ fn info(m: &Model, list_tensors: bool) {
         weights as f64 / 1e6,
         kv as f64 / 1e6
     );
+    vision_info(m);
     if list_tensors {
         if let ModelSource::Gguf(g) = &m.source {
             for t in &g.tensors {
@@ -504,4 +582,41 @@ fn info(m: &Model, list_tensors: bool) {
             }
         }
     }
+}
+
+/// The vision tower's lines of `info`, when one is loaded.
+fn vision_info(m: &Model) {
+    let Some(v) = &m.vision else {
+        println!("vision:         none (text only)");
+        return;
+    };
+    let c = &v.cfg;
+    let from = match &m.mmproj {
+        Some(p) => format!("mmproj {}", p.display()),
+        None => "checkpoint".to_string(),
+    };
+    println!(
+        "vision:         SigLIP, {} layers, hidden {} (MLP {}), {} heads ({from})",
+        c.num_layers, c.hidden_size, c.intermediate_size, c.num_heads
+    );
+    println!(
+        "image input:    {s}x{s}, {p}x{p} patches ({n}), {t} tokens per image (pool {k}x{k})",
+        s = c.image_size,
+        p = c.patch_size,
+        n = c.num_patches(),
+        t = c.mm_tokens_per_image,
+        k = c.pool_kernel()
+    );
+    if let Ok(t) = m.image_tokens() {
+        println!(
+            "image tokens:   <start_of_image> {}, <image_soft_token> {}, <end_of_image> {}",
+            t.boi, t.soft, t.eoi
+        );
+    }
+    println!(
+        "vision weights: {:.1} M parameters, {} ({:.1} MB)",
+        v.num_params() as f64 / 1e6,
+        v.weight_types().join(", "),
+        v.bytes() as f64 / 1e6
+    );
 }

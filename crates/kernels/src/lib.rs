@@ -5,9 +5,11 @@
 
 pub mod attention;
 pub mod dot;
+pub mod gemm;
 pub mod matmul;
 pub mod ops;
 pub mod qdot;
 pub mod simd;
+pub mod vmath;
 
 pub use matmul::{matmul, matmul_multi, matmul_weights, Precision, Weights};

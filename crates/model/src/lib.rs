@@ -1,15 +1,18 @@
 //! Gemma 3 itself: configuration, weight binding by name (GGUF and Hugging Face layouts),
-//! the text decoder and its KV cache. One entry point: [`TextModel::forward`].
+//! the text decoder and its KV cache, and the SigLIP vision tower with its projector. Entry
+//! points: [`TextModel::forward`] (and `forward_with` for image rows), [`VisionTower::encode`].
 
 pub mod cache;
 pub mod config;
 pub mod text;
+pub mod vision;
 pub mod weights;
 
 pub use cache::KvCache;
 pub use config::{LayerKind, TextConfig};
 pub use gemma3_kernels::Precision;
 pub use text::{attention_mask, key_range, ImageInputs, Logits, Stage, TextModel, Workspace};
+pub use vision::{VisionConfig, VisionTower};
 pub use weights::{TextWeights, WeightSource};
 
 #[derive(Debug, thiserror::Error)]

@@ -261,7 +261,13 @@ impl TextModel {
                 n_all, cache.len, cache.context
             )));
         }
-        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
+        // Image soft tokens never reach the embedding table, so their id may lie past the
+        // vocabulary (llama.cpp's GGUF vocabulary ends just before `<image_soft_token>`).
+        let is_image_id = |t: u32| images.is_some_and(|im| im.image_token == t);
+        if let Some(&bad) = tokens
+            .iter()
+            .find(|&&t| t as usize >= self.cfg.vocab_size && !is_image_id(t))
+        {
             return Err(ModelError::Input(format!(
                 "token id {bad} is outside the vocabulary (size {})",
                 self.cfg.vocab_size

@@ -26,6 +26,7 @@ pub fn load_expected(path: &std::path::Path) -> HashMap<String, (Vec<usize>, Vec
                 .chunks_exact(4)
                 .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as f32)
                 .collect(),
+            safetensors::Dtype::U8 => d.iter().map(|&b| b as f32).collect(),
             other => panic!("unexpected dtype {other:?} for {name}"),
         };
         out.insert(name, (v.shape().to_vec(), vals));

@@ -1,0 +1,639 @@
+//! Blocked f32 matrix product `C += A·B` for large batches (the vision tower runs thousands
+//! of rows through each weight, and attention over thousands of keys).
+//!
+//! The GotoBLAS/BLIS scheme: B is packed into `KC × NR` column panels (a block of them
+//! stays in L3), A into `MC × KC` row panels (in L2), and a register-tiled micro-kernel
+//! multiplies one `MR`-row A panel by one `NR`-column B panel (in L1) into an `MR × NR` tile
+//! of accumulators. Operands are strided views, so transposes cost nothing, and B may be a
+//! stored weight matrix `[n, k]` of any type (dequantized while it is packed), which is how
+//! `x · Wᵀ` is taken without converting the weights. An operand used in many products can
+//! be packed once ([`PackedA`], [`PackedB`]: attention's keys and values per head).
+//! [`crate::matmul`] stays the kernel for decode-sized batches; this one wins once a weight
+//! tile is reused by many rows.
+
+use crate::matmul::Weights;
+use gemma3_formats::quant;
+use rayon::prelude::*;
+use std::cell::RefCell;
+
+/// Depth of a packed block: a multiple of 256 so that a block of any quantized row starts
+/// on a whole block of its type.
+const KC: usize = 256;
+/// Rows of A packed at once (a multiple of every kernel's MR).
+const MC: usize = 96;
+/// Columns of B packed at once.
+const NC: usize = 8192;
+
+/// A read-only strided view: element `(i, j)` is `data[i * rs + j * cs]`.
+#[derive(Clone, Copy)]
+pub struct MatRef<'a> {
+    data: &'a [f32],
+    rows: usize,
+    cols: usize,
+    rs: usize,
+    cs: usize,
+}
+
+impl<'a> MatRef<'a> {
+    /// Panics when the view reaches past `data`.
+    pub fn new(data: &'a [f32], rows: usize, cols: usize, rs: usize, cs: usize) -> Self {
+        assert!(
+            rows == 0 || cols == 0 || (rows - 1) * rs + (cols - 1) * cs < data.len(),
+            "gemm: a {rows}x{cols} view with strides ({rs}, {cs}) needs more than {} values",
+            data.len()
+        );
+        MatRef {
+            data,
+            rows,
+            cols,
+            rs,
+            cs,
+        }
+    }
+
+    /// A row-major `rows × cols` matrix.
+    pub fn row_major(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        Self::new(data, rows, cols, cols, 1)
+    }
+
+    /// The transpose, as a view (no copy).
+    pub fn t(self) -> Self {
+        MatRef {
+            data: self.data,
+            rows: self.cols,
+            cols: self.rows,
+            rs: self.cs,
+            cs: self.rs,
+        }
+    }
+
+    #[inline(always)]
+    fn at(&self, i: usize, j: usize) -> f32 {
+        self.data[i * self.rs + j * self.cs]
+    }
+}
+
+/// A mutable strided view. Only row-major or column-major layouts (with any padding) are
+/// accepted, so distinct elements never share memory and tiles can be written in parallel.
+pub struct MatMut<'a> {
+    data: &'a mut [f32],
+    rows: usize,
+    cols: usize,
+    rs: usize,
+    cs: usize,
+}
+
+impl<'a> MatMut<'a> {
+    /// Panics when the view reaches past `data` or elements could overlap.
+    pub fn new(data: &'a mut [f32], rows: usize, cols: usize, rs: usize, cs: usize) -> Self {
+        assert!(
+            (cs == 1 && rs >= cols) || (rs == 1 && cs >= rows),
+            "gemm: output strides ({rs}, {cs}) are neither row- nor column-major for {rows}x{cols}"
+        );
+        assert!(
+            rows == 0 || cols == 0 || (rows - 1) * rs + (cols - 1) * cs < data.len(),
+            "gemm: a {rows}x{cols} output with strides ({rs}, {cs}) needs more than {} values",
+            data.len()
+        );
+        MatMut {
+            data,
+            rows,
+            cols,
+            rs,
+            cs,
+        }
+    }
+
+    pub fn row_major(data: &'a mut [f32], rows: usize, cols: usize) -> Self {
+        Self::new(data, rows, cols, cols, 1)
+    }
+}
+
+/// The left operand `A` (`m × k`): a view, or a matrix packed once for many products.
+#[derive(Clone, Copy)]
+pub enum AOperand<'a> {
+    View(MatRef<'a>),
+    Packed(&'a PackedA),
+}
+
+impl<'a> From<MatRef<'a>> for AOperand<'a> {
+    fn from(m: MatRef<'a>) -> Self {
+        AOperand::View(m)
+    }
+}
+
+impl<'a> From<&'a PackedA> for AOperand<'a> {
+    fn from(p: &'a PackedA) -> Self {
+        AOperand::Packed(p)
+    }
+}
+
+/// The right-hand operand `B` (`k × n`).
+#[derive(Clone, Copy)]
+pub enum BOperand<'a> {
+    /// `B(p, j)` read from an f32 view.
+    F32(MatRef<'a>),
+    /// A stored weight matrix `W` of shape `[n, k]` (`[out, in]`, any type): `B = Wᵀ`.
+    WeightsT(Weights<'a>),
+    /// Packed once, used many times.
+    Packed(&'a PackedB),
+}
+
+impl BOperand<'_> {
+    fn dims(&self) -> (usize, usize) {
+        match self {
+            BOperand::F32(m) => (m.rows, m.cols),
+            BOperand::WeightsT(w) => (w.cols, w.rows),
+            BOperand::Packed(p) => (p.k, p.n),
+        }
+    }
+}
+
+/// `A` in the kernel's panels, every block the product will ask for, in order: blocks of
+/// `KC` columns, each split into blocks of `MC` rows of `[kc][MR]` panels.
+pub struct PackedA {
+    m: usize,
+    k: usize,
+    kern: Kernel,
+    data: Vec<f32>,
+}
+
+impl PackedA {
+    pub fn new(a: MatRef<'_>) -> Self {
+        let kern = kernel();
+        let mr = kern.mr;
+        let (m, k) = (a.rows, a.cols);
+        let mut data = vec![0f32; m.div_ceil(mr) * mr * k];
+        let mut at = 0;
+        for pc in (0..k).step_by(KC) {
+            let kc = KC.min(k - pc);
+            for i0 in (0..m).step_by(MC) {
+                let mc = MC.min(m - i0);
+                let len = mc.div_ceil(mr) * kc * mr;
+                pack_a(&a, i0, mc, pc, kc, mr, &mut data[at..at + len]);
+                at += len;
+            }
+        }
+        PackedA { m, k, kern, data }
+    }
+
+    /// The panels of rows `i0..` (a multiple of MC) and columns `pc..pc+kc`.
+    fn block(&self, pc: usize, kc: usize, i0: usize, mc: usize) -> &[f32] {
+        let mr = self.kern.mr;
+        let at = mr * (pc * self.m.div_ceil(mr) + (i0 / mr) * kc);
+        &self.data[at..at + mc.div_ceil(mr) * kc * mr]
+    }
+}
+
+/// `B` in the kernel's panels: blocks of `NC` columns, each split into blocks of `KC` rows
+/// of `[kc][NR]` panels.
+pub struct PackedB {
+    k: usize,
+    n: usize,
+    kern: Kernel,
+    data: Vec<f32>,
+}
+
+impl PackedB {
+    pub fn new(b: BOperand<'_>) -> Self {
+        if let BOperand::Packed(p) = b {
+            return PackedB {
+                k: p.k,
+                n: p.n,
+                kern: p.kern,
+                data: p.data.clone(),
+            };
+        }
+        let kern = kernel();
+        let nr = kern.nr;
+        let (k, n) = b.dims();
+        let mut data = vec![0f32; n.div_ceil(nr) * nr * k];
+        let mut at = 0;
+        for jc in (0..n).step_by(NC) {
+            let n_panels = NC.min(n - jc).div_ceil(nr);
+            for pc in (0..k).step_by(KC) {
+                let kc = KC.min(k - pc);
+                for jp in 0..n_panels {
+                    pack_b(&b, pc, kc, jc + jp * nr, nr, n, &mut data[at..at + kc * nr]);
+                    at += kc * nr;
+                }
+            }
+        }
+        PackedB { k, n, kern, data }
+    }
+
+    /// The panels of columns `jc..` (a multiple of NC) and rows `pc..pc+kc`.
+    fn block(&self, jc: usize, pc: usize, kc: usize, n_panels: usize) -> &[f32] {
+        let nr = self.kern.nr;
+        let at = nr * ((jc / nr) * self.k + n_panels * pc);
+        &self.data[at..at + n_panels * kc * nr]
+    }
+}
+
+/// A micro-kernel: `out[MR × NR] (row-major) = Σ_p a[p][0..MR] ⊗ b[p][0..NR]` over `kc`
+/// steps of packed panels.
+type KernelFn = unsafe fn(kc: usize, a: *const f32, b: *const f32, out: *mut f32);
+
+#[derive(Clone, Copy)]
+struct Kernel {
+    mr: usize,
+    nr: usize,
+    f: KernelFn,
+}
+
+fn kernel() -> Kernel {
+    match crate::simd::level() {
+        #[cfg(target_arch = "x86_64")]
+        crate::simd::Level::Avx512 => Kernel {
+            mr: avx512::MR,
+            nr: avx512::NR,
+            f: avx512::kernel,
+        },
+        #[cfg(target_arch = "x86_64")]
+        crate::simd::Level::Avx2 => Kernel {
+            mr: avx2::MR,
+            nr: avx2::NR,
+            f: avx2::kernel,
+        },
+        _ => Kernel {
+            mr: portable::MR,
+            nr: portable::NR,
+            f: portable::kernel,
+        },
+    }
+}
+
+thread_local! {
+    static A_BUF: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static B_BUF: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static SEG_BUF: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// `C += A·B` (`A`: `m × k`, `B`: `k × n`, `C`: `m × n`). With `parallel`, the work is
+/// split over the rayon pool; without, it runs on the calling thread (for callers that
+/// are already parallel, like attention over heads). Panics on mismatched shapes.
+pub fn gemm<'a>(a: impl Into<AOperand<'a>>, b: BOperand<'_>, c: MatMut<'_>, parallel: bool) {
+    gemm_impl(a.into(), b, c, parallel, true)
+}
+
+/// `C = A·B`: as [`gemm`], but C's old values are overwritten, not added to.
+pub fn gemm_into<'a>(a: impl Into<AOperand<'a>>, b: BOperand<'_>, c: MatMut<'_>, parallel: bool) {
+    gemm_impl(a.into(), b, c, parallel, false)
+}
+
+fn gemm_impl(a: AOperand<'_>, b: BOperand<'_>, c: MatMut<'_>, parallel: bool, accumulate: bool) {
+    let (m, k) = match a {
+        AOperand::View(v) => (v.rows, v.cols),
+        AOperand::Packed(p) => (p.m, p.k),
+    };
+    let n = c.cols;
+    assert_eq!(c.rows, m, "gemm: C has {} rows, A has {m}", c.rows);
+    assert_eq!(b.dims(), (k, n), "gemm: B is not {k}x{n}");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                for j in 0..n {
+                    c.data[i * c.rs + j * c.cs] = 0.0;
+                }
+            }
+        }
+        return;
+    }
+    // Packed operands fix the kernel (the SIMD level could have changed since).
+    let kern = match (a, b) {
+        (AOperand::Packed(pa), BOperand::Packed(pb)) => {
+            assert_eq!((pa.kern.mr, pa.kern.nr), (pb.kern.mr, pb.kern.nr));
+            pa.kern
+        }
+        (AOperand::Packed(p), _) => p.kern,
+        (_, BOperand::Packed(p)) => p.kern,
+        _ => kernel(),
+    };
+    let (mr, nr) = (kern.mr, kern.nr);
+    let threads = if parallel {
+        rayon::current_num_threads().max(1)
+    } else {
+        1
+    };
+    let c_out = CPtr {
+        ptr: c.data.as_mut_ptr(),
+        rs: c.rs,
+        cs: c.cs,
+    };
+    // The packed B block: local when parallel (the calling thread may run tasks), else
+    // the thread's own reused buffer.
+    let mut local_b = Vec::new();
+    let run = |bbuf: &mut Vec<f32>| {
+        if !matches!(b, BOperand::Packed(_)) {
+            bbuf.resize(NC.min(n.div_ceil(nr) * nr) * KC.min(k), 0.0);
+        }
+        for jc in (0..n).step_by(NC) {
+            let nc = NC.min(n - jc);
+            let n_panels = nc.div_ceil(nr);
+            for pc in (0..k).step_by(KC) {
+                let kc = KC.min(k - pc);
+                // The first block of the depth sets C when it is not accumulated into.
+                let add = accumulate || pc > 0;
+                let bp: &[f32] = match b {
+                    BOperand::Packed(p) => p.block(jc, pc, kc, n_panels),
+                    _ => {
+                        let bp = &mut bbuf[..n_panels * kc * nr];
+                        let pack = |(jp, panel): (usize, &mut [f32])| {
+                            pack_b(&b, pc, kc, jc + jp * nr, nr, n, panel)
+                        };
+                        if threads > 1 {
+                            bp.par_chunks_mut(kc * nr).enumerate().for_each(pack);
+                        } else {
+                            bp.chunks_mut(kc * nr).enumerate().for_each(pack);
+                        }
+                        bp
+                    }
+                };
+                // Tasks: blocks of MC rows, times column chunks when rows alone are too
+                // few to keep every thread busy.
+                let ic_blocks = m.div_ceil(MC);
+                let n_chunks = if threads > 1 {
+                    (4 * threads).div_ceil(ic_blocks).clamp(1, n_panels)
+                } else {
+                    1
+                };
+                let per_chunk = n_panels.div_ceil(n_chunks);
+                let task = |t: usize| {
+                    let (ib, ch) = (t / n_chunks, t % n_chunks);
+                    let i0 = ib * MC;
+                    let mc = MC.min(m - i0);
+                    let jps = ch * per_chunk..((ch + 1) * per_chunk).min(n_panels);
+                    let a_panels = mc.div_ceil(mr);
+                    let compute = |ap: &[f32]| {
+                        let mut tile = [0f32; 16 * 32];
+                        for jp in jps.clone() {
+                            let j0 = jc + jp * nr;
+                            let cols = nr.min(n - j0);
+                            let bpan = &bp[jp * kc * nr..(jp + 1) * kc * nr];
+                            for ip in 0..a_panels {
+                                let apan = &ap[ip * kc * mr..(ip + 1) * kc * mr];
+                                // SAFETY: the panels hold kc·MR and kc·NR values and the
+                                // tile MR·NR; the kernel was chosen for this CPU.
+                                unsafe {
+                                    (kern.f)(kc, apan.as_ptr(), bpan.as_ptr(), tile.as_mut_ptr())
+                                };
+                                let r0 = i0 + ip * mr;
+                                let rows = mr.min(m - r0);
+                                // SAFETY: this task alone writes rows i0..i0+mc of
+                                // columns jps, inside C (checked by MatMut::new).
+                                unsafe { c_out.put_tile(&tile, nr, r0, rows, j0, cols, add) };
+                            }
+                        }
+                    };
+                    match a {
+                        AOperand::Packed(p) => compute(p.block(pc, kc, i0, mc)),
+                        AOperand::View(v) => A_BUF.with(|ab| {
+                            let mut ab = ab.borrow_mut();
+                            ab.resize(a_panels * kc * mr, 0.0);
+                            pack_a(&v, i0, mc, pc, kc, mr, &mut ab);
+                            compute(&ab);
+                        }),
+                    }
+                };
+                let tasks = ic_blocks * n_chunks;
+                if threads > 1 && tasks > 1 {
+                    (0..tasks).into_par_iter().for_each(task);
+                } else {
+                    (0..tasks).for_each(task);
+                }
+            }
+        }
+    };
+    if threads > 1 {
+        run(&mut local_b);
+    } else {
+        B_BUF.with(|bb| run(&mut bb.borrow_mut()));
+    }
+}
+
+/// C's base address for tasks that write disjoint tiles.
+#[derive(Clone, Copy)]
+struct CPtr {
+    ptr: *mut f32,
+    rs: usize,
+    cs: usize,
+}
+// SAFETY: tasks write disjoint elements (see `gemm`).
+unsafe impl Send for CPtr {}
+unsafe impl Sync for CPtr {}
+
+impl CPtr {
+    /// Adds (or with `add` false, stores) the `rows × cols` corner of `tile` into C at
+    /// `(r0, c0)`.
+    ///
+    /// # Safety
+    /// The block must lie inside C and belong to the caller.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn put_tile(
+        &self,
+        tile: &[f32],
+        ld: usize,
+        r0: usize,
+        rows: usize,
+        c0: usize,
+        cols: usize,
+        add: bool,
+    ) {
+        for i in 0..rows {
+            let t = &tile[i * ld..i * ld + cols];
+            if self.cs == 1 {
+                let c = std::slice::from_raw_parts_mut(self.ptr.add((r0 + i) * self.rs + c0), cols);
+                if add {
+                    for (x, y) in c.iter_mut().zip(t) {
+                        *x += *y;
+                    }
+                } else {
+                    c.copy_from_slice(t);
+                }
+            } else {
+                for (j, y) in t.iter().enumerate() {
+                    let x = self.ptr.add((r0 + i) * self.rs + (c0 + j) * self.cs);
+                    *x = if add { *x + *y } else { *y };
+                }
+            }
+        }
+    }
+}
+
+/// Packs rows `i0..i0+mc`, columns `p0..p0+kc` of A into panels of `mr` rows, each laid out
+/// `[kc][mr]`, zero-padding the last panel.
+fn pack_a(a: &MatRef<'_>, i0: usize, mc: usize, p0: usize, kc: usize, mr: usize, out: &mut [f32]) {
+    for (ip, panel) in out.chunks_mut(kc * mr).enumerate() {
+        let rows = mr.min(mc - ip * mr);
+        let r0 = i0 + ip * mr;
+        if rows < mr {
+            panel.fill(0.0);
+        }
+        if a.rs == 1 {
+            // Columns are contiguous: each step is one copy.
+            for p in 0..kc {
+                let s = (p0 + p) * a.cs + r0;
+                panel[p * mr..p * mr + rows].copy_from_slice(&a.data[s..s + rows]);
+            }
+        } else if a.cs == 1 {
+            for ii in 0..rows {
+                let s = (r0 + ii) * a.rs + p0;
+                for (p, v) in a.data[s..s + kc].iter().enumerate() {
+                    panel[p * mr + ii] = *v;
+                }
+            }
+        } else {
+            for ii in 0..rows {
+                for p in 0..kc {
+                    panel[p * mr + ii] = a.at(r0 + ii, p0 + p);
+                }
+            }
+        }
+    }
+}
+
+/// Packs columns `j0..j0+nr` (clipped at `n`, zero-padded), rows `p0..p0+kc` of B into one
+/// panel laid out `[kc][nr]`.
+fn pack_b(b: &BOperand<'_>, p0: usize, kc: usize, j0: usize, nr: usize, n: usize, out: &mut [f32]) {
+    let cols = nr.min(n - j0);
+    if cols < nr {
+        out.fill(0.0);
+    }
+    match b {
+        BOperand::F32(v) if v.cs == 1 => {
+            for p in 0..kc {
+                let s = (p0 + p) * v.rs + j0;
+                out[p * nr..p * nr + cols].copy_from_slice(&v.data[s..s + cols]);
+            }
+        }
+        BOperand::F32(v) if v.rs == 1 => {
+            // Each column is contiguous (a transposed matrix, as keys in Q·Kᵀ).
+            for jj in 0..cols {
+                let s = (j0 + jj) * v.cs + p0;
+                for (p, x) in v.data[s..s + kc].iter().enumerate() {
+                    out[p * nr + jj] = *x;
+                }
+            }
+        }
+        BOperand::F32(v) => {
+            for jj in 0..cols {
+                for p in 0..kc {
+                    out[p * nr + jj] = v.at(p0 + p, j0 + jj);
+                }
+            }
+        }
+        BOperand::WeightsT(w) => SEG_BUF.with(|seg| {
+            let mut seg = seg.borrow_mut();
+            seg.resize(kc, 0.0);
+            let (be, bb) = (w.dtype.block_elems(), w.dtype.block_bytes());
+            let row_bytes = w.bytes.len() / w.rows.max(1);
+            // p0 is a multiple of KC, hence of every block size; kc is whole blocks except
+            // at the row's end, which is whole blocks by construction.
+            let start = p0 / be * bb;
+            let len = kc.div_ceil(be) * bb;
+            for jj in 0..cols {
+                let row = &w.bytes[(j0 + jj) * row_bytes..(j0 + jj + 1) * row_bytes];
+                quant::dequantize(w.dtype, &row[start..start + len], &mut seg[..kc]);
+                for (p, v) in seg.iter().enumerate() {
+                    out[p * nr + jj] = *v;
+                }
+            }
+        }),
+        BOperand::Packed(_) => unreachable!("packed operands are not packed again"),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+    pub const MR: usize = 12;
+    pub const NR: usize = 32;
+
+    /// 12×32 tile in 24 zmm accumulators: two B loads and twelve broadcasts per step.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F; `a` holds `kc·MR`, `b` `kc·NR`, `out` `MR·NR` values.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn kernel(kc: usize, a: *const f32, b: *const f32, out: *mut f32) {
+        let mut c0 = [_mm512_setzero_ps(); MR];
+        let mut c1 = [_mm512_setzero_ps(); MR];
+        let (mut a, mut b) = (a, b);
+        for _ in 0..kc {
+            let b0 = _mm512_loadu_ps(b);
+            let b1 = _mm512_loadu_ps(b.add(16));
+            for i in 0..MR {
+                let ai = _mm512_set1_ps(*a.add(i));
+                c0[i] = _mm512_fmadd_ps(ai, b0, c0[i]);
+                c1[i] = _mm512_fmadd_ps(ai, b1, c1[i]);
+            }
+            a = a.add(MR);
+            b = b.add(NR);
+        }
+        for i in 0..MR {
+            _mm512_storeu_ps(out.add(i * NR), c0[i]);
+            _mm512_storeu_ps(out.add(i * NR + 16), c1[i]);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+    pub const MR: usize = 6;
+    pub const NR: usize = 16;
+
+    /// 6×16 tile in 12 ymm accumulators.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA; sizes as for the AVX-512 kernel.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn kernel(kc: usize, a: *const f32, b: *const f32, out: *mut f32) {
+        let mut c0 = [_mm256_setzero_ps(); MR];
+        let mut c1 = [_mm256_setzero_ps(); MR];
+        let (mut a, mut b) = (a, b);
+        for _ in 0..kc {
+            let b0 = _mm256_loadu_ps(b);
+            let b1 = _mm256_loadu_ps(b.add(8));
+            for i in 0..MR {
+                let ai = _mm256_broadcast_ss(&*a.add(i));
+                c0[i] = _mm256_fmadd_ps(ai, b0, c0[i]);
+                c1[i] = _mm256_fmadd_ps(ai, b1, c1[i]);
+            }
+            a = a.add(MR);
+            b = b.add(NR);
+        }
+        for i in 0..MR {
+            _mm256_storeu_ps(out.add(i * NR), c0[i]);
+            _mm256_storeu_ps(out.add(i * NR + 8), c1[i]);
+        }
+    }
+}
+
+mod portable {
+    pub const MR: usize = 4;
+    pub const NR: usize = 8;
+
+    /// # Safety
+    /// Sizes as for the AVX-512 kernel.
+    pub unsafe fn kernel(kc: usize, a: *const f32, b: *const f32, out: *mut f32) {
+        let a = std::slice::from_raw_parts(a, kc * MR);
+        let b = std::slice::from_raw_parts(b, kc * NR);
+        let mut c = [[0f32; NR]; MR];
+        for (ap, bp) in a.chunks_exact(MR).zip(b.chunks_exact(NR)) {
+            for i in 0..MR {
+                for j in 0..NR {
+                    c[i][j] += ap[i] * bp[j];
+                }
+            }
+        }
+        for i in 0..MR {
+            for j in 0..NR {
+                *out.add(i * NR + j) = c[i][j];
+            }
+        }
+    }
+}

@@ -1,0 +1,323 @@
+//! The blocked matrix product on every code path this CPU runs, against an f64 product, on
+//! shapes that cross every blocking edge; strided (transposed) operands and outputs; stored
+//! weights of every type as B. Also the vectorised exp, softmax and GELU against libm.
+
+use gemma3_formats::{quant, DType};
+use gemma3_kernels::gemm::{gemm, gemm_into, BOperand, MatMut, MatRef, PackedA, PackedB};
+use gemma3_kernels::simd::{set_level, Level};
+use gemma3_kernels::{ops, vmath, Weights};
+
+struct Lcg(u64);
+impl Lcg {
+    fn f(&mut self) -> f32 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((self.0 >> 33) as u32 as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+    }
+    fn vec(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.f()).collect()
+    }
+}
+
+fn levels() -> Vec<Level> {
+    let mut v = vec![Level::Portable];
+    for l in [Level::Avx2, Level::Avx512] {
+        if set_level(l) == l {
+            v.push(l);
+        }
+    }
+    v
+}
+
+/// Every level, every shape: C starts non-zero to check accumulation.
+#[test]
+fn gemm_matches_f64_on_all_paths() {
+    let mut rng = Lcg(7);
+    let shapes = [
+        (1, 1, 1),
+        (5, 7, 3),
+        (13, 33, 17),
+        (97, 65, 300),
+        (200, 40, 513),
+        (31, 4100, 9),
+    ];
+    for level in levels() {
+        set_level(level);
+        for &(m, n, k) in &shapes {
+            for parallel in [false, true] {
+                // A transposed in memory, B row-major, C column-major: every stride path.
+                let a_t = rng.vec(k * m); // A(i, p) = a_t[p*m + i]
+                let b = rng.vec(k * n);
+                let c0 = rng.vec(m * n);
+                let mut c = c0.clone(); // C(i, j) = c[j*m + i]
+                gemm(
+                    MatRef::new(&a_t, m, k, 1, m),
+                    BOperand::F32(MatRef::row_major(&b, k, n)),
+                    MatMut::new(&mut c, m, n, 1, m),
+                    parallel,
+                );
+                for i in 0..m {
+                    for j in 0..n {
+                        let want: f64 = c0[j * m + i] as f64
+                            + (0..k)
+                                .map(|p| a_t[p * m + i] as f64 * b[p * n + j] as f64)
+                                .sum::<f64>();
+                        let got = c[j * m + i] as f64;
+                        assert!(
+                            (got - want).abs() < 1e-4 * (1.0 + want.abs()),
+                            "{level:?} {m}x{n}x{k} par={parallel} ({i},{j}): {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+    set_level(Level::Avx512);
+}
+
+/// Operands packed once give the same products as views, across blocking edges (k past
+/// one packing depth, m past one row block, n past one panel).
+#[test]
+fn packed_operands_match_views() {
+    let mut rng = Lcg(9);
+    for level in levels() {
+        set_level(level);
+        for &(m, n, k) in &[(7, 5, 3), (100, 70, 300), (13, 40, 600)] {
+            let a = rng.vec(m * k);
+            let b = rng.vec(k * n);
+            let av = MatRef::row_major(&a, m, k);
+            // B given transposed in memory, as keys are.
+            let bt: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
+            let bv = BOperand::F32(MatRef::new(&bt, k, n, 1, k));
+            let mut want = vec![0f32; m * n];
+            gemm(av, bv, MatMut::row_major(&mut want, m, n), false);
+            // gemm_into ignores what C held.
+            let mut set = vec![f32::NAN; m * n];
+            gemm_into(av, bv, MatMut::row_major(&mut set, m, n), true);
+            for (g, w) in set.iter().zip(&want) {
+                assert!(
+                    (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                    "{level:?} gemm_into: {g} vs {w}"
+                );
+            }
+            let pa = PackedA::new(av);
+            let pb = PackedB::new(bv);
+            for (ai, bi) in [(true, false), (false, true), (true, true)] {
+                let mut got = vec![0f32; m * n];
+                let c = MatMut::row_major(&mut got, m, n);
+                match (ai, bi) {
+                    (true, false) => gemm(&pa, bv, c, true),
+                    (false, true) => gemm(av, BOperand::Packed(&pb), c, false),
+                    _ => gemm(&pa, BOperand::Packed(&pb), c, true),
+                }
+                // Other tests switch the SIMD level meanwhile: equal up to rounding.
+                for (g, w) in got.iter().zip(&want) {
+                    assert!(
+                        (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                        "{level:?} {m}x{n}x{k} packed a={ai} b={bi}: {g} vs {w}"
+                    );
+                }
+            }
+        }
+    }
+    set_level(Level::Avx512);
+}
+
+/// `x · Wᵀ` with W stored in every weight type, including k that is not a multiple of the
+/// packing depth.
+#[test]
+fn gemm_with_stored_weights() {
+    let mut rng = Lcg(11);
+    let (m, n, k) = (37, 21, 768);
+    let x = rng.vec(m * k);
+    for level in levels() {
+        set_level(level);
+        for t in [
+            DType::F32,
+            DType::F16,
+            DType::BF16,
+            DType::Q8_0,
+            DType::Q4_0,
+            DType::Q6_K,
+        ] {
+            let w = rng.vec(n * k);
+            let bytes: Vec<u8> = match t {
+                DType::F32 => w.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                DType::F16 => w
+                    .iter()
+                    .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+                    .collect(),
+                DType::BF16 => w
+                    .iter()
+                    .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+                    .collect(),
+                _ => random_blocks(t, n * k, &mut rng),
+            };
+            let mut wf = vec![0f32; n * k];
+            quant::dequantize(t, &bytes, &mut wf);
+            let mut c = vec![0f32; m * n];
+            gemm(
+                MatRef::row_major(&x, m, k),
+                BOperand::WeightsT(Weights {
+                    dtype: t,
+                    rows: n,
+                    cols: k,
+                    bytes: &bytes,
+                }),
+                MatMut::row_major(&mut c, m, n),
+                true,
+            );
+            for i in 0..m {
+                for j in 0..n {
+                    let want: f64 = (0..k)
+                        .map(|p| x[i * k + p] as f64 * wf[j * k + p] as f64)
+                        .sum();
+                    let got = c[i * n + j] as f64;
+                    assert!(
+                        (got - want).abs() < 1e-3 * (1.0 + want.abs()),
+                        "{level:?} {t}: ({i},{j}) {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+    set_level(Level::Avx512);
+}
+
+/// Random blocks with finite f16 scales (the first two bytes of Q8_0/Q4_0 blocks, the last
+/// two of Q6_K's).
+fn random_blocks(t: DType, n: usize, rng: &mut Lcg) -> Vec<u8> {
+    let (be, bb) = (t.block_elems(), t.block_bytes());
+    let mut out = Vec::with_capacity(n / be * bb);
+    for _ in 0..n / be {
+        let mut b: Vec<u8> = (0..bb).map(|_| (rng.f() * 127.0) as i8 as u8).collect();
+        let at = if t == DType::Q6_K { bb - 2 } else { 0 };
+        b[at..at + 2]
+            .copy_from_slice(&half::f16::from_f32(0.01 + rng.f().abs() * 0.05).to_le_bytes());
+        out.extend(b);
+    }
+    out
+}
+
+#[test]
+fn vector_math_matches_libm() {
+    let mut rng = Lcg(3);
+    for level in levels() {
+        set_level(level);
+        let mut xs: Vec<f32> = (0..2000).map(|i| -100.0 + i as f32 * 0.1).collect();
+        xs.extend(rng.vec(100));
+        let mut e = xs.clone();
+        vmath::exp_inplace(&mut e);
+        for (x, y) in xs.iter().zip(&e) {
+            let want = (*x as f64).exp();
+            if *x < -87.3 {
+                assert!(*y < 1e-37, "{level:?} exp({x}) = {y}");
+            } else if *x <= 88.3 {
+                assert!(
+                    ((*y as f64) - want).abs() <= 4e-7 * want,
+                    "{level:?} exp({x}) = {y}, want {want}"
+                );
+            }
+        }
+        let mut g = xs.clone();
+        vmath::gelu_tanh_inplace(&mut g);
+        for (x, y) in xs.iter().zip(&g) {
+            let want = ops::gelu_tanh(*x);
+            assert!(
+                (y - want).abs() <= 1e-6 * (1.0 + want.abs()),
+                "{level:?} gelu({x}) = {y}, want {want}"
+            );
+        }
+        // Column softmax of a 37 x 10 matrix against the row softmax of its transpose.
+        let (r, c) = (37, 10);
+        let x = rng.vec(r * c);
+        let mut got = x.clone();
+        let mut inv = vec![0f32; c];
+        vmath::softmax_columns(&mut got, c, 2.5, &mut inv);
+        for j in 0..c {
+            let mut col: Vec<f32> = (0..r).map(|i| x[i * c + j] * 2.5).collect();
+            ops::softmax(&mut col);
+            for i in 0..r {
+                let g = got[i * c + j] * inv[j];
+                assert!(
+                    (g - col[i]).abs() < 1e-7,
+                    "{level:?} column softmax {g} vs {}",
+                    col[i]
+                );
+            }
+        }
+        let mut s = rng.vec(1000);
+        let scale = 3.0;
+        let mut want: Vec<f32> = s.iter().map(|v| v * scale).collect();
+        ops::softmax(&mut want);
+        vmath::softmax_scaled(&mut s, scale);
+        for (a, b) in s.iter().zip(&want) {
+            assert!((a - b).abs() < 1e-7, "{level:?} softmax {a} vs {b}");
+        }
+    }
+    set_level(Level::Avx512);
+}
+
+/// Throughput at SigLIP So400m shapes: `cargo test --release -p gemma3-kernels --test gemm
+/// -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn gemm_speed() {
+    let mut rng = Lcg(5);
+    for (m, n, k) in [(4096, 1152, 1152), (4096, 4304, 1152), (4096, 1152, 4304)] {
+        let x = rng.vec(m * k);
+        let w = rng.vec(n * k);
+        let bytes: Vec<u8> = w.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let mut c = vec![0f32; m * n];
+        let run = |c: &mut [f32]| {
+            gemm(
+                MatRef::row_major(&x, m, k),
+                BOperand::WeightsT(Weights {
+                    dtype: DType::F32,
+                    rows: n,
+                    cols: k,
+                    bytes: &bytes,
+                }),
+                MatMut::row_major(c, m, n),
+                true,
+            )
+        };
+        run(&mut c);
+        let t = std::time::Instant::now();
+        let reps = 3;
+        for _ in 0..reps {
+            run(&mut c);
+        }
+        let s = t.elapsed().as_secs_f64() / reps as f64;
+        println!(
+            "{m}x{n}x{k}: {:.1} ms, {:.1} GFLOP/s",
+            s * 1e3,
+            2.0 * (m * n * k) as f64 / s / 1e9
+        );
+    }
+}
+
+/// Cost per element of the column softmax and of exp: `cargo test --release -p
+/// gemma3-kernels --test gemm vmath_speed -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn vmath_speed() {
+    let mut rng = Lcg(5);
+    let mut x = rng.vec(4096 * 96);
+    let mut inv = vec![0f32; 96];
+    let t = std::time::Instant::now();
+    for _ in 0..20 {
+        vmath::softmax_columns(&mut x, 96, 0.1, &mut inv);
+    }
+    let e = t.elapsed().as_secs_f64() / (20.0 * x.len() as f64);
+    println!("softmax_columns: {:.3} ns/element", e * 1e9);
+    let t = std::time::Instant::now();
+    for _ in 0..20 {
+        vmath::exp_inplace(&mut x);
+        x.iter_mut().for_each(|v| *v = -*v);
+    }
+    let e = t.elapsed().as_secs_f64() / (20.0 * x.len() as f64);
+    println!("exp: {:.3} ns/element", e * 1e9);
+}
