@@ -51,6 +51,7 @@ fn check_model(model: &TextModel, max_batch: usize) {
     }
     assert_eq!(stages.len(), 2 + cfg.num_layers);
     let d = max_abs_diff(&logits, &exp["logits"].1);
+    eprintln!("batch {max_batch}: prompt logits max abs diff {d:.2e}");
     assert!(d < TOL, "prompt logits: max abs diff {d}");
 
     // Greedy generation with the cache: ids exact, each step's logits close.
@@ -88,6 +89,7 @@ fn check_model(model: &TextModel, max_batch: usize) {
         })
         .unwrap();
     let d = max_abs_diff(&full_logits, &exp["full_logits"].1);
+    eprintln!("batch {max_batch}: full_logits max abs diff {d:.2e}");
     assert!(d < TOL, "full_logits: max abs diff {d}");
 }
 
