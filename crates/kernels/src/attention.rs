@@ -26,24 +26,11 @@ impl KvView<'_> {
     }
 }
 
-/// `out = softmax(q·K[lo..hi]ᵀ * scale) · V[lo..hi]`. `scores` needs `hi - lo` floats.
-/// Scores are capped with `c·tanh(s/c)` when `softcap` is set. Compiled once per
-/// instruction set as a whole, so the per-key dot products are inlined.
-#[allow(clippy::too_many_arguments)]
-pub fn attend(
-    q: &[f32],
-    kv: &KvView<'_>,
-    lo: usize,
-    hi: usize,
-    scale: f32,
-    softcap: Option<f32>,
-    scores: &mut [f32],
-    out: &mut [f32],
-) {
-    attend_dispatch(q, kv, lo, hi, scale, softcap, scores, out)
-}
-
-dispatch!(fn attend_dispatch(q: &[f32], kv: &KvView<'_>, lo: usize, hi: usize, scale: f32, softcap: Option<f32>, scores: &mut [f32], out: &mut [f32]) => attend_body);
+// `attend(q, kv, lo, hi, scale, softcap, scores, out)`:
+// `out = softmax(q·K[lo..hi]ᵀ * scale) · V[lo..hi]`, `scores` holding `hi - lo` floats;
+// scores are capped with `c·tanh(s/c)` when `softcap` is set. Compiled once per instruction
+// set as a whole, so the per-key dot products are inlined.
+dispatch!(pub fn attend(q: &[f32], kv: &KvView<'_>, lo: usize, hi: usize, scale: f32, softcap: Option<f32>, scores: &mut [f32], out: &mut [f32]) => attend_body);
 
 #[inline(always)]
 fn attend_body<const FMA: bool>(
