@@ -318,7 +318,7 @@ fn summary_has_the_json_contract_keys() {
     ];
     let r = eval::item_result(Task::Piqa, &items[0], &lls);
     assert_eq!(r.pred, Some(0));
-    let s = eval::summarize(Task::Piqa, 0, 1234, &[r.clone()]);
+    let s = eval::summarize(Task::Piqa, 0, 1234, std::slice::from_ref(&r));
     let v = serde_json::to_value(&s).unwrap();
     for k in [
         "task",
