@@ -546,7 +546,7 @@ fn info(m: &Model, list_tensors: bool) {
     add(&w.embed);
     for l in &w.layers {
         for t in [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down] {
-            add(t);
+            add(&t.tensor);
         }
     }
     let params: usize = by_type.values().map(|v| v.1).sum();

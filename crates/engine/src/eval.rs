@@ -595,8 +595,8 @@ impl<'m> Scorer<'m> {
         for g0 in (0..rows).step_by(PROJECT_GROUP) {
             let m = (rows - g0).min(PROJECT_GROUP);
             let logits = &mut self.logits[..m * vocab];
-            gemma3_kernels::matmul(
-                &text.weights.lm_head,
+            gemma3_kernels::matmul_weights(
+                text.weights.lm_head.weights(),
                 &self.hidden[g0 * h..(g0 + m) * h],
                 m,
                 logits,

@@ -13,4 +13,4 @@ pub use dtype::DType;
 pub use error::{FormatError, Result};
 pub use gguf::{GgufFile, MetaValue};
 pub use hf::HfDirectory;
-pub use tensor::{Backing, TensorData};
+pub use tensor::{Backing, Storage, TensorData};

@@ -7,7 +7,33 @@ use std::sync::Arc;
 
 /// What tensor bytes live in: a memory map of the model file, or (for tests and converted
 /// weights) an owned buffer.
-pub type Backing = Arc<dyn AsRef<[u8]> + Send + Sync>;
+pub type Backing = Arc<dyn Storage>;
+
+/// Bytes that tensors borrow.
+pub trait Storage: AsRef<[u8]> + Send + Sync {
+    /// Says that bytes `range` will not be read for a while: a file map hands those pages
+    /// back to the OS (they are read again from the file if touched). Owned memory keeps them.
+    fn release(&self, _range: Range<usize>) {}
+}
+
+impl Storage for Vec<u8> {}
+
+impl Storage for memmap2::Mmap {
+    #[cfg(unix)]
+    fn release(&self, range: Range<usize>) {
+        const PAGE: usize = 4096;
+        // Only whole pages inside the range: neighbours may share the edge pages.
+        let start = range.start.div_ceil(PAGE) * PAGE;
+        let end = range.end / PAGE * PAGE;
+        if end > start {
+            // SAFETY: DONTNEED on a private read-only file map drops the pages from this
+            // process; later reads fault them back in from the file, unchanged.
+            let _ = unsafe {
+                self.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start)
+            };
+        }
+    }
+}
 
 /// A tensor in its stored format. `shape` is outermost first (PyTorch order), so a weight
 /// matrix is `[rows, cols]` with each row contiguous; GGUF's `ne` order is reversed on load.
@@ -80,6 +106,12 @@ impl TensorData {
         let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
         let len = bytes.len();
         TensorData::new(name.to_string(), DType::F32, shape, Arc::new(bytes), 0..len)
+    }
+
+    /// Hands this tensor's pages back to the OS (see [`Storage::release`]): for weights
+    /// that are read from a repacked copy instead.
+    pub fn release_pages(&self) {
+        self.backing.release(self.range.clone())
     }
 
     pub fn bytes(&self) -> &[u8] {

@@ -8,8 +8,9 @@ pub mod dot;
 pub mod gemm;
 pub mod matmul;
 pub mod ops;
+pub mod packed;
 pub mod qdot;
 pub mod simd;
 pub mod vmath;
 
-pub use matmul::{matmul, matmul_multi, matmul_weights, Precision, Weights};
+pub use matmul::{matmul, matmul_multi, matmul_weights, Linear, Precision, Weights};

@@ -8,12 +8,14 @@
 
 use crate::dispatch;
 use crate::dot::dot_rows;
+use crate::packed::{self, PackedMatrix};
 use crate::qdot::{self, QuantActs};
 use gemma3_formats::{quant, DType, TensorData};
 use rayon::prelude::*;
 use std::cell::RefCell;
 
-const TILE: usize = 8;
+/// Rows per dequantized tile; also the granularity of the row split (a packed group).
+const TILE: usize = 16;
 
 thread_local! {
     static TILE_BUF: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
@@ -33,13 +35,40 @@ pub enum Precision {
     Exact,
 }
 
-/// A weight matrix view: its type, row length and bytes (whole rows of whole blocks).
+/// A weight matrix view: its type, row length and bytes (whole rows of whole blocks), and
+/// its repacked copy if it has one.
 #[derive(Clone, Copy)]
 pub struct Weights<'a> {
     pub dtype: DType,
     pub rows: usize,
     pub cols: usize,
     pub bytes: &'a [u8],
+    pub packed: Option<&'a PackedMatrix>,
+}
+
+/// A weight matrix as stored, with a copy repacked for the fastest kernels where this CPU
+/// has them. The stored bytes serve the exact path and embedding lookups; the file pages
+/// the copy replaces are handed back to the OS, so the copy costs no memory.
+pub struct Linear {
+    pub tensor: TensorData,
+    pub packed: Option<PackedMatrix>,
+}
+
+impl Linear {
+    pub fn new(tensor: TensorData) -> Self {
+        let packed = PackedMatrix::pack(&tensor);
+        if packed.is_some() {
+            tensor.release_pages();
+        }
+        Linear { tensor, packed }
+    }
+
+    pub fn weights(&self) -> Weights<'_> {
+        Weights {
+            packed: self.packed.as_ref(),
+            ..Weights::of(&self.tensor)
+        }
+    }
 }
 
 impl<'a> Weights<'a> {
@@ -49,6 +78,7 @@ impl<'a> Weights<'a> {
             rows: t.rows(),
             cols: t.cols(),
             bytes: t.bytes(),
+            packed: None,
         }
     }
     fn row_bytes(&self) -> usize {
@@ -112,19 +142,18 @@ pub fn matmul_multi(
         total += tasks;
     }
     let quantized = precision == Precision::Fast && ws.iter().any(|w| qdot::supports(w.dtype));
+    // ggml's pairing: K-quant weights meet Q8_K activations, the rest Q8_0. Mixed groups
+    // use Q8_0, which every unpacked integer kernel accepts.
+    let block = quantized.then(|| {
+        if all_k_blocks(ws, cols) {
+            qdot::ActBlock::Q8K
+        } else {
+            qdot::ActBlock::Q8_0
+        }
+    });
     ACTS.with(|acts| {
         let mut acts = acts.borrow_mut();
-        if quantized {
-            // ggml's pairing: K-quant weights meet Q8_K activations, the rest Q8_0. Mixed
-            // groups use Q8_0, which every integer kernel accepts.
-            let all_k = ws
-                .iter()
-                .all(|w| qdot::ActBlock::for_weights(w.dtype) == qdot::ActBlock::Q8K);
-            let block = if all_k && cols.is_multiple_of(256) {
-                qdot::ActBlock::Q8K
-            } else {
-                qdot::ActBlock::Q8_0
-            };
+        if let Some(block) = block {
             acts.quantize_as(x, n, cols, block);
         }
         let acts = &*acts;
@@ -136,7 +165,12 @@ pub fn matmul_multi(
             let r0 = (t - first) * per_task;
             let r1 = (r0 + per_task).min(w.rows);
             let out = out_addr as *mut f32;
-            if precision == Precision::Fast && qdot::supports(w.dtype) {
+            let packed = w.packed.filter(|p| Some(p.act_block()) == block);
+            if let Some(p) = packed {
+                // SAFETY: this task alone writes rows r0..r1 (whole groups: per_task is a
+                // multiple of 16).
+                unsafe { packed::matmul_packed(p, acts, n, r0 / 16..r1.div_ceil(16), out) };
+            } else if precision == Precision::Fast && qdot::supports(w.dtype) {
                 UNPACK_BUF.with(|buf| {
                     let mut buf = buf.borrow_mut();
                     let (u, a, b) = &mut *buf;
@@ -165,6 +199,14 @@ pub fn matmul_multi(
             (0..total).into_par_iter().for_each(job);
         }
     });
+}
+
+/// Whether every matrix pairs with Q8_K activations (and rows hold whole Q8_K blocks).
+fn all_k_blocks(ws: &[Weights<'_>], cols: usize) -> bool {
+    cols.is_multiple_of(256)
+        && ws
+            .iter()
+            .all(|w| qdot::ActBlock::for_weights(w.dtype) == qdot::ActBlock::Q8K)
 }
 
 /// The integer path: unpack a tile of weight rows once, then one `qdot` per (input, row).

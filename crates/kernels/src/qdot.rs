@@ -22,6 +22,13 @@ pub struct QuantActs {
     pub dg: Vec<f32>,
     /// Per 16-value group: block scale × Σq (what the weights' `b` terms multiply).
     pub ds: Vec<f32>,
+    /// Per 16-value group: Σq, exactly (the packed kernels' K-quant offsets).
+    pub isum16: Vec<i32>,
+    /// Per 32-value block: block scale × Σq (the packed kernels' Q4_0/Q5_0/Q8_0 offsets).
+    pub sdx32: Vec<f32>,
+    /// Per 64 values, with Q8_K blocking: the two 32-value sums Σq as a pair of i16 (low
+    /// half first), what Q4_K's per-sub-block minimums multiply.
+    pub pair32: Vec<i32>,
 }
 
 impl QuantActs {
@@ -43,6 +50,21 @@ impl QuantActs {
             }
             ActBlock::Q8K => {
                 quantize_k_dispatch(&x[..n * cols], &mut self.q, &mut self.dg, &mut self.ds)
+            }
+        }
+        self.isum16.resize(n * cols / 16, 0);
+        self.sdx32.resize(n * cols / 32, 0.0);
+        for (s, q) in self.isum16.iter_mut().zip(self.q.chunks_exact(16)) {
+            *s = q.iter().map(|&v| v as i32).sum();
+        }
+        for (b, s) in self.sdx32.iter_mut().enumerate() {
+            *s = self.dg[2 * b] * (self.isum16[2 * b] + self.isum16[2 * b + 1]) as f32;
+        }
+        if block == ActBlock::Q8K {
+            self.pair32.resize(n * cols / 64, 0);
+            for (p, s) in self.pair32.iter_mut().zip(self.isum16.chunks_exact(4)) {
+                let (a, b) = ((s[0] + s[1]) as i16 as u16, (s[2] + s[3]) as i16 as u16);
+                *p = (a as u32 | (b as u32) << 16) as i32;
             }
         }
     }

@@ -2,8 +2,9 @@
 //! plain f64 product of the reference dequantization, on random data and odd shapes.
 
 use gemma3_formats::{quant, DType, TensorData};
+use gemma3_kernels::packed::PackedMatrix;
 use gemma3_kernels::simd::{set_level, Level};
-use gemma3_kernels::{matmul, ops, Precision};
+use gemma3_kernels::{matmul, matmul_weights, ops, Linear, Precision};
 use std::sync::Arc;
 
 struct Lcg(u64);
@@ -102,8 +103,40 @@ fn check(t: DType, rows: usize, cols: usize, n: usize, precision: Precision, rng
     } else {
         x.clone()
     };
+    // The packed copy (AVX-512 VNNI only) goes through the same checks.
+    let linear =
+        (precision == Precision::Fast && PackedMatrix::supports(t)).then(|| Linear::new(w.clone()));
+    for packed in [None, linear.as_ref()] {
+        check_product(&w, packed, &x, &xr, &wf, rows, cols, n, precision);
+    }
+    if linear.is_none() && precision == Precision::Fast && PackedMatrix::supports(t) {
+        panic!("{t}: supported but not packed");
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn check_product(
+    w: &TensorData,
+    packed: Option<&Linear>,
+    x: &[f32],
+    xr: &[f32],
+    wf: &[f32],
+    rows: usize,
+    cols: usize,
+    n: usize,
+    precision: Precision,
+) {
+    let t = w.dtype;
+    let run = |x: &[f32], n: usize, out: &mut [f32]| match packed {
+        Some(l) => {
+            assert!(l.packed.is_some());
+            matmul_weights(l.weights(), x, n, out, precision)
+        }
+        None => matmul(w, x, n, out, precision),
+    };
+    let label = if packed.is_some() { "packed" } else { "stored" };
     let mut out = vec![f32::NAN; n * rows];
-    matmul(&w, &x, n, &mut out, precision);
+    run(x, n, &mut out);
     for i in 0..n {
         for r in 0..rows {
             let want: f64 = (0..cols)
@@ -115,18 +148,20 @@ fn check(t: DType, rows: usize, cols: usize, n: usize, precision: Precision, rng
             let got = out[i * rows + r] as f64;
             assert!(
                 (got - want).abs() <= 1e-5 * scale + 1e-6,
-                "{t} {precision:?} {rows}x{cols} n={n}: out[{i}][{r}] = {got}, want {want}"
+                "{t} {label} {precision:?} {rows}x{cols} n={n}: out[{i}][{r}] = {got}, want {want}"
             );
         }
     }
     // A row's result does not depend on the batch it is in.
     let mut single = vec![0f32; rows];
-    matmul(&w, &x[(n - 1) * cols..], 1, &mut single, precision);
-    assert_eq!(
-        &single[..],
-        &out[(n - 1) * rows..],
-        "{t}: batch changed a row's result"
-    );
+    for i in [0, n - 1] {
+        run(&x[i * cols..], 1, &mut single);
+        assert_eq!(
+            &single[..],
+            &out[i * rows..(i + 1) * rows],
+            "{t} {label}: batch changed a row's result"
+        );
+    }
 }
 
 #[test]
@@ -151,7 +186,16 @@ fn every_type_every_path_odd_shapes() {
                 vec![be, 3 * be, 5 * be]
             };
             for &cols in &cols_list {
-                for &(rows, n) in &[(1usize, 1usize), (5, 3), (13, 1), (37, 9)] {
+                // Rows: below, across and past 16-row groups (and 4-group decode tiles);
+                // inputs: single, tails, and full 8-input tiles plus a remainder.
+                for &(rows, n) in &[
+                    (1usize, 1usize),
+                    (5, 3),
+                    (13, 1),
+                    (37, 9),
+                    (70, 1),
+                    (33, 19),
+                ] {
                     for p in [Precision::Fast, Precision::Exact] {
                         check(t, rows, cols, n, p, &mut rng);
                     }

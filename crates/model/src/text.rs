@@ -15,7 +15,7 @@ use gemma3_kernels::ops::{
     gelu_gate, gelu_gate_f16, rms_norm, rms_norm_inplace, rms_norm_rows, rope_cos_sin,
     rope_inv_freq, rope_neox, round_to_f16,
 };
-use gemma3_kernels::{matmul, matmul_multi, Precision, Weights};
+use gemma3_kernels::{matmul_multi, matmul_weights, Precision};
 use rayon::prelude::*;
 use std::cell::RefCell;
 
@@ -434,7 +434,7 @@ impl TextModel {
                 );
             }
             matmul_multi(
-                &[Weights::of(&lw.q), Weights::of(&lw.k), Weights::of(&lw.v)],
+                &[lw.q.weights(), lw.k.weights(), lw.v.weights()],
                 &ws.xn,
                 n,
                 &mut [&mut ws.q, &mut ws.k, &mut ws.v],
@@ -509,7 +509,7 @@ impl TextModel {
                     .enumerate()
                     .for_each(attend_one);
             }
-            matmul(&lw.o, &ws.attn, n, &mut ws.o, self.precision);
+            matmul_weights(lw.o.weights(), &ws.attn, n, &mut ws.o, self.precision);
             for t in 0..n {
                 let o = &mut ws.o[t * h..(t + 1) * h];
                 rms_norm_inplace(o, &lw.post_attn_norm, eps);
@@ -524,7 +524,7 @@ impl TextModel {
                 );
             }
             matmul_multi(
-                &[Weights::of(&lw.gate), Weights::of(&lw.up)],
+                &[lw.gate.weights(), lw.up.weights()],
                 &ws.xn,
                 n,
                 &mut [&mut ws.gate, &mut ws.up],
@@ -535,7 +535,7 @@ impl TextModel {
             } else {
                 gelu_gate(&mut ws.gate[..n * ff], &ws.up[..n * ff]);
             }
-            matmul(&lw.down, &ws.gate, n, &mut ws.o, self.precision);
+            matmul_weights(lw.down.weights(), &ws.gate, n, &mut ws.o, self.precision);
             for t in 0..n {
                 let o = &mut ws.o[t * h..(t + 1) * h];
                 rms_norm_inplace(o, &lw.post_ffn_norm, eps);
@@ -582,8 +582,8 @@ impl TextModel {
                 );
             }
             let m = chunk.len();
-            matmul(
-                &self.weights.lm_head,
+            matmul_weights(
+                self.weights.lm_head.weights(),
                 &ws.final_rows[..m * h],
                 m,
                 &mut ws.logits[..m * vocab],

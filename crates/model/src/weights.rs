@@ -3,6 +3,7 @@
 
 use crate::{ModelError, TextConfig};
 use gemma3_formats::{GgufFile, HfDirectory, TensorData};
+use gemma3_kernels::Linear;
 
 /// Where weights come from; `norm_offset` is added to RMSNorm weights (Hugging Face stores
 /// `w` and the model uses `1 + w`; GGUF already stores `1 + w`).
@@ -13,24 +14,24 @@ pub enum WeightSource<'a> {
 
 pub struct LayerWeights {
     pub attn_norm: Vec<f32>,
-    pub q: TensorData,
-    pub k: TensorData,
-    pub v: TensorData,
-    pub o: TensorData,
+    pub q: Linear,
+    pub k: Linear,
+    pub v: Linear,
+    pub o: Linear,
     pub q_norm: Vec<f32>,
     pub k_norm: Vec<f32>,
     pub post_attn_norm: Vec<f32>,
     pub pre_ffn_norm: Vec<f32>,
     pub post_ffn_norm: Vec<f32>,
-    pub gate: TensorData,
-    pub up: TensorData,
-    pub down: TensorData,
+    pub gate: Linear,
+    pub up: Linear,
+    pub down: Linear,
 }
 
 pub struct TextWeights {
     pub embed: TensorData,
     /// The output projection: the embedding itself unless a separate one is stored.
-    pub lm_head: TensorData,
+    pub lm_head: Linear,
     /// `sqrt(hidden)`, rounded to the embedding's dtype as transformers does.
     pub embed_scale: f32,
     pub layers: Vec<LayerWeights>,
@@ -147,11 +148,11 @@ impl TextWeights {
             }
         };
         let embed = src.matrix(&embed_name, cfg.vocab_size, h)?;
-        let lm_head = if src.has(head_name) {
+        let lm_head = Linear::new(if src.has(head_name) {
             src.matrix(head_name, cfg.vocab_size, h)?
         } else {
             embed.clone()
-        };
+        });
         let embed_scale = round_to_dtype(
             (h as f32).sqrt(),
             embed.dtype,
@@ -162,18 +163,18 @@ impl TextWeights {
             let n = |s: &str| layer_name(i, s);
             layers.push(LayerWeights {
                 attn_norm: src.norm(&n("attn_norm"), h)?,
-                q: src.matrix(&n("q"), qd, h)?,
-                k: src.matrix(&n("k"), kvd, h)?,
-                v: src.matrix(&n("v"), kvd, h)?,
-                o: src.matrix(&n("o"), h, qd)?,
+                q: Linear::new(src.matrix(&n("q"), qd, h)?),
+                k: Linear::new(src.matrix(&n("k"), kvd, h)?),
+                v: Linear::new(src.matrix(&n("v"), kvd, h)?),
+                o: Linear::new(src.matrix(&n("o"), h, qd)?),
                 q_norm: src.norm(&n("q_norm"), hd)?,
                 k_norm: src.norm(&n("k_norm"), hd)?,
                 post_attn_norm: src.norm(&n("post_attn_norm"), h)?,
                 pre_ffn_norm: src.norm(&n("pre_ffn_norm"), h)?,
                 post_ffn_norm: src.norm(&n("post_ffn_norm"), h)?,
-                gate: src.matrix(&n("gate"), ff, h)?,
-                up: src.matrix(&n("up"), ff, h)?,
-                down: src.matrix(&n("down"), h, ff)?,
+                gate: Linear::new(src.matrix(&n("gate"), ff, h)?),
+                up: Linear::new(src.matrix(&n("up"), ff, h)?),
+                down: Linear::new(src.matrix(&n("down"), h, ff)?),
             });
         }
         Ok(TextWeights {
@@ -188,12 +189,13 @@ impl TextWeights {
     /// Bytes of weight data (for `info` and memory estimates).
     pub fn bytes(&self) -> usize {
         let mut n = self.embed.bytes().len();
-        if !std::ptr::eq(self.embed.bytes().as_ptr(), self.lm_head.bytes().as_ptr()) {
-            n += self.lm_head.bytes().len();
+        let head = &self.lm_head.tensor;
+        if !std::ptr::eq(self.embed.bytes().as_ptr(), head.bytes().as_ptr()) {
+            n += head.bytes().len();
         }
         for l in &self.layers {
             for t in [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down] {
-                n += t.bytes().len();
+                n += t.tensor.bytes().len();
             }
         }
         n
