@@ -66,3 +66,106 @@ fn attend_body<const FMA: bool>(
         axpy_body::<FMA>(*s * inv, &kv.v[o..o + hd], &mut out[..hd]);
     }
 }
+
+/// Keys per block of [`attend_rows`]: the score tile is `rows × KEY_BLOCK`.
+const KEY_BLOCK: usize = 128;
+
+thread_local! {
+    /// Score tile, running output, row maxima and sums of [`attend_rows`]; grown once.
+    static TILE: std::cell::RefCell<(Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new(), Vec::new(), Vec::new())) };
+}
+
+/// Attention of many query rows that share one key/value head (the query heads of a
+/// group, for a run of positions): `out[r] = softmax(q[r]·K[keys[r]]ᵀ · scale) · V[keys[r]]`,
+/// with `q` and `out` row-major `rows × head_dim`. Keys are taken in blocks of
+/// [`KEY_BLOCK`]: each block's scores for every row are one small matrix product, so a key
+/// is read once for all rows; a running (online) softmax rescales what is already summed
+/// when a later block raises a row's maximum, so no score row longer than a block exists
+/// however long the context.
+pub fn attend_rows(
+    q: &[f32],
+    keys: &[std::ops::Range<usize>],
+    kv: &KvView<'_>,
+    scale: f32,
+    softcap: Option<f32>,
+    out: &mut [f32],
+) {
+    use crate::gemm::{gemm, gemm_into, BOperand, MatMut, MatRef};
+    let hd = kv.head_dim;
+    let rows = keys.len();
+    assert!(q.len() >= rows * hd && out.len() >= rows * hd);
+    let lo = keys.iter().map(|r| r.start).min().unwrap_or(0);
+    let hi = keys.iter().map(|r| r.end).max().unwrap_or(0);
+    TILE.with(|t| {
+        let mut t = t.borrow_mut();
+        let (s, acc, max, sum) = &mut *t;
+        s.resize(rows * KEY_BLOCK, 0.0);
+        acc.resize(rows * hd, 0.0);
+        max.resize(rows, 0.0);
+        sum.resize(rows, 0.0);
+        acc[..rows * hd].fill(0.0);
+        max[..rows].fill(f32::NEG_INFINITY);
+        sum[..rows].fill(0.0);
+        let qv = MatRef::row_major(&q[..rows * hd], rows, hd);
+        let mut k0 = lo;
+        while k0 < hi {
+            // A block never crosses the ring's wrap, so its keys are evenly strided.
+            let wrap = (k0 / kv.capacity + 1) * kv.capacity;
+            let k1 = (k0 + KEY_BLOCK).min(hi).min(wrap);
+            let nk = k1 - k0;
+            let at = kv.at(k0);
+            let span = (nk - 1) * kv.stride + hd;
+            let kt = MatRef::new(&kv.k[at..at + span], hd, nk, 1, kv.stride);
+            let vb = MatRef::new(&kv.v[at..at + span], nk, hd, kv.stride, 1);
+            let s = &mut s[..rows * nk];
+            gemm_into(qv, BOperand::F32(kt), MatMut::row_major(s, rows, nk), false);
+            for (r, range) in keys.iter().enumerate() {
+                let row = &mut s[r * nk..(r + 1) * nk];
+                let (a, b) = (range.start.clamp(k0, k1) - k0, range.end.clamp(k0, k1) - k0);
+                if a >= b {
+                    row.fill(0.0);
+                    continue;
+                }
+                row[..a].fill(0.0);
+                row[b..].fill(0.0);
+                let live = &mut row[a..b];
+                let mut m = f32::NEG_INFINITY;
+                for v in live.iter_mut() {
+                    *v *= scale;
+                    if let Some(c) = softcap {
+                        *v = c * (*v / c).tanh();
+                    }
+                    m = m.max(*v);
+                }
+                let m_new = max[r].max(m);
+                if m_new > max[r] {
+                    // Earlier blocks were summed against a smaller maximum.
+                    let c = (max[r] - m_new).exp();
+                    sum[r] *= c;
+                    acc[r * hd..(r + 1) * hd].iter_mut().for_each(|v| *v *= c);
+                    max[r] = m_new;
+                }
+                live.iter_mut().for_each(|v| *v -= m_new);
+                crate::vmath::exp_inplace(live);
+                sum[r] += live.iter().sum::<f32>();
+            }
+            gemm(
+                MatRef::row_major(s, rows, nk),
+                BOperand::F32(vb),
+                MatMut::row_major(&mut acc[..rows * hd], rows, hd),
+                false,
+            );
+            k0 = k1;
+        }
+        for r in 0..rows {
+            let inv = 1.0 / sum[r];
+            for (o, a) in out[r * hd..(r + 1) * hd]
+                .iter_mut()
+                .zip(&acc[r * hd..(r + 1) * hd])
+            {
+                *o = a * inv;
+            }
+        }
+    });
+}

@@ -10,7 +10,7 @@
 use crate::cache::KvCache;
 use crate::weights::TextWeights;
 use crate::{LayerKind, ModelError, TextConfig};
-use gemma3_kernels::attention::{attend, KvView};
+use gemma3_kernels::attention::{attend, attend_rows, KvView};
 use gemma3_kernels::ops::{
     gelu_gate, gelu_gate_f16, rms_norm, rms_norm_inplace, rms_norm_rows, rope_cos_sin,
     rope_inv_freq, rope_neox, round_to_f16,
@@ -175,7 +175,14 @@ impl Workspace {
 
 thread_local! {
     static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// Gathered query rows, their outputs and key ranges for [`attend_rows`].
+    static QUERY_TILE: RefCell<(Vec<f32>, Vec<f32>, Vec<std::ops::Range<usize>>)> =
+        const { RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
 }
+
+/// Positions per task of the prefill attention: with the query heads of a group that is
+/// the row count of each score tile.
+const QUERY_BLOCK: usize = 16;
 
 pub struct TextModel {
     pub cfg: TextConfig,
@@ -474,40 +481,77 @@ impl TextModel {
             let q = &ws.q;
             let attn_hi = &ws.attn_hi;
             let group = nh / nkv;
-            let attend_one = |(task, out): (usize, &mut [f32])| {
-                let (t, head) = (task / nh, task % nh);
-                let pos = p0 + t;
-                let keys = key_range(pos, p0 + attn_hi[t], window);
-                let (lo, hi) = (keys.start, keys.end);
-                let kv = KvView {
-                    k: lk,
-                    v: lv,
-                    capacity: cap,
-                    stride: kvd,
-                    offset: (head / group) * hd,
-                    head_dim: hd,
-                };
-                let qh = &q[t * qd + head * hd..t * qd + (head + 1) * hd];
-                SCORES.with(|s| {
-                    let mut s = s.borrow_mut();
-                    if s.len() < hi - lo {
-                        s.resize(hi - lo, 0.0);
-                    }
-                    attend(qh, &kv, lo, hi, scale, softcap, &mut s, out);
-                });
+            let kv_of = |kv_head: usize| KvView {
+                k: lk,
+                v: lv,
+                capacity: cap,
+                stride: kvd,
+                offset: kv_head * hd,
+                head_dim: hd,
             };
-            // Fork-join costs more than a few short heads: go parallel only for real work.
-            let keys = window.map_or(p0 + n, |w| w.min(p0 + n));
-            if n * nh * keys * hd >= 1 << 18 {
+            if n >= QUERY_BLOCK / 2 {
+                // Prefill: each task takes a run of positions and, per kv head, all of its
+                // query heads at once, so every key is read once per tile of rows.
                 ws.attn[..n * qd]
-                    .par_chunks_mut(hd)
+                    .par_chunks_mut(QUERY_BLOCK * qd)
                     .enumerate()
-                    .for_each(attend_one);
+                    .for_each(|(b, out)| {
+                        let t0 = b * QUERY_BLOCK;
+                        let nt = out.len() / qd;
+                        QUERY_TILE.with(|tile| {
+                            let (qt, ot, keys) = &mut *tile.borrow_mut();
+                            qt.resize(nt * group * hd, 0.0);
+                            ot.resize(nt * group * hd, 0.0);
+                            for kvh in 0..nkv {
+                                keys.clear();
+                                for t in 0..nt {
+                                    let pos = p0 + t0 + t;
+                                    for j in 0..group {
+                                        let head = kvh * group + j;
+                                        let r = t * group + j;
+                                        let src = (t0 + t) * qd + head * hd;
+                                        qt[r * hd..(r + 1) * hd].copy_from_slice(&q[src..src + hd]);
+                                        keys.push(key_range(pos, p0 + attn_hi[t0 + t], window));
+                                    }
+                                }
+                                attend_rows(qt, keys, &kv_of(kvh), scale, softcap, ot);
+                                for t in 0..nt {
+                                    for j in 0..group {
+                                        let (head, r) = (kvh * group + j, t * group + j);
+                                        out[t * qd + head * hd..t * qd + (head + 1) * hd]
+                                            .copy_from_slice(&ot[r * hd..(r + 1) * hd]);
+                                    }
+                                }
+                            }
+                        });
+                    });
             } else {
-                ws.attn[..n * qd]
-                    .chunks_mut(hd)
-                    .enumerate()
-                    .for_each(attend_one);
+                let attend_one = |(task, out): (usize, &mut [f32])| {
+                    let (t, head) = (task / nh, task % nh);
+                    let keys = key_range(p0 + t, p0 + attn_hi[t], window);
+                    let qh = &q[t * qd + head * hd..t * qd + (head + 1) * hd];
+                    SCORES.with(|s| {
+                        let mut s = s.borrow_mut();
+                        if s.len() < keys.len() {
+                            s.resize(keys.len(), 0.0);
+                        }
+                        let kv = kv_of(head / group);
+                        attend(qh, &kv, keys.start, keys.end, scale, softcap, &mut s, out);
+                    });
+                };
+                // Fork-join costs more than a few short heads: go parallel only for real work.
+                let keys = window.map_or(p0 + n, |w| w.min(p0 + n));
+                if n * nh * keys * hd >= 1 << 18 {
+                    ws.attn[..n * qd]
+                        .par_chunks_mut(hd)
+                        .enumerate()
+                        .for_each(attend_one);
+                } else {
+                    ws.attn[..n * qd]
+                        .chunks_mut(hd)
+                        .enumerate()
+                        .for_each(attend_one);
+                }
             }
             matmul_weights(lw.o.weights(), &ws.attn, n, &mut ws.o, self.precision);
             for t in 0..n {
