@@ -108,10 +108,12 @@ impl TensorData {
         TensorData::new(name.to_string(), DType::F32, shape, Arc::new(bytes), 0..len)
     }
 
-    /// Hands this tensor's pages back to the OS (see [`Storage::release`]): for weights
-    /// that are read from a repacked copy instead.
-    pub fn release_pages(&self) {
-        self.backing.release(self.range.clone())
+    /// Hands the pages of bytes `range` of this tensor back to the OS (see
+    /// [`Storage::release`]): for weights read from a repacked copy instead.
+    pub fn release_byte_range(&self, range: Range<usize>) {
+        let start = self.range.start + range.start.min(self.range.len());
+        let end = self.range.start + range.end.min(self.range.len());
+        self.backing.release(start..end)
     }
 
     pub fn bytes(&self) -> &[u8] {

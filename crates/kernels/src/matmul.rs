@@ -1,10 +1,13 @@
 //! `out[n][rows] = x[n][cols] · W[rows][cols]ᵀ` for weights in any stored type.
 //!
-//! Rows of W are split across the thread pool. Each task dequantizes a tile of rows into a
-//! thread-local f32 buffer (sized once, reused for every call) and takes four-row dot
-//! products against each input row, so a weight tile is decoded once per call however many
-//! inputs (prompt tokens) there are. Every output element is one `dot` over the whole row
-//! in a fixed order, so a row's result does not depend on the batch it is in.
+//! Rows of W are split across the thread pool in whole 16-row groups. With
+//! [`Precision::Fast`] the input is quantized to 8 bits once per call and each task runs
+//! the integer kernels: on the repacked copy of a [`Linear`] where there is one
+//! ([`crate::packed`], AVX-512 VNNI), or else by unpacking a tile of rows into a
+//! thread-local buffer ([`crate::qdot`]). With [`Precision::Exact`] (and for float weights)
+//! tiles are dequantized to f32 and multiplied in f32. Either way a weight tile is decoded
+//! once per call however many inputs (prompt tokens) there are, and every output element
+//! is summed in a fixed order, so a row's result does not depend on the batch it is in.
 
 use crate::dispatch;
 use crate::dot::dot_rows;
@@ -57,9 +60,6 @@ pub struct Linear {
 impl Linear {
     pub fn new(tensor: TensorData) -> Self {
         let packed = PackedMatrix::pack(&tensor);
-        if packed.is_some() {
-            tensor.release_pages();
-        }
         Linear { tensor, packed }
     }
 
@@ -229,33 +229,6 @@ unsafe fn qmatmul_rows(
     let cols = w.cols;
     let g = cols / 16;
     let rb = w.row_bytes();
-    // Where a fused kernel exists it reads the packed blocks directly, four inputs at a
-    // time (each input summed in the same order, so a row's result ignores the batch).
-    if let Some((one, four)) = qdot::fused_fns(w.dtype) {
-        for r in r0..r1 {
-            let src = &w.bytes[r * rb..(r + 1) * rb];
-            let mut i = 0;
-            while i + 4 <= n {
-                let rows = [
-                    acts.row(i),
-                    acts.row(i + 1),
-                    acts.row(i + 2),
-                    acts.row(i + 3),
-                ];
-                let d = four(src, rows.map(|r| r.0), rows.map(|r| r.1), rows.map(|r| r.2));
-                for (k, v) in d.iter().enumerate() {
-                    *out.add((i + k) * w.rows + r) = *v;
-                }
-                i += 4;
-            }
-            while i < n {
-                let (q, dg, ds) = acts.row(i);
-                *out.add(i * w.rows + r) = one(src, [q], [dg], [ds])[0];
-                i += 1;
-            }
-        }
-        return;
-    }
     let mut t0 = r0;
     while t0 < r1 {
         let t1 = (t0 + TILE).min(r1);

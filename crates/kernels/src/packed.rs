@@ -74,16 +74,32 @@ impl PackedMatrix {
         available() && layout(dtype).is_some()
     }
 
-    /// Repacks `t` (a matrix of a supported type), or `None` where there is no kernel.
+    /// Repacks `t` (a matrix of a supported type), or `None` where there is no kernel. The
+    /// file pages of `t` are handed back to the OS as they are packed (see
+    /// [`TensorData::release_byte_range`]), so packing never holds both copies.
     pub fn pack(t: &TensorData) -> Option<PackedMatrix> {
         if !Self::supports(t.dtype) || t.shape.len() != 2 {
             return None;
         }
-        Self::pack_bytes(t.dtype, t.rows(), t.cols(), t.bytes())
+        Self::pack_with(t.dtype, t.rows(), t.cols(), t.bytes(), |r| {
+            t.release_byte_range(r)
+        })
     }
 
     /// Repacks `rows` rows of `cols` values stored as `dtype` blocks.
     pub fn pack_bytes(dtype: DType, rows: usize, cols: usize, bytes: &[u8]) -> Option<Self> {
+        Self::pack_with(dtype, rows, cols, bytes, |_| {})
+    }
+
+    /// Packs a few megabytes at a time, calling `done` with each byte range of `bytes` that
+    /// has been read for the last time.
+    fn pack_with(
+        dtype: DType,
+        rows: usize,
+        cols: usize,
+        bytes: &[u8],
+        done: impl Fn(std::ops::Range<usize>),
+    ) -> Option<Self> {
         let lay = layout(dtype)?;
         let rb = dtype.row_bytes(cols)?;
         assert_eq!(bytes.len(), rows * rb, "pack: bad byte count");
@@ -93,27 +109,35 @@ impl PackedMatrix {
         let groups = rows.div_ceil(16);
         let mut data = vec![Line([0; 64]); groups * group_bytes / 64];
         let bb = dtype.block_bytes();
-        data.par_chunks_mut(group_bytes / 64)
-            .enumerate()
-            .for_each(|(g, lines)| {
-                // SAFETY: Line is 64 plain bytes.
-                let buf = unsafe {
-                    std::slice::from_raw_parts_mut(lines.as_mut_ptr() as *mut u8, group_bytes)
-                };
-                let (meta, quants) = buf.split_at_mut(meta_bytes);
-                for r in 0..16 {
-                    let row = g * 16 + r;
-                    if row >= rows {
-                        break; // padding rows stay zero: zero scales, zero output
-                    }
-                    for b in 0..nb {
-                        let blk = &bytes[row * rb + b * bb..row * rb + (b + 1) * bb];
-                        let m = &mut meta[b * lay.meta..(b + 1) * lay.meta];
-                        let q = &mut quants[b * lay.quants..(b + 1) * lay.quants];
-                        pack_block(dtype, r, blk, m, q);
-                    }
+        let pack_group = |g: usize, lines: &mut [Line]| {
+            // SAFETY: Line is 64 plain bytes.
+            let buf = unsafe {
+                std::slice::from_raw_parts_mut(lines.as_mut_ptr() as *mut u8, group_bytes)
+            };
+            let (meta, quants) = buf.split_at_mut(meta_bytes);
+            for r in 0..16 {
+                let row = g * 16 + r;
+                if row >= rows {
+                    break; // padding rows stay zero: zero scales, zero output
                 }
-            });
+                for b in 0..nb {
+                    let blk = &bytes[row * rb + b * bb..row * rb + (b + 1) * bb];
+                    let m = &mut meta[b * lay.meta..(b + 1) * lay.meta];
+                    let q = &mut quants[b * lay.quants..(b + 1) * lay.quants];
+                    pack_block(dtype, r, blk, m, q);
+                }
+            }
+        };
+        let chunk_groups = ((8 << 20) / (16 * rb)).max(1);
+        for (c, chunk) in data.chunks_mut(chunk_groups * group_bytes / 64).enumerate() {
+            let g0 = c * chunk_groups;
+            chunk
+                .par_chunks_mut(group_bytes / 64)
+                .enumerate()
+                .for_each(|(k, lines)| pack_group(g0 + k, lines));
+            let end = ((g0 + chunk_groups) * 16).min(rows);
+            done(g0 * 16 * rb..end * rb);
+        }
         Some(PackedMatrix {
             dtype,
             rows,
