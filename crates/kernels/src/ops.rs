@@ -104,15 +104,60 @@ pub fn gelu_gate_f16(gate: &mut [f32], up: &[f32]) {
             })
             .collect()
     });
-    for (g, u) in gate.iter_mut().zip(up) {
+    let n = gate.len().min(up.len());
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::level() == crate::simd::Level::Avx512 {
+        // SAFETY: the level says AVX-512 F is there; the table covers every u16.
+        done = unsafe { f16x::gelu_gate(table, &mut gate[..n], &up[..n]) };
+    }
+    for (g, u) in gate[done..n].iter_mut().zip(&up[done..n]) {
         *g = table[half::f16::from_f32(*g).to_bits() as usize] * *u;
     }
 }
 
 /// Rounds every value to the nearest f16 (what an f16 KV cache stores).
 pub fn round_to_f16(x: &mut [f32]) {
-    for v in x {
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::level() == crate::simd::Level::Avx512 {
+        // SAFETY: the level says AVX-512 F is there.
+        done = unsafe { f16x::round(x) };
+    }
+    for v in &mut x[done..] {
         *v = half::f16::from_f32(*v).to_f32();
+    }
+}
+
+/// f16 conversions 16 at a time (`vcvtps2ph` rounds to nearest even, as `half` does).
+/// Each returns how many leading values it handled (whole vectors); the caller does the rest.
+#[cfg(target_arch = "x86_64")]
+mod f16x {
+    use std::arch::x86_64::*;
+    const NEAREST: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn round(x: &mut [f32]) -> usize {
+        let n = x.len() / 16 * 16;
+        for i in (0..n).step_by(16) {
+            let p = x.as_mut_ptr().add(i);
+            let h = _mm512_cvtps_ph::<NEAREST>(_mm512_loadu_ps(p));
+            _mm512_storeu_ps(p, _mm512_cvtph_ps(h));
+        }
+        n
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn gelu_gate(table: &[f32], gate: &mut [f32], up: &[f32]) -> usize {
+        assert!(table.len() > u16::MAX as usize && up.len() >= gate.len());
+        let n = gate.len() / 16 * 16;
+        for i in (0..n).step_by(16) {
+            let p = gate.as_mut_ptr().add(i);
+            let bits = _mm512_cvtepu16_epi32(_mm512_cvtps_ph::<NEAREST>(_mm512_loadu_ps(p)));
+            let g = _mm512_i32gather_ps::<4>(bits, table.as_ptr());
+            _mm512_storeu_ps(p, _mm512_mul_ps(g, _mm512_loadu_ps(up.as_ptr().add(i))));
+        }
+        n
     }
 }
 

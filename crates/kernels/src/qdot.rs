@@ -107,6 +107,15 @@ impl ActBlock {
     }
 }
 
+/// Rounds to the nearest integer, ties to even, as ggml's `nearest_int` (and its vector
+/// `round` with nearest mode): adding 1.5·2²³ leaves the integer in the low mantissa bits.
+/// Valid for |x| < 2²², far more than the ±127.5 of 8-bit activations; vectorises.
+#[inline(always)]
+fn nearest_int(x: f32) -> i32 {
+    let v = x + 12_582_912.0;
+    (v.to_bits() & 0x007f_ffff) as i32 - 0x0040_0000
+}
+
 crate::dispatch!(fn quantize_k_dispatch(x: &[f32], q: &mut [i8], dg: &mut [f32], ds: &mut [f32]) => quantize_k_body);
 
 /// Q8_K as ggml makes it: the value of largest magnitude maps to -127, the scale is kept in
@@ -119,13 +128,11 @@ fn quantize_k_body<const FMA: bool>(x: &[f32], q: &mut [i8], dg: &mut [f32], ds:
         .zip(dg.chunks_exact_mut(16))
         .zip(ds.chunks_exact_mut(16))
     {
-        let (mut amax, mut max) = (0f32, 0f32);
-        for &v in xb {
-            if v.abs() > amax {
-                amax = v.abs();
-                max = v;
-            }
-        }
+        // The first value of largest magnitude (vectorised maximum, then a short search).
+        let amax = xb
+            .iter()
+            .fold(0f32, |m, v| if v.abs() > m { v.abs() } else { m });
+        let max = xb.iter().copied().find(|v| v.abs() == amax).unwrap_or(0.0);
         if amax == 0.0 {
             qb.fill(0);
             db.fill(0.0);
@@ -134,7 +141,7 @@ fn quantize_k_body<const FMA: bool>(x: &[f32], q: &mut [i8], dg: &mut [f32], ds:
         }
         let iscale = -127.0 / max;
         for (qv, xv) in qb.iter_mut().zip(xb) {
-            *qv = (iscale * xv).round().min(127.0) as i8;
+            *qv = nearest_int(iscale * xv).min(127) as i8;
         }
         let d = 1.0 / iscale;
         db.fill(d);
@@ -157,11 +164,13 @@ fn quantize_body<const FMA: bool>(x: &[f32], q: &mut [i8], dg: &mut [f32], ds: &
         .zip(dg.chunks_exact_mut(2))
         .zip(ds.chunks_exact_mut(2))
     {
-        let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let amax = xb
+            .iter()
+            .fold(0f32, |m, v| if v.abs() > m { v.abs() } else { m });
         let scale = amax / 127.0;
         let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
         for (qv, xv) in qb.iter_mut().zip(xb) {
-            *qv = (xv * inv).round() as i8;
+            *qv = nearest_int(xv * inv) as i8;
         }
         // ggml stores the block scale as f16; the dot product uses that rounded value.
         let d = half::f16::from_f32(scale).to_f32();

@@ -21,6 +21,14 @@ impl Lcg {
     }
 }
 
+/// The SIMD level is global: tests that change it hold this lock so none sees another's
+/// level change midway (a packed operand would then meet a kernel of another width).
+static LEVEL_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn exclusive() -> std::sync::MutexGuard<'static, ()> {
+    LEVEL_LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn levels() -> Vec<Level> {
     let mut v = vec![Level::Portable];
     for l in [Level::Avx2, Level::Avx512] {
@@ -34,6 +42,7 @@ fn levels() -> Vec<Level> {
 /// Every level, every shape: C starts non-zero to check accumulation.
 #[test]
 fn gemm_matches_f64_on_all_paths() {
+    let _level = exclusive();
     let mut rng = Lcg(7);
     let shapes = [
         (1, 1, 1),
@@ -81,6 +90,7 @@ fn gemm_matches_f64_on_all_paths() {
 /// one packing depth, m past one row block, n past one panel).
 #[test]
 fn packed_operands_match_views() {
+    let _level = exclusive();
     let mut rng = Lcg(9);
     for level in levels() {
         set_level(level);
@@ -129,6 +139,7 @@ fn packed_operands_match_views() {
 /// packing depth.
 #[test]
 fn gemm_with_stored_weights() {
+    let _level = exclusive();
     let mut rng = Lcg(11);
     let (m, n, k) = (37, 21, 768);
     let x = rng.vec(m * k);
@@ -204,6 +215,7 @@ fn random_blocks(t: DType, n: usize, rng: &mut Lcg) -> Vec<u8> {
 
 #[test]
 fn vector_math_matches_libm() {
+    let _level = exclusive();
     let mut rng = Lcg(3);
     for level in levels() {
         set_level(level);
@@ -266,6 +278,7 @@ fn vector_math_matches_libm() {
 #[test]
 #[ignore]
 fn gemm_speed() {
+    let _level = exclusive();
     let mut rng = Lcg(5);
     for (m, n, k) in [(4096, 1152, 1152), (4096, 4304, 1152), (4096, 1152, 4304)] {
         let x = rng.vec(m * k);
@@ -306,6 +319,7 @@ fn gemm_speed() {
 #[test]
 #[ignore]
 fn vmath_speed() {
+    let _level = exclusive();
     let mut rng = Lcg(5);
     let mut x = rng.vec(4096 * 96);
     let mut inv = vec![0f32; 96];

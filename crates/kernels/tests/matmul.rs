@@ -59,8 +59,8 @@ fn random_tensor(t: DType, rows: usize, cols: usize, rng: &mut Lcg) -> TensorDat
     TensorData::new("w".into(), t, vec![rows, cols], Arc::new(bytes), 0..len).unwrap()
 }
 
-/// ggml's Q8_K reference quantization (per 256: the largest-magnitude value maps to -127),
-/// then back to f32.
+/// ggml's Q8_K quantization (per 256: the largest-magnitude value maps to -127, rounding
+/// ties to even as its `nearest_int`), then back to f32.
 fn q8k_round_trip(x: &[f32]) -> Vec<f32> {
     let mut out = Vec::with_capacity(x.len());
     for b in x.chunks(256) {
@@ -77,9 +77,23 @@ fn q8k_round_trip(x: &[f32]) -> Vec<f32> {
         }
         let iscale = -127.0 / max;
         for &v in b {
-            let q = (iscale * v).round().min(127.0);
+            let q = (iscale * v).round_ties_even().min(127.0);
             out.push(q * (1.0 / iscale));
         }
+    }
+    out
+}
+
+/// ggml's Q8_0 activations as its x86 vector code makes them (scale = amax/127 rounded to
+/// f16 for the product, values rounded ties-to-even), then back to f32.
+fn q8_0_round_trip(x: &[f32]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(x.len());
+    for b in x.chunks(32) {
+        let amax = b.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let d16 = half::f16::from_f32(d).to_f32();
+        out.extend(b.iter().map(|v| (v * id).round_ties_even() * d16));
     }
     out
 }
@@ -90,16 +104,12 @@ fn check(t: DType, rows: usize, cols: usize, n: usize, precision: Precision, rng
     let mut wf = vec![0f32; rows * cols];
     quant::dequantize(t, w.bytes(), &mut wf);
     // The integer path multiplies by 8-bit activations: its reference is the f64 product
-    // with the activations quantized and dequantized by the reference Q8_0 code.
+    // with the activations quantized and dequantized as ggml does.
     let k_quant = matches!(t, DType::Q4_K | DType::Q5_K | DType::Q6_K);
     let xr: Vec<f32> = if precision == Precision::Fast && k_quant {
         q8k_round_trip(&x)
     } else if precision == Precision::Fast && t.is_quantized() {
-        let mut q = Vec::new();
-        quant::quantize_q8_0(&x, &mut q);
-        let mut back = vec![0f32; x.len()];
-        quant::dequantize(DType::Q8_0, &q, &mut back);
-        back
+        q8_0_round_trip(&x)
     } else {
         x.clone()
     };
@@ -148,7 +158,7 @@ fn check_product(
             let got = out[i * rows + r] as f64;
             assert!(
                 (got - want).abs() <= 1e-5 * scale + 1e-6,
-                "{t} {label} {precision:?} {rows}x{cols} n={n}: out[{i}][{r}] = {got}, want {want}"
+                "{t} {label} {precision:?} {:?} {rows}x{cols} n={n}: out[{i}][{r}] = {got}, want {want}", gemma3_kernels::simd::level()
             );
         }
     }
@@ -177,6 +187,7 @@ fn every_type_every_path_odd_shapes() {
     let mut rng = Lcg(12345);
     for &level in &levels {
         assert_eq!(set_level(level), level);
+        check_f16_ops(level);
         for t in DType::ALL {
             let be = t.block_elems().max(1);
             // Row lengths: one block, several, and not a multiple of 16 or 32 for floats.
@@ -226,4 +237,28 @@ fn dot_and_norms() {
     ops::softmax(&mut s);
     assert!((s.iter().sum::<f32>() - 1.0).abs() < 1e-6 && s[2] > s[1]);
     assert!((ops::gelu_tanh(1.0) - 0.841_192).abs() < 1e-5);
+}
+
+/// f16 rounding and the f16 GELU table against `half`, at the current level. (Called from
+/// the test that walks the levels: the level is global, so tests must not race on it.)
+fn check_f16_ops(level: Level) {
+    let mut rng = Lcg(31);
+    let n = 16 * 9 + 5;
+    let x: Vec<f32> = (0..n).map(|_| rng.f() * 8.0).collect();
+    let up: Vec<f32> = (0..n).map(|_| rng.f()).collect();
+    let want_round: Vec<f32> = x.iter().map(|v| half::f16::from_f32(*v).to_f32()).collect();
+    let want_gelu: Vec<f32> = x
+        .iter()
+        .zip(&up)
+        .map(|(g, u)| {
+            let g16 = half::f16::from_f32(*g).to_f32();
+            half::f16::from_f32(ops::gelu_tanh(g16)).to_f32() * u
+        })
+        .collect();
+    let mut r = x.clone();
+    ops::round_to_f16(&mut r);
+    assert_eq!(r, want_round, "{level:?}");
+    let mut g = x.clone();
+    ops::gelu_gate_f16(&mut g, &up);
+    assert_eq!(g, want_gelu, "{level:?}");
 }
