@@ -91,7 +91,16 @@ pub fn run(a: BenchArgs) -> Result<()> {
         bail!("thread counts must be at least 1");
     }
     if a.kernels {
-        return kernels(&a);
+        // In the pool, as the model runs them: a call from outside would time the
+        // hand-off to the pool's threads too.
+        for &t in &a.threads {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(t)
+                .build()
+                .context("thread pool")?;
+            pool.install(|| kernels(&a))?;
+        }
+        return Ok(());
     }
     if a.vision {
         return vision(&a);
@@ -125,6 +134,16 @@ pub fn run(a: BenchArgs) -> Result<()> {
             .build()
             .context("thread pool")?;
         pool.install(|| -> Result<()> {
+            if a.n_gen.iter().any(|&n| n > 0) {
+                // Decoding reads every weight once per token: say what memory allows.
+                eprintln!(
+                    "{t} threads: memory streams {:.1} GB/s; the weights are {:.1} MB, so tg \
+                     is bound near {:.0} t/s",
+                    stream_read_gbps(),
+                    model.text.weights.bytes() as f64 / 1e6,
+                    stream_read_gbps() * 1e9 / model.text.weights.bytes() as f64
+                );
+            }
             // Warm up: page in the weights, size the thread-local buffers.
             cache.clear();
             model.text.forward(
