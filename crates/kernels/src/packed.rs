@@ -44,8 +44,8 @@ fn layout(dtype: DType) -> Option<Layout> {
         DType::Q4_K => (256, 320, 2048),
         // Q4_K's, then per load a 64-bit mask of fifth bits for low and high nibbles.
         DType::Q5_K => (256, 832, 2048),
-        // meta: d (16 f16), scales (16 × 16 i8); quants per half: low nibbles of two
-        // 32-value runs (8 loads each), then the 2-bit highs (8 loads).
+        // meta: d (16 f16), scales (16 × 16 i8); quants per half and 4-value step: two
+        // lines of low nibbles and one of 2-bit highs, together 4 values of 4 runs of 32.
         DType::Q6_K => (256, 288, 3072),
         _ => return None,
     };
@@ -236,14 +236,13 @@ fn pack_block(dtype: DType, r: usize, blk: &[u8], m: &mut [u8], q: &mut [u8]) {
             for j in 0..16 {
                 m[32 + 16 * j + r] = blk[192 + j];
             }
+            // In the order the kernel reads them: per half and 4-value step, the two
+            // low-nibble lines and the 2-bit line that complete them.
             for h in 0..2 {
-                for p in 0..2 {
-                    for l in 0..8 {
-                        put4(q, 24 * h + 8 * p + l, &blk[64 * h + 32 * p + 4 * l..], 0);
-                    }
-                }
                 for l in 0..8 {
-                    put4(q, 24 * h + 16 + l, &blk[128 + 32 * h + 4 * l..], 0);
+                    put4(q, 24 * h + 3 * l, &blk[64 * h + 4 * l..], 0);
+                    put4(q, 24 * h + 3 * l + 1, &blk[64 * h + 32 + 4 * l..], 0);
+                    put4(q, 24 * h + 3 * l + 2, &blk[128 + 32 * h + 4 * l..], 0);
                 }
             }
         }
@@ -580,6 +579,8 @@ mod vnni {
 
     /// Q6_K against Q8_K activations: 6-bit values less 32 (through the 16-value sums),
     /// times a signed 8-bit scale per 16 values, summed in integers over the super-block.
+    /// Each step reads three lines in order and yields 4 values of each of the four 32-value
+    /// runs of a half super-block.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")]
     pub unsafe fn q6k<const KIND: u8, const G: usize, const N: usize>(
         p: &PackedMatrix,
@@ -590,7 +591,6 @@ mod vnni {
     ) {
         let cols = p.cols;
         let ns = cols / 256;
-        let two = N < 4;
         let base: [*const u8; G] = std::array::from_fn(|g| p.group_ptr(g0 + g));
         let x: [*const i8; N] = std::array::from_fn(|i| acts.q.as_ptr().add((i0 + i) * cols));
         let dg: [*const f32; N] =
@@ -607,69 +607,65 @@ mod vnni {
             for h in 0..2 {
                 let qs: [*const u8; G] =
                     std::array::from_fn(|g| base[g].add(p.meta_bytes + s * 3072 + 1536 * h));
-                for pp in 0..2 {
-                    for half in 0..2 {
-                        let (jl, jh) = (8 * h + 2 * pp + half, 8 * h + 4 + 2 * pp + half);
-                        // Start each sum at -32·Σx: the values' offset, in integers.
-                        let mut ia = [[[[_mm512_setzero_si512(); 2]; 2]; N]; G];
-                        for i in 0..N {
-                            let sl = _mm512_set1_epi32(-32 * *sums[i].add(16 * s + jl));
-                            let sh = _mm512_set1_epi32(-32 * *sums[i].add(16 * s + jh));
+                for half in 0..2 {
+                    // Run qd's sub-block of 16 in this half: 8h + 2qd + half. Each sum
+                    // starts at -32·Σx: the values' offset, in integers.
+                    let mut ia = [[[_mm512_setzero_si512(); 4]; N]; G];
+                    for i in 0..N {
+                        for qd in 0..4 {
+                            let j = 16 * s + 8 * h + 2 * qd + half;
+                            let init = _mm512_set1_epi32(-32 * *sums[i].add(j));
                             for g in 0..G {
-                                ia[g][i][0][0] = sl;
-                                ia[g][i][1][0] = sh;
+                                ia[g][i][qd] = init;
                             }
                         }
-                        for l4 in 0..4 {
-                            let l = 4 * half + l4;
-                            let k = if two { l4 & 1 } else { 0 };
-                            let mut lo = [_mm512_setzero_si512(); G];
-                            let mut hi = [_mm512_setzero_si512(); G];
-                            for g in 0..G {
-                                let ql =
-                                    _mm512_load_si512(qs[g].add(512 * pp + 64 * l) as *const _);
-                                let qh = _mm512_load_si512(qs[g].add(1024 + 64 * l) as *const _);
-                                let (hl, hh) = if pp == 0 {
-                                    (_mm512_slli_epi16(qh, 4), qh)
-                                } else {
-                                    (_mm512_slli_epi16(qh, 2), _mm512_srli_epi16(qh, 2))
-                                };
-                                lo[g] = _mm512_or_si512(
-                                    _mm512_and_si512(ql, m4),
-                                    _mm512_and_si512(hl, m30),
-                                );
-                                hi[g] = _mm512_or_si512(
-                                    _mm512_and_si512(_mm512_srli_epi16(ql, 4), m4),
-                                    _mm512_and_si512(hh, m30),
-                                );
-                            }
-                            for i in 0..N {
-                                let xl = bcast(xs[i].add(128 * h + 32 * pp + 4 * l));
-                                let xh = bcast(xs[i].add(128 * h + 64 + 32 * pp + 4 * l));
+                    }
+                    for l4 in 0..4 {
+                        let l = 4 * half + l4;
+                        let mut v = [[_mm512_setzero_si512(); 4]; G];
+                        for g in 0..G {
+                            let at = qs[g].add(192 * l);
+                            let ql0 = _mm512_load_si512(at as *const _);
+                            let ql1 = _mm512_load_si512(at.add(64) as *const _);
+                            let qh = _mm512_load_si512(at.add(128) as *const _);
+                            let hi = |sh: __m512i| _mm512_and_si512(sh, m30);
+                            v[g][0] = _mm512_or_si512(
+                                _mm512_and_si512(ql0, m4),
+                                hi(_mm512_slli_epi16(qh, 4)),
+                            );
+                            v[g][1] = _mm512_or_si512(
+                                _mm512_and_si512(ql1, m4),
+                                hi(_mm512_slli_epi16(qh, 2)),
+                            );
+                            v[g][2] = _mm512_or_si512(
+                                _mm512_and_si512(_mm512_srli_epi16(ql0, 4), m4),
+                                hi(qh),
+                            );
+                            v[g][3] = _mm512_or_si512(
+                                _mm512_and_si512(_mm512_srli_epi16(ql1, 4), m4),
+                                hi(_mm512_srli_epi16(qh, 2)),
+                            );
+                        }
+                        for i in 0..N {
+                            for qd in 0..4 {
+                                let xv = bcast(xs[i].add(128 * h + 32 * qd + 4 * l));
                                 for g in 0..G {
-                                    ia[g][i][0][k] = _mm512_dpbusd_epi32(ia[g][i][0][k], lo[g], xl);
-                                    ia[g][i][1][k] = _mm512_dpbusd_epi32(ia[g][i][1][k], hi[g], xh);
+                                    ia[g][i][qd] = _mm512_dpbusd_epi32(ia[g][i][qd], v[g][qd], xv);
                                 }
                             }
                         }
-                        for g in 0..G {
-                            let sl = _mm512_cvtepi8_epi32(_mm_loadu_si128(
-                                meta[g].add(32 + 16 * jl) as *const _,
-                            ));
-                            let sh = _mm512_cvtepi8_epi32(_mm_loadu_si128(
-                                meta[g].add(32 + 16 * jh) as *const _,
+                    }
+                    for g in 0..G {
+                        for qd in 0..4 {
+                            let j = 8 * h + 2 * qd + half;
+                            let sc = _mm512_cvtepi8_epi32(_mm_loadu_si128(
+                                meta[g].add(32 + 16 * j) as *const _,
                             ));
                             for i in 0..N {
-                                let (a, b) = if two {
-                                    (
-                                        _mm512_add_epi32(ia[g][i][0][0], ia[g][i][0][1]),
-                                        _mm512_add_epi32(ia[g][i][1][0], ia[g][i][1][1]),
-                                    )
-                                } else {
-                                    (ia[g][i][0][0], ia[g][i][1][0])
-                                };
-                                isb[g][i] = _mm512_add_epi32(isb[g][i], _mm512_mullo_epi32(a, sl));
-                                isb[g][i] = _mm512_add_epi32(isb[g][i], _mm512_mullo_epi32(b, sh));
+                                isb[g][i] = _mm512_add_epi32(
+                                    isb[g][i],
+                                    _mm512_mullo_epi32(ia[g][i][qd], sc),
+                                );
                             }
                         }
                     }
