@@ -165,7 +165,9 @@ pub fn matmul_multi(
             let r0 = (t - first) * per_task;
             let r1 = (r0 + per_task).min(w.rows);
             let out = out_addr as *mut f32;
-            let packed = w.packed.filter(|p| Some(p.act_block()) == block);
+            let packed = w
+                .packed
+                .filter(|p| Some(p.act_block()) == block && packed::available());
             if let Some(p) = packed {
                 // SAFETY: this task alone writes rows r0..r1 (whole groups: per_task is a
                 // multiple of 16).

@@ -250,11 +250,11 @@ fn pack_block(dtype: DType, r: usize, blk: &[u8], m: &mut [u8], q: &mut [u8]) {
     }
 }
 
-/// Whether the packed kernels can run here (AVX-512 with VNNI, not overridden).
+/// Whether the packed kernels can run here: AVX-512 VNNI, AVX-VNNI or plain AVX2.
 pub fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        crate::simd::level() == crate::simd::Level::Avx512 && crate::simd::has_vnni()
+        crate::simd::level() >= crate::simd::Level::Avx2
     }
     #[cfg(not(target_arch = "x86_64"))]
     false
@@ -277,7 +277,7 @@ pub unsafe fn matmul_packed(
     assert!(groups.end <= p.groups);
     #[cfg(target_arch = "x86_64")]
     {
-        let k = vnni::kernels(p.dtype);
+        let k = isa::kernels(p.dtype);
         let mut g = groups.start;
         if n == 1 {
             while g + k.decode_g <= groups.end {
@@ -308,7 +308,10 @@ pub unsafe fn matmul_packed(
 }
 
 #[cfg(target_arch = "x86_64")]
-mod vnni {
+mod isa {
+    //! The kernels, written once over [`Isa`]: AVX-512 with VNNI (one register per line),
+    //! and AVX2 with AVX-VNNI or with 16-bit multiply-adds (two registers per line).
+
     use super::PackedMatrix;
     use crate::qdot::QuantActs;
     use gemma3_formats::DType;
@@ -339,43 +342,401 @@ mod vnni {
                 }
             };
         }
-        match dtype {
-            DType::Q8_0 => k!(blocks32, 0, 4, 8),
-            DType::Q4_0 => k!(blocks32, 1, 4, 8),
-            DType::Q5_0 => k!(blocks32, 2, 4, 8),
-            DType::Q4_K => k!(q4k, 0, 2, 4),
-            DType::Q5_K => k!(q4k, 1, 2, 4),
-            DType::Q6_K => k!(q6k, 0, 2, 4),
-            _ => unreachable!("no packed kernel for {dtype}"),
+        macro_rules! for_isa {
+            ($m:ident) => {
+                match dtype {
+                    DType::Q8_0 => k!($m, 0, 4, 8),
+                    DType::Q4_0 => k!($m, 1, 4, 8),
+                    DType::Q5_0 => k!($m, 2, 4, 8),
+                    DType::Q4_K => k!($m, 3, 2, 4),
+                    DType::Q5_K => k!($m, 4, 2, 4),
+                    DType::Q6_K => k!($m, 5, 2, 4),
+                    _ => unreachable!("no packed kernel for {dtype}"),
+                }
+            };
         }
-    }
-
-    #[inline(always)]
-    unsafe fn bcast(p: *const i8) -> __m512i {
-        _mm512_set1_epi32((p as *const i32).read_unaligned())
-    }
-
-    /// Stores 16 rows of group `g` for input `i`, masking rows past the end.
-    #[inline(always)]
-    unsafe fn store(p: &PackedMatrix, g: usize, i: usize, out: *mut f32, v: __m512) {
-        let r0 = g * 16;
-        let dst = out.add(i * p.rows + r0);
-        if r0 + 16 <= p.rows {
-            _mm512_storeu_ps(dst, v);
+        let avx512 = crate::simd::level() == crate::simd::Level::Avx512;
+        if avx512 && crate::simd::has_vnni() {
+            for_isa!(avx512_vnni)
+        } else if crate::simd::has_avx_vnni() {
+            for_isa!(avx2_vnni)
         } else {
-            let m = ((1u32 << (p.rows - r0)) - 1) as __mmask16;
-            _mm512_mask_storeu_ps(dst, m, v);
+            for_isa!(avx2_madd)
         }
     }
 
+    /// What the kernels need of an instruction set. A *line* holds 4 bytes of each of 16
+    /// rows; an integer or float vector one value per row.
+    pub trait Isa {
+        type L: Copy;
+        type I: Copy;
+        type F: Copy;
+        /// Whether `dot` would overflow on Q8_0's unsigned bytes (`q + 128`), so Q8_0 goes
+        /// through `dot_signed` on the signed values and has no offset term.
+        const SIGNED_Q8: bool;
+        unsafe fn load(p: *const u8) -> Self::L;
+        unsafe fn splat8(v: i8) -> Self::L;
+        unsafe fn and(a: Self::L, b: Self::L) -> Self::L;
+        unsafe fn or(a: Self::L, b: Self::L) -> Self::L;
+        unsafe fn srl2(a: Self::L) -> Self::L;
+        unsafe fn srl4(a: Self::L) -> Self::L;
+        unsafe fn sll2(a: Self::L) -> Self::L;
+        unsafe fn sll4(a: Self::L) -> Self::L;
+        /// Adds 16 to the bytes whose bit is set in `mask` (a fifth bit).
+        unsafe fn add16_where(a: Self::L, mask: u64) -> Self::L;
+        /// `acc + Σ₄ w·x` per row: unsigned weight bytes times the 4 signed bytes at `x`.
+        unsafe fn dot(acc: Self::I, w: Self::L, x: *const i8) -> Self::I;
+        /// As `dot` for Q8_0's stored bytes, read as signed values (only if `SIGNED_Q8`).
+        unsafe fn dot_signed(acc: Self::I, w: Self::L, x: *const i8) -> Self::I;
+        unsafe fn izero() -> Self::I;
+        unsafe fn iset(v: i32) -> Self::I;
+        unsafe fn iadd(a: Self::I, b: Self::I) -> Self::I;
+        unsafe fn imul(a: Self::I, b: Self::I) -> Self::I;
+        unsafe fn u8x16(p: *const u8) -> Self::I;
+        unsafe fn i8x16(p: *const u8) -> Self::I;
+        /// `acc + m₀·lo16(x) + m₁·hi16(x)` per row, `m` 16 pairs of bytes at `p`.
+        unsafe fn dot_pairs(acc: Self::I, p: *const u8, x: i32) -> Self::I;
+        unsafe fn cvt(a: Self::I) -> Self::F;
+        unsafe fn fzero() -> Self::F;
+        unsafe fn fset(v: f32) -> Self::F;
+        unsafe fn f16x16(p: *const u8) -> Self::F;
+        unsafe fn mul(a: Self::F, b: Self::F) -> Self::F;
+        unsafe fn fmadd(a: Self::F, b: Self::F, c: Self::F) -> Self::F;
+        unsafe fn fnmadd(a: Self::F, b: Self::F, c: Self::F) -> Self::F;
+        /// Stores the first `n` (≤ 16) rows.
+        unsafe fn store(p: *mut f32, v: Self::F, n: usize);
+    }
+
     #[inline(always)]
-    unsafe fn scales16(p: *const u8) -> __m512 {
-        _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
+    unsafe fn read4(x: *const i8) -> i32 {
+        (x as *const i32).read_unaligned()
+    }
+
+    pub struct Avx512;
+
+    impl Isa for Avx512 {
+        type L = __m512i;
+        type I = __m512i;
+        type F = __m512;
+        const SIGNED_Q8: bool = false;
+        #[inline(always)]
+        unsafe fn load(p: *const u8) -> __m512i {
+            _mm512_load_si512(p as *const _)
+        }
+        #[inline(always)]
+        unsafe fn splat8(v: i8) -> __m512i {
+            _mm512_set1_epi8(v)
+        }
+        #[inline(always)]
+        unsafe fn and(a: __m512i, b: __m512i) -> __m512i {
+            _mm512_and_si512(a, b)
+        }
+        #[inline(always)]
+        unsafe fn or(a: __m512i, b: __m512i) -> __m512i {
+            _mm512_or_si512(a, b)
+        }
+        #[inline(always)]
+        unsafe fn srl2(a: __m512i) -> __m512i {
+            _mm512_srli_epi16(a, 2)
+        }
+        #[inline(always)]
+        unsafe fn srl4(a: __m512i) -> __m512i {
+            _mm512_srli_epi16(a, 4)
+        }
+        #[inline(always)]
+        unsafe fn sll2(a: __m512i) -> __m512i {
+            _mm512_slli_epi16(a, 2)
+        }
+        #[inline(always)]
+        unsafe fn sll4(a: __m512i) -> __m512i {
+            _mm512_slli_epi16(a, 4)
+        }
+        #[inline(always)]
+        unsafe fn add16_where(a: __m512i, mask: u64) -> __m512i {
+            _mm512_mask_add_epi8(a, mask, a, _mm512_set1_epi8(0x10))
+        }
+        #[inline(always)]
+        unsafe fn dot(acc: __m512i, w: __m512i, x: *const i8) -> __m512i {
+            _mm512_dpbusd_epi32(acc, w, _mm512_set1_epi32(read4(x)))
+        }
+        #[inline(always)]
+        unsafe fn dot_signed(acc: __m512i, w: __m512i, x: *const i8) -> __m512i {
+            Self::dot(acc, w, x)
+        }
+        #[inline(always)]
+        unsafe fn izero() -> __m512i {
+            _mm512_setzero_si512()
+        }
+        #[inline(always)]
+        unsafe fn iset(v: i32) -> __m512i {
+            _mm512_set1_epi32(v)
+        }
+        #[inline(always)]
+        unsafe fn iadd(a: __m512i, b: __m512i) -> __m512i {
+            _mm512_add_epi32(a, b)
+        }
+        #[inline(always)]
+        unsafe fn imul(a: __m512i, b: __m512i) -> __m512i {
+            _mm512_mullo_epi32(a, b)
+        }
+        #[inline(always)]
+        unsafe fn u8x16(p: *const u8) -> __m512i {
+            _mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const _))
+        }
+        #[inline(always)]
+        unsafe fn i8x16(p: *const u8) -> __m512i {
+            _mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const _))
+        }
+        #[inline(always)]
+        unsafe fn dot_pairs(acc: __m512i, p: *const u8, x: i32) -> __m512i {
+            let m = _mm512_cvtepu8_epi16(_mm256_loadu_si256(p as *const _));
+            _mm512_dpwssd_epi32(acc, m, _mm512_set1_epi32(x))
+        }
+        #[inline(always)]
+        unsafe fn cvt(a: __m512i) -> __m512 {
+            _mm512_cvtepi32_ps(a)
+        }
+        #[inline(always)]
+        unsafe fn fzero() -> __m512 {
+            _mm512_setzero_ps()
+        }
+        #[inline(always)]
+        unsafe fn fset(v: f32) -> __m512 {
+            _mm512_set1_ps(v)
+        }
+        #[inline(always)]
+        unsafe fn f16x16(p: *const u8) -> __m512 {
+            _mm512_cvtph_ps(_mm256_loadu_si256(p as *const _))
+        }
+        #[inline(always)]
+        unsafe fn mul(a: __m512, b: __m512) -> __m512 {
+            _mm512_mul_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn fmadd(a: __m512, b: __m512, c: __m512) -> __m512 {
+            _mm512_fmadd_ps(a, b, c)
+        }
+        #[inline(always)]
+        unsafe fn fnmadd(a: __m512, b: __m512, c: __m512) -> __m512 {
+            _mm512_fnmadd_ps(a, b, c)
+        }
+        #[inline(always)]
+        unsafe fn store(p: *mut f32, v: __m512, n: usize) {
+            if n >= 16 {
+                _mm512_storeu_ps(p, v);
+            } else {
+                _mm512_mask_storeu_ps(p, ((1u32 << n) - 1) as __mmask16, v);
+            }
+        }
+    }
+
+    /// AVX2: a line is two 256-bit halves (rows 0-7, 8-15). `VNNI` picks AVX-VNNI's
+    /// `vpdpbusd`; without it `vpmaddubsw` + `vpmaddwd` do the same sums (exact for weights
+    /// below 64; Q8_0 uses the sign trick on its signed bytes).
+    pub struct Avx2<const VNNI: bool>;
+
+    #[derive(Clone, Copy)]
+    pub struct Two<T>(T, T);
+
+    #[inline(always)]
+    unsafe fn bytes_of_mask(mask: u32) -> __m256i {
+        // Byte k gets 0xff when bit k of `mask` is set.
+        let v = _mm256_set1_epi32(mask as i32);
+        let spread = _mm256_shuffle_epi8(
+            v,
+            _mm256_set_epi64x(
+                0x0303_0303_0303_0303,
+                0x0202_0202_0202_0202,
+                0x0101_0101_0101_0101,
+                0,
+            ),
+        );
+        let bits = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+        _mm256_cmpeq_epi8(_mm256_and_si256(spread, bits), bits)
+    }
+
+    impl<const VNNI: bool> Avx2<VNNI> {
+        #[inline(always)]
+        unsafe fn dot_half(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {
+            if VNNI {
+                _mm256_dpbusd_avx_epi32(acc, w, x)
+            } else {
+                let p = _mm256_maddubs_epi16(w, x);
+                _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)))
+            }
+        }
+    }
+
+    impl<const VNNI: bool> Isa for Avx2<VNNI> {
+        type L = Two<__m256i>;
+        type I = Two<__m256i>;
+        type F = Two<__m256>;
+        const SIGNED_Q8: bool = !VNNI;
+        #[inline(always)]
+        unsafe fn load(p: *const u8) -> Self::L {
+            Two(
+                _mm256_load_si256(p as *const _),
+                _mm256_load_si256(p.add(32) as *const _),
+            )
+        }
+        #[inline(always)]
+        unsafe fn splat8(v: i8) -> Self::L {
+            Two(_mm256_set1_epi8(v), _mm256_set1_epi8(v))
+        }
+        #[inline(always)]
+        unsafe fn and(a: Self::L, b: Self::L) -> Self::L {
+            Two(_mm256_and_si256(a.0, b.0), _mm256_and_si256(a.1, b.1))
+        }
+        #[inline(always)]
+        unsafe fn or(a: Self::L, b: Self::L) -> Self::L {
+            Two(_mm256_or_si256(a.0, b.0), _mm256_or_si256(a.1, b.1))
+        }
+        #[inline(always)]
+        unsafe fn srl2(a: Self::L) -> Self::L {
+            Two(_mm256_srli_epi16(a.0, 2), _mm256_srli_epi16(a.1, 2))
+        }
+        #[inline(always)]
+        unsafe fn srl4(a: Self::L) -> Self::L {
+            Two(_mm256_srli_epi16(a.0, 4), _mm256_srli_epi16(a.1, 4))
+        }
+        #[inline(always)]
+        unsafe fn sll2(a: Self::L) -> Self::L {
+            Two(_mm256_slli_epi16(a.0, 2), _mm256_slli_epi16(a.1, 2))
+        }
+        #[inline(always)]
+        unsafe fn sll4(a: Self::L) -> Self::L {
+            Two(_mm256_slli_epi16(a.0, 4), _mm256_slli_epi16(a.1, 4))
+        }
+        #[inline(always)]
+        unsafe fn add16_where(a: Self::L, mask: u64) -> Self::L {
+            let b16 = _mm256_set1_epi8(0x10);
+            let lo = _mm256_and_si256(bytes_of_mask(mask as u32), b16);
+            let hi = _mm256_and_si256(bytes_of_mask((mask >> 32) as u32), b16);
+            Two(_mm256_add_epi8(a.0, lo), _mm256_add_epi8(a.1, hi))
+        }
+        #[inline(always)]
+        unsafe fn dot(acc: Self::I, w: Self::L, x: *const i8) -> Self::I {
+            let xv = _mm256_set1_epi32(read4(x));
+            Two(
+                Self::dot_half(acc.0, w.0, xv),
+                Self::dot_half(acc.1, w.1, xv),
+            )
+        }
+        #[inline(always)]
+        unsafe fn dot_signed(acc: Self::I, w: Self::L, x: *const i8) -> Self::I {
+            if VNNI {
+                return Self::dot(acc, w, x);
+            }
+            // |q| times x with q's sign: products stay within i16 pairs.
+            let xv = _mm256_set1_epi32(read4(x));
+            let flip = _mm256_set1_epi8(-128);
+            let half = |acc: __m256i, w: __m256i| {
+                let q = _mm256_xor_si256(w, flip);
+                Self::dot_half(acc, _mm256_abs_epi8(q), _mm256_sign_epi8(xv, q))
+            };
+            Two(half(acc.0, w.0), half(acc.1, w.1))
+        }
+        #[inline(always)]
+        unsafe fn izero() -> Self::I {
+            Two(_mm256_setzero_si256(), _mm256_setzero_si256())
+        }
+        #[inline(always)]
+        unsafe fn iset(v: i32) -> Self::I {
+            Two(_mm256_set1_epi32(v), _mm256_set1_epi32(v))
+        }
+        #[inline(always)]
+        unsafe fn iadd(a: Self::I, b: Self::I) -> Self::I {
+            Two(_mm256_add_epi32(a.0, b.0), _mm256_add_epi32(a.1, b.1))
+        }
+        #[inline(always)]
+        unsafe fn imul(a: Self::I, b: Self::I) -> Self::I {
+            Two(_mm256_mullo_epi32(a.0, b.0), _mm256_mullo_epi32(a.1, b.1))
+        }
+        #[inline(always)]
+        unsafe fn u8x16(p: *const u8) -> Self::I {
+            Two(
+                _mm256_cvtepu8_epi32(_mm_loadl_epi64(p as *const _)),
+                _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.add(8) as *const _)),
+            )
+        }
+        #[inline(always)]
+        unsafe fn i8x16(p: *const u8) -> Self::I {
+            Two(
+                _mm256_cvtepi8_epi32(_mm_loadl_epi64(p as *const _)),
+                _mm256_cvtepi8_epi32(_mm_loadl_epi64(p.add(8) as *const _)),
+            )
+        }
+        #[inline(always)]
+        unsafe fn dot_pairs(acc: Self::I, p: *const u8, x: i32) -> Self::I {
+            let xv = _mm256_set1_epi32(x);
+            let lo = _mm256_cvtepu8_epi16(_mm_loadu_si128(p as *const _));
+            let hi = _mm256_cvtepu8_epi16(_mm_loadu_si128(p.add(16) as *const _));
+            Two(
+                _mm256_add_epi32(acc.0, _mm256_madd_epi16(lo, xv)),
+                _mm256_add_epi32(acc.1, _mm256_madd_epi16(hi, xv)),
+            )
+        }
+        #[inline(always)]
+        unsafe fn cvt(a: Self::I) -> Self::F {
+            Two(_mm256_cvtepi32_ps(a.0), _mm256_cvtepi32_ps(a.1))
+        }
+        #[inline(always)]
+        unsafe fn fzero() -> Self::F {
+            Two(_mm256_setzero_ps(), _mm256_setzero_ps())
+        }
+        #[inline(always)]
+        unsafe fn fset(v: f32) -> Self::F {
+            Two(_mm256_set1_ps(v), _mm256_set1_ps(v))
+        }
+        #[inline(always)]
+        unsafe fn f16x16(p: *const u8) -> Self::F {
+            Two(
+                _mm256_cvtph_ps(_mm_loadu_si128(p as *const _)),
+                _mm256_cvtph_ps(_mm_loadu_si128(p.add(16) as *const _)),
+            )
+        }
+        #[inline(always)]
+        unsafe fn mul(a: Self::F, b: Self::F) -> Self::F {
+            Two(_mm256_mul_ps(a.0, b.0), _mm256_mul_ps(a.1, b.1))
+        }
+        #[inline(always)]
+        unsafe fn fmadd(a: Self::F, b: Self::F, c: Self::F) -> Self::F {
+            Two(
+                _mm256_fmadd_ps(a.0, b.0, c.0),
+                _mm256_fmadd_ps(a.1, b.1, c.1),
+            )
+        }
+        #[inline(always)]
+        unsafe fn fnmadd(a: Self::F, b: Self::F, c: Self::F) -> Self::F {
+            Two(
+                _mm256_fnmadd_ps(a.0, b.0, c.0),
+                _mm256_fnmadd_ps(a.1, b.1, c.1),
+            )
+        }
+        #[inline(always)]
+        unsafe fn store(p: *mut f32, v: Self::F, n: usize) {
+            if n >= 16 {
+                _mm256_storeu_ps(p, v.0);
+                _mm256_storeu_ps(p.add(8), v.1);
+            } else {
+                let mut tmp = [0f32; 16];
+                _mm256_storeu_ps(tmp.as_mut_ptr(), v.0);
+                _mm256_storeu_ps(tmp.as_mut_ptr().add(8), v.1);
+                std::ptr::copy_nonoverlapping(tmp.as_ptr(), p, n);
+            }
+        }
+    }
+
+    /// Stores 16 rows of group `g` for input `i`, leaving rows past the end alone.
+    #[inline(always)]
+    unsafe fn store<S: Isa>(p: &PackedMatrix, g: usize, i: usize, out: *mut f32, v: S::F) {
+        let r0 = g * 16;
+        S::store(out.add(i * p.rows + r0), v, p.rows - r0);
     }
 
     /// Q8_0 (`KIND` 0), Q4_0 (1), Q5_0 (2): blocks of 32 against Q8_0 activations.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")]
-    pub unsafe fn blocks32<const KIND: u8, const G: usize, const N: usize>(
+    #[inline(always)]
+    unsafe fn blocks32<S: Isa, const KIND: u8, const G: usize, const N: usize>(
         p: &PackedMatrix,
         g0: usize,
         acts: &QuantActs,
@@ -390,12 +751,13 @@ mod vnni {
             _ => (96, 256),
         };
         let off = match KIND {
+            0 if S::SIGNED_Q8 => 0.0,
             0 => -128.0f32,
             1 => -8.0,
             _ => -16.0,
         };
         // Two integer accumulators per pair when there are few inputs, so the chains of
-        // dependent `vpdpbusd` are short (integer sums are exact: same result).
+        // dependent dot products are short (integer sums are exact: same result).
         let two = N < 4;
         let base: [*const u8; G] = std::array::from_fn(|g| p.group_ptr(g0 + g));
         let x: [*const i8; N] = std::array::from_fn(|i| acts.q.as_ptr().add((i0 + i) * cols));
@@ -403,77 +765,78 @@ mod vnni {
             std::array::from_fn(|i| acts.dg.as_ptr().add((i0 + i) * cols / 16));
         let sdx: [*const f32; N] =
             std::array::from_fn(|i| acts.sdx32.as_ptr().add((i0 + i) * cols / 32));
-        let m4 = _mm512_set1_epi8(0x0f);
-        let b16 = _mm512_set1_epi8(0x10);
-        let mut fa = [[_mm512_setzero_ps(); N]; G];
+        let m4 = S::splat8(0x0f);
+        let mut fa = [[S::fzero(); N]; G];
         for b in 0..nb {
-            let mut ia = [[[_mm512_setzero_si512(); 2]; N]; G];
+            let mut ia = [[[S::izero(); 2]; N]; G];
             let qs: [*const u8; G] = std::array::from_fn(|g| base[g].add(p.meta_bytes + b * qb));
             if KIND == 0 {
                 for s in 0..8 {
-                    let w: [__m512i; G] =
-                        std::array::from_fn(|g| _mm512_load_si512(qs[g].add(64 * s) as *const _));
+                    let w: [S::L; G] = std::array::from_fn(|g| S::load(qs[g].add(64 * s)));
                     let k = if two { s & 1 } else { 0 };
                     for i in 0..N {
-                        let xv = bcast(x[i].add(32 * b + 4 * s));
+                        let xs = x[i].add(32 * b + 4 * s);
                         for g in 0..G {
-                            ia[g][i][k] = _mm512_dpbusd_epi32(ia[g][i][k], w[g], xv);
+                            ia[g][i][k] = if S::SIGNED_Q8 {
+                                S::dot_signed(ia[g][i][k], w[g], xs)
+                            } else {
+                                S::dot(ia[g][i][k], w[g], xs)
+                            };
                         }
                     }
                 }
             } else {
                 for l in 0..4 {
-                    let mut lo = [_mm512_setzero_si512(); G];
-                    let mut hi = [_mm512_setzero_si512(); G];
+                    let mut lo = [S::splat8(0); G];
+                    let mut hi = [S::splat8(0); G];
                     for g in 0..G {
-                        let v = _mm512_load_si512(qs[g].add(64 * l) as *const _);
-                        lo[g] = _mm512_and_si512(v, m4);
-                        hi[g] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+                        let v = S::load(qs[g].add(64 * l));
+                        lo[g] = S::and(v, m4);
+                        hi[g] = S::and(S::srl4(v), m4);
                         if KIND == 2 {
                             let mk = base[g].add(b * mb + 32 + 16 * l) as *const u64;
-                            lo[g] = _mm512_mask_add_epi8(lo[g], mk.read_unaligned(), lo[g], b16);
-                            hi[g] =
-                                _mm512_mask_add_epi8(hi[g], mk.add(1).read_unaligned(), hi[g], b16);
+                            lo[g] = S::add16_where(lo[g], mk.read_unaligned());
+                            hi[g] = S::add16_where(hi[g], mk.add(1).read_unaligned());
                         }
                     }
                     let k = if two { 1 } else { 0 };
                     for i in 0..N {
-                        let xl = bcast(x[i].add(32 * b + 4 * l));
-                        let xh = bcast(x[i].add(32 * b + 16 + 4 * l));
+                        let xl = x[i].add(32 * b + 4 * l);
+                        let xh = x[i].add(32 * b + 16 + 4 * l);
                         for g in 0..G {
-                            ia[g][i][0] = _mm512_dpbusd_epi32(ia[g][i][0], lo[g], xl);
-                            ia[g][i][k] = _mm512_dpbusd_epi32(ia[g][i][k], hi[g], xh);
+                            ia[g][i][0] = S::dot(ia[g][i][0], lo[g], xl);
+                            ia[g][i][k] = S::dot(ia[g][i][k], hi[g], xh);
                         }
                     }
                 }
             }
-            let sw: [__m512; G] = std::array::from_fn(|g| scales16(base[g].add(b * mb)));
+            let sw: [S::F; G] = std::array::from_fn(|g| S::f16x16(base[g].add(b * mb)));
             for i in 0..N {
-                let dx = _mm512_set1_ps(*dg[i].add(2 * b));
-                let c = _mm512_set1_ps(*sdx[i].add(b) * off);
+                let dx = S::fset(*dg[i].add(2 * b));
+                let c = S::fset(*sdx[i].add(b) * off);
                 for g in 0..G {
                     let isum = if two {
-                        _mm512_add_epi32(ia[g][i][0], ia[g][i][1])
+                        S::iadd(ia[g][i][0], ia[g][i][1])
                     } else {
                         ia[g][i][0]
                     };
-                    let t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), dx, c);
-                    fa[g][i] = _mm512_fmadd_ps(t, sw[g], fa[g][i]);
+                    let t = S::fmadd(S::cvt(isum), dx, c);
+                    fa[g][i] = S::fmadd(t, sw[g], fa[g][i]);
                 }
             }
         }
         for g in 0..G {
             for i in 0..N {
-                store(p, g0 + g, i0 + i, out, fa[g][i]);
+                store::<S>(p, g0 + g, i0 + i, out, fa[g][i]);
             }
         }
     }
 
-    /// Q4_K (`KIND` 0) and Q5_K (1) against Q8_K activations: per sub-block the integer sum
-    /// times its 6-bit scale, summed in integers over the super-block; minimums through the
-    /// sub-block sums.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")]
-    pub unsafe fn q4k<const KIND: u8, const G: usize, const N: usize>(
+    /// Q4_K (`FIVE` false) and Q5_K (true) against Q8_K activations: per sub-block the
+    /// integer sum times its 6-bit scale, summed in integers over the super-block;
+    /// minimums through the sub-block sums.
+    #[inline(always)]
+    unsafe fn q4k<S: Isa, const FIVE: bool, const G: usize, const N: usize>(
         p: &PackedMatrix,
         g0: usize,
         acts: &QuantActs,
@@ -489,90 +852,82 @@ mod vnni {
             std::array::from_fn(|i| acts.dg.as_ptr().add((i0 + i) * cols / 16));
         let pairs: [*const i32; N] =
             std::array::from_fn(|i| acts.pair32.as_ptr().add((i0 + i) * cols / 64));
-        let m4 = _mm512_set1_epi8(0x0f);
-        let b16 = _mm512_set1_epi8(0x10);
-        let mb = if KIND == 1 { 832 } else { 320 };
-        let mut fa = [[_mm512_setzero_ps(); N]; G];
+        let m4 = S::splat8(0x0f);
+        let mb = if FIVE { 832 } else { 320 };
+        let mut fa = [[S::fzero(); N]; G];
         for s in 0..ns {
             let meta: [*const u8; G] = std::array::from_fn(|g| base[g].add(s * mb));
             let qs: [*const u8; G] = std::array::from_fn(|g| base[g].add(p.meta_bytes + s * 2048));
             let xs: [*const i8; N] = std::array::from_fn(|i| x[i].add(256 * s));
-            let mut isb = [[_mm512_setzero_si512(); N]; G];
+            let mut isb = [[S::izero(); N]; G];
             for c in 0..4 {
                 // [g][i][low/high sub-block][chain]
-                let mut ia = [[[[_mm512_setzero_si512(); 2]; 2]; N]; G];
+                let mut ia = [[[[S::izero(); 2]; 2]; N]; G];
                 for l in 0..8 {
                     let k = if two { l & 1 } else { 0 };
-                    let mut lo = [_mm512_setzero_si512(); G];
-                    let mut hi = [_mm512_setzero_si512(); G];
+                    let mut lo = [S::splat8(0); G];
+                    let mut hi = [S::splat8(0); G];
                     for g in 0..G {
-                        let v = _mm512_load_si512(qs[g].add(512 * c + 64 * l) as *const _);
-                        lo[g] = _mm512_and_si512(v, m4);
-                        hi[g] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
-                        if KIND == 1 {
+                        let v = S::load(qs[g].add(512 * c + 64 * l));
+                        lo[g] = S::and(v, m4);
+                        hi[g] = S::and(S::srl4(v), m4);
+                        if FIVE {
                             let mk = meta[g].add(320 + 128 * c + 16 * l) as *const u64;
-                            lo[g] = _mm512_mask_add_epi8(lo[g], mk.read_unaligned(), lo[g], b16);
-                            hi[g] =
-                                _mm512_mask_add_epi8(hi[g], mk.add(1).read_unaligned(), hi[g], b16);
+                            lo[g] = S::add16_where(lo[g], mk.read_unaligned());
+                            hi[g] = S::add16_where(hi[g], mk.add(1).read_unaligned());
                         }
                     }
                     for i in 0..N {
-                        let xl = bcast(xs[i].add(64 * c + 4 * l));
-                        let xh = bcast(xs[i].add(64 * c + 32 + 4 * l));
+                        let xl = xs[i].add(64 * c + 4 * l);
+                        let xh = xs[i].add(64 * c + 32 + 4 * l);
                         for g in 0..G {
-                            ia[g][i][0][k] = _mm512_dpbusd_epi32(ia[g][i][0][k], lo[g], xl);
-                            ia[g][i][1][k] = _mm512_dpbusd_epi32(ia[g][i][1][k], hi[g], xh);
+                            ia[g][i][0][k] = S::dot(ia[g][i][0][k], lo[g], xl);
+                            ia[g][i][1][k] = S::dot(ia[g][i][1][k], hi[g], xh);
                         }
                     }
                 }
                 for g in 0..G {
-                    let sl =
-                        _mm512_cvtepu8_epi32(_mm_loadu_si128(meta[g].add(64 + 32 * c) as *const _));
-                    let sh = _mm512_cvtepu8_epi32(_mm_loadu_si128(
-                        meta[g].add(64 + 32 * c + 16) as *const _
-                    ));
+                    let sl = S::u8x16(meta[g].add(64 + 32 * c));
+                    let sh = S::u8x16(meta[g].add(64 + 32 * c + 16));
                     for i in 0..N {
                         let (a, b) = if two {
                             (
-                                _mm512_add_epi32(ia[g][i][0][0], ia[g][i][0][1]),
-                                _mm512_add_epi32(ia[g][i][1][0], ia[g][i][1][1]),
+                                S::iadd(ia[g][i][0][0], ia[g][i][0][1]),
+                                S::iadd(ia[g][i][1][0], ia[g][i][1][1]),
                             )
                         } else {
                             (ia[g][i][0][0], ia[g][i][1][0])
                         };
-                        isb[g][i] = _mm512_add_epi32(isb[g][i], _mm512_mullo_epi32(a, sl));
-                        isb[g][i] = _mm512_add_epi32(isb[g][i], _mm512_mullo_epi32(b, sh));
+                        isb[g][i] = S::iadd(isb[g][i], S::imul(a, sl));
+                        isb[g][i] = S::iadd(isb[g][i], S::imul(b, sh));
                     }
                 }
             }
-            // Σ_j min_j · Σx_j: pairs of 16-bit minimums against pairs of 16-bit sums.
-            let mut mm = [[_mm512_setzero_si512(); N]; G];
+            // Σ_j min_j · Σx_j: pairs of minimums against pairs of 16-bit sums.
+            let mut mm = [[S::izero(); N]; G];
             for q in 0..4 {
                 for g in 0..G {
-                    let mv = _mm512_cvtepu8_epi16(_mm256_loadu_si256(
-                        meta[g].add(192 + 32 * q) as *const _
-                    ));
                     for i in 0..N {
-                        let xv = _mm512_set1_epi32(*pairs[i].add(4 * s + q));
-                        mm[g][i] = _mm512_dpwssd_epi32(mm[g][i], mv, xv);
+                        let xv = *pairs[i].add(4 * s + q);
+                        mm[g][i] = S::dot_pairs(mm[g][i], meta[g].add(192 + 32 * q), xv);
                     }
                 }
             }
             for g in 0..G {
-                let d = scales16(meta[g]);
-                let dmin = scales16(meta[g].add(32));
+                let d = S::f16x16(meta[g]);
+                let dmin = S::f16x16(meta[g].add(32));
                 for i in 0..N {
-                    let dx = _mm512_set1_ps(*dg[i].add(16 * s));
-                    let t = _mm512_mul_ps(_mm512_cvtepi32_ps(isb[g][i]), dx);
-                    fa[g][i] = _mm512_fmadd_ps(t, d, fa[g][i]);
-                    let t = _mm512_mul_ps(_mm512_cvtepi32_ps(mm[g][i]), dx);
-                    fa[g][i] = _mm512_fnmadd_ps(t, dmin, fa[g][i]);
+                    let dx = S::fset(*dg[i].add(16 * s));
+                    let t = S::mul(S::cvt(isb[g][i]), dx);
+                    fa[g][i] = S::fmadd(t, d, fa[g][i]);
+                    let t = S::mul(S::cvt(mm[g][i]), dx);
+                    fa[g][i] = S::fnmadd(t, dmin, fa[g][i]);
                 }
             }
         }
         for g in 0..G {
             for i in 0..N {
-                store(p, g0 + g, i0 + i, out, fa[g][i]);
+                store::<S>(p, g0 + g, i0 + i, out, fa[g][i]);
             }
         }
     }
@@ -581,8 +936,8 @@ mod vnni {
     /// times a signed 8-bit scale per 16 values, summed in integers over the super-block.
     /// Each step reads three lines in order and yields 4 values of each of the four 32-value
     /// runs of a half super-block.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")]
-    pub unsafe fn q6k<const KIND: u8, const G: usize, const N: usize>(
+    #[inline(always)]
+    unsafe fn q6k<S: Isa, const G: usize, const N: usize>(
         p: &PackedMatrix,
         g0: usize,
         acts: &QuantActs,
@@ -597,24 +952,24 @@ mod vnni {
             std::array::from_fn(|i| acts.dg.as_ptr().add((i0 + i) * cols / 16));
         let sums: [*const i32; N] =
             std::array::from_fn(|i| acts.isum16.as_ptr().add((i0 + i) * cols / 16));
-        let m4 = _mm512_set1_epi8(0x0f);
-        let m30 = _mm512_set1_epi8(0x30);
-        let mut fa = [[_mm512_setzero_ps(); N]; G];
+        let m4 = S::splat8(0x0f);
+        let m30 = S::splat8(0x30);
+        let mut fa = [[S::fzero(); N]; G];
         for s in 0..ns {
             let meta: [*const u8; G] = std::array::from_fn(|g| base[g].add(s * 288));
             let xs: [*const i8; N] = std::array::from_fn(|i| x[i].add(256 * s));
-            let mut isb = [[_mm512_setzero_si512(); N]; G];
+            let mut isb = [[S::izero(); N]; G];
             for h in 0..2 {
                 let qs: [*const u8; G] =
                     std::array::from_fn(|g| base[g].add(p.meta_bytes + s * 3072 + 1536 * h));
                 for half in 0..2 {
                     // Run qd's sub-block of 16 in this half: 8h + 2qd + half. Each sum
                     // starts at -32·Σx: the values' offset, in integers.
-                    let mut ia = [[[_mm512_setzero_si512(); 4]; N]; G];
+                    let mut ia = [[[S::izero(); 4]; N]; G];
                     for i in 0..N {
                         for qd in 0..4 {
                             let j = 16 * s + 8 * h + 2 * qd + half;
-                            let init = _mm512_set1_epi32(-32 * *sums[i].add(j));
+                            let init = S::iset(-32 * *sums[i].add(j));
                             for g in 0..G {
                                 ia[g][i][qd] = init;
                             }
@@ -622,35 +977,22 @@ mod vnni {
                     }
                     for l4 in 0..4 {
                         let l = 4 * half + l4;
-                        let mut v = [[_mm512_setzero_si512(); 4]; G];
+                        let mut v = [[S::splat8(0); 4]; G];
                         for g in 0..G {
                             let at = qs[g].add(192 * l);
-                            let ql0 = _mm512_load_si512(at as *const _);
-                            let ql1 = _mm512_load_si512(at.add(64) as *const _);
-                            let qh = _mm512_load_si512(at.add(128) as *const _);
-                            let hi = |sh: __m512i| _mm512_and_si512(sh, m30);
-                            v[g][0] = _mm512_or_si512(
-                                _mm512_and_si512(ql0, m4),
-                                hi(_mm512_slli_epi16(qh, 4)),
-                            );
-                            v[g][1] = _mm512_or_si512(
-                                _mm512_and_si512(ql1, m4),
-                                hi(_mm512_slli_epi16(qh, 2)),
-                            );
-                            v[g][2] = _mm512_or_si512(
-                                _mm512_and_si512(_mm512_srli_epi16(ql0, 4), m4),
-                                hi(qh),
-                            );
-                            v[g][3] = _mm512_or_si512(
-                                _mm512_and_si512(_mm512_srli_epi16(ql1, 4), m4),
-                                hi(_mm512_srli_epi16(qh, 2)),
-                            );
+                            let ql0 = S::load(at);
+                            let ql1 = S::load(at.add(64));
+                            let qh = S::load(at.add(128));
+                            v[g][0] = S::or(S::and(ql0, m4), S::and(S::sll4(qh), m30));
+                            v[g][1] = S::or(S::and(ql1, m4), S::and(S::sll2(qh), m30));
+                            v[g][2] = S::or(S::and(S::srl4(ql0), m4), S::and(qh, m30));
+                            v[g][3] = S::or(S::and(S::srl4(ql1), m4), S::and(S::srl2(qh), m30));
                         }
                         for i in 0..N {
                             for qd in 0..4 {
-                                let xv = bcast(xs[i].add(128 * h + 32 * qd + 4 * l));
+                                let xq = xs[i].add(128 * h + 32 * qd + 4 * l);
                                 for g in 0..G {
-                                    ia[g][i][qd] = _mm512_dpbusd_epi32(ia[g][i][qd], v[g][qd], xv);
+                                    ia[g][i][qd] = S::dot(ia[g][i][qd], v[g][qd], xq);
                                 }
                             }
                         }
@@ -658,32 +1000,58 @@ mod vnni {
                     for g in 0..G {
                         for qd in 0..4 {
                             let j = 8 * h + 2 * qd + half;
-                            let sc = _mm512_cvtepi8_epi32(_mm_loadu_si128(
-                                meta[g].add(32 + 16 * j) as *const _,
-                            ));
+                            let sc = S::i8x16(meta[g].add(32 + 16 * j));
                             for i in 0..N {
-                                isb[g][i] = _mm512_add_epi32(
-                                    isb[g][i],
-                                    _mm512_mullo_epi32(ia[g][i][qd], sc),
-                                );
+                                isb[g][i] = S::iadd(isb[g][i], S::imul(ia[g][i][qd], sc));
                             }
                         }
                     }
                 }
             }
             for g in 0..G {
-                let d = scales16(meta[g]);
+                let d = S::f16x16(meta[g]);
                 for i in 0..N {
-                    let dx = _mm512_set1_ps(*dg[i].add(16 * s));
-                    let t = _mm512_mul_ps(_mm512_cvtepi32_ps(isb[g][i]), dx);
-                    fa[g][i] = _mm512_fmadd_ps(t, d, fa[g][i]);
+                    let dx = S::fset(*dg[i].add(16 * s));
+                    let t = S::mul(S::cvt(isb[g][i]), dx);
+                    fa[g][i] = S::fmadd(t, d, fa[g][i]);
                 }
             }
         }
         for g in 0..G {
             for i in 0..N {
-                store(p, g0 + g, i0 + i, out, fa[g][i]);
+                store::<S>(p, g0 + g, i0 + i, out, fa[g][i]);
             }
         }
     }
+
+    /// One instruction set's entry points: `KIND` 0-2 are [`blocks32`]'s, 3-4 Q4_K/Q5_K,
+    /// 5 Q6_K. Each is compiled with its features so the generic bodies inline into it.
+    macro_rules! entry {
+        ($name:ident, $isa:ty, $features:literal) => {
+            #[target_feature(enable = $features)]
+            unsafe fn $name<const KIND: u8, const G: usize, const N: usize>(
+                p: &PackedMatrix,
+                g0: usize,
+                acts: &QuantActs,
+                i0: usize,
+                out: *mut f32,
+            ) {
+                match KIND {
+                    0 => blocks32::<$isa, 0, G, N>(p, g0, acts, i0, out),
+                    1 => blocks32::<$isa, 1, G, N>(p, g0, acts, i0, out),
+                    2 => blocks32::<$isa, 2, G, N>(p, g0, acts, i0, out),
+                    3 => q4k::<$isa, false, G, N>(p, g0, acts, i0, out),
+                    4 => q4k::<$isa, true, G, N>(p, g0, acts, i0, out),
+                    _ => q6k::<$isa, G, N>(p, g0, acts, i0, out),
+                }
+            }
+        };
+    }
+    entry!(
+        avx512_vnni,
+        Avx512,
+        "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c"
+    );
+    entry!(avx2_vnni, Avx2<true>, "avx2,fma,f16c,avxvnni");
+    entry!(avx2_madd, Avx2<false>, "avx2,fma,f16c");
 }

@@ -51,22 +51,57 @@ pub fn level() -> Level {
                 _ => Level::Avx512,
             };
             let l = best.min(cap);
-            LEVEL.store(l as u8, Ordering::Relaxed);
-            l
+            // Only if no one set a level meanwhile (set_level wins over detection).
+            match LEVEL.compare_exchange(0, l as u8, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => l,
+                Err(_) => level(),
+            }
         }
     }
 }
 
-/// Whether the CPU has AVX-512 VNNI (8-bit dot products), used by the quantized kernels
-/// at the AVX-512 level.
+/// 8-bit dot-product instructions in use: 0 = not decided yet, 1 = off, 2 = on.
+static VNNI: AtomicU8 = AtomicU8::new(0);
+
+fn vnni_enabled() -> bool {
+    match VNNI.load(Ordering::Relaxed) {
+        1 => false,
+        2 => true,
+        _ => {
+            let on = std::env::var("GEMMA3_NO_VNNI").is_err();
+            let v = if on { 2 } else { 1 };
+            match VNNI.compare_exchange(0, v, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => on,
+                Err(_) => vnni_enabled(),
+            }
+        }
+    }
+}
+
+/// Turns the VNNI instructions off (or back on where the CPU has them), as
+/// `GEMMA3_NO_VNNI` does; for tests and benchmarks. Returns whether any is in use.
+pub fn set_vnni(on: bool) -> bool {
+    VNNI.store(if on { 2 } else { 1 }, Ordering::Relaxed);
+    has_vnni() || has_avx_vnni()
+}
+
+/// Whether the CPU has AVX-512 VNNI (8-bit dot products on 512-bit vectors), used by the
+/// quantized kernels at the AVX-512 level.
 pub fn has_vnni() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        static VNNI: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *VNNI.get_or_init(|| {
-            std::arch::is_x86_feature_detected!("avx512vnni")
-                && std::env::var("GEMMA3_NO_VNNI").is_err()
-        })
+        std::arch::is_x86_feature_detected!("avx512vnni") && vnni_enabled()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Whether the CPU has AVX-VNNI (the same dot products on 256-bit vectors), used by the
+/// packed kernels at the AVX2 level.
+pub fn has_avx_vnni() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avxvnni") && vnni_enabled()
     }
     #[cfg(not(target_arch = "x86_64"))]
     false

@@ -3,7 +3,7 @@
 
 use gemma3_formats::{quant, DType, TensorData};
 use gemma3_kernels::packed::PackedMatrix;
-use gemma3_kernels::simd::{set_level, Level};
+use gemma3_kernels::simd::{set_level, set_vnni, Level};
 use gemma3_kernels::{matmul, matmul_weights, ops, Linear, Precision};
 use std::sync::Arc;
 
@@ -158,7 +158,9 @@ fn check_product(
             let got = out[i * rows + r] as f64;
             assert!(
                 (got - want).abs() <= 1e-5 * scale + 1e-6,
-                "{t} {label} {precision:?} {:?} {rows}x{cols} n={n}: out[{i}][{r}] = {got}, want {want}", gemma3_kernels::simd::level()
+                "{t} {label} {precision:?} {:?} vnni {} {rows}x{cols} n={n}: out[{i}][{r}] = {got}, want {want}",
+                gemma3_kernels::simd::level(),
+                gemma3_kernels::simd::has_vnni() || gemma3_kernels::simd::has_avx_vnni()
             );
         }
     }
@@ -176,17 +178,22 @@ fn check_product(
 
 #[test]
 fn every_type_every_path_odd_shapes() {
-    // With VNNI the AVX-512 level uses it for integer dots; GEMMA3_NO_VNNI=1 covers the
-    // AVX2 integer kernel at that level.
-    let mut levels = vec![Level::Portable];
+    // Each level this CPU has, with and without its 8-bit dot-product instructions (AVX-512
+    // VNNI / AVX-VNNI): the packed kernels then use AVX2's 16-bit multiply-adds, the
+    // unpacked ones their AVX2 kernel.
+    let mut paths = vec![(Level::Portable, false)];
     for l in [Level::Avx2, Level::Avx512] {
         if set_level(l) == l {
-            levels.push(l);
+            paths.push((l, false));
+            if set_vnni(true) {
+                paths.push((l, true));
+            }
         }
     }
     let mut rng = Lcg(12345);
-    for &level in &levels {
+    for &(level, vnni) in &paths {
         assert_eq!(set_level(level), level);
+        set_vnni(vnni);
         check_f16_ops(level);
         for t in DType::ALL {
             let be = t.block_elems().max(1);
@@ -214,6 +221,7 @@ fn every_type_every_path_odd_shapes() {
             }
         }
     }
+    set_vnni(true);
     set_level(Level::Avx512);
 }
 
