@@ -43,6 +43,15 @@ pub struct BenchArgs {
         default_value = "2"
     )]
     pub threads: Vec<usize>,
+    /// Context depths: each test first fills the cache with this many tokens (untimed),
+    /// as llama-bench's -d does, to show how speed holds up as the context grows
+    #[arg(
+        short = 'd',
+        long = "depth",
+        value_delimiter = ',',
+        default_value = "0"
+    )]
+    pub depth: Vec<usize>,
     /// Repetitions per test
     #[arg(short = 'r', long, default_value_t = 5)]
     pub reps: usize,
@@ -66,6 +75,7 @@ pub struct BenchArgs {
 
 struct Row {
     test: String,
+    depth: usize,
     threads: usize,
     mean: f64,
     sd: f64,
@@ -114,7 +124,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let cfg = &model.text.cfg;
     let max_p = a.n_prompt.iter().copied().max().unwrap_or(0);
     let max_n = a.n_gen.iter().copied().max().unwrap_or(0);
-    let ctx = (max_p.max(max_n) + 1).max(16);
+    let max_d = a.depth.iter().copied().max().unwrap_or(0);
+    let ctx = (max_d + max_p.max(max_n) + 1).max(16);
     if ctx > cfg.max_position_embeddings {
         bail!(
             "tests need {ctx} positions; the model allows {}",
@@ -153,53 +164,74 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 Logits::Last,
                 &mut |_, _| {},
             )?;
-            for &p in a.n_prompt.iter().filter(|&&p| p > 0) {
-                let mut speeds = vec![];
-                for _ in 0..a.reps {
-                    cache.clear();
-                    let t0 = Instant::now();
-                    model.text.forward(
-                        &tokens[..p],
-                        &mut cache,
-                        &mut ws,
-                        Logits::Last,
-                        &mut |_, _| {},
-                    )?;
-                    speeds.push(p as f64 / t0.elapsed().as_secs_f64());
+            // The cache holding `d` tokens of context, filled in batches (untimed).
+            let fill = |cache: &mut KvCache, ws: &mut Workspace, d: usize| -> Result<()> {
+                cache.clear();
+                for chunk in tokens[..d].chunks(512) {
+                    model
+                        .text
+                        .forward(chunk, cache, ws, Logits::None, &mut |_, _| {})?;
                 }
-                let (mean, sd) = mean_sd(&speeds);
-                rows.push(Row {
-                    test: format!("pp{p}"),
-                    threads: t,
-                    mean,
-                    sd,
-                    reps: a.reps,
-                });
-            }
-            for &n in a.n_gen.iter().filter(|&&n| n > 0) {
-                let mut speeds = vec![];
-                for _ in 0..a.reps {
-                    cache.clear();
-                    let t0 = Instant::now();
-                    for tok in &tokens[..n] {
+                Ok(())
+            };
+            let label = |test: String, d: usize| {
+                if d == 0 {
+                    test
+                } else {
+                    format!("{test} @ d{d}")
+                }
+            };
+            for &d in &a.depth {
+                for &p in a.n_prompt.iter().filter(|&&p| p > 0) {
+                    let mut speeds = vec![];
+                    for _ in 0..a.reps {
+                        fill(&mut cache, &mut ws, d)?;
+                        let t0 = Instant::now();
                         model.text.forward(
-                            std::slice::from_ref(tok),
+                            &tokens[d..d + p],
                             &mut cache,
                             &mut ws,
                             Logits::Last,
                             &mut |_, _| {},
                         )?;
+                        speeds.push(p as f64 / t0.elapsed().as_secs_f64());
                     }
-                    speeds.push(n as f64 / t0.elapsed().as_secs_f64());
+                    let (mean, sd) = mean_sd(&speeds);
+                    rows.push(Row {
+                        test: label(format!("pp{p}"), d),
+                        depth: d,
+                        threads: t,
+                        mean,
+                        sd,
+                        reps: a.reps,
+                    });
                 }
-                let (mean, sd) = mean_sd(&speeds);
-                rows.push(Row {
-                    test: format!("tg{n}"),
-                    threads: t,
-                    mean,
-                    sd,
-                    reps: a.reps,
-                });
+                for &n in a.n_gen.iter().filter(|&&n| n > 0) {
+                    let mut speeds = vec![];
+                    for _ in 0..a.reps {
+                        fill(&mut cache, &mut ws, d)?;
+                        let t0 = Instant::now();
+                        for tok in &tokens[d..d + n] {
+                            model.text.forward(
+                                std::slice::from_ref(tok),
+                                &mut cache,
+                                &mut ws,
+                                Logits::Last,
+                                &mut |_, _| {},
+                            )?;
+                        }
+                        speeds.push(n as f64 / t0.elapsed().as_secs_f64());
+                    }
+                    let (mean, sd) = mean_sd(&speeds);
+                    rows.push(Row {
+                        test: label(format!("tg{n}"), d),
+                        depth: d,
+                        threads: t,
+                        mean,
+                        sd,
+                        reps: a.reps,
+                    });
+                }
             }
             Ok(())
         })?;
@@ -208,7 +240,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         let v: Vec<serde_json::Value> = rows
             .iter()
             .map(|r| {
-                serde_json::json!({"test": r.test, "threads": r.threads, "tokens_per_s": r.mean, "sd": r.sd, "reps": r.reps})
+                serde_json::json!({"test": r.test, "threads": r.threads, "tokens_per_s": r.mean, "sd": r.sd, "reps": r.reps, "depth": r.depth})
             })
             .collect();
         println!("{}", serde_json::to_string_pretty(&v)?);

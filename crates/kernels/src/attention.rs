@@ -4,6 +4,7 @@
 
 use crate::dispatch;
 use crate::ops::{axpy_body, dot_body};
+use crate::vmath::exp_body;
 
 /// Where key/value position `p` lives: `base + (p % capacity) * stride`.
 #[derive(Clone, Copy)]
@@ -26,14 +27,10 @@ impl KvView<'_> {
     }
 }
 
-// `attend(q, kv, lo, hi, scale, softcap, scores, out)`:
-// `out = softmax(q·K[lo..hi]ᵀ * scale) · V[lo..hi]`, `scores` holding `hi - lo` floats;
-// scores are capped with `c·tanh(s/c)` when `softcap` is set. Compiled once per instruction
-// set as a whole, so the per-key dot products are inlined.
-dispatch!(pub fn attend(q: &[f32], kv: &KvView<'_>, lo: usize, hi: usize, scale: f32, softcap: Option<f32>, scores: &mut [f32], out: &mut [f32]) => attend_body);
-
-#[inline(always)]
-fn attend_body<const FMA: bool>(
+/// `out = softmax(q·K[lo..hi]ᵀ · scale) · V[lo..hi]` for one query row; `scores` holds at
+/// least `hi - lo` floats. Scores are capped with `c·tanh(s/c)` when `softcap` is set.
+#[allow(clippy::too_many_arguments)]
+pub fn attend(
     q: &[f32],
     kv: &KvView<'_>,
     lo: usize,
@@ -43,28 +40,117 @@ fn attend_body<const FMA: bool>(
     scores: &mut [f32],
     out: &mut [f32],
 ) {
+    let (mut max, mut sum) = ([0f32], [0f32]);
     let hd = kv.head_dim;
-    let scores = &mut scores[..hi - lo];
-    let mut max = f32::NEG_INFINITY;
-    for (s, p) in scores.iter_mut().zip(lo..hi) {
+    attend_partial(
+        q,
+        1,
+        kv,
+        lo,
+        hi,
+        scale,
+        softcap,
+        scores,
+        &mut out[..hd],
+        &mut max,
+        &mut sum,
+    );
+    let inv = 1.0 / sum[0];
+    out[..hd].iter_mut().for_each(|v| *v *= inv);
+}
+
+// `attend_partial(q, rows, kv, lo, hi, scale, softcap, scores, acc, max, sum)`: the query
+// rows `q` (`rows × head_dim`, the heads sharing this kv head) over keys `lo..hi`, each key
+// and value read once for all rows. Leaves the softmax unnormalised, as a state that
+// [`merge_partials`] can combine across key ranges: per row the largest score `max`, the
+// sum of `exp(score - max)` and `acc = Σ exp(score - max)·V`. `scores` holds at least
+// `rows × (hi - lo)` floats. Compiled once per instruction set as a whole.
+dispatch!(pub fn attend_partial(q: &[f32], rows: usize, kv: &KvView<'_>, lo: usize, hi: usize, scale: f32, softcap: Option<f32>, scores: &mut [f32], acc: &mut [f32], max: &mut [f32], sum: &mut [f32]) => attend_partial_body);
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn attend_partial_body<const FMA: bool>(
+    q: &[f32],
+    rows: usize,
+    kv: &KvView<'_>,
+    lo: usize,
+    hi: usize,
+    scale: f32,
+    softcap: Option<f32>,
+    scores: &mut [f32],
+    acc: &mut [f32],
+    max: &mut [f32],
+    sum: &mut [f32],
+) {
+    let hd = kv.head_dim;
+    let len = hi - lo;
+    let scores = &mut scores[..rows * len];
+    for (j, p) in (lo..hi).enumerate() {
         let o = kv.at(p);
-        *s = dot_body::<FMA>(q, &kv.k[o..o + hd]) * scale;
-        if let Some(c) = softcap {
-            *s = c * (*s / c).tanh();
+        let k = &kv.k[o..o + hd];
+        for r in 0..rows {
+            let mut s = dot_body::<FMA>(&q[r * hd..(r + 1) * hd], k) * scale;
+            if let Some(c) = softcap {
+                s = c * (s / c).tanh();
+            }
+            scores[r * len + j] = s;
         }
-        max = max.max(*s);
     }
-    let mut sum = 0.0f32;
-    for s in scores.iter_mut() {
-        *s = (*s - max).exp();
-        sum += *s;
+    for r in 0..rows {
+        let row = &mut scores[r * len..(r + 1) * len];
+        let m = row
+            .iter()
+            .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+        let mut s = 0.0;
+        for v in row.iter_mut() {
+            *v = exp_body::<FMA>(*v - m);
+            s += *v;
+        }
+        max[r] = m;
+        sum[r] = s;
     }
-    let inv = 1.0 / sum;
-    out[..hd].fill(0.0);
-    for (s, p) in scores.iter().zip(lo..hi) {
+    acc[..rows * hd].fill(0.0);
+    for (j, p) in (lo..hi).enumerate() {
         let o = kv.at(p);
-        axpy_body::<FMA>(*s * inv, &kv.v[o..o + hd], &mut out[..hd]);
+        let v = &kv.v[o..o + hd];
+        for r in 0..rows {
+            axpy_body::<FMA>(scores[r * len + j], v, &mut acc[r * hd..(r + 1) * hd]);
+        }
     }
+}
+
+/// Combines [`attend_partial`] states over disjoint key ranges into row `row`'s normalised
+/// output `out`. Part `c` keeps its `rows` rows at `acc[(c·rows + r)·hd..]`,
+/// `max[c·rows + r]`, `sum[c·rows + r]`.
+#[allow(clippy::too_many_arguments)]
+pub fn merge_partials(
+    acc: &[f32],
+    max: &[f32],
+    sum: &[f32],
+    parts: usize,
+    rows: usize,
+    hd: usize,
+    row: usize,
+    out: &mut [f32],
+) {
+    let m = (0..parts)
+        .map(|c| max[c * rows + row])
+        .fold(f32::NEG_INFINITY, f32::max);
+    let out = &mut out[..hd];
+    out.fill(0.0);
+    let mut total = 0.0;
+    for c in 0..parts {
+        // A part whose keys were all far below the maximum adds nothing.
+        let w = (max[c * rows + row] - m).exp();
+        if w == 0.0 {
+            continue;
+        }
+        total += w * sum[c * rows + row];
+        let a = &acc[(c * rows + row) * hd..(c * rows + row + 1) * hd];
+        out.iter_mut().zip(a).for_each(|(o, a)| *o += w * a);
+    }
+    let inv = 1.0 / total;
+    out.iter_mut().for_each(|v| *v *= inv);
 }
 
 /// Keys per block of [`attend_rows`]: the score tile is `rows × KEY_BLOCK`.

@@ -9,7 +9,7 @@ use crate::dispatch;
 /// Branch-free so that loops over it vectorise; inputs below -87.3 give 0, above 88.3 are
 /// clamped (2^n must stay a finite float).
 #[inline(always)]
-fn exp_body<const FMA: bool>(x: f32) -> f32 {
+pub(crate) fn exp_body<const FMA: bool>(x: f32) -> f32 {
     use crate::ops::fmadd;
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const C1: f32 = 0.693_359_4;

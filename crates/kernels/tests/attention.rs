@@ -2,7 +2,7 @@
 //! cache that wraps inside the key range, rows with different (sliding, causal,
 //! bidirectional) key ranges, several key blocks and soft-capping.
 
-use gemma3_kernels::attention::{attend, attend_rows, KvView};
+use gemma3_kernels::attention::{attend, attend_partial, attend_rows, merge_partials, KvView};
 
 struct Lcg(u64);
 impl Lcg {

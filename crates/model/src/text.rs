@@ -10,7 +10,7 @@
 use crate::cache::KvCache;
 use crate::weights::TextWeights;
 use crate::{LayerKind, ModelError, TextConfig};
-use gemma3_kernels::attention::{attend, attend_rows, KvView};
+use gemma3_kernels::attention::{attend_partial, attend_rows, merge_partials, KvView};
 use gemma3_kernels::ops::{
     gelu_gate, gelu_gate_f16, rms_norm, rms_norm_inplace, rms_norm_rows, rope_cos_sin,
     rope_inv_freq, rope_neox, round_to_f16,
@@ -117,6 +117,11 @@ pub struct Workspace {
     /// Per row of the chunk: one past the last key it may see (its image block's end, or
     /// itself).
     attn_hi: Vec<usize>,
+    /// Decode attention split over key ranges: per part, every head's unnormalised output,
+    /// running maximum and sum (see `attend_partial`).
+    part_acc: Vec<f32>,
+    part_max: Vec<f32>,
+    part_sum: Vec<f32>,
 }
 
 impl Workspace {
@@ -146,6 +151,9 @@ impl Workspace {
             logits: vec![0.0; g * cfg.vocab_size],
             rows: Vec::with_capacity(n),
             attn_hi: vec![0; n],
+            part_acc: vec![0.0; KEY_PARTS * qd],
+            part_max: vec![0.0; KEY_PARTS * cfg.num_heads],
+            part_sum: vec![0.0; KEY_PARTS * cfg.num_heads],
         }
     }
 
@@ -166,6 +174,7 @@ impl Workspace {
             &self.sin_global,
             &self.final_rows,
             &self.logits,
+            &self.part_acc,
         ]
         .iter()
         .map(|v| v.len())
@@ -181,8 +190,14 @@ thread_local! {
 }
 
 /// Positions per task of the prefill attention: with the query heads of a group that is
-/// the row count of each score tile.
-const QUERY_BLOCK: usize = 16;
+/// the row count of each score tile (64 measured best for 512-token prompts, with or
+/// without a long context before them).
+const QUERY_BLOCK: usize = 64;
+
+/// Decode attention splits a long key range into at most this many parts (run in
+/// parallel, then merged), each of at least `KEYS_PER_PART` keys.
+const KEY_PARTS: usize = 16;
+const KEYS_PER_PART: usize = 256;
 
 pub struct TextModel {
     pub cfg: TextConfig,
@@ -489,14 +504,16 @@ impl TextModel {
                 offset: kv_head * hd,
                 head_dim: hd,
             };
-            if n >= QUERY_BLOCK / 2 {
+            if n >= 8 {
+                // Blocks of up to QUERY_BLOCK positions, at least one per thread.
+                let block = QUERY_BLOCK.min(n.div_ceil(rayon::current_num_threads()));
                 // Prefill: each task takes a run of positions and, per kv head, all of its
                 // query heads at once, so every key is read once per tile of rows.
                 ws.attn[..n * qd]
-                    .par_chunks_mut(QUERY_BLOCK * qd)
+                    .par_chunks_mut(block * qd)
                     .enumerate()
                     .for_each(|(b, out)| {
-                        let t0 = b * QUERY_BLOCK;
+                        let t0 = b * block;
                         let nt = out.len() / qd;
                         QUERY_TILE.with(|tile| {
                             let (qt, ot, keys) = &mut *tile.borrow_mut();
@@ -526,31 +543,66 @@ impl TextModel {
                         });
                     });
             } else {
-                let attend_one = |(task, out): (usize, &mut [f32])| {
-                    let (t, head) = (task / nh, task % nh);
+                // Decode (and short chunks): per position and kv head, the group's query
+                // heads together, so each key and value is read once; a long key range
+                // is split into parts run in parallel and merged.
+                for t in 0..n {
                     let keys = key_range(p0 + t, p0 + attn_hi[t], window);
-                    let qh = &q[t * qd + head * hd..t * qd + (head + 1) * hd];
-                    SCORES.with(|s| {
-                        let mut s = s.borrow_mut();
-                        if s.len() < keys.len() {
-                            s.resize(keys.len(), 0.0);
-                        }
-                        let kv = kv_of(head / group);
-                        attend(qh, &kv, keys.start, keys.end, scale, softcap, &mut s, out);
-                    });
-                };
-                // Fork-join costs more than a few short heads: go parallel only for real work.
-                let keys = window.map_or(p0 + n, |w| w.min(p0 + n));
-                if n * nh * keys * hd >= 1 << 18 {
-                    ws.attn[..n * qd]
-                        .par_chunks_mut(hd)
-                        .enumerate()
-                        .for_each(attend_one);
-                } else {
-                    ws.attn[..n * qd]
-                        .chunks_mut(hd)
-                        .enumerate()
-                        .for_each(attend_one);
+                    let parts = (keys.len() / KEYS_PER_PART).clamp(1, KEY_PARTS);
+                    let per = keys.len().div_ceil(parts);
+                    let parts = keys.len().div_ceil(per);
+                    let qt = &q[t * qd..(t + 1) * qd];
+                    let task = |(j, ((acc, max), sum)): (
+                        usize,
+                        ((&mut [f32], &mut [f32]), &mut [f32]),
+                    )| {
+                        let (part, kvh) = (j / nkv, j % nkv);
+                        let lo = keys.start + part * per;
+                        let hi = (lo + per).min(keys.end);
+                        let rows = &qt[kvh * group * hd..(kvh + 1) * group * hd];
+                        SCORES.with(|s| {
+                            let mut s = s.borrow_mut();
+                            if s.len() < group * per {
+                                s.resize(group * per, 0.0);
+                            }
+                            let kv = kv_of(kvh);
+                            attend_partial(
+                                rows, group, &kv, lo, hi, scale, softcap, &mut s, acc, max, sum,
+                            );
+                        });
+                    };
+                    let (acc, max, sum) = (
+                        &mut ws.part_acc[..parts * qd],
+                        &mut ws.part_max[..parts * nh],
+                        &mut ws.part_sum[..parts * nh],
+                    );
+                    // Fork-join costs more than short ranges: go parallel only for real work.
+                    if parts * nkv > 1 && nh * keys.len() * hd >= 1 << 18 {
+                        acc.par_chunks_mut(group * hd)
+                            .zip(max.par_chunks_mut(group))
+                            .zip(sum.par_chunks_mut(group))
+                            .enumerate()
+                            .for_each(task);
+                    } else {
+                        acc.chunks_mut(group * hd)
+                            .zip(max.chunks_mut(group))
+                            .zip(sum.chunks_mut(group))
+                            .enumerate()
+                            .for_each(task);
+                    }
+                    // Part p holds head r's state at row p·nh + r (heads in kv-head order).
+                    for r in 0..nh {
+                        merge_partials(
+                            &ws.part_acc[..parts * qd],
+                            &ws.part_max[..parts * nh],
+                            &ws.part_sum[..parts * nh],
+                            parts,
+                            nh,
+                            hd,
+                            r,
+                            &mut ws.attn[t * qd + r * hd..t * qd + (r + 1) * hd],
+                        );
+                    }
                 }
             }
             matmul_weights(lw.o.weights(), &ws.attn, n, &mut ws.o, self.precision);
