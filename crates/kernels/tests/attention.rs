@@ -106,5 +106,50 @@ fn tiled_attention_matches_a_plain_softmax() {
                 );
             }
         }
+        // Decode's way: three query rows sharing one key range, split into parts (one
+        // of them crossing the ring's wrap) and merged.
+        let range = base - 300..base + 45;
+        let rows = 3;
+        let q3 = &q[..rows * hd];
+        let cuts = [range.start, range.start + 7, base - 2, base + 1, range.end];
+        let parts = cuts.len() - 1;
+        let (mut acc, mut max, mut sum) = (
+            vec![0f32; parts * rows * hd],
+            vec![0f32; parts * rows],
+            vec![0f32; parts * rows],
+        );
+        let mut scores = vec![0f32; rows * 400];
+        for c in 0..parts {
+            attend_partial(
+                q3,
+                rows,
+                &kv,
+                cuts[c],
+                cuts[c + 1],
+                scale,
+                softcap,
+                &mut scores,
+                &mut acc[c * rows * hd..(c + 1) * rows * hd],
+                &mut max[c * rows..(c + 1) * rows],
+                &mut sum[c * rows..(c + 1) * rows],
+            );
+        }
+        for r in 0..rows {
+            let mut got = vec![0f32; hd];
+            merge_partials(&acc, &max, &sum, parts, rows, hd, r, &mut got);
+            let want = reference(
+                &q3[r * hd..(r + 1) * hd],
+                &kv,
+                range.clone(),
+                scale,
+                softcap,
+            );
+            for i in 0..hd {
+                assert!(
+                    (got[i] as f64 - want[i]).abs() < 1e-5,
+                    "merged row {r} dim {i}"
+                );
+            }
+        }
     }
 }
