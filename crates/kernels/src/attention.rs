@@ -1,10 +1,8 @@
-//! Scaled dot-product attention of one query head over a contiguous range of cached keys,
-//! with the softmax in f32. Keys and values are read where they lie in the cache (a ring
-//! for sliding layers), so grouped-query heads share K/V without copies.
-
-use crate::dispatch;
-use crate::ops::{axpy_body, dot_body};
-use crate::vmath::exp_body;
+//! Scaled dot-product attention over a range of cached keys, with the softmax in f32. The
+//! query heads that share a kv head are taken together, so each key and value is read once
+//! for all of them, where it lies in the cache (a ring for sliding layers): no copies per
+//! head. Keys go in blocks whose scores are one small matrix product, under an online
+//! softmax, so no score row outgrows a block.
 
 /// Where key/value position `p` lives: `base + (p % capacity) * stride`.
 #[derive(Clone, Copy)]
@@ -27,178 +25,74 @@ impl KvView<'_> {
     }
 }
 
-/// `out = softmax(q·K[lo..hi]ᵀ · scale) · V[lo..hi]` for one query row; `scores` holds at
-/// least `hi - lo` floats. Scores are capped with `c·tanh(s/c)` when `softcap` is set.
-#[allow(clippy::too_many_arguments)]
-pub fn attend(
-    q: &[f32],
-    kv: &KvView<'_>,
-    lo: usize,
-    hi: usize,
-    scale: f32,
-    softcap: Option<f32>,
-    scores: &mut [f32],
-    out: &mut [f32],
-) {
-    let (mut max, mut sum) = ([0f32], [0f32]);
-    let hd = kv.head_dim;
-    attend_partial(
-        q,
-        1,
-        kv,
-        lo,
-        hi,
-        scale,
-        softcap,
-        scores,
-        &mut out[..hd],
-        &mut max,
-        &mut sum,
-    );
-    let inv = 1.0 / sum[0];
-    out[..hd].iter_mut().for_each(|v| *v *= inv);
+/// Keys per block: a block's scores for a tile of rows are one small matrix product.
+const KEY_BLOCK: usize = 256;
+
+/// Keys per part (whole blocks). Parts and blocks start at multiples of their size in
+/// position space, so a row meets the same blocks in the same order whichever tile or step
+/// computes it: prefill and decode give identical results, and decode may compute the
+/// parts of a long range in parallel and fold them afterwards.
+pub const KEY_PART: usize = 1024;
+
+/// The parts `keys` touches, as absolute position ranges clipped to `keys`.
+pub fn key_parts(keys: std::ops::Range<usize>) -> impl Iterator<Item = std::ops::Range<usize>> {
+    let first = keys.start / KEY_PART;
+    let last = keys.end.div_ceil(KEY_PART);
+    (first..last).map(move |p| (p * KEY_PART).max(keys.start)..((p + 1) * KEY_PART).min(keys.end))
 }
 
-// `attend_partial(q, rows, kv, lo, hi, scale, softcap, scores, acc, max, sum)`: the query
-// rows `q` (`rows × head_dim`, the heads sharing this kv head) over keys `lo..hi`, each key
-// and value read once for all rows. Leaves the softmax unnormalised, as a state that
-// [`merge_partials`] can combine across key ranges: per row the largest score `max`, the
-// sum of `exp(score - max)` and `acc = Σ exp(score - max)·V`. `scores` holds at least
-// `rows × (hi - lo)` floats. Compiled once per instruction set as a whole.
-dispatch!(pub fn attend_partial(q: &[f32], rows: usize, kv: &KvView<'_>, lo: usize, hi: usize, scale: f32, softcap: Option<f32>, scores: &mut [f32], acc: &mut [f32], max: &mut [f32], sum: &mut [f32]) => attend_partial_body);
-
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn attend_partial_body<const FMA: bool>(
-    q: &[f32],
-    rows: usize,
-    kv: &KvView<'_>,
-    lo: usize,
-    hi: usize,
-    scale: f32,
-    softcap: Option<f32>,
-    scores: &mut [f32],
-    acc: &mut [f32],
-    max: &mut [f32],
-    sum: &mut [f32],
-) {
-    let hd = kv.head_dim;
-    let len = hi - lo;
-    let scores = &mut scores[..rows * len];
-    for (j, p) in (lo..hi).enumerate() {
-        let o = kv.at(p);
-        let k = &kv.k[o..o + hd];
-        for r in 0..rows {
-            let mut s = dot_body::<FMA>(&q[r * hd..(r + 1) * hd], k) * scale;
-            if let Some(c) = softcap {
-                s = c * (s / c).tanh();
-            }
-            scores[r * len + j] = s;
-        }
-    }
-    for r in 0..rows {
-        let row = &mut scores[r * len..(r + 1) * len];
-        let m = row
-            .iter()
-            .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
-        let mut s = 0.0;
-        for v in row.iter_mut() {
-            *v = exp_body::<FMA>(*v - m);
-            s += *v;
-        }
-        max[r] = m;
-        sum[r] = s;
-    }
-    acc[..rows * hd].fill(0.0);
-    for (j, p) in (lo..hi).enumerate() {
-        let o = kv.at(p);
-        let v = &kv.v[o..o + hd];
-        for r in 0..rows {
-            axpy_body::<FMA>(scores[r * len + j], v, &mut acc[r * hd..(r + 1) * hd]);
-        }
-    }
+/// Per-thread buffers of [`attend_rows`], grown once: one part's state and the running
+/// maxima and sums. (The score tile of [`attend_part`] is `SCORES`.)
+#[derive(Default)]
+struct Scratch {
+    part_acc: Vec<f32>,
+    part_max: Vec<f32>,
+    part_sum: Vec<f32>,
+    max: Vec<f32>,
+    sum: Vec<f32>,
 }
-
-/// Combines [`attend_partial`] states over disjoint key ranges into row `row`'s normalised
-/// output `out`. Part `c` keeps its `rows` rows at `acc[(c·rows + r)·hd..]`,
-/// `max[c·rows + r]`, `sum[c·rows + r]`.
-#[allow(clippy::too_many_arguments)]
-pub fn merge_partials(
-    acc: &[f32],
-    max: &[f32],
-    sum: &[f32],
-    parts: usize,
-    rows: usize,
-    hd: usize,
-    row: usize,
-    out: &mut [f32],
-) {
-    let m = (0..parts)
-        .map(|c| max[c * rows + row])
-        .fold(f32::NEG_INFINITY, f32::max);
-    let out = &mut out[..hd];
-    out.fill(0.0);
-    let mut total = 0.0;
-    for c in 0..parts {
-        // A part whose keys were all far below the maximum adds nothing.
-        let w = (max[c * rows + row] - m).exp();
-        if w == 0.0 {
-            continue;
-        }
-        total += w * sum[c * rows + row];
-        let a = &acc[(c * rows + row) * hd..(c * rows + row + 1) * hd];
-        out.iter_mut().zip(a).for_each(|(o, a)| *o += w * a);
-    }
-    let inv = 1.0 / total;
-    out.iter_mut().for_each(|v| *v *= inv);
-}
-
-/// Keys per block of [`attend_rows`]: the score tile is `rows × KEY_BLOCK`.
-const KEY_BLOCK: usize = 128;
 
 thread_local! {
-    /// Score tile, running output, row maxima and sums of [`attend_rows`]; grown once.
-    static TILE: std::cell::RefCell<(Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>)> =
-        const { std::cell::RefCell::new((Vec::new(), Vec::new(), Vec::new(), Vec::new())) };
+    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
 }
 
-/// Attention of many query rows that share one key/value head (the query heads of a
-/// group, for a run of positions): `out[r] = softmax(q[r]·K[keys[r]]ᵀ · scale) · V[keys[r]]`,
-/// with `q` and `out` row-major `rows × head_dim`. Keys are taken in blocks of
-/// [`KEY_BLOCK`]: each block's scores for every row are one small matrix product, so a key
-/// is read once for all rows; a running (online) softmax rescales what is already summed
-/// when a later block raises a row's maximum, so no score row longer than a block exists
-/// however long the context.
-pub fn attend_rows(
+/// The softmax state of `rows` query rows over the keys of one part (`part`, inside one
+/// [`KEY_PART`]-aligned part), left unnormalised for [`fold_part`]: per row the largest
+/// score `max`, `sum = Σ exp(score - max)` and `acc = Σ exp(score - max)·V`. Row `r` sees the
+/// keys `keys[r] ∩ part`. `q` and `acc` are row-major `rows × head_dim`. A row with no key in
+/// the part gets `max = -inf`, `sum = 0`, `acc = 0`.
+#[allow(clippy::too_many_arguments)]
+pub fn attend_part(
     q: &[f32],
     keys: &[std::ops::Range<usize>],
     kv: &KvView<'_>,
     scale: f32,
     softcap: Option<f32>,
-    out: &mut [f32],
+    part: std::ops::Range<usize>,
+    acc: &mut [f32],
+    max: &mut [f32],
+    sum: &mut [f32],
 ) {
     use crate::gemm::{gemm, gemm_into, BOperand, MatMut, MatRef};
     let hd = kv.head_dim;
     let rows = keys.len();
-    assert!(q.len() >= rows * hd && out.len() >= rows * hd);
-    let lo = keys.iter().map(|r| r.start).min().unwrap_or(0);
-    let hi = keys.iter().map(|r| r.end).max().unwrap_or(0);
-    TILE.with(|t| {
-        let mut t = t.borrow_mut();
-        let (s, acc, max, sum) = &mut *t;
-        s.resize(rows * KEY_BLOCK, 0.0);
-        acc.resize(rows * hd, 0.0);
-        max.resize(rows, 0.0);
-        sum.resize(rows, 0.0);
-        acc[..rows * hd].fill(0.0);
-        max[..rows].fill(f32::NEG_INFINITY);
-        sum[..rows].fill(0.0);
-        let qv = MatRef::row_major(&q[..rows * hd], rows, hd);
-        let mut k0 = lo;
-        while k0 < hi {
-            // A block never crosses the ring's wrap, so its keys are evenly strided.
+    assert!(q.len() >= rows * hd && acc.len() >= rows * hd && max.len() >= rows);
+    acc[..rows * hd].fill(0.0);
+    max[..rows].fill(f32::NEG_INFINITY);
+    sum[..rows].fill(0.0);
+    let qv = MatRef::row_major(&q[..rows * hd], rows, hd);
+    SCORES.with(|s| {
+        let mut s = s.borrow_mut();
+        if s.len() < rows * KEY_BLOCK {
+            s.resize(rows * KEY_BLOCK, 0.0);
+        }
+        let mut k0 = part.start;
+        while k0 < part.end {
+            // Blocks end at multiples of KEY_BLOCK and never cross the ring's wrap, so their
+            // keys are evenly strided.
             let wrap = (k0 / kv.capacity + 1) * kv.capacity;
-            let k1 = (k0 + KEY_BLOCK).min(hi).min(wrap);
+            let k1 = ((k0 / KEY_BLOCK + 1) * KEY_BLOCK).min(part.end).min(wrap);
             let nk = k1 - k0;
             let at = kv.at(k0);
             let span = (nk - 1) * kv.stride + hd;
@@ -244,14 +138,96 @@ pub fn attend_rows(
             );
             k0 = k1;
         }
-        for r in 0..rows {
-            let inv = 1.0 / sum[r];
-            for (o, a) in out[r * hd..(r + 1) * hd]
-                .iter_mut()
-                .zip(&acc[r * hd..(r + 1) * hd])
-            {
-                *o = a * inv;
-            }
-        }
     });
+}
+
+/// Folds a part's state (`acc_p`, `max_p`, `sum_p`) into a running one, row by row; the
+/// same arithmetic wherever the parts were computed. Start from `acc = 0`, `max = -inf`,
+/// `sum = 0` and fold the parts in position order.
+pub fn fold_part(
+    acc: &mut [f32],
+    max: &mut [f32],
+    sum: &mut [f32],
+    acc_p: &[f32],
+    max_p: &[f32],
+    sum_p: &[f32],
+    hd: usize,
+) {
+    for r in 0..max_p.len() {
+        if max_p[r] == f32::NEG_INFINITY {
+            continue;
+        }
+        let m = max[r].max(max_p[r]);
+        let (a, b) = ((max[r] - m).exp(), (max_p[r] - m).exp());
+        sum[r] = sum[r] * a + sum_p[r] * b;
+        for (x, y) in acc[r * hd..(r + 1) * hd]
+            .iter_mut()
+            .zip(&acc_p[r * hd..(r + 1) * hd])
+        {
+            *x = *x * a + y * b;
+        }
+        max[r] = m;
+    }
+}
+
+/// Attention of query rows that share one key/value head (the query heads of a group, for
+/// one or many positions): `out[r] = softmax(q[r]·K[keys[r]]ᵀ · scale) · V[keys[r]]`, scores
+/// capped with `c·tanh(s/c)` when `softcap` is set. Parts are computed and folded in order
+/// ([`attend_part`], [`fold_part`]), so a key is read once per tile of rows and no score
+/// row is longer than a block, however long the context.
+pub fn attend_rows(
+    q: &[f32],
+    keys: &[std::ops::Range<usize>],
+    kv: &KvView<'_>,
+    scale: f32,
+    softcap: Option<f32>,
+    out: &mut [f32],
+) {
+    let hd = kv.head_dim;
+    let rows = keys.len();
+    let lo = keys.iter().map(|r| r.start).min().unwrap_or(0);
+    let hi = keys.iter().map(|r| r.end).max().unwrap_or(0);
+    let out = &mut out[..rows * hd];
+    out.fill(0.0);
+    SCRATCH.with(|t| {
+        let t = &mut *t.borrow_mut();
+        t.part_acc.resize(rows * hd, 0.0);
+        t.part_max.resize(rows, 0.0);
+        t.part_sum.resize(rows, 0.0);
+        t.max.clear();
+        t.max.resize(rows, f32::NEG_INFINITY);
+        t.sum.clear();
+        t.sum.resize(rows, 0.0);
+        for part in key_parts(lo..hi) {
+            attend_part(
+                q,
+                keys,
+                kv,
+                scale,
+                softcap,
+                part,
+                &mut t.part_acc,
+                &mut t.part_max,
+                &mut t.part_sum,
+            );
+            fold_part(
+                out,
+                &mut t.max,
+                &mut t.sum,
+                &t.part_acc,
+                &t.part_max[..rows],
+                &t.part_sum,
+                hd,
+            );
+        }
+        normalize(out, &t.sum, hd);
+    });
+}
+
+/// Divides each row of a folded state by its sum: the attention output.
+pub fn normalize(acc: &mut [f32], sum: &[f32], hd: usize) {
+    for (row, s) in acc.chunks_mut(hd).zip(sum) {
+        let inv = 1.0 / s;
+        row.iter_mut().for_each(|v| *v *= inv);
+    }
 }

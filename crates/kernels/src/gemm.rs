@@ -263,6 +263,31 @@ fn kernel() -> Kernel {
     }
 }
 
+/// The kernel for `m` rows: a 4-row one when there are that few (attention of one
+/// position's query heads), so no padded rows are multiplied. Every kernel sums each
+/// element in the same order, so the choice never changes a result.
+fn kernel_for(m: usize) -> Kernel {
+    let k = kernel();
+    if m > 4 {
+        return k;
+    }
+    match crate::simd::level() {
+        #[cfg(target_arch = "x86_64")]
+        crate::simd::Level::Avx512 => Kernel {
+            mr: 4,
+            nr: avx512::NR,
+            f: avx512::kernel_rows::<4>,
+        },
+        #[cfg(target_arch = "x86_64")]
+        crate::simd::Level::Avx2 => Kernel {
+            mr: 4,
+            nr: avx2::NR,
+            f: avx2::kernel_rows::<4>,
+        },
+        _ => k,
+    }
+}
+
 thread_local! {
     static A_BUF: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     static B_BUF: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
@@ -310,7 +335,7 @@ fn gemm_impl(a: AOperand<'_>, b: BOperand<'_>, c: MatMut<'_>, parallel: bool, ac
         }
         (AOperand::Packed(p), _) => p.kern,
         (_, BOperand::Packed(p)) => p.kern,
-        _ => kernel(),
+        _ => kernel_for(m),
     };
     let (mr, nr) = (kern.mr, kern.nr);
     let threads = if parallel {
@@ -559,21 +584,35 @@ mod avx512 {
     /// The CPU must have AVX-512F; `a` holds `kc·MR`, `b` `kc·NR`, `out` `MR·NR` values.
     #[target_feature(enable = "avx512f")]
     pub unsafe fn kernel(kc: usize, a: *const f32, b: *const f32, out: *mut f32) {
-        let mut c0 = [_mm512_setzero_ps(); MR];
-        let mut c1 = [_mm512_setzero_ps(); MR];
+        kernel_rows::<MR>(kc, a, b, out)
+    }
+
+    /// The same for an `R`-row A panel.
+    ///
+    /// # Safety
+    /// As for [`kernel`], with `R` rows.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn kernel_rows<const R: usize>(
+        kc: usize,
+        a: *const f32,
+        b: *const f32,
+        out: *mut f32,
+    ) {
+        let mut c0 = [_mm512_setzero_ps(); R];
+        let mut c1 = [_mm512_setzero_ps(); R];
         let (mut a, mut b) = (a, b);
         for _ in 0..kc {
             let b0 = _mm512_loadu_ps(b);
             let b1 = _mm512_loadu_ps(b.add(16));
-            for i in 0..MR {
+            for i in 0..R {
                 let ai = _mm512_set1_ps(*a.add(i));
                 c0[i] = _mm512_fmadd_ps(ai, b0, c0[i]);
                 c1[i] = _mm512_fmadd_ps(ai, b1, c1[i]);
             }
-            a = a.add(MR);
+            a = a.add(R);
             b = b.add(NR);
         }
-        for i in 0..MR {
+        for i in 0..R {
             _mm512_storeu_ps(out.add(i * NR), c0[i]);
             _mm512_storeu_ps(out.add(i * NR + 16), c1[i]);
         }
@@ -592,21 +631,35 @@ mod avx2 {
     /// The CPU must have AVX2 and FMA; sizes as for the AVX-512 kernel.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn kernel(kc: usize, a: *const f32, b: *const f32, out: *mut f32) {
-        let mut c0 = [_mm256_setzero_ps(); MR];
-        let mut c1 = [_mm256_setzero_ps(); MR];
+        kernel_rows::<MR>(kc, a, b, out)
+    }
+
+    /// The same for an `R`-row A panel.
+    ///
+    /// # Safety
+    /// As for [`kernel`], with `R` rows.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn kernel_rows<const R: usize>(
+        kc: usize,
+        a: *const f32,
+        b: *const f32,
+        out: *mut f32,
+    ) {
+        let mut c0 = [_mm256_setzero_ps(); R];
+        let mut c1 = [_mm256_setzero_ps(); R];
         let (mut a, mut b) = (a, b);
         for _ in 0..kc {
             let b0 = _mm256_loadu_ps(b);
             let b1 = _mm256_loadu_ps(b.add(8));
-            for i in 0..MR {
+            for i in 0..R {
                 let ai = _mm256_broadcast_ss(&*a.add(i));
                 c0[i] = _mm256_fmadd_ps(ai, b0, c0[i]);
                 c1[i] = _mm256_fmadd_ps(ai, b1, c1[i]);
             }
-            a = a.add(MR);
+            a = a.add(R);
             b = b.add(NR);
         }
-        for i in 0..MR {
+        for i in 0..R {
             _mm256_storeu_ps(out.add(i * NR), c0[i]);
             _mm256_storeu_ps(out.add(i * NR + 8), c1[i]);
         }

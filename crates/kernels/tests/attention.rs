@@ -1,8 +1,11 @@
-//! Tiled attention (`attend_rows`) against a plain f64 softmax per query row, with a ring
-//! cache that wraps inside the key range, rows with different (sliding, causal,
-//! bidirectional) key ranges, several key blocks and soft-capping.
+//! Attention against a plain f64 softmax per query row, with a ring cache that wraps inside
+//! the key range, rows with different (sliding, causal, bidirectional) key ranges, several
+//! key blocks and parts, and soft-capping; and decode's parts-then-fold equal to the tile
+//! bit for bit.
 
-use gemma3_kernels::attention::{attend, attend_partial, attend_rows, merge_partials, KvView};
+use gemma3_kernels::attention::{
+    attend_part, attend_rows, fold_part, key_parts, normalize, KvView,
+};
 
 struct Lcg(u64);
 impl Lcg {
@@ -51,9 +54,11 @@ fn reference(
 #[test]
 fn tiled_attention_matches_a_plain_softmax() {
     let mut rng = Lcg(99);
+    // (head_dim, ring capacity, stride, offset, soft-cap): rings short enough to wrap
+    // inside key ranges that cross several key parts (1024) and blocks (128).
     for &(hd, capacity, stride, offset, softcap) in &[
-        (64usize, 700usize, 128usize, 64usize, None),
-        (32, 300, 32, 0, Some(50.0f32)),
+        (64usize, 2500usize, 128usize, 64usize, None),
+        (32, 1300, 32, 0, Some(50.0f32)),
     ] {
         let k: Vec<f32> = (0..capacity * stride).map(|_| rng.f() * 2.0).collect();
         let v: Vec<f32> = (0..capacity * stride).map(|_| rng.f()).collect();
@@ -66,90 +71,64 @@ fn tiled_attention_matches_a_plain_softmax() {
             head_dim: hd,
         };
         // Positions past the capacity wrap around the ring.
-        let base = capacity + 37;
+        let base = 2 * capacity + 37;
         let keys: Vec<std::ops::Range<usize>> = vec![
             base..base + 1,
-            base - 250..base + 5,
+            base - 1250..base + 5,
             base + 3..base + 290,
             base - 100..base - 99,
-            base - 130..base + 140,
+            base - 1030..base + 140,
         ];
         let q: Vec<f32> = (0..keys.len() * hd).map(|_| rng.f()).collect();
-        let mut out = vec![f32::NAN; keys.len() * hd];
         let scale = 1.0 / (hd as f32).sqrt();
+        let mut out = vec![f32::NAN; keys.len() * hd];
         attend_rows(&q, &keys, &kv, scale, softcap, &mut out);
-        let mut scores = vec![0f32; 400];
         for (r, range) in keys.iter().enumerate() {
             let want = reference(&q[r * hd..(r + 1) * hd], &kv, range.clone(), scale, softcap);
-            let mut one = vec![0f32; hd];
-            attend(
-                &q[r * hd..(r + 1) * hd],
-                &kv,
-                range.start,
-                range.end,
-                scale,
-                softcap,
-                &mut scores,
-                &mut one,
-            );
             for i in 0..hd {
-                let (got, single) = (out[r * hd + i] as f64, one[i] as f64);
+                let got = out[r * hd + i] as f64;
                 assert!(
                     (got - want[i]).abs() < 1e-5,
                     "row {r} dim {i}: {got} vs {}",
                     want[i]
                 );
-                assert!(
-                    (single - want[i]).abs() < 1e-5,
-                    "attend row {r} dim {i}: {single} vs {}",
-                    want[i]
-                );
             }
-        }
-        // Decode's way: three query rows sharing one key range, split into parts (one
-        // of them crossing the ring's wrap) and merged.
-        let range = base - 300..base + 45;
-        let rows = 3;
-        let q3 = &q[..rows * hd];
-        let cuts = [range.start, range.start + 7, base - 2, base + 1, range.end];
-        let parts = cuts.len() - 1;
-        let (mut acc, mut max, mut sum) = (
-            vec![0f32; parts * rows * hd],
-            vec![0f32; parts * rows],
-            vec![0f32; parts * rows],
-        );
-        let mut scores = vec![0f32; rows * 400];
-        for c in 0..parts {
-            attend_partial(
-                q3,
-                rows,
-                &kv,
-                cuts[c],
-                cuts[c + 1],
-                scale,
-                softcap,
-                &mut scores,
-                &mut acc[c * rows * hd..(c + 1) * rows * hd],
-                &mut max[c * rows..(c + 1) * rows],
-                &mut sum[c * rows..(c + 1) * rows],
-            );
-        }
-        for r in 0..rows {
-            let mut got = vec![0f32; hd];
-            merge_partials(&acc, &max, &sum, parts, rows, hd, r, &mut got);
-            let want = reference(
-                &q3[r * hd..(r + 1) * hd],
-                &kv,
-                range.clone(),
-                scale,
-                softcap,
-            );
-            for i in 0..hd {
-                assert!(
-                    (got[i] as f64 - want[i]).abs() < 1e-5,
-                    "merged row {r} dim {i}"
-                );
+            // Decode's way: this row alone, its parts computed separately (in any order)
+            // and folded in position order: the same bits as the tile of all rows.
+            let parts: Vec<_> = key_parts(range.clone()).collect();
+            let mut states: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = parts
+                .iter()
+                .rev()
+                .map(|part| {
+                    let (mut acc, mut max, mut sum) =
+                        (vec![0f32; hd], vec![0f32; 1], vec![0f32; 1]);
+                    let row = &q[r * hd..(r + 1) * hd];
+                    let ks = std::slice::from_ref(range);
+                    attend_part(
+                        row,
+                        ks,
+                        &kv,
+                        scale,
+                        softcap,
+                        part.clone(),
+                        &mut acc,
+                        &mut max,
+                        &mut sum,
+                    );
+                    (acc, max, sum)
+                })
+                .collect();
+            states.reverse();
+            let (mut acc, mut max, mut sum) = (vec![0f32; hd], vec![f32::NEG_INFINITY], vec![0f32]);
+            for (a, m, s) in &states {
+                fold_part(&mut acc, &mut max, &mut sum, a, m, s, hd);
             }
+            normalize(&mut acc, &sum, hd);
+            assert_eq!(
+                &acc[..],
+                &out[r * hd..(r + 1) * hd],
+                "row {r}: parts differ from the tile"
+            );
         }
     }
 }

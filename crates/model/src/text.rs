@@ -10,7 +10,9 @@
 use crate::cache::KvCache;
 use crate::weights::TextWeights;
 use crate::{LayerKind, ModelError, TextConfig};
-use gemma3_kernels::attention::{attend_partial, attend_rows, merge_partials, KvView};
+use gemma3_kernels::attention::{
+    attend_part, attend_rows, fold_part, key_parts, normalize, KvView, KEY_PART,
+};
 use gemma3_kernels::ops::{
     gelu_gate, gelu_gate_f16, rms_norm, rms_norm_inplace, rms_norm_rows, rope_cos_sin,
     rope_inv_freq, rope_neox, round_to_f16,
@@ -117,11 +119,13 @@ pub struct Workspace {
     /// Per row of the chunk: one past the last key it may see (its image block's end, or
     /// itself).
     attn_hi: Vec<usize>,
-    /// Decode attention split over key ranges: per part, every head's unnormalised output,
-    /// running maximum and sum (see `attend_partial`).
+    /// Decode attention by parts of the key range (see `attend_part`): per part every
+    /// head's unnormalised output, maximum and sum, and the running maxima and sums.
     part_acc: Vec<f32>,
     part_max: Vec<f32>,
     part_sum: Vec<f32>,
+    run_max: Vec<f32>,
+    run_sum: Vec<f32>,
 }
 
 impl Workspace {
@@ -151,9 +155,11 @@ impl Workspace {
             logits: vec![0.0; g * cfg.vocab_size],
             rows: Vec::with_capacity(n),
             attn_hi: vec![0; n],
-            part_acc: vec![0.0; KEY_PARTS * qd],
-            part_max: vec![0.0; KEY_PARTS * cfg.num_heads],
-            part_sum: vec![0.0; KEY_PARTS * cfg.num_heads],
+            part_acc: vec![0.0; max_parts(cfg) * qd],
+            part_max: vec![0.0; max_parts(cfg) * cfg.num_heads],
+            part_sum: vec![0.0; max_parts(cfg) * cfg.num_heads],
+            run_max: vec![0.0; cfg.num_heads],
+            run_sum: vec![0.0; cfg.num_heads],
         }
     }
 
@@ -194,10 +200,13 @@ thread_local! {
 /// without a long context before them).
 const QUERY_BLOCK: usize = 64;
 
-/// Decode attention splits a long key range into at most this many parts (run in
-/// parallel, then merged), each of at least `KEYS_PER_PART` keys.
-const KEY_PARTS: usize = 16;
-const KEYS_PER_PART: usize = 256;
+/// The most key parts a decode step can touch (the whole context, unaligned).
+fn max_parts(cfg: &TextConfig) -> usize {
+    cfg.max_position_embeddings.div_ceil(KEY_PART) + 1
+}
+
+/// Query heads per kv head that the decode path handles (Gemma 3 has 2 to 4).
+const MAX_GROUP: usize = 16;
 
 pub struct TextModel {
     pub cfg: TextConfig,
@@ -544,32 +553,38 @@ impl TextModel {
                     });
             } else {
                 // Decode (and short chunks): per position and kv head, the group's query
-                // heads together, so each key and value is read once; a long key range
-                // is split into parts run in parallel and merged.
+                // heads together. The key range's parts (the same aligned parts a prefill
+                // tile folds in order, so both give identical results) run in parallel,
+                // then are folded in order.
+                assert!(group <= MAX_GROUP, "{group} query heads per kv head");
                 for t in 0..n {
                     let keys = key_range(p0 + t, p0 + attn_hi[t], window);
-                    let parts = (keys.len() / KEYS_PER_PART).clamp(1, KEY_PARTS);
-                    let per = keys.len().div_ceil(parts);
-                    let parts = keys.len().div_ceil(per);
+                    let ranges: [std::ops::Range<usize>; MAX_GROUP] =
+                        std::array::from_fn(|_| keys.clone());
+                    let first = keys.start / KEY_PART;
+                    let parts = key_parts(keys.clone()).count();
                     let qt = &q[t * qd..(t + 1) * qd];
                     let task = |(j, ((acc, max), sum)): (
                         usize,
                         ((&mut [f32], &mut [f32]), &mut [f32]),
                     )| {
                         let (part, kvh) = (j / nkv, j % nkv);
-                        let lo = keys.start + part * per;
-                        let hi = (lo + per).min(keys.end);
+                        let p = first + part;
+                        let range =
+                            (p * KEY_PART).max(keys.start)..((p + 1) * KEY_PART).min(keys.end);
                         let rows = &qt[kvh * group * hd..(kvh + 1) * group * hd];
-                        SCORES.with(|s| {
-                            let mut s = s.borrow_mut();
-                            if s.len() < group * per {
-                                s.resize(group * per, 0.0);
-                            }
-                            let kv = kv_of(kvh);
-                            attend_partial(
-                                rows, group, &kv, lo, hi, scale, softcap, &mut s, acc, max, sum,
-                            );
-                        });
+                        let kv = kv_of(kvh);
+                        attend_part(
+                            rows,
+                            &ranges[..group],
+                            &kv,
+                            scale,
+                            softcap,
+                            range,
+                            acc,
+                            max,
+                            sum,
+                        );
                     };
                     let (acc, max, sum) = (
                         &mut ws.part_acc[..parts * qd],
@@ -590,19 +605,23 @@ impl TextModel {
                             .enumerate()
                             .for_each(task);
                     }
-                    // Part p holds head r's state at row p·nh + r (heads in kv-head order).
-                    for r in 0..nh {
-                        merge_partials(
-                            &ws.part_acc[..parts * qd],
-                            &ws.part_max[..parts * nh],
-                            &ws.part_sum[..parts * nh],
-                            parts,
-                            nh,
+                    // Part p holds every head's state at p·nh (heads in kv-head order).
+                    let out = &mut ws.attn[t * qd..(t + 1) * qd];
+                    out.fill(0.0);
+                    ws.run_max.fill(f32::NEG_INFINITY);
+                    ws.run_sum.fill(0.0);
+                    for p in 0..parts {
+                        fold_part(
+                            out,
+                            &mut ws.run_max,
+                            &mut ws.run_sum,
+                            &ws.part_acc[p * qd..(p + 1) * qd],
+                            &ws.part_max[p * nh..(p + 1) * nh],
+                            &ws.part_sum[p * nh..(p + 1) * nh],
                             hd,
-                            r,
-                            &mut ws.attn[t * qd + r * hd..t * qd + (r + 1) * hd],
                         );
                     }
+                    normalize(out, &ws.run_sum, hd);
                 }
             }
             matmul_weights(lw.o.weights(), &ws.attn, n, &mut ws.o, self.precision);
