@@ -181,50 +181,30 @@ pub fn run(a: BenchArgs) -> Result<()> {
                     format!("{test} @ d{d}")
                 }
             };
+            // pp: one batch of `len` tokens; tg: `len` single-token steps.
+            let tests = a.n_prompt.iter().map(|&p| ("pp", p));
+            let tests: Vec<_> = tests.chain(a.n_gen.iter().map(|&n| ("tg", n))).collect();
             for &d in &a.depth {
-                for &p in a.n_prompt.iter().filter(|&&p| p > 0) {
+                for &(kind, len) in tests.iter().filter(|t| t.1 > 0) {
                     let mut speeds = vec![];
                     for _ in 0..a.reps {
                         fill(&mut cache, &mut ws, d)?;
+                        let batch = if kind == "pp" { len } else { 1 };
                         let t0 = Instant::now();
-                        model.text.forward(
-                            &tokens[d..d + p],
-                            &mut cache,
-                            &mut ws,
-                            Logits::Last,
-                            &mut |_, _| {},
-                        )?;
-                        speeds.push(p as f64 / t0.elapsed().as_secs_f64());
-                    }
-                    let (mean, sd) = mean_sd(&speeds);
-                    rows.push(Row {
-                        test: label(format!("pp{p}"), d),
-                        depth: d,
-                        threads: t,
-                        mean,
-                        sd,
-                        reps: a.reps,
-                    });
-                }
-                for &n in a.n_gen.iter().filter(|&&n| n > 0) {
-                    let mut speeds = vec![];
-                    for _ in 0..a.reps {
-                        fill(&mut cache, &mut ws, d)?;
-                        let t0 = Instant::now();
-                        for tok in &tokens[d..d + n] {
+                        for chunk in tokens[d..d + len].chunks(batch) {
                             model.text.forward(
-                                std::slice::from_ref(tok),
+                                chunk,
                                 &mut cache,
                                 &mut ws,
                                 Logits::Last,
                                 &mut |_, _| {},
                             )?;
                         }
-                        speeds.push(n as f64 / t0.elapsed().as_secs_f64());
+                        speeds.push(len as f64 / t0.elapsed().as_secs_f64());
                     }
                     let (mean, sd) = mean_sd(&speeds);
                     rows.push(Row {
-                        test: label(format!("tg{n}"), d),
+                        test: label(format!("{kind}{len}"), d),
                         depth: d,
                         threads: t,
                         mean,

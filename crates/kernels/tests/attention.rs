@@ -7,16 +7,8 @@ use gemma3_kernels::attention::{
     attend_part, attend_rows, fold_part, key_parts, normalize, KvView,
 };
 
-struct Lcg(u64);
-impl Lcg {
-    fn f(&mut self) -> f32 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
-}
+mod common;
+use common::Lcg;
 
 fn reference(
     q: &[f32],

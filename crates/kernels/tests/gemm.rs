@@ -7,19 +7,8 @@ use gemma3_kernels::gemm::{gemm, gemm_into, BOperand, MatMut, MatRef, PackedA, P
 use gemma3_kernels::simd::{set_level, Level};
 use gemma3_kernels::{ops, vmath, Weights};
 
-struct Lcg(u64);
-impl Lcg {
-    fn f(&mut self) -> f32 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((self.0 >> 33) as u32 as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
-    }
-    fn vec(&mut self, n: usize) -> Vec<f32> {
-        (0..n).map(|_| self.f()).collect()
-    }
-}
+mod common;
+use common::Lcg;
 
 /// The SIMD level is global: tests that change it hold this lock so none sees another's
 /// level change midway (a packed operand would then meet a kernel of another width).

@@ -7,19 +7,8 @@ use gemma3_kernels::simd::{set_level, set_vnni, Level};
 use gemma3_kernels::{matmul, matmul_weights, ops, Linear, Precision};
 use std::sync::Arc;
 
-struct Lcg(u64);
-impl Lcg {
-    fn next(&mut self) -> u32 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (self.0 >> 33) as u32
-    }
-    fn f(&mut self) -> f32 {
-        (self.next() as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
-    }
-}
+mod common;
+use common::Lcg;
 
 /// Offsets of f16 scale fields in a block, which must hold finite values.
 fn scale_fields(t: DType) -> &'static [usize] {
