@@ -232,7 +232,9 @@ impl PackedB {
 
 /// A micro-kernel: `out[MR × NR] (row-major) = Σ_p a[p][0..MR] ⊗ b[p][0..NR]` over `kc`
 /// steps of packed panels.
-type KernelFn = unsafe fn(kc: usize, a: *const f32, b: *const f32, out: *mut f32);
+/// B's rows are `ldb` floats apart: `NR` for a packed panel, the row stride when B is read
+/// in place.
+type KernelFn = unsafe fn(kc: usize, a: *const f32, b: *const f32, ldb: usize, out: *mut f32);
 
 #[derive(Clone, Copy)]
 struct Kernel {
@@ -351,8 +353,14 @@ fn gemm_impl(a: AOperand<'_>, b: BOperand<'_>, c: MatMut<'_>, parallel: bool, ac
     // The packed B block: local when parallel (the calling thread may run tasks), else
     // the thread's own reused buffer.
     let mut local_b = Vec::new();
+    // A row-major f32 B whose panels are all full is read where it lies (values in
+    // attention's P·V): the kernel steps its rows by their stride instead of NR.
+    let in_place = match b {
+        BOperand::F32(v) if v.cs == 1 && n.is_multiple_of(nr) => Some(v),
+        _ => None,
+    };
     let run = |bbuf: &mut Vec<f32>| {
-        if !matches!(b, BOperand::Packed(_)) {
+        if !matches!(b, BOperand::Packed(_)) && in_place.is_none() {
             bbuf.resize(NC.min(n.div_ceil(nr) * nr) * KC.min(k), 0.0);
         }
         for jc in (0..n).step_by(NC) {
@@ -363,6 +371,7 @@ fn gemm_impl(a: AOperand<'_>, b: BOperand<'_>, c: MatMut<'_>, parallel: bool, ac
                 // The first block of the depth sets C when it is not accumulated into.
                 let add = accumulate || pc > 0;
                 let bp: &[f32] = match b {
+                    _ if in_place.is_some() => &[],
                     BOperand::Packed(p) => p.block(jc, pc, kc, n_panels),
                     _ => {
                         let bp = &mut bbuf[..n_panels * kc * nr];
@@ -397,13 +406,24 @@ fn gemm_impl(a: AOperand<'_>, b: BOperand<'_>, c: MatMut<'_>, parallel: bool, ac
                         for jp in jps.clone() {
                             let j0 = jc + jp * nr;
                             let cols = nr.min(n - j0);
-                            let bpan = &bp[jp * kc * nr..(jp + 1) * kc * nr];
+                            let (bpan, ldb) = match in_place {
+                                // Rows pc..pc+kc, columns j0..j0+NR, all inside the view.
+                                Some(v) => (&v.data[pc * v.rs + j0..], v.rs),
+                                None => (&bp[jp * kc * nr..(jp + 1) * kc * nr], nr),
+                            };
                             for ip in 0..a_panels {
                                 let apan = &ap[ip * kc * mr..(ip + 1) * kc * mr];
-                                // SAFETY: the panels hold kc·MR and kc·NR values and the
+                                // SAFETY: the A panel holds kc·MR values, B kc rows of NR
+                                // values ldb apart (checked by MatRef::new for a view), the
                                 // tile MR·NR; the kernel was chosen for this CPU.
                                 unsafe {
-                                    (kern.f)(kc, apan.as_ptr(), bpan.as_ptr(), tile.as_mut_ptr())
+                                    (kern.f)(
+                                        kc,
+                                        apan.as_ptr(),
+                                        bpan.as_ptr(),
+                                        ldb,
+                                        tile.as_mut_ptr(),
+                                    )
                                 };
                                 let r0 = i0 + ip * mr;
                                 let rows = mr.min(m - r0);
@@ -583,8 +603,8 @@ mod avx512 {
     /// # Safety
     /// The CPU must have AVX-512F; `a` holds `kc·MR`, `b` `kc·NR`, `out` `MR·NR` values.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn kernel(kc: usize, a: *const f32, b: *const f32, out: *mut f32) {
-        kernel_rows::<MR>(kc, a, b, out)
+    pub unsafe fn kernel(kc: usize, a: *const f32, b: *const f32, ldb: usize, out: *mut f32) {
+        kernel_rows::<MR>(kc, a, b, ldb, out)
     }
 
     /// The same for an `R`-row A panel.
@@ -596,6 +616,7 @@ mod avx512 {
         kc: usize,
         a: *const f32,
         b: *const f32,
+        ldb: usize,
         out: *mut f32,
     ) {
         let mut c0 = [_mm512_setzero_ps(); R];
@@ -610,7 +631,7 @@ mod avx512 {
                 c1[i] = _mm512_fmadd_ps(ai, b1, c1[i]);
             }
             a = a.add(R);
-            b = b.add(NR);
+            b = b.add(ldb);
         }
         for i in 0..R {
             _mm512_storeu_ps(out.add(i * NR), c0[i]);
@@ -630,8 +651,8 @@ mod avx2 {
     /// # Safety
     /// The CPU must have AVX2 and FMA; sizes as for the AVX-512 kernel.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn kernel(kc: usize, a: *const f32, b: *const f32, out: *mut f32) {
-        kernel_rows::<MR>(kc, a, b, out)
+    pub unsafe fn kernel(kc: usize, a: *const f32, b: *const f32, ldb: usize, out: *mut f32) {
+        kernel_rows::<MR>(kc, a, b, ldb, out)
     }
 
     /// The same for an `R`-row A panel.
@@ -643,6 +664,7 @@ mod avx2 {
         kc: usize,
         a: *const f32,
         b: *const f32,
+        ldb: usize,
         out: *mut f32,
     ) {
         let mut c0 = [_mm256_setzero_ps(); R];
@@ -657,7 +679,7 @@ mod avx2 {
                 c1[i] = _mm256_fmadd_ps(ai, b1, c1[i]);
             }
             a = a.add(R);
-            b = b.add(NR);
+            b = b.add(ldb);
         }
         for i in 0..R {
             _mm256_storeu_ps(out.add(i * NR), c0[i]);
@@ -672,11 +694,11 @@ mod portable {
 
     /// # Safety
     /// Sizes as for the AVX-512 kernel.
-    pub unsafe fn kernel(kc: usize, a: *const f32, b: *const f32, out: *mut f32) {
+    pub unsafe fn kernel(kc: usize, a: *const f32, b: *const f32, ldb: usize, out: *mut f32) {
         let a = std::slice::from_raw_parts(a, kc * MR);
-        let b = std::slice::from_raw_parts(b, kc * NR);
         let mut c = [[0f32; NR]; MR];
-        for (ap, bp) in a.chunks_exact(MR).zip(b.chunks_exact(NR)) {
+        for (p, ap) in a.chunks_exact(MR).enumerate() {
+            let bp = std::slice::from_raw_parts(b.add(p * ldb), NR);
             for i in 0..MR {
                 for j in 0..NR {
                     c[i][j] += ap[i] * bp[j];
