@@ -42,33 +42,69 @@ impl QuantActs {
 
     /// Quantizes with `block`'s scale granularity (`cols` a multiple of its size).
     pub fn quantize_as(&mut self, x: &[f32], n: usize, cols: usize, block: ActBlock) {
+        use rayon::prelude::*;
         assert_eq!(cols % block.size(), 0);
         self.cols = cols;
         self.q.resize(n * cols, 0);
         self.dg.resize(n * cols / 16, 0.0);
         self.ds.resize(n * cols / 16, 0.0);
-        match block {
-            ActBlock::Q8_0 => {
-                quantize_dispatch(&x[..n * cols], &mut self.q, &mut self.dg, &mut self.ds)
-            }
-            ActBlock::Q8K => {
-                quantize_k_dispatch(&x[..n * cols], &mut self.q, &mut self.dg, &mut self.ds)
-            }
-        }
         self.isum16.resize(n * cols / 16, 0);
         self.sdx32.resize(n * cols / 32, 0.0);
-        for (s, q) in self.isum16.iter_mut().zip(self.q.chunks_exact(16)) {
-            *s = q.iter().map(|&v| v as i32).sum();
-        }
-        for (b, s) in self.sdx32.iter_mut().enumerate() {
-            *s = self.dg[2 * b] * (self.isum16[2 * b] + self.isum16[2 * b + 1]) as f32;
-        }
-        if block == ActBlock::Q8K {
-            self.pair32.resize(n * cols / 64, 0);
-            for (p, s) in self.pair32.iter_mut().zip(self.isum16.chunks_exact(4)) {
+        // Pair sums are only read with Q8_K blocking; a row keeps at least one slot.
+        let pw = (cols / 64).max(1);
+        self.pair32.resize(n * pw, 0);
+        // One row: its blocks, then the integer sums the kernels use for offsets.
+        type Row<'a> = (
+            (
+                (((&'a [f32], &'a mut [i8]), &'a mut [f32]), &'a mut [f32]),
+                (&'a mut [i32], &'a mut [f32]),
+            ),
+            &'a mut [i32],
+        );
+        let row = |(((((x, q), dg), ds), (isum, sdx)), pair): Row<'_>| {
+            match block {
+                ActBlock::Q8_0 => quantize_dispatch(x, q, dg, ds),
+                ActBlock::Q8K => quantize_k_dispatch(x, q, dg, ds),
+            }
+            for (s, q) in isum.iter_mut().zip(q.chunks_exact(16)) {
+                *s = q.iter().map(|&v| v as i32).sum();
+            }
+            for (b, s) in sdx.iter_mut().enumerate() {
+                *s = dg[2 * b] * (isum[2 * b] + isum[2 * b + 1]) as f32;
+            }
+            for (p, s) in pair.iter_mut().zip(isum.chunks_exact(4)) {
                 let (a, b) = ((s[0] + s[1]) as i16 as u16, (s[2] + s[3]) as i16 as u16);
                 *p = (a as u32 | (b as u32) << 16) as i32;
             }
+        };
+        let g = cols / 16;
+        // A prompt's rows are quantized in parallel (the matrix product waits for them).
+        if n >= 16 && rayon::current_num_threads() > 1 {
+            x[..n * cols]
+                .par_chunks(cols)
+                .zip(self.q.par_chunks_mut(cols))
+                .zip(self.dg.par_chunks_mut(g))
+                .zip(self.ds.par_chunks_mut(g))
+                .zip(
+                    self.isum16
+                        .par_chunks_mut(g)
+                        .zip(self.sdx32.par_chunks_mut(cols / 32)),
+                )
+                .zip(self.pair32.par_chunks_mut(pw))
+                .for_each(row);
+        } else {
+            x[..n * cols]
+                .chunks(cols)
+                .zip(self.q.chunks_mut(cols))
+                .zip(self.dg.chunks_mut(g))
+                .zip(self.ds.chunks_mut(g))
+                .zip(
+                    self.isum16
+                        .chunks_mut(g)
+                        .zip(self.sdx32.chunks_mut(cols / 32)),
+                )
+                .zip(self.pair32.chunks_mut(pw))
+                .for_each(row);
         }
     }
 

@@ -200,6 +200,30 @@ thread_local! {
 /// without a long context before them).
 const QUERY_BLOCK: usize = 64;
 
+/// `f(t, a_t, b_t)` for each of `n` tokens' rows of `a` (width `wa`) and `b` (width `wb`):
+/// across the pool for a prompt (rows are independent, so the split changes no result),
+/// in place for a few tokens.
+fn each_row(
+    a: &mut [f32],
+    wa: usize,
+    b: &mut [f32],
+    wb: usize,
+    n: usize,
+    f: impl Fn(usize, &mut [f32], &mut [f32]) + Sync + Send,
+) {
+    let (a, b) = (&mut a[..n * wa], &mut b[..n * wb]);
+    if n >= 32 {
+        a.par_chunks_mut(wa)
+            .zip(b.par_chunks_mut(wb))
+            .enumerate()
+            .for_each(|(t, (a, b))| f(t, a, b));
+    } else {
+        for (t, (a, b)) in a.chunks_mut(wa).zip(b.chunks_mut(wb)).enumerate() {
+            f(t, a, b);
+        }
+    }
+}
+
 /// The most key parts a decode step can touch (the whole context, unaligned).
 fn max_parts(cfg: &TextConfig) -> usize {
     cfg.max_position_embeddings.div_ceil(KEY_PART) + 1
@@ -456,14 +480,9 @@ impl TextModel {
 
         for (li, lw) in w.layers.iter().enumerate() {
             let kind = cfg.layer_kinds[li];
-            for t in 0..n {
-                rms_norm(
-                    &ws.x[t * h..(t + 1) * h],
-                    &lw.attn_norm,
-                    eps,
-                    &mut ws.xn[t * h..(t + 1) * h],
-                );
-            }
+            each_row(&mut ws.x, h, &mut ws.xn, h, n, |_, x, xn| {
+                rms_norm(x, &lw.attn_norm, eps, xn)
+            });
             matmul_multi(
                 &[lw.q.weights(), lw.k.weights(), lw.v.weights()],
                 &ws.xn,
@@ -471,24 +490,27 @@ impl TextModel {
                 &mut [&mut ws.q, &mut ws.k, &mut ws.v],
                 self.precision,
             );
-            rms_norm_rows(&mut ws.q[..n * qd], &lw.q_norm, eps);
-            rms_norm_rows(&mut ws.k[..n * kvd], &lw.k_norm, eps);
             let (cos, sin) = match kind {
                 LayerKind::Sliding => (&ws.cos_local, &ws.sin_local),
                 LayerKind::Full => (&ws.cos_global, &ws.sin_global),
             };
-            for t in 0..n {
+            let fast = self.precision == Precision::Fast;
+            each_row(&mut ws.q, qd, &mut ws.k, kvd, n, |t, q, k| {
+                rms_norm_rows(q, &lw.q_norm, eps);
+                rms_norm_rows(k, &lw.k_norm, eps);
                 let (c, s) = (
                     &cos[t * half..(t + 1) * half],
                     &sin[t * half..(t + 1) * half],
                 );
-                rope_neox(&mut ws.q[t * qd..(t + 1) * qd], hd, c, s);
-                rope_neox(&mut ws.k[t * kvd..(t + 1) * kvd], hd, c, s);
-            }
-            if self.precision == Precision::Fast {
-                // llama.cpp keeps K and V in f16 and converts Q to f16 for the scores.
-                round_to_f16(&mut ws.q[..n * qd]);
-                round_to_f16(&mut ws.k[..n * kvd]);
+                rope_neox(q, hd, c, s);
+                rope_neox(k, hd, c, s);
+                if fast {
+                    // llama.cpp keeps K and V in f16 and converts Q to f16 for the scores.
+                    round_to_f16(q);
+                    round_to_f16(k);
+                }
+            });
+            if fast {
                 round_to_f16(&mut ws.v[..n * kvd]);
             }
             let lc = &mut cache.layers[li];
@@ -625,19 +647,13 @@ impl TextModel {
                 }
             }
             matmul_weights(lw.o.weights(), &ws.attn, n, &mut ws.o, self.precision);
-            for t in 0..n {
-                let o = &mut ws.o[t * h..(t + 1) * h];
+            each_row(&mut ws.o, h, &mut ws.x, h, n, |_, o, x| {
                 rms_norm_inplace(o, &lw.post_attn_norm, eps);
-                for (x, y) in ws.x[t * h..(t + 1) * h].iter_mut().zip(o.iter()) {
-                    *x += *y;
-                }
-                rms_norm(
-                    &ws.x[t * h..(t + 1) * h],
-                    &lw.pre_ffn_norm,
-                    eps,
-                    &mut ws.xn[t * h..(t + 1) * h],
-                );
-            }
+                x.iter_mut().zip(o.iter()).for_each(|(x, y)| *x += *y);
+            });
+            each_row(&mut ws.x, h, &mut ws.xn, h, n, |_, x, xn| {
+                rms_norm(x, &lw.pre_ffn_norm, eps, xn)
+            });
             matmul_multi(
                 &[lw.gate.weights(), lw.up.weights()],
                 &ws.xn,
@@ -645,19 +661,17 @@ impl TextModel {
                 &mut [&mut ws.gate, &mut ws.up],
                 self.precision,
             );
-            if self.precision == Precision::Fast {
-                gelu_gate_f16(&mut ws.gate[..n * ff], &ws.up[..n * ff]);
+            let gelu: fn(&mut [f32], &[f32]) = if self.precision == Precision::Fast {
+                gelu_gate_f16
             } else {
-                gelu_gate(&mut ws.gate[..n * ff], &ws.up[..n * ff]);
-            }
+                gelu_gate
+            };
+            each_row(&mut ws.gate, ff, &mut ws.up, ff, n, |_, g, u| gelu(g, u));
             matmul_weights(lw.down.weights(), &ws.gate, n, &mut ws.o, self.precision);
-            for t in 0..n {
-                let o = &mut ws.o[t * h..(t + 1) * h];
+            each_row(&mut ws.o, h, &mut ws.x, h, n, |_, o, x| {
                 rms_norm_inplace(o, &lw.post_ffn_norm, eps);
-                for (x, y) in ws.x[t * h..(t + 1) * h].iter_mut().zip(o.iter()) {
-                    *x += *y;
-                }
-            }
+                x.iter_mut().zip(o.iter()).for_each(|(x, y)| *x += *y);
+            });
             if let Some(tr) = trace.as_deref_mut() {
                 tr(Stage::Layer(li), &ws.x[..n * h]);
             }
