@@ -569,6 +569,17 @@ fn info(m: &Model, list_tensors: bool) {
         weights as f64 / 1e6,
         kv as f64 / 1e6
     );
+    let packed = w.packed_bytes();
+    match gemma3_kernels::packed::kernels_name() {
+        Some(isa) if packed > 0 => println!(
+            "kernels:        {isa}, on {:.1} MB of weights repacked at load (their file pages released)",
+            packed as f64 / 1e6
+        ),
+        _ => println!(
+            "kernels:        {:?} level, weights used as stored",
+            gemma3_kernels::simd::level()
+        ),
+    }
     vision_info(m);
     if list_tensors {
         if let ModelSource::Gguf(g) = &m.source {

@@ -149,6 +149,11 @@ impl PackedMatrix {
         })
     }
 
+    /// Bytes of the packed copy.
+    pub fn bytes(&self) -> usize {
+        self.data.len() * 64
+    }
+
     /// Number of 16-row groups.
     pub fn groups(&self) -> usize {
         self.groups
@@ -248,6 +253,21 @@ fn pack_block(dtype: DType, r: usize, blk: &[u8], m: &mut [u8], q: &mut [u8]) {
         }
         _ => unreachable!("no packed layout for {dtype}"),
     }
+}
+
+/// The instructions the packed kernels use on this CPU, or `None` where there are none.
+pub fn kernels_name() -> Option<&'static str> {
+    if !available() {
+        return None;
+    }
+    let avx512 = crate::simd::level() == crate::simd::Level::Avx512;
+    Some(if avx512 && crate::simd::has_vnni() {
+        "AVX-512 VNNI"
+    } else if crate::simd::has_avx_vnni() {
+        "AVX2 + AVX-VNNI"
+    } else {
+        "AVX2"
+    })
 }
 
 /// Whether the packed kernels can run here: AVX-512 VNNI, AVX-VNNI or plain AVX2.

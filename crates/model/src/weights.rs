@@ -186,6 +186,17 @@ impl TextWeights {
         })
     }
 
+    /// Bytes of the repacked copies (see `gemma3_kernels::packed`).
+    pub fn packed_bytes(&self) -> usize {
+        let mut n = self.lm_head.packed.as_ref().map_or(0, |p| p.bytes());
+        for l in &self.layers {
+            for t in [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down] {
+                n += t.packed.as_ref().map_or(0, |p| p.bytes());
+            }
+        }
+        n
+    }
+
     /// Bytes of weight data (for `info` and memory estimates).
     pub fn bytes(&self) -> usize {
         let mut n = self.embed.bytes().len();
