@@ -1,4 +1,5 @@
-//! Quantized weight matrices repacked at load time for AVX-512 VNNI.
+//! Quantized weight matrices repacked at load time for 8-bit integer dot products
+//! (AVX-512 VNNI, AVX-VNNI, or AVX2's 16-bit multiply-adds).
 //!
 //! Rows are taken 16 at a time (a *group*) and interleaved 4 bytes at a time: one 64-byte
 //! load holds 4 consecutive values of each of the 16 rows, so `vpdpbusd` against 4
@@ -8,8 +9,9 @@
 //! sub-block), then one conversion and two fused multiply-adds finish it. A tile of `G`
 //! groups × `N` inputs decodes each weight block once for `N` inputs.
 //!
-//! Same bits, same size as the file's blocks (a few bytes more per group for Q4_K's
-//! minimums), only reordered; Q8_0 values are stored as unsigned bytes (`q + 128`).
+//! Same bits, about the same size as the file's blocks (Q4_K/Q5_K keep their 6-bit scales
+//! and minimums as bytes), only reordered; Q8_0 values are stored as unsigned bytes
+//! (`q + 128`); the fifth bits of Q5_0/Q5_K become 64-bit masks per line.
 //!
 //! Every (row, input) pair goes through the same sequence of float operations whatever the
 //! tile shape, so a row's result does not depend on the batch it is in.
