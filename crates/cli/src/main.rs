@@ -423,7 +423,7 @@ fn run(cli: Cli) -> Result<()> {
             let mut cache = KvCache::new(cfg, ctx, 512);
             let mut ws = Workspace::new(cfg, 512);
             let stdout = std::io::stdout();
-            let mut out = std::io::BufWriter::new(stdout.lock());
+            let mut out = std::io::BufWriter::new(stdout);
             write!(
                 out,
                 "{{\"ids\":{},\"positions\":[",

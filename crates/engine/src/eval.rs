@@ -461,7 +461,7 @@ impl<'m> Scorer<'m> {
     fn run(
         &mut self,
         tokens: &[u32],
-        owners_of: &dyn Fn(usize) -> Vec<(usize, u32)>,
+        owners_of: &(dyn Fn(usize) -> Vec<(usize, u32)> + Sync),
     ) -> Result<(), EngineError> {
         let h = self.model.text.cfg.hidden_size;
         let (hidden, owners) = (&mut self.hidden, &mut self.owners);
@@ -486,7 +486,7 @@ impl<'m> Scorer<'m> {
             &mut self.ws,
             Logits::None,
             &mut |_, _| {},
-            Some(&mut trace as &mut dyn FnMut(Stage, &[f32])),
+            Some(&mut trace as &mut (dyn FnMut(Stage, &[f32]) + Send)),
         )?;
         Ok(())
     }

@@ -155,12 +155,15 @@ pub fn matmul_multi(
             qdot::ActBlock::Q8_0
         }
     });
-    ACTS.with(|acts| {
-        let mut acts = acts.borrow_mut();
+    // The buffers leave the thread-local for the call: while this thread waits for the
+    // parallel part it may run another forward pass's work (another request, another
+    // test), which then finds an empty buffer rather than one borrowed here.
+    let mut acts = ACTS.with(|a| std::mem::take(&mut *a.borrow_mut()));
+    {
         if let Some(block) = block {
             acts.quantize_as(x, n, cols, block);
         }
-        let acts = &*acts;
+        let acts = &acts;
         let qdot = qdot::qdot_fn();
         let job = |t: usize| {
             let m = (0..ws.len()).rev().find(|&m| plan[m].2 <= t).unwrap_or(0);
@@ -204,7 +207,8 @@ pub fn matmul_multi(
         } else {
             (0..total).into_par_iter().for_each(job);
         }
-    });
+    }
+    ACTS.with(|a| *a.borrow_mut() = acts);
 }
 
 /// Whether every matrix pairs with Q8_K activations (and rows hold whole Q8_K blocks).

@@ -189,7 +189,6 @@ impl Workspace {
 }
 
 thread_local! {
-    static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     /// Gathered query rows, their outputs and key ranges for [`attend_rows`].
     static QUERY_TILE: RefCell<(Vec<f32>, Vec<f32>, Vec<std::ops::Range<usize>>)> =
         const { RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
@@ -276,7 +275,7 @@ impl TextModel {
         cache: &mut KvCache,
         ws: &mut Workspace,
         want: Logits<'_>,
-        on_logits: &mut dyn FnMut(usize, &[f32]),
+        on_logits: &mut (dyn FnMut(usize, &[f32]) + Send),
     ) -> Result<(), ModelError> {
         self.forward_traced(tokens, cache, ws, want, on_logits, None)
     }
@@ -289,8 +288,8 @@ impl TextModel {
         cache: &mut KvCache,
         ws: &mut Workspace,
         want: Logits<'_>,
-        on_logits: &mut dyn FnMut(usize, &[f32]),
-        trace: Option<&mut dyn FnMut(Stage, &[f32])>,
+        on_logits: &mut (dyn FnMut(usize, &[f32]) + Send),
+        trace: Option<&mut (dyn FnMut(Stage, &[f32]) + Send)>,
     ) -> Result<(), ModelError> {
         self.forward_with(tokens, None, cache, ws, want, on_logits, trace)
     }
@@ -303,8 +302,33 @@ impl TextModel {
         cache: &mut KvCache,
         ws: &mut Workspace,
         want: Logits<'_>,
-        on_logits: &mut dyn FnMut(usize, &[f32]),
-        mut trace: Option<&mut dyn FnMut(Stage, &[f32])>,
+        on_logits: &mut (dyn FnMut(usize, &[f32]) + Send),
+        trace: Option<&mut (dyn FnMut(Stage, &[f32]) + Send)>,
+    ) -> Result<(), ModelError> {
+        // Called from outside the thread pool, each of the ~70 parallel steps of a token
+        // would pay a hand-off to the pool's threads: run the whole pass on one of them.
+        if rayon::current_thread_index().is_none() && rayon::current_num_threads() > 1 {
+            let mut result = Ok(());
+            rayon::scope(|s| {
+                s.spawn(|_| {
+                    result = self.forward_in_pool(tokens, images, cache, ws, want, on_logits, trace)
+                })
+            });
+            return result;
+        }
+        self.forward_in_pool(tokens, images, cache, ws, want, on_logits, trace)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn forward_in_pool(
+        &self,
+        tokens: &[u32],
+        images: Option<ImageInputs<'_>>,
+        cache: &mut KvCache,
+        ws: &mut Workspace,
+        want: Logits<'_>,
+        on_logits: &mut (dyn FnMut(usize, &[f32]) + Send),
+        mut trace: Option<&mut (dyn FnMut(Stage, &[f32]) + Send)>,
     ) -> Result<(), ModelError> {
         let n_all = tokens.len();
         if n_all == 0 {
@@ -422,7 +446,7 @@ impl TextModel {
         images: Option<ImageInputs<'_>>,
         cache: &mut KvCache,
         ws: &mut Workspace,
-        mut trace: Option<&mut (dyn FnMut(Stage, &[f32]) + '_)>,
+        mut trace: Option<&mut (dyn FnMut(Stage, &[f32]) + Send + '_)>,
     ) {
         let cfg = &self.cfg;
         let n = tokens.len();
@@ -696,7 +720,7 @@ impl TextModel {
         ws: &mut Workspace,
         rows: &[usize],
         row_offset: usize,
-        on_logits: &mut dyn FnMut(usize, &[f32]),
+        on_logits: &mut (dyn FnMut(usize, &[f32]) + Send),
     ) {
         let h = self.cfg.hidden_size;
         let vocab = self.cfg.vocab_size;

@@ -186,3 +186,46 @@ fn decoding_gives_the_prefills_logits_bit_for_bit() {
         }
     }
 }
+
+#[test]
+fn concurrent_callers_share_the_pool_and_get_their_own_results() {
+    // Forward passes started from several threads outside the pool run on its workers,
+    // which may interleave them (a worker waiting in one pass runs another's work); each
+    // caller must still get exactly what it gets alone.
+    let g = GgufFile::open(real_model_path()).unwrap();
+    let model = TextModel::from_gguf(&g).unwrap();
+    let prompts: Vec<Vec<u32>> = (0..4u32)
+        .map(|p| {
+            (0..40u32)
+                .map(|i| 2 + (i * 7919 + p * 104729) % 20000)
+                .collect()
+        })
+        .collect();
+    let run = |ids: &[u32]| {
+        let mut ws = Workspace::new(&model.cfg, 64);
+        let mut cache = KvCache::new(&model.cfg, 64, 64);
+        let mut out = vec![];
+        model
+            .forward(ids, &mut cache, &mut ws, Logits::Last, &mut |_, l| {
+                out = l.to_vec()
+            })
+            .unwrap();
+        for t in 0..4 {
+            model
+                .forward(&[ids[t]], &mut cache, &mut ws, Logits::Last, &mut |_, l| {
+                    out.extend_from_slice(&l[..64])
+                })
+                .unwrap();
+        }
+        out
+    };
+    let alone: Vec<Vec<f32>> = prompts.iter().map(|p| run(p)).collect();
+    let together: Vec<Vec<f32>> = std::thread::scope(|s| {
+        let handles: Vec<_> = prompts.iter().map(|p| s.spawn(|| run(p))).collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(
+        alone == together,
+        "concurrent forward passes changed a result"
+    );
+}
