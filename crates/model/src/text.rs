@@ -307,14 +307,14 @@ impl TextModel {
     ) -> Result<(), ModelError> {
         // Called from outside the thread pool, each of the ~70 parallel steps of a token
         // would pay a hand-off to the pool's threads: run the whole pass on one of them.
+        // (`join` from outside the pool runs both halves on a worker, from a job on this
+        // thread's stack: no allocation.)
         if rayon::current_thread_index().is_none() && rayon::current_num_threads() > 1 {
-            let mut result = Ok(());
-            rayon::scope(|s| {
-                s.spawn(|_| {
-                    result = self.forward_in_pool(tokens, images, cache, ws, want, on_logits, trace)
-                })
-            });
-            return result;
+            return rayon::join(
+                || self.forward_in_pool(tokens, images, cache, ws, want, on_logits, trace),
+                || (),
+            )
+            .0;
         }
         self.forward_in_pool(tokens, images, cache, ws, want, on_logits, trace)
     }

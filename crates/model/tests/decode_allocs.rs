@@ -34,11 +34,7 @@ static GLOBAL: Counting = Counting;
 fn decode_steps_allocate_nothing() {
     let g = GgufFile::open(real_model_path()).unwrap();
     let model = TextModel::from_gguf(&g).unwrap();
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(2)
-        .build()
-        .unwrap();
-    pool.install(|| {
+    let decode = || {
         let mut ws = Workspace::new(&model.cfg, 512);
         let mut cache = KvCache::new(&model.cfg, 2048, 512);
         let ids: Vec<u32> = (0..1100u32).map(|i| 2 + (i * 7919) % 20000).collect();
@@ -59,7 +55,7 @@ fn decode_steps_allocate_nothing() {
                 })
                 .unwrap();
         };
-        // Warm-up: thread-local buffers reach their decode sizes on both threads.
+        // Warm-up: thread-local buffers reach their decode sizes on every thread.
         for _ in 0..8 {
             step(&mut next);
         }
@@ -67,7 +63,22 @@ fn decode_steps_allocate_nothing() {
         for _ in 0..16 {
             step(&mut next);
         }
-        let during = ALLOCATIONS.load(Ordering::Relaxed) - before;
-        assert_eq!(during, 0, "16 decode steps made {during} allocations");
-    });
+        ALLOCATIONS.load(Ordering::Relaxed) - before
+    };
+    // Called on a pool thread (as `bench` does) and from outside the pool (as `generate`
+    // does, each pass hopping onto a worker).
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .unwrap();
+    let inside = pool.install(decode);
+    assert_eq!(
+        inside, 0,
+        "16 decode steps in the pool made {inside} allocations"
+    );
+    let outside = decode();
+    assert_eq!(
+        outside, 0,
+        "16 decode steps from outside the pool made {outside} allocations"
+    );
 }
