@@ -78,34 +78,22 @@ impl QuantActs {
             }
         };
         let g = cols / 16;
-        // A prompt's rows are quantized in parallel (the matrix product waits for them).
-        if n >= 16 && rayon::current_num_threads() > 1 {
-            x[..n * cols]
-                .par_chunks(cols)
-                .zip(self.q.par_chunks_mut(cols))
-                .zip(self.dg.par_chunks_mut(g))
-                .zip(self.ds.par_chunks_mut(g))
-                .zip(
-                    self.isum16
-                        .par_chunks_mut(g)
-                        .zip(self.sdx32.par_chunks_mut(cols / 32)),
-                )
-                .zip(self.pair32.par_chunks_mut(pw))
-                .for_each(row);
-        } else {
-            x[..n * cols]
-                .chunks(cols)
-                .zip(self.q.chunks_mut(cols))
-                .zip(self.dg.chunks_mut(g))
-                .zip(self.ds.chunks_mut(g))
-                .zip(
-                    self.isum16
-                        .chunks_mut(g)
-                        .zip(self.sdx32.chunks_mut(cols / 32)),
-                )
-                .zip(self.pair32.chunks_mut(pw))
-                .for_each(row);
-        }
+        // A prompt's rows are quantized in parallel (the matrix product waits for them); a
+        // few rows stay one piece on this thread.
+        let min_rows = if n >= 16 { 1 } else { n.max(1) };
+        x[..n * cols]
+            .par_chunks(cols)
+            .zip(self.q.par_chunks_mut(cols))
+            .zip(self.dg.par_chunks_mut(g))
+            .zip(self.ds.par_chunks_mut(g))
+            .zip(
+                self.isum16
+                    .par_chunks_mut(g)
+                    .zip(self.sdx32.par_chunks_mut(cols / 32)),
+            )
+            .zip(self.pair32.par_chunks_mut(pw))
+            .with_min_len(min_rows)
+            .for_each(row);
     }
 
     pub fn row(&self, i: usize) -> (&[i8], &[f32], &[f32]) {

@@ -210,17 +210,12 @@ fn each_row(
     n: usize,
     f: impl Fn(usize, &mut [f32], &mut [f32]) + Sync + Send,
 ) {
-    let (a, b) = (&mut a[..n * wa], &mut b[..n * wb]);
-    if n >= 32 {
-        a.par_chunks_mut(wa)
-            .zip(b.par_chunks_mut(wb))
-            .enumerate()
-            .for_each(|(t, (a, b))| f(t, a, b));
-    } else {
-        for (t, (a, b)) in a.chunks_mut(wa).zip(b.chunks_mut(wb)).enumerate() {
-            f(t, a, b);
-        }
-    }
+    a[..n * wa]
+        .par_chunks_mut(wa)
+        .zip(b[..n * wb].par_chunks_mut(wb))
+        .enumerate()
+        .with_min_len(if n >= 32 { 1 } else { n.max(1) })
+        .for_each(|(t, (a, b))| f(t, a, b));
 }
 
 /// The most key parts a decode step can touch (the whole context, unaligned).
