@@ -147,12 +147,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
         pool.install(|| -> Result<()> {
             if a.n_gen.iter().any(|&n| n > 0) {
                 // Decoding reads every weight once per token: say what memory allows.
+                let (gbps, bytes) = (stream_read_gbps(), model.text.weights.bytes() as f64);
                 eprintln!(
-                    "{t} threads: memory streams {:.1} GB/s; the weights are {:.1} MB, so tg \
+                    "{t} threads: memory streams {gbps:.1} GB/s; the weights are {:.1} MB, so tg \
                      is bound near {:.0} t/s",
-                    stream_read_gbps(),
-                    model.text.weights.bytes() as f64 / 1e6,
-                    stream_read_gbps() * 1e9 / model.text.weights.bytes() as f64
+                    bytes / 1e6,
+                    gbps * 1e9 / bytes
                 );
             }
             // Warm up: page in the weights, size the thread-local buffers.

@@ -149,15 +149,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
     if a.shots > 0 && items.len() < 2 {
         bail!("--shots needs at least 2 items in {}", a.data.display());
     }
-    if let Some(t) = a.threads {
-        if t == 0 {
-            bail!("--threads must be at least 1");
-        }
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(t)
-            .build_global()
-            .context("starting the thread pool")?;
-    }
+    crate::start_pool(a.threads)?;
 
     let t_load = Instant::now();
     let mut model = Model::open_or_default(a.model.as_deref())?;

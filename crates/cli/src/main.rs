@@ -232,8 +232,9 @@ fn main() {
     }
 }
 
-pub(crate) fn setup(m: &ModelArgs) -> Result<Model> {
-    if let Some(t) = m.threads {
+/// Sizes the global thread pool when `--threads` is given (default: one per core).
+pub(crate) fn start_pool(threads: Option<usize>) -> Result<()> {
+    if let Some(t) = threads {
         if t == 0 {
             bail!("--threads must be at least 1");
         }
@@ -242,6 +243,11 @@ pub(crate) fn setup(m: &ModelArgs) -> Result<Model> {
             .build_global()
             .context("starting the thread pool")?;
     }
+    Ok(())
+}
+
+pub(crate) fn setup(m: &ModelArgs) -> Result<Model> {
+    start_pool(m.threads)?;
     let mut model = Model::open_with_mmproj(m.model.as_deref(), m.mmproj.as_deref())?;
     if m.exact {
         model.set_precision(gemma3_model::Precision::Exact);

@@ -12,23 +12,16 @@ use gemma3_engine::eval::{self, Item, ItemResult, Task};
 use gemma3_engine::Model;
 use gemma3_model::Precision;
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::OnceLock;
 
-fn shared() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared")
-}
+mod common;
+use common::{open_real_model, shared};
 
 /// The model multiplying in f32, as transformers does (the harness's default).
 fn model() -> &'static Model {
     static M: OnceLock<Model> = OnceLock::new();
     M.get_or_init(|| {
-        let p = gemma3_engine::load::cached_default_model().unwrap_or_else(|| {
-            panic!("the real model is missing: run scripts/fetch-model.sh (or set GEMMA3_MODEL)")
-        });
-        let mut m = Model::open(&p).unwrap_or_else(|e| {
-            panic!("opening {}: {e} (run scripts/fetch-model.sh)", p.display())
-        });
+        let mut m = open_real_model();
         m.set_precision(Precision::Exact);
         m
     })

@@ -4,28 +4,21 @@
 use gemma3_engine::perplexity::perplexity;
 use gemma3_engine::{GenerateOptions, Model};
 use gemma3_model::{KvCache, Logits, Workspace};
-use std::path::PathBuf;
 use std::sync::OnceLock;
 
-fn shared() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared")
-}
+mod common;
+use common::{open_real_model, shared};
 
 fn model() -> &'static Model {
     static M: OnceLock<Model> = OnceLock::new();
-    M.get_or_init(|| {
-        let p = gemma3_engine::load::cached_default_model().unwrap_or_else(|| {
-            panic!("the real model is missing: run scripts/fetch-model.sh (or set GEMMA3_MODEL)")
-        });
-        Model::open(p).unwrap()
-    })
+    M.get_or_init(open_real_model)
 }
 
 /// The model multiplying in f32, as transformers does.
 fn exact_model() -> &'static Model {
     static M: OnceLock<Model> = OnceLock::new();
     M.get_or_init(|| {
-        let mut m = Model::open(gemma3_engine::load::cached_default_model().unwrap()).unwrap();
+        let mut m = open_real_model();
         m.set_precision(gemma3_model::Precision::Exact);
         m
     })

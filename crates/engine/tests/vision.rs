@@ -12,9 +12,8 @@ use gemma3_model::{ImageInputs, KvCache, Logits, Precision, Workspace};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-fn shared() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared")
-}
+mod common;
+use common::shared;
 
 fn vlm() -> PathBuf {
     shared().join("fixtures/tiny-vlm")

@@ -36,9 +36,14 @@ pub const KEY_PART: usize = 1024;
 
 /// The parts `keys` touches, as absolute position ranges clipped to `keys`.
 pub fn key_parts(keys: std::ops::Range<usize>) -> impl Iterator<Item = std::ops::Range<usize>> {
-    let first = keys.start / KEY_PART;
-    let last = keys.end.div_ceil(KEY_PART);
-    (first..last).map(move |p| (p * KEY_PART).max(keys.start)..((p + 1) * KEY_PART).min(keys.end))
+    let n = keys.end.div_ceil(KEY_PART) - keys.start / KEY_PART;
+    (0..n).map(move |i| key_part(&keys, i))
+}
+
+/// Part `i` (counted from the first) of those [`key_parts`] yields.
+pub fn key_part(keys: &std::ops::Range<usize>, i: usize) -> std::ops::Range<usize> {
+    let p = keys.start / KEY_PART + i;
+    (p * KEY_PART).max(keys.start)..((p + 1) * KEY_PART).min(keys.end)
 }
 
 /// Per-thread buffers of [`attend_rows`], grown once: one part's state and the running

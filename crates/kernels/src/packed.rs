@@ -88,11 +88,6 @@ impl PackedMatrix {
         })
     }
 
-    /// Repacks `rows` rows of `cols` values stored as `dtype` blocks.
-    pub fn pack_bytes(dtype: DType, rows: usize, cols: usize, bytes: &[u8]) -> Option<Self> {
-        Self::pack_with(dtype, rows, cols, bytes, |_| {})
-    }
-
     /// Packs a few megabytes at a time, calling `done` with each byte range of `bytes` that
     /// has been read for the last time.
     fn pack_with(

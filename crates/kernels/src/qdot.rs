@@ -35,12 +35,8 @@ pub struct QuantActs {
 }
 
 impl QuantActs {
-    /// Quantizes `n` rows of `cols` values (`cols` a multiple of 32). Buffers only grow.
-    pub fn quantize(&mut self, x: &[f32], n: usize, cols: usize) {
-        self.quantize_as(x, n, cols, ActBlock::Q8_0)
-    }
-
-    /// Quantizes with `block`'s scale granularity (`cols` a multiple of its size).
+    /// Quantizes `n` rows of `cols` values with `block`'s scale granularity (`cols` a
+    /// multiple of its size). Buffers only grow.
     pub fn quantize_as(&mut self, x: &[f32], n: usize, cols: usize, block: ActBlock) {
         use rayon::prelude::*;
         assert_eq!(cols % block.size(), 0);

@@ -11,7 +11,7 @@ use crate::cache::KvCache;
 use crate::weights::TextWeights;
 use crate::{LayerKind, ModelError, TextConfig};
 use gemma3_kernels::attention::{
-    attend_part, attend_rows, fold_part, key_parts, normalize, KvView, KEY_PART,
+    attend_part, attend_rows, fold_part, key_part, key_parts, normalize, KvView, KEY_PART,
 };
 use gemma3_kernels::ops::{
     gelu_gate, gelu_gate_f16, rms_norm, rms_norm_inplace, rms_norm_rows, rope_cos_sin,
@@ -298,7 +298,7 @@ impl TextModel {
         ws: &mut Workspace,
         want: Logits<'_>,
         on_logits: &mut (dyn FnMut(usize, &[f32]) + Send),
-        trace: Option<&mut (dyn FnMut(Stage, &[f32]) + Send)>,
+        mut trace: Option<&mut (dyn FnMut(Stage, &[f32]) + Send)>,
     ) -> Result<(), ModelError> {
         // Called from outside the thread pool, each of the ~70 parallel steps of a token
         // would pay a hand-off to the pool's threads: run the whole pass on one of them.
@@ -306,25 +306,11 @@ impl TextModel {
         // thread's stack: no allocation.)
         if rayon::current_thread_index().is_none() && rayon::current_num_threads() > 1 {
             return rayon::join(
-                || self.forward_in_pool(tokens, images, cache, ws, want, on_logits, trace),
+                || self.forward_with(tokens, images, cache, ws, want, on_logits, trace),
                 || (),
             )
             .0;
         }
-        self.forward_in_pool(tokens, images, cache, ws, want, on_logits, trace)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn forward_in_pool(
-        &self,
-        tokens: &[u32],
-        images: Option<ImageInputs<'_>>,
-        cache: &mut KvCache,
-        ws: &mut Workspace,
-        want: Logits<'_>,
-        on_logits: &mut (dyn FnMut(usize, &[f32]) + Send),
-        mut trace: Option<&mut (dyn FnMut(Stage, &[f32]) + Send)>,
-    ) -> Result<(), ModelError> {
         let n_all = tokens.len();
         if n_all == 0 {
             return Ok(());
@@ -602,7 +588,6 @@ impl TextModel {
                     let keys = key_range(p0 + t, p0 + attn_hi[t], window);
                     let ranges: [std::ops::Range<usize>; MAX_GROUP] =
                         std::array::from_fn(|_| keys.clone());
-                    let first = keys.start / KEY_PART;
                     let parts = key_parts(keys.clone()).count();
                     let qt = &q[t * qd..(t + 1) * qd];
                     let task = |(j, ((acc, max), sum)): (
@@ -610,9 +595,7 @@ impl TextModel {
                         ((&mut [f32], &mut [f32]), &mut [f32]),
                     )| {
                         let (part, kvh) = (j / nkv, j % nkv);
-                        let p = first + part;
-                        let range =
-                            (p * KEY_PART).max(keys.start)..((p + 1) * KEY_PART).min(keys.end);
+                        let range = key_part(&keys, part);
                         let rows = &qt[kvh * group * hd..(kvh + 1) * group * hd];
                         let kv = kv_of(kvh);
                         attend_part(
