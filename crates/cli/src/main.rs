@@ -297,6 +297,7 @@ fn run(cli: Cli) -> Result<()> {
                 context: ctx_size,
                 images,
                 pan_and_scan,
+                ..Default::default()
             };
             let stdout = std::io::stdout();
             let mut out = stdout.lock();

@@ -23,7 +23,7 @@
 use crate::load::Model;
 use crate::EngineError;
 use gemma3_model::text::Stage;
-use gemma3_model::{KvCache, Logits, Workspace};
+use gemma3_model::{KvCache, Logits, Workspace, MAX_BATCH};
 use rayon::prelude::*;
 use serde::Serialize;
 use std::path::Path;
@@ -421,9 +421,6 @@ pub struct Scorer<'m> {
     logits: Vec<f32>,
 }
 
-/// Rows per forward call (and what the sliding layers' rings are sized for).
-const MAX_BATCH: usize = 512;
-
 /// Rows per output-projection call: the projection matrix (the largest of the model) is
 /// decoded once per call, so an item's rows, from all its requests, go through together.
 const PROJECT_GROUP: usize = 64;
@@ -449,7 +446,7 @@ impl<'m> Scorer<'m> {
                 "a request has {needed} tokens, more than the model's context of {max}"
             )));
         }
-        if needed > self.cache.context {
+        if needed > self.cache.context() {
             let ctx = needed.next_power_of_two().min(max);
             self.cache = KvCache::new(&self.model.text.cfg, ctx, MAX_BATCH);
         }

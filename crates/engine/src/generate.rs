@@ -4,10 +4,10 @@
 
 use crate::image::{Image, PanAndScan};
 use crate::load::Model;
-use crate::sampling::{Sampler, SamplingParams};
-use crate::tokenizer::StreamDecoder;
+use crate::sampling::SamplingParams;
+use crate::sequence::{check_fits, Batch, SeqImages, Sequence};
 use crate::EngineError;
-use gemma3_model::{ImageInputs, KvCache, Logits, Workspace};
+use gemma3_model::{ImageInputs, KvCache, MAX_BATCH};
 use std::time::Instant;
 
 #[derive(Clone, Debug)]
@@ -31,6 +31,11 @@ pub struct GenerateOptions {
     pub images: Vec<Image>,
     /// Also show each elongated image as crops (Gemma3Processor's `do_pan_and_scan`).
     pub pan_and_scan: Option<PanAndScan>,
+    /// Record each generated token's log-probability and this many alternatives.
+    pub logprobs: Option<usize>,
+    /// Also record the log-probability of every prompt token after the first (no prefix of
+    /// the prompt is then reused from a cache).
+    pub prompt_logprobs: bool,
 }
 
 impl Default for GenerateOptions {
@@ -45,6 +50,8 @@ impl Default for GenerateOptions {
             context: None,
             images: vec![],
             pan_and_scan: None,
+            logprobs: None,
+            prompt_logprobs: false,
         }
     }
 }
@@ -87,40 +94,39 @@ impl Generation {
     }
 }
 
-/// Maximum tokens in one prefill batch: bounds the workspace (and the sliding caches).
-pub const MAX_BATCH: usize = 512;
-
-/// A model with a cache and workspace sized for one context, reusable across requests.
+/// A model with a cache sized for one context, reusable across requests: a prompt that
+/// shares a prefix with the previous request (a chat's history) reuses its keys and values.
 pub struct Generator<'m> {
     pub model: &'m Model,
-    pub cache: KvCache,
-    pub ws: Workspace,
-    logits: Vec<f32>,
-    /// The tokens whose keys and values are in the cache, so that a prompt sharing a
-    /// prefix with the previous request (a chat's history) is not computed again.
-    cached: Vec<u32>,
+    batch: Batch,
+    /// The cache and the tokens it holds, between requests.
+    cache: Option<(KvCache, Vec<u32>)>,
+    context: usize,
 }
 
 impl<'m> Generator<'m> {
     pub fn new(model: &'m Model, context: usize) -> Self {
-        let cfg = &model.text.cfg;
         Generator {
             model,
-            cache: KvCache::new(cfg, context, MAX_BATCH),
-            ws: Workspace::new(cfg, MAX_BATCH),
-            logits: vec![0.0; cfg.vocab_size],
-            cached: Vec::new(),
+            batch: Batch::new(model, MAX_BATCH),
+            cache: Some((
+                KvCache::new(&model.text.cfg, context, MAX_BATCH),
+                Vec::new(),
+            )),
+            context,
         }
     }
 
     /// Forgets the cached prefix (the next request is computed from scratch).
     pub fn forget(&mut self) {
-        self.cache.clear();
-        self.cached.clear();
+        if let Some((c, t)) = &mut self.cache {
+            c.clear();
+            t.clear();
+        }
     }
 
     pub fn context(&self) -> usize {
-        self.cache.context
+        self.context
     }
 
     /// Generates from prompt ids; `on_text` receives each piece of printable text and
@@ -143,159 +149,35 @@ impl<'m> Generator<'m> {
         opts: &GenerateOptions,
         mut on_text: impl FnMut(&str) -> bool,
     ) -> Result<Generation, EngineError> {
-        opts.sampling.validate().map_err(EngineError::Input)?;
-        if prompt.is_empty() {
-            return Err(EngineError::Input("the prompt is empty (no tokens)".into()));
-        }
-        check_fits(self.model, prompt.len(), self.context())?;
-        let model = &self.model.text;
-        let tok = &self.model.tokenizer;
-        let eos = &model.cfg.eos_token_ids;
-        let mut sampler = Sampler::new(opts.sampling.clone(), model.cfg.vocab_size);
-        let mut history: Vec<u32> = Vec::with_capacity(prompt.len() + opts.max_new_tokens);
-        history.extend_from_slice(prompt);
-        let mut out = Generation {
-            prompt_tokens: prompt.len(),
-            reused_tokens: 0,
-            tokens: Vec::with_capacity(opts.max_new_tokens),
-            text: String::new(),
-            stop: StopReason::MaxTokens,
-            prefill_secs: 0.0,
-            decode_secs: 0.0,
-            image_secs: 0.0,
+        let (cache, cached) = match self.cache.take() {
+            Some(c) => c,
+            None => (
+                KvCache::new(&self.model.text.cfg, self.context, MAX_BATCH),
+                Vec::new(),
+            ),
         };
-        // Reuse the longest cached prefix (at least one prompt token must run, for logits).
-        let common = self
-            .cached
-            .iter()
-            .zip(prompt)
-            .take_while(|(a, b)| a == b)
-            .count();
-        let reuse = common.min(prompt.len() - 1);
-        let start = if reuse > 0 && self.cache.truncate(reuse) {
-            reuse
-        } else {
-            self.cache.clear();
-            0
+        let images = images.map(|im| SeqImages {
+            image_token: im.image_token,
+            embeds: im.embeds.to_vec(),
+        });
+        let mut seq = Sequence::new(self.model, prompt.to_vec(), images, opts, cache, cached)?;
+        let result = loop {
+            if let Err(e) = self.batch.step(self.model, &mut [&mut seq]) {
+                break Err(e);
+            }
+            let u = seq.take_update();
+            if !u.text.is_empty() && !on_text(&u.text) {
+                seq.cancel();
+                break Ok(());
+            }
+            if u.finished.is_some() {
+                break Ok(());
+            }
         };
-        self.cached.truncate(start);
-        out.reused_tokens = start;
-        let t0 = Instant::now();
-        let logits = &mut self.logits;
-        // Image tokens are cached as an id no prompt holds: what they stand for is not in
-        // the ids, so no later request may reuse them (a shared prefix stops before them).
-        model.forward_with(
-            &prompt[start..],
-            images,
-            &mut self.cache,
-            &mut self.ws,
-            Logits::Last,
-            &mut |_, l| logits.copy_from_slice(l),
-            None,
-        )?;
-        self.cached
-            .extend(prompt[start..].iter().map(|&t| match images {
-                Some(im) if t == im.image_token => u32::MAX,
-                _ => t,
-            }));
-        out.prefill_secs = t0.elapsed().as_secs_f64();
-        let t1 = Instant::now();
-        let mut stream = StreamDecoder::new();
-        let mut pending = String::new();
-        let max_stop = opts.stop_strings.iter().map(|s| s.len()).max().unwrap_or(0);
-        if opts.max_new_tokens == 0 {
-            return Ok(out);
-        }
-        loop {
-            let next = sampler.sample(&mut self.logits, &history);
-            if !opts.ignore_eos && eos.contains(&next) {
-                out.stop = StopReason::EndOfSequence;
-                break;
-            }
-            out.tokens.push(next);
-            history.push(next);
-            pending.push_str(&stream.push(tok, next));
-            // Stop strings: cut at the first match; otherwise hold back only a tail that
-            // could still grow into one.
-            if let Some(cut) = opts
-                .stop_strings
-                .iter()
-                .filter(|s| !s.is_empty())
-                .filter_map(|s| pending.find(s.as_str()))
-                .min()
-            {
-                pending.truncate(cut);
-                out.text.push_str(&pending);
-                on_text(&pending);
-                out.stop = StopReason::StopString;
-                break;
-            }
-            let hold = held_back(&pending, &opts.stop_strings, max_stop);
-            let emit = pending.len() - hold;
-            if emit > 0 {
-                out.text.push_str(&pending[..emit]);
-                let keep_going = on_text(&pending[..emit]);
-                pending.drain(..emit);
-                if !keep_going {
-                    out.stop = StopReason::Cancelled;
-                    break;
-                }
-            }
-            if out.tokens.len() >= opts.max_new_tokens {
-                out.stop = StopReason::MaxTokens;
-                break;
-            }
-            if self.cache.len >= self.context() {
-                out.stop = StopReason::Context;
-                break;
-            }
-            let logits = &mut self.logits;
-            model.forward(
-                &[next],
-                &mut self.cache,
-                &mut self.ws,
-                Logits::Last,
-                &mut |_, l| logits.copy_from_slice(l),
-            )?;
-            self.cached.push(next);
-        }
-        if !matches!(out.stop, StopReason::StopString) {
-            pending.push_str(&stream.flush());
-            if !pending.is_empty() {
-                out.text.push_str(&pending);
-                on_text(&pending);
-            }
-        }
-        out.decode_secs = t1.elapsed().as_secs_f64();
-        Ok(out)
+        let out = seq.generation().clone();
+        self.cache = Some(seq.into_cache());
+        result.map(|()| out)
     }
-}
-
-/// A prompt of `len` tokens must leave room for one new token in a context of `ctx`.
-pub(crate) fn check_fits(model: &Model, len: usize, ctx: usize) -> Result<(), EngineError> {
-    if len >= ctx {
-        return Err(EngineError::Input(format!(
-            "the prompt has {len} tokens, which does not fit the context of {ctx} tokens (leave room for at least one new token; raise --ctx-size up to the model's {} if needed)",
-            model.text.cfg.max_position_embeddings
-        )));
-    }
-    Ok(())
-}
-
-/// Bytes at the end of `text` that are a prefix of some stop string (so must wait).
-fn held_back(text: &str, stops: &[String], max_stop: usize) -> usize {
-    let mut hold = 0;
-    for k in 1..max_stop.min(text.len() + 1) {
-        let start = text.len() - k;
-        if !text.is_char_boundary(start) {
-            continue;
-        }
-        let tail = &text[start..];
-        if stops.iter().any(|s| s.len() > k && s.starts_with(tail)) {
-            hold = k;
-        }
-    }
-    hold
 }
 
 impl Model {
@@ -317,7 +199,7 @@ impl Model {
         let ids = self.image_prompt_ids(prompt, &views, opts.add_bos, opts.parse_special)?;
         let ctx = self.context_for(ids.len() + opts.max_new_tokens, opts.context);
         // Fail before the (slow) image encoding when the prompt cannot fit.
-        check_fits(self, ids.len(), ctx)?;
+        check_fits(self, ids.len(), opts.max_new_tokens, ctx)?;
         let t0 = Instant::now();
         let embeds = self.encode_image_views(&ids, &views)?;
         let image_secs = t0.elapsed().as_secs_f64();
@@ -346,19 +228,5 @@ impl Model {
     pub fn context_for(&self, needed: usize, explicit: Option<usize>) -> usize {
         let max = self.text.cfg.max_position_embeddings;
         explicit.unwrap_or_else(|| needed.max(4096)).min(max)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::held_back;
-
-    #[test]
-    fn holds_back_possible_stop_prefixes() {
-        let stops = vec!["\n\nUser:".to_string()];
-        assert_eq!(held_back("hello\n", &stops, 7), 1);
-        assert_eq!(held_back("hello\n\nUs", &stops, 7), 4);
-        assert_eq!(held_back("hello", &stops, 7), 0);
-        assert_eq!(held_back("héllo", &["ö".to_string()], 2), 0);
     }
 }

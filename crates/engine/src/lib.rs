@@ -19,6 +19,7 @@ pub mod load;
 pub mod multimodal;
 pub mod perplexity;
 pub mod sampling;
+pub mod sequence;
 pub mod tokenizer;
 
 pub use generate::{GenerateOptions, Generation, Generator, StopReason};
@@ -26,6 +27,7 @@ pub use image::{Image, PanAndScan};
 pub use load::{Model, ModelSource};
 pub use multimodal::{ImageTokens, ImageViews};
 pub use sampling::{Sampler, SamplingParams};
+pub use sequence::{Batch, SeqImages, Sequence, TokenLogprob, Update};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -39,4 +41,14 @@ pub enum EngineError {
     Load(String),
     #[error("{0}")]
     Input(String),
+    /// An image that cannot be read or decoded.
+    #[error("{0}")]
+    BadImage(String),
+    #[error("the prompt has {prompt} tokens and up to {max_new} new tokens were asked for: {} in all, more than the context of {context} tokens (the model allows up to {model_max}; raise the context size or ask for fewer new tokens)", prompt + max_new)]
+    ContextOverflow {
+        prompt: usize,
+        max_new: usize,
+        context: usize,
+        model_max: usize,
+    },
 }

@@ -202,7 +202,9 @@ fn prompt_longer_than_context_is_an_error() {
             |_| true,
         )
         .unwrap_err();
-    assert!(e.to_string().contains("does not fit the context"), "{e}");
+    let msg = e.to_string();
+    assert!(msg.contains("more than the context of 8 tokens"), "{msg}");
+    assert!(msg.contains("the prompt has 11 tokens"), "{msg}");
 }
 
 #[test]

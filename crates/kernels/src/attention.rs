@@ -1,32 +1,58 @@
-//! Scaled dot-product attention over a range of cached keys, with the softmax in f32. The
+//! Scaled dot-product attention over paged key/value caches, with the softmax in f32. The
 //! query heads that share a kv head are taken together, so each key and value is read once
-//! for all of them, where it lies in the cache (a ring for sliding layers): no copies per
-//! head. Keys go in blocks whose scores are one small matrix product, under an online
-//! softmax, so no score row outgrows a block.
+//! for all of them, where it lies in the cache: no copies per head. Keys go in blocks whose
+//! scores are one small matrix product, under an online softmax, so no score row outgrows
+//! a block.
+//!
+//! [`attend_batch`] is the entry point of a forward pass: a batch holds segments of
+//! several sequences (each with its own cache); long segments (prompt chunks) run in tiles
+//! of positions, short ones (decode steps) split their key range into parts that run in
+//! parallel and are folded in order. Every row meets the same aligned blocks and parts in
+//! the same order however it is batched, so its result does not depend on the batch.
 
-/// Where key/value position `p` lives: `base + (p % capacity) * stride`.
+use rayon::prelude::*;
+use std::ops::Range;
+
+/// Positions per cache page. A page holds every kv head's rows for `PAGE` consecutive
+/// ring slots (`[kv_head][PAGE][head_dim]`), and a key block never crosses a page.
+pub const PAGE: usize = KEY_BLOCK;
+
+/// One cache page: `kv_heads × PAGE × head_dim` values.
+pub type Page = Box<[f32]>;
+
+/// One kv head of a layer's paged cache: position `p` lives in ring slot
+/// `p % capacity`, i.e. page `slot / PAGE`, row `slot % PAGE`.
 #[derive(Clone, Copy)]
 pub struct KvView<'a> {
-    pub k: &'a [f32],
-    pub v: &'a [f32],
-    /// Slots in the ring (positions wrap modulo this).
+    pub k: &'a [Page],
+    pub v: &'a [Page],
+    /// Slots in the ring (positions wrap modulo this); a multiple of [`PAGE`].
     pub capacity: usize,
-    /// Floats between consecutive positions.
-    pub stride: usize,
-    /// Offset of this kv head inside a position's row.
-    pub offset: usize,
+    /// Which kv head.
+    pub head: usize,
     pub head_dim: usize,
 }
 
-impl KvView<'_> {
+impl<'a> KvView<'a> {
+    /// Keys (`head_dim × nk`, a transposed view) and values (`nk × head_dim`) of positions
+    /// `k0 .. k0 + nk`, which must lie in one page.
     #[inline]
-    fn at(&self, p: usize) -> usize {
-        (p % self.capacity) * self.stride + self.offset
+    fn block(&self, k0: usize, nk: usize) -> (crate::gemm::MatRef<'a>, crate::gemm::MatRef<'a>) {
+        use crate::gemm::MatRef;
+        let hd = self.head_dim;
+        let slot = k0 % self.capacity;
+        let (page, row) = (slot / PAGE, slot % PAGE);
+        debug_assert!(row + nk <= PAGE, "a key block crosses a page");
+        let at = (self.head * PAGE + row) * hd;
+        let span = nk * hd;
+        let k = &self.k[page][at..at + span];
+        let v = &self.v[page][at..at + span];
+        (MatRef::new(k, hd, nk, 1, hd), MatRef::new(v, nk, hd, hd, 1))
     }
 }
 
 /// Keys per block: a block's scores for a tile of rows are one small matrix product.
-const KEY_BLOCK: usize = 256;
+pub const KEY_BLOCK: usize = 256;
 
 /// Keys per part (whole blocks). Parts and blocks start at multiples of their size in
 /// position space, so a row meets the same blocks in the same order whichever tile or step
@@ -35,13 +61,21 @@ const KEY_BLOCK: usize = 256;
 pub const KEY_PART: usize = 1024;
 
 /// The parts `keys` touches, as absolute position ranges clipped to `keys`.
-pub fn key_parts(keys: std::ops::Range<usize>) -> impl Iterator<Item = std::ops::Range<usize>> {
-    let n = keys.end.div_ceil(KEY_PART) - keys.start / KEY_PART;
+pub fn key_parts(keys: Range<usize>) -> impl Iterator<Item = Range<usize>> {
+    let n = part_count(&keys);
     (0..n).map(move |i| key_part(&keys, i))
 }
 
+/// How many parts [`key_parts`] yields.
+pub fn part_count(keys: &Range<usize>) -> usize {
+    if keys.is_empty() {
+        return 0;
+    }
+    keys.end.div_ceil(KEY_PART) - keys.start / KEY_PART
+}
+
 /// Part `i` (counted from the first) of those [`key_parts`] yields.
-pub fn key_part(keys: &std::ops::Range<usize>, i: usize) -> std::ops::Range<usize> {
+pub fn key_part(keys: &Range<usize>, i: usize) -> Range<usize> {
     let p = keys.start / KEY_PART + i;
     (p * KEY_PART).max(keys.start)..((p + 1) * KEY_PART).min(keys.end)
 }
@@ -70,11 +104,10 @@ thread_local! {
 #[allow(clippy::too_many_arguments)]
 pub fn attend_part(
     q: &[f32],
-    keys: &[std::ops::Range<usize>],
+    keys: &[Range<usize>],
     kv: &KvView<'_>,
-    scale: f32,
-    softcap: Option<f32>,
-    part: std::ops::Range<usize>,
+    scores: Scores,
+    part: Range<usize>,
     acc: &mut [f32],
     max: &mut [f32],
     sum: &mut [f32],
@@ -94,15 +127,11 @@ pub fn attend_part(
         }
         let mut k0 = part.start;
         while k0 < part.end {
-            // Blocks end at multiples of KEY_BLOCK and never cross the ring's wrap, so their
-            // keys are evenly strided.
-            let wrap = (k0 / kv.capacity + 1) * kv.capacity;
-            let k1 = ((k0 / KEY_BLOCK + 1) * KEY_BLOCK).min(part.end).min(wrap);
+            // Blocks end at multiples of KEY_BLOCK, so they stay inside one page of the
+            // ring (its capacity is a multiple of the page).
+            let k1 = ((k0 / KEY_BLOCK + 1) * KEY_BLOCK).min(part.end);
             let nk = k1 - k0;
-            let at = kv.at(k0);
-            let span = (nk - 1) * kv.stride + hd;
-            let kt = MatRef::new(&kv.k[at..at + span], hd, nk, 1, kv.stride);
-            let vb = MatRef::new(&kv.v[at..at + span], nk, hd, kv.stride, 1);
+            let (kt, vb) = kv.block(k0, nk);
             let s = &mut s[..rows * nk];
             gemm_into(qv, BOperand::F32(kt), MatMut::row_major(s, rows, nk), false);
             for (r, range) in keys.iter().enumerate() {
@@ -117,8 +146,8 @@ pub fn attend_part(
                 let live = &mut row[a..b];
                 let mut m = f32::NEG_INFINITY;
                 for v in live.iter_mut() {
-                    *v *= scale;
-                    if let Some(c) = softcap {
+                    *v *= scores.scale;
+                    if let Some(c) = scores.softcap {
                         *v = c * (*v / c).tanh();
                     }
                     m = m.max(*v);
@@ -177,15 +206,14 @@ pub fn fold_part(
 
 /// Attention of query rows that share one key/value head (the query heads of a group, for
 /// one or many positions): `out[r] = softmax(q[r]·K[keys[r]]ᵀ · scale) · V[keys[r]]`, scores
-/// capped with `c·tanh(s/c)` when `softcap` is set. Parts are computed and folded in order
-/// ([`attend_part`], [`fold_part`]), so a key is read once per tile of rows and no score
-/// row is longer than a block, however long the context.
+/// capped when `softcap` is set. Parts are computed and folded in order ([`attend_part`],
+/// [`fold_part`]), so a key is read once per tile of rows and no score row is longer than a
+/// block, however long the context.
 pub fn attend_rows(
     q: &[f32],
-    keys: &[std::ops::Range<usize>],
+    keys: &[Range<usize>],
     kv: &KvView<'_>,
-    scale: f32,
-    softcap: Option<f32>,
+    scores: Scores,
     out: &mut [f32],
 ) {
     let hd = kv.head_dim;
@@ -208,8 +236,7 @@ pub fn attend_rows(
                 q,
                 keys,
                 kv,
-                scale,
-                softcap,
+                scores,
                 part,
                 &mut t.part_acc,
                 &mut t.part_max,
@@ -234,5 +261,265 @@ pub fn normalize(acc: &mut [f32], sum: &[f32], hd: usize) {
     for (row, s) in acc.chunks_mut(hd).zip(sum) {
         let inv = 1.0 / s;
         row.iter_mut().for_each(|v| *v *= inv);
+    }
+}
+
+/// Query and key/value heads of a layer: query head `h` uses kv head `h / (q / kv)`.
+#[derive(Clone, Copy, Debug)]
+pub struct Heads {
+    pub q: usize,
+    pub kv: usize,
+    pub dim: usize,
+}
+
+impl Heads {
+    /// Query heads per kv head.
+    pub fn group(&self) -> usize {
+        self.q / self.kv
+    }
+}
+
+/// How raw scores are scaled: `s·scale`, then `c·tanh(s/c)` when `softcap` is set.
+#[derive(Clone, Copy, Debug)]
+pub struct Scores {
+    pub scale: f32,
+    pub softcap: Option<f32>,
+}
+
+/// Segments with at least this many rows (prompt chunks) run in tiles of positions; shorter
+/// ones (decode steps) split each row's key range into parts computed in parallel.
+pub const TILE_MIN_ROWS: usize = 8;
+
+/// Positions per task of the tiled path: with the query heads of a group that is the row
+/// count of each score tile (64 measured best for 512-token prompts, with or without a long
+/// context before them).
+const QUERY_BLOCK: usize = 64;
+
+/// Query heads per kv head that the part path handles (Gemma 3 has 2 to 4).
+pub const MAX_GROUP: usize = 16;
+
+/// Below this much work (query heads × keys × head_dim over the short rows of a batch), the
+/// part path runs on the calling thread: a fork-join costs more than it saves.
+const PARALLEL_WORK: usize = 1 << 18;
+
+/// Buffers of [`attend_batch`]'s part path. Sized by [`AttnScratch::new`] for the largest
+/// batch expected, so a decode step allocates nothing; a larger batch grows them once.
+#[derive(Default)]
+pub struct AttnScratch {
+    /// Short rows: (row, segment).
+    rows: Vec<(usize, usize)>,
+    /// Per short row its first slot, then the total: slot `j` of row `i` is part
+    /// `(j - start[i]) / kv_heads` and kv head `(j - start[i]) % kv_heads`.
+    slot_start: Vec<usize>,
+    part_acc: Vec<f32>,
+    part_max: Vec<f32>,
+    part_sum: Vec<f32>,
+    run_max: Vec<f32>,
+    run_sum: Vec<f32>,
+}
+
+impl AttnScratch {
+    /// Room for `rows` short rows whose key ranges span up to `positions` positions.
+    pub fn new(heads: Heads, rows: usize, positions: usize) -> Self {
+        let slots = rows * (positions.div_ceil(KEY_PART) + 1) * heads.kv;
+        let g = heads.group();
+        AttnScratch {
+            rows: Vec::with_capacity(rows),
+            slot_start: Vec::with_capacity(rows + 1),
+            part_acc: vec![0.0; slots * g * heads.dim],
+            part_max: vec![0.0; slots * g],
+            part_sum: vec![0.0; slots * g],
+            run_max: vec![0.0; heads.q],
+            run_sum: vec![0.0; heads.q],
+        }
+    }
+
+    pub fn bytes(&self) -> usize {
+        4 * (self.part_acc.len() + self.part_max.len() + self.part_sum.len())
+    }
+}
+
+thread_local! {
+    /// Gathered query rows, their outputs and key ranges of one tile.
+    static QUERY_TILE: std::cell::RefCell<(Vec<f32>, Vec<f32>, Vec<Range<usize>>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
+}
+
+/// Attention of one forward pass over a batch of sequences. `q` and `out` are
+/// `rows × (heads.q · heads.dim)`; `keys[r]` are the positions row `r` sees; `segments[s]`
+/// are the rows of sequence `s`, whose cache `kv(s, kv_head)` gives. Each row's result is
+/// the same whatever else is in the batch.
+#[allow(clippy::too_many_arguments)]
+pub fn attend_batch<'a>(
+    q: &[f32],
+    keys: &[Range<usize>],
+    segments: &[Range<usize>],
+    kv: &(dyn Fn(usize, usize) -> KvView<'a> + Sync),
+    heads: Heads,
+    scores: Scores,
+    out: &mut [f32],
+    scratch: &mut AttnScratch,
+) {
+    let qd = heads.q * heads.dim;
+    assert!(
+        heads.group() <= MAX_GROUP,
+        "{} query heads per kv head",
+        heads.group()
+    );
+    for (s, rows) in segments.iter().enumerate() {
+        if rows.len() >= TILE_MIN_ROWS {
+            attend_tiles(
+                &q[rows.start * qd..rows.end * qd],
+                &keys[rows.clone()],
+                &|h| kv(s, h),
+                heads,
+                scores,
+                &mut out[rows.start * qd..rows.end * qd],
+            );
+        }
+    }
+    attend_short_rows(q, keys, segments, kv, heads, scores, out, scratch);
+}
+
+/// A prompt chunk: tasks of up to [`QUERY_BLOCK`] positions, at least one per thread; per
+/// kv head a task takes all of its query heads at once, so every key is read once per tile.
+fn attend_tiles<'a>(
+    q: &[f32],
+    keys: &[Range<usize>],
+    kv: &(dyn Fn(usize) -> KvView<'a> + Sync),
+    heads: Heads,
+    scores: Scores,
+    out: &mut [f32],
+) {
+    let (hd, group) = (heads.dim, heads.group());
+    let qd = heads.q * hd;
+    let n = keys.len();
+    let block = QUERY_BLOCK.min(n.div_ceil(rayon::current_num_threads()));
+    out.par_chunks_mut(block * qd)
+        .enumerate()
+        .for_each(|(b, out)| {
+            let t0 = b * block;
+            let nt = out.len() / qd;
+            QUERY_TILE.with(|tile| {
+                let (qt, ot, tile_keys) = &mut *tile.borrow_mut();
+                qt.resize(nt * group * hd, 0.0);
+                ot.resize(nt * group * hd, 0.0);
+                for kvh in 0..heads.kv {
+                    tile_keys.clear();
+                    for t in 0..nt {
+                        for j in 0..group {
+                            let (head, r) = (kvh * group + j, t * group + j);
+                            let src = (t0 + t) * qd + head * hd;
+                            qt[r * hd..(r + 1) * hd].copy_from_slice(&q[src..src + hd]);
+                            tile_keys.push(keys[t0 + t].clone());
+                        }
+                    }
+                    attend_rows(qt, tile_keys, &kv(kvh), scores, ot);
+                    for t in 0..nt {
+                        for j in 0..group {
+                            let (head, r) = (kvh * group + j, t * group + j);
+                            out[t * qd + head * hd..t * qd + (head + 1) * hd]
+                                .copy_from_slice(&ot[r * hd..(r + 1) * hd]);
+                        }
+                    }
+                }
+            });
+        });
+}
+
+/// Decode steps (and short chunks): per row and kv head, the group's query heads together.
+/// The parts of every short row's key range (the aligned parts a tile folds in order) run
+/// as independent tasks, then each row folds its parts in order.
+#[allow(clippy::too_many_arguments)]
+fn attend_short_rows<'a>(
+    q: &[f32],
+    keys: &[Range<usize>],
+    segments: &[Range<usize>],
+    kv: &(dyn Fn(usize, usize) -> KvView<'a> + Sync),
+    heads: Heads,
+    scores: Scores,
+    out: &mut [f32],
+    sc: &mut AttnScratch,
+) {
+    let (hd, group, nkv, nh) = (heads.dim, heads.group(), heads.kv, heads.q);
+    let qd = nh * hd;
+    sc.rows.clear();
+    sc.slot_start.clear();
+    let mut slots = 0;
+    let mut work = 0;
+    for (s, rows) in segments.iter().enumerate() {
+        if rows.len() >= TILE_MIN_ROWS {
+            continue;
+        }
+        for r in rows.clone() {
+            sc.rows.push((r, s));
+            sc.slot_start.push(slots);
+            slots += part_count(&keys[r]) * nkv;
+            work += nh * keys[r].len() * hd;
+        }
+    }
+    if sc.rows.is_empty() {
+        return;
+    }
+    sc.slot_start.push(slots);
+    if sc.part_max.len() < slots * group {
+        sc.part_acc.resize(slots * group * hd, 0.0);
+        sc.part_max.resize(slots * group, 0.0);
+        sc.part_sum.resize(slots * group, 0.0);
+    }
+    let (rows, starts) = (&sc.rows, &sc.slot_start);
+    let task = |(j, ((acc, max), sum)): (usize, ((&mut [f32], &mut [f32]), &mut [f32]))| {
+        let i = starts.partition_point(|&st| st <= j) - 1;
+        let (r, s) = rows[i];
+        let local = j - starts[i];
+        let (part, kvh) = (local / nkv, local % nkv);
+        let ranges: [Range<usize>; MAX_GROUP] = std::array::from_fn(|_| keys[r].clone());
+        attend_part(
+            &q[r * qd + kvh * group * hd..r * qd + (kvh + 1) * group * hd],
+            &ranges[..group],
+            &kv(s, kvh),
+            scores,
+            key_part(&keys[r], part),
+            acc,
+            max,
+            sum,
+        );
+    };
+    let acc = &mut sc.part_acc[..slots * group * hd];
+    let max = &mut sc.part_max[..slots * group];
+    let sum = &mut sc.part_sum[..slots * group];
+    if slots > 1 && work >= PARALLEL_WORK {
+        acc.par_chunks_mut(group * hd)
+            .zip(max.par_chunks_mut(group))
+            .zip(sum.par_chunks_mut(group))
+            .enumerate()
+            .for_each(task);
+    } else {
+        acc.chunks_mut(group * hd)
+            .zip(max.chunks_mut(group))
+            .zip(sum.chunks_mut(group))
+            .enumerate()
+            .for_each(task);
+    }
+    // The slots of part p of a row hold every head's state (heads in kv-head order).
+    for (i, &(r, _)) in sc.rows.iter().enumerate() {
+        let o = &mut out[r * qd..(r + 1) * qd];
+        o.fill(0.0);
+        sc.run_max.fill(f32::NEG_INFINITY);
+        sc.run_sum.fill(0.0);
+        let first = sc.slot_start[i];
+        for p in 0..part_count(&keys[r]) {
+            let s0 = first + p * nkv;
+            fold_part(
+                o,
+                &mut sc.run_max,
+                &mut sc.run_sum,
+                &sc.part_acc[s0 * group * hd..(s0 + nkv) * group * hd],
+                &sc.part_max[s0 * group..(s0 + nkv) * group],
+                &sc.part_sum[s0 * group..(s0 + nkv) * group],
+                hd,
+            );
+        }
+        normalize(o, &sc.run_sum, hd);
     }
 }

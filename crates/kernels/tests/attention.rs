@@ -4,21 +4,79 @@
 //! bit for bit.
 
 use gemma3_kernels::attention::{
-    attend_part, attend_rows, fold_part, key_parts, normalize, KvView,
+    attend_batch, attend_part, attend_rows, fold_part, key_parts, normalize, AttnScratch, Heads,
+    KvView, Page, Scores, PAGE,
 };
 
 mod common;
 use common::Lcg;
 
+/// A ring cache as flat position-major rows (`capacity × stride`, kv head `h` at
+/// `h · head_dim`), and the same values as pages.
+struct Ring {
+    k: Vec<f32>,
+    v: Vec<f32>,
+    capacity: usize,
+    stride: usize,
+    head_dim: usize,
+    k_pages: Vec<Page>,
+    v_pages: Vec<Page>,
+}
+
+impl Ring {
+    fn new(rng: &mut Lcg, capacity: usize, stride: usize, head_dim: usize) -> Ring {
+        let k: Vec<f32> = (0..capacity * stride).map(|_| rng.f() * 2.0).collect();
+        let v: Vec<f32> = (0..capacity * stride).map(|_| rng.f()).collect();
+        let heads = stride / head_dim;
+        let paged = |flat: &[f32]| -> Vec<Page> {
+            (0..capacity / PAGE)
+                .map(|p| {
+                    let mut page = vec![0f32; heads * PAGE * head_dim];
+                    for h in 0..heads {
+                        for r in 0..PAGE {
+                            let src = (p * PAGE + r) * stride + h * head_dim;
+                            let dst = (h * PAGE + r) * head_dim;
+                            page[dst..dst + head_dim].copy_from_slice(&flat[src..src + head_dim]);
+                        }
+                    }
+                    page.into_boxed_slice()
+                })
+                .collect()
+        };
+        let (k_pages, v_pages) = (paged(&k), paged(&v));
+        Ring {
+            k,
+            v,
+            capacity,
+            stride,
+            head_dim,
+            k_pages,
+            v_pages,
+        }
+    }
+
+    fn view(&self, head: usize) -> KvView<'_> {
+        KvView {
+            k: &self.k_pages,
+            v: &self.v_pages,
+            capacity: self.capacity,
+            head,
+            head_dim: self.head_dim,
+        }
+    }
+}
+
 fn reference(
     q: &[f32],
-    kv: &KvView<'_>,
+    ring: &Ring,
+    head: usize,
     keys: std::ops::Range<usize>,
     scale: f32,
     softcap: Option<f32>,
 ) -> Vec<f64> {
-    let hd = kv.head_dim;
-    let at = |p: usize| (p % kv.capacity) * kv.stride + kv.offset;
+    let hd = ring.head_dim;
+    let kv = ring;
+    let at = |p: usize| (p % ring.capacity) * ring.stride + head * hd;
     let s: Vec<f64> = keys
         .clone()
         .map(|p| {
@@ -46,21 +104,17 @@ fn reference(
 #[test]
 fn tiled_attention_matches_a_plain_softmax() {
     let mut rng = Lcg(99);
-    // (head_dim, ring capacity, stride, offset, soft-cap): rings short enough to wrap
-    // inside key ranges that cross several key parts (1024) and blocks (128).
-    for &(hd, capacity, stride, offset, softcap) in &[
-        (64usize, 2500usize, 128usize, 64usize, None),
-        (32, 1300, 32, 0, Some(50.0f32)),
+    // (head_dim, ring capacity, stride, kv head, soft-cap): rings short enough to wrap
+    // inside key ranges that cross several key parts (1024) and blocks (256).
+    for &(hd, capacity, stride, head, softcap) in &[
+        (64usize, 2560usize, 128usize, 1usize, None),
+        (32, 1280, 32, 0, Some(50.0f32)),
     ] {
-        let k: Vec<f32> = (0..capacity * stride).map(|_| rng.f() * 2.0).collect();
-        let v: Vec<f32> = (0..capacity * stride).map(|_| rng.f()).collect();
-        let kv = KvView {
-            k: &k,
-            v: &v,
-            capacity,
-            stride,
-            offset,
-            head_dim: hd,
+        let ring = Ring::new(&mut rng, capacity, stride, hd);
+        let kv = ring.view(head);
+        let scores = Scores {
+            scale: 0.0,
+            softcap,
         };
         // Positions past the capacity wrap around the ring.
         let base = 2 * capacity + 37;
@@ -73,10 +127,18 @@ fn tiled_attention_matches_a_plain_softmax() {
         ];
         let q: Vec<f32> = (0..keys.len() * hd).map(|_| rng.f()).collect();
         let scale = 1.0 / (hd as f32).sqrt();
+        let scores = Scores { scale, ..scores };
         let mut out = vec![f32::NAN; keys.len() * hd];
-        attend_rows(&q, &keys, &kv, scale, softcap, &mut out);
+        attend_rows(&q, &keys, &kv, scores, &mut out);
         for (r, range) in keys.iter().enumerate() {
-            let want = reference(&q[r * hd..(r + 1) * hd], &kv, range.clone(), scale, softcap);
+            let want = reference(
+                &q[r * hd..(r + 1) * hd],
+                &ring,
+                head,
+                range.clone(),
+                scale,
+                softcap,
+            );
             for i in 0..hd {
                 let got = out[r * hd + i] as f64;
                 assert!(
@@ -100,8 +162,7 @@ fn tiled_attention_matches_a_plain_softmax() {
                         row,
                         ks,
                         &kv,
-                        scale,
-                        softcap,
+                        scores,
                         part.clone(),
                         &mut acc,
                         &mut max,
@@ -121,6 +182,85 @@ fn tiled_attention_matches_a_plain_softmax() {
                 &out[r * hd..(r + 1) * hd],
                 "row {r}: parts differ from the tile"
             );
+        }
+    }
+}
+
+/// A batch of three sequences, each with its own cache: a prompt chunk (tiled), a decode
+/// row with a long key range (parts in parallel), and a short chunk. Every row and head
+/// equals that row computed alone, bit for bit, and a plain softmax.
+#[test]
+fn batch_rows_equal_their_solo_results() {
+    let mut rng = Lcg(7);
+    let heads = Heads {
+        q: 4,
+        kv: 2,
+        dim: 32,
+    };
+    let (hd, qd, group) = (heads.dim, heads.q * heads.dim, heads.group());
+    let stride = heads.kv * hd;
+    let rings = [
+        Ring::new(&mut rng, 1024, stride, hd),
+        Ring::new(&mut rng, 3072, stride, hd),
+        Ring::new(&mut rng, 512, stride, hd),
+    ];
+    // Segment 0: 12 prompt rows at 900.. (causal); 1: one row at 2900 seeing 0..=2900;
+    // 2: three rows at 700.. with a sliding window of 300.
+    let mut keys = vec![];
+    let mut segments = vec![];
+    let mut add = |n: usize,
+                   rows: &mut Vec<std::ops::Range<usize>>,
+                   f: &dyn Fn(usize) -> std::ops::Range<usize>| {
+        let start = rows.len();
+        for t in 0..n {
+            rows.push(f(t));
+        }
+        segments.push(start..rows.len());
+    };
+    add(12, &mut keys, &|t| 0..900 + t + 1);
+    add(1, &mut keys, &|_| 0..2901);
+    add(3, &mut keys, &|t| (700 + t + 1 - 300)..700 + t + 1);
+    let q = rng.vec(keys.len() * qd);
+    let scores = Scores {
+        scale: 0.17,
+        softcap: None,
+    };
+    let mut out = vec![f32::NAN; keys.len() * qd];
+    let mut scratch = AttnScratch::new(heads, 1, 64);
+    let kv = |s: usize, h: usize| rings[s].view(h);
+    attend_batch(
+        &q,
+        &keys,
+        &segments,
+        &kv,
+        heads,
+        scores,
+        &mut out,
+        &mut scratch,
+    );
+    for (s, rows) in segments.iter().enumerate() {
+        for r in rows.clone() {
+            for h in 0..heads.q {
+                let kvh = h / group;
+                let qh = &q[r * qd + h * hd..r * qd + (h + 1) * hd];
+                let mut solo = vec![0f32; hd];
+                attend_rows(
+                    qh,
+                    std::slice::from_ref(&keys[r]),
+                    &rings[s].view(kvh),
+                    scores,
+                    &mut solo,
+                );
+                let got = &out[r * qd + h * hd..r * qd + (h + 1) * hd];
+                assert_eq!(got, &solo[..], "segment {s} row {r} head {h}");
+                let want = reference(qh, &rings[s], kvh, keys[r].clone(), scores.scale, None);
+                for i in 0..hd {
+                    assert!(
+                        (got[i] as f64 - want[i]).abs() < 1e-5,
+                        "row {r} head {h} dim {i}"
+                    );
+                }
+            }
         }
     }
 }

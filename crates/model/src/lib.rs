@@ -8,10 +8,13 @@ pub mod text;
 pub mod vision;
 pub mod weights;
 
-pub use cache::KvCache;
+pub use cache::{KvCache, MAX_BATCH};
 pub use config::{LayerKind, TextConfig};
 pub use gemma3_kernels::Precision;
-pub use text::{attention_mask, key_range, ImageInputs, Logits, Stage, TextModel, Workspace};
+pub use text::{
+    attention_mask, chunk_end, key_range, ImageInputs, Logits, OnLogits, OnStage, SeqChunk, Stage,
+    TextModel, Workspace,
+};
 pub use vision::{VisionConfig, VisionTower};
 pub use weights::{TextWeights, WeightSource};
 
@@ -25,4 +28,8 @@ pub enum ModelError {
     Weights(String),
     #[error("input: {0}")]
     Input(String),
+    #[error("{needed} tokens do not fit the context of {context} tokens")]
+    ContextOverflow { needed: usize, context: usize },
+    #[error("token id {id} is outside the vocabulary (size {vocab})")]
+    TokenOutOfVocab { id: u32, vocab: usize },
 }

@@ -1,6 +1,11 @@
-//! The Gemma 3 text decoder on CPU: a batch of tokens at consecutive positions goes through
-//! every layer at once (matrix products), keys/values land in the [`KvCache`], and logits
-//! are produced only for the rows asked for.
+//! The Gemma 3 text decoder on CPU. One forward pass takes a batch of chunks of several
+//! sequences (a prompt chunk, a decode step's single token…), each at its own positions and
+//! with its own [`KvCache`]: the matrix products run once over every row, attention runs
+//! per sequence against its cache, and logits are produced only for the rows asked for. A
+//! row's result does not depend on what else is in the batch.
+//!
+//! The pass reads as its stages: [`TextModel::embed`], then per layer
+//! [`TextModel::attention`] and [`TextModel::mlp`], then [`TextModel::logits`].
 //!
 //! Per layer (fixtures README, items 1-8): `x += post_attn_norm(attn(input_norm(x)))`,
 //! `x += post_ffn_norm(mlp(pre_ffn_norm(x)))`; attention applies q/k RMSNorm per head
@@ -8,18 +13,16 @@
 //! keys `j` with `i - W < j <= i`.
 
 use crate::cache::KvCache;
-use crate::weights::TextWeights;
+use crate::weights::{LayerWeights, TextWeights};
 use crate::{LayerKind, ModelError, TextConfig};
-use gemma3_kernels::attention::{
-    attend_part, attend_rows, fold_part, key_part, key_parts, normalize, KvView, KEY_PART,
-};
+use gemma3_kernels::attention::{attend_batch, AttnScratch, Heads, Scores};
 use gemma3_kernels::ops::{
     gelu_gate, gelu_gate_f16, rms_norm, rms_norm_inplace, rms_norm_rows, rope_cos_sin,
     rope_inv_freq, rope_neox, round_to_f16,
 };
 use gemma3_kernels::{matmul_multi, matmul_weights, Precision};
 use rayon::prelude::*;
-use std::cell::RefCell;
+use std::ops::Range;
 
 /// Which rows of a batch get logits.
 #[derive(Clone, Copy, Debug)]
@@ -92,11 +95,62 @@ pub fn attention_mask(
         .collect()
 }
 
+/// One sequence's part of a forward pass: `tokens` at positions `cache.len() ..`.
+pub struct SeqChunk<'a> {
+    pub tokens: &'a [u32],
+    /// The projector rows of the image tokens among `tokens` (an image block is never
+    /// split across chunks: see [`chunk_end`]).
+    pub images: Option<ImageInputs<'a>>,
+    pub cache: &'a mut KvCache,
+    /// Which rows get logits. Row numbers (in `Rows` and in the callback) count from
+    /// `row_base`: a prompt split into chunks keeps the numbering of the whole prompt.
+    pub logits: Logits<'a>,
+    pub row_base: usize,
+}
+
+impl<'a> SeqChunk<'a> {
+    pub fn new(tokens: &'a [u32], cache: &'a mut KvCache, logits: Logits<'a>) -> Self {
+        SeqChunk {
+            tokens,
+            images: None,
+            cache,
+            logits,
+            row_base: 0,
+        }
+    }
+}
+
+/// Where a chunk of `tokens` starting at `start` ends: at most `max` tokens, never inside
+/// an image block (its tokens see each other, so they go through one pass).
+pub fn chunk_end(
+    tokens: &[u32],
+    start: usize,
+    max: usize,
+    image_token: Option<u32>,
+) -> Result<usize, ModelError> {
+    let n_all = tokens.len();
+    let end = (start + max.max(1)).min(n_all);
+    let is_img = |t: usize| image_token.is_some_and(|it| tokens[t] == it);
+    if end < n_all && is_img(end) && is_img(end - 1) {
+        let mut b = end - 1;
+        while b > start && is_img(b - 1) {
+            b -= 1;
+        }
+        if b == start {
+            return Err(ModelError::Input(format!(
+                "an image block longer than the chunk size ({max}) cannot be processed"
+            )));
+        }
+        return Ok(b);
+    }
+    Ok(end)
+}
+
 /// Rows of logits computed per output-projection call: the projection is decoded once per
 /// group, so larger groups are faster but hold `LOGIT_GROUP × vocab` floats.
 const LOGIT_GROUP: usize = 32;
 
-/// Buffers for one forward pass of up to `max_batch` tokens, allocated once.
+/// Buffers for one forward pass of up to `max_batch` rows, allocated once.
 pub struct Workspace {
     pub max_batch: usize,
     x: Vec<f32>,
@@ -114,18 +168,18 @@ pub struct Workspace {
     sin_global: Vec<f32>,
     final_rows: Vec<f32>,
     logits: Vec<f32>,
-    /// Rows of the current chunk that want logits (reused, so decode allocates nothing).
-    rows: Vec<usize>,
-    /// Per row of the chunk: one past the last key it may see (its image block's end, or
-    /// itself).
-    attn_hi: Vec<usize>,
-    /// Decode attention by parts of the key range (see `attend_part`): per part every
-    /// head's unnormalised output, maximum and sum, and the running maxima and sums.
-    part_acc: Vec<f32>,
-    part_max: Vec<f32>,
-    part_sum: Vec<f32>,
-    run_max: Vec<f32>,
-    run_sum: Vec<f32>,
+    /// Per row: its position, and one past the last key it may see (its image block's end,
+    /// or itself).
+    pos: Vec<usize>,
+    reach: Vec<usize>,
+    /// Per row, the keys it sees in sliding and in full layers.
+    keys_local: Vec<Range<usize>>,
+    keys_global: Vec<Range<usize>>,
+    /// Per sequence of the batch, its rows.
+    segments: Vec<Range<usize>>,
+    /// Rows that want logits.
+    want: Vec<usize>,
+    attn_scratch: AttnScratch,
 }
 
 impl Workspace {
@@ -153,13 +207,15 @@ impl Workspace {
             sin_global: vec![0.0; n * half],
             final_rows: vec![0.0; g * h],
             logits: vec![0.0; g * cfg.vocab_size],
-            rows: Vec::with_capacity(n),
-            attn_hi: vec![0; n],
-            part_acc: vec![0.0; max_parts(cfg) * qd],
-            part_max: vec![0.0; max_parts(cfg) * cfg.num_heads],
-            part_sum: vec![0.0; max_parts(cfg) * cfg.num_heads],
-            run_max: vec![0.0; cfg.num_heads],
-            run_sum: vec![0.0; cfg.num_heads],
+            pos: vec![0; n],
+            reach: vec![0; n],
+            keys_local: vec![0..0; n],
+            keys_global: vec![0..0; n],
+            segments: Vec::with_capacity(n),
+            want: Vec::with_capacity(n),
+            // A decode step of one sequence over the whole context allocates nothing;
+            // batches of many decoding sequences grow the part buffers once.
+            attn_scratch: AttnScratch::new(heads(cfg), 1, cfg.max_position_embeddings),
         }
     }
 
@@ -180,24 +236,21 @@ impl Workspace {
             &self.sin_global,
             &self.final_rows,
             &self.logits,
-            &self.part_acc,
         ]
         .iter()
         .map(|v| v.len())
         .sum::<usize>()
+            + self.attn_scratch.bytes()
     }
 }
 
-thread_local! {
-    /// Gathered query rows, their outputs and key ranges for [`attend_rows`].
-    static QUERY_TILE: RefCell<(Vec<f32>, Vec<f32>, Vec<std::ops::Range<usize>>)> =
-        const { RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
+fn heads(cfg: &TextConfig) -> Heads {
+    Heads {
+        q: cfg.num_heads,
+        kv: cfg.num_kv_heads,
+        dim: cfg.head_dim,
+    }
 }
-
-/// Positions per task of the prefill attention: with the query heads of a group that is
-/// the row count of each score tile (64 measured best for 512-token prompts, with or
-/// without a long context before them).
-const QUERY_BLOCK: usize = 64;
 
 /// `f(t, a_t, b_t)` for each of `n` tokens' rows of `a` (width `wa`) and `b` (width `wb`):
 /// across the pool for a prompt (rows are independent, so the split changes no result),
@@ -218,13 +271,10 @@ fn each_row(
         .for_each(|(t, (a, b))| f(t, a, b));
 }
 
-/// The most key parts a decode step can touch (the whole context, unaligned).
-fn max_parts(cfg: &TextConfig) -> usize {
-    cfg.max_position_embeddings.div_ceil(KEY_PART) + 1
-}
-
-/// Query heads per kv head that the decode path handles (Gemma 3 has 2 to 4).
-const MAX_GROUP: usize = 16;
+/// The logits callback of [`TextModel::forward_batch`]: `(sequence, row, logits)`.
+pub type OnLogits<'a> = dyn FnMut(usize, usize, &[f32]) + Send + 'a;
+/// The trace callback: each stage's hidden states, `rows × hidden` for the whole batch.
+pub type OnStage<'a> = dyn FnMut(Stage, &[f32]) + Send + 'a;
 
 pub struct TextModel {
     pub cfg: TextConfig,
@@ -262,8 +312,8 @@ impl TextModel {
         Ok(Self::new(cfg, weights))
     }
 
-    /// Runs `tokens` at positions `cache.len ..`, appending their keys/values to the cache,
-    /// and calls `on_logits(row, logits)` for each row `want` names, in order.
+    /// Runs `tokens` at positions `cache.len() ..`, appending their keys/values to the
+    /// cache, and calls `on_logits(row, logits)` for each row `want` names, in order.
     pub fn forward(
         &self,
         tokens: &[u32],
@@ -284,12 +334,13 @@ impl TextModel {
         ws: &mut Workspace,
         want: Logits<'_>,
         on_logits: &mut (dyn FnMut(usize, &[f32]) + Send),
-        trace: Option<&mut (dyn FnMut(Stage, &[f32]) + Send)>,
+        trace: Option<&mut OnStage<'_>>,
     ) -> Result<(), ModelError> {
         self.forward_with(tokens, None, cache, ws, want, on_logits, trace)
     }
 
-    /// The general forward pass: [`forward_traced`](Self::forward_traced) plus images.
+    /// One sequence, any length: [`forward_traced`](Self::forward_traced) plus images, in
+    /// chunks of at most the workspace's and the cache's batch size.
     pub fn forward_with(
         &self,
         tokens: &[u32],
@@ -298,42 +349,17 @@ impl TextModel {
         ws: &mut Workspace,
         want: Logits<'_>,
         on_logits: &mut (dyn FnMut(usize, &[f32]) + Send),
-        mut trace: Option<&mut (dyn FnMut(Stage, &[f32]) + Send)>,
+        mut trace: Option<&mut OnStage<'_>>,
     ) -> Result<(), ModelError> {
-        // Called from outside the thread pool, each of the ~70 parallel steps of a token
-        // would pay a hand-off to the pool's threads: run the whole pass on one of them.
-        // (`join` from outside the pool runs both halves on a worker, from a job on this
-        // thread's stack: no allocation.)
-        if rayon::current_thread_index().is_none() && rayon::current_num_threads() > 1 {
-            return rayon::join(
-                || self.forward_with(tokens, images, cache, ws, want, on_logits, trace),
-                || (),
-            )
-            .0;
-        }
         let n_all = tokens.len();
-        if n_all == 0 {
-            return Ok(());
-        }
-        if cache.len + n_all > cache.context {
-            return Err(ModelError::Input(format!(
-                "{} tokens at position {} exceed the context size of {} tokens",
-                n_all, cache.len, cache.context
-            )));
-        }
-        // Image soft tokens never reach the embedding table, so their id may lie past the
-        // vocabulary (llama.cpp's GGUF vocabulary ends just before `<image_soft_token>`).
-        let is_image_id = |t: u32| images.is_some_and(|im| im.image_token == t);
-        if let Some(&bad) = tokens
-            .iter()
-            .find(|&&t| t as usize >= self.cfg.vocab_size && !is_image_id(t))
-        {
-            return Err(ModelError::Input(format!(
-                "token id {bad} is outside the vocabulary (size {})",
-                self.cfg.vocab_size
-            )));
+        if cache.len() + n_all > cache.context() {
+            return Err(ModelError::ContextOverflow {
+                needed: cache.len() + n_all,
+                context: cache.context(),
+            });
         }
         let h = self.cfg.hidden_size;
+        let image_token = images.map(|im| im.image_token);
         if let Some(im) = images {
             let n_img = tokens.iter().filter(|&&t| t == im.image_token).count();
             if im.embeds.len() != n_img * h {
@@ -343,368 +369,370 @@ impl TextModel {
                 )));
             }
         }
-        let is_img = |t: usize| images.is_some_and(|im| tokens[t] == im.image_token);
+        let max = ws.max_batch.min(cache.max_chunk());
         let mut start = 0;
         let mut embeds_used = 0;
         while start < n_all {
-            let mut end = (start + ws.max_batch).min(n_all);
-            // Never split an image block across chunks: its tokens see each other.
-            if end < n_all && is_img(end) && is_img(end - 1) {
-                let mut b = end - 1;
-                while b > start && is_img(b - 1) {
-                    b -= 1;
-                }
-                if b == start {
-                    return Err(ModelError::Input(format!(
-                        "an image block longer than the batch size ({}) cannot be processed",
-                        ws.max_batch
-                    )));
-                }
-                end = b;
-            }
-            let n = end - start;
-            // Attention reach of each row, and the image rows' embeddings.
-            for t in 0..n {
-                ws.attn_hi[t] = t + 1;
-            }
-            let mut chunk_images = None;
-            if let Some(im) = images {
-                let mut t = 0;
-                while t < n {
-                    if is_img(start + t) {
-                        let b0 = t;
-                        while t < n && is_img(start + t) {
-                            t += 1;
-                        }
-                        for r in b0..t {
-                            ws.attn_hi[r] = t;
-                        }
-                    } else {
-                        t += 1;
-                    }
-                }
-                let k = (start..end).filter(|&r| is_img(r)).count();
-                chunk_images = Some(ImageInputs {
-                    image_token: im.image_token,
-                    embeds: &im.embeds[embeds_used * h..(embeds_used + k) * h],
-                });
+            let end = chunk_end(tokens, start, max, image_token)?;
+            let chunk = &tokens[start..end];
+            let chunk_images = images.map(|im| {
+                let k = chunk.iter().filter(|&&t| t == im.image_token).count();
                 embeds_used += k;
-            }
-            self.forward_chunk(
-                &tokens[start..end],
-                chunk_images,
-                cache,
-                ws,
-                trace.as_deref_mut(),
-            );
-            // Rows of this chunk that want logits.
-            let mut rows = std::mem::take(&mut ws.rows);
-            rows.clear();
-            match want {
-                Logits::None => {}
-                Logits::Last => {
-                    if end == n_all {
-                        rows.push(n - 1);
-                    }
+                ImageInputs {
+                    image_token: im.image_token,
+                    embeds: &im.embeds[(embeds_used - k) * h..embeds_used * h],
                 }
-                Logits::All => rows.extend(0..n),
-                Logits::Rows(r) => rows.extend(
-                    r.iter()
-                        .filter(|&&i| i >= start && i < end)
-                        .map(|&i| i - start),
-                ),
-            }
-            self.project(ws, &rows, start, on_logits);
-            ws.rows = rows;
+            });
+            let logits = match want {
+                Logits::None => Logits::None,
+                Logits::Last if end == n_all => Logits::Last,
+                Logits::Last => Logits::None,
+                Logits::All => Logits::All,
+                Logits::Rows(r) => {
+                    let (a, b) = (
+                        r.partition_point(|&i| i < start),
+                        r.partition_point(|&i| i < end),
+                    );
+                    Logits::Rows(&r[a..b])
+                }
+            };
+            let mut seq = [SeqChunk {
+                tokens: chunk,
+                images: chunk_images,
+                cache: &mut *cache,
+                logits,
+                row_base: start,
+            }];
+            self.forward_batch(
+                &mut seq,
+                ws,
+                &mut |_, row, l| on_logits(row, l),
+                trace.as_deref_mut(),
+            )?;
             start = end;
         }
         Ok(())
     }
 
-    fn forward_chunk(
+    /// One forward pass over a batch of sequences' chunks (at most `ws.max_batch` rows in
+    /// all): appends each chunk's keys and values to its cache and calls
+    /// `on_logits(sequence, row, logits)` for the rows each chunk asks for. Nothing is
+    /// changed when an input is invalid.
+    pub fn forward_batch(
         &self,
-        tokens: &[u32],
-        images: Option<ImageInputs<'_>>,
-        cache: &mut KvCache,
+        seqs: &mut [SeqChunk<'_>],
         ws: &mut Workspace,
-        mut trace: Option<&mut (dyn FnMut(Stage, &[f32]) + Send + '_)>,
-    ) {
-        let cfg = &self.cfg;
-        let n = tokens.len();
-        let h = cfg.hidden_size;
-        let hd = cfg.head_dim;
-        let half = hd / 2;
-        let nh = cfg.num_heads;
-        let nkv = cfg.num_kv_heads;
-        let qd = nh * hd;
-        let kvd = nkv * hd;
-        let ff = cfg.intermediate_size;
-        let eps = cfg.rms_norm_eps;
-        let p0 = cache.len;
-        let w = &self.weights;
-
-        // Embeddings, scaled by sqrt(hidden); image tokens take projector outputs unscaled.
-        let mut next_image_row = 0;
-        for (t, &tok) in tokens.iter().enumerate() {
-            let row = &mut ws.x[t * h..(t + 1) * h];
-            match images {
-                Some(im) if tok == im.image_token => {
-                    row.copy_from_slice(&im.embeds[next_image_row * h..(next_image_row + 1) * h]);
-                    next_image_row += 1;
-                }
-                _ => {
-                    gemma3_formats::quant::dequantize(
-                        w.embed.dtype,
-                        w.embed.row(tok as usize),
-                        row,
-                    );
-                    row.iter_mut().for_each(|v| *v *= w.embed_scale);
-                }
+        on_logits: &mut OnLogits<'_>,
+        trace: Option<&mut OnStage<'_>>,
+    ) -> Result<(), ModelError> {
+        // Called from outside the thread pool, each of the ~70 parallel steps of a token
+        // would pay a hand-off to the pool's threads: run the whole pass on one of them.
+        // (`join` from outside the pool runs both halves on a worker, from a job on this
+        // thread's stack: no allocation.)
+        if rayon::current_thread_index().is_none() && rayon::current_num_threads() > 1 {
+            return rayon::join(|| self.forward_batch(seqs, ws, on_logits, trace), || ()).0;
+        }
+        let n = self.check_batch(seqs, ws)?;
+        if n == 0 {
+            return Ok(());
+        }
+        for s in seqs.iter_mut() {
+            s.cache.reserve(s.tokens.len())?;
+        }
+        self.lay_out_rows(seqs, ws);
+        self.embed(seqs, ws, n);
+        let mut trace = trace;
+        if let Some(tr) = trace.as_deref_mut() {
+            tr(Stage::Embedding, &ws.x[..n * self.cfg.hidden_size]);
+        }
+        for (li, lw) in self.weights.layers.iter().enumerate() {
+            self.attention(li, lw, seqs, ws, n);
+            self.mlp(lw, ws, n);
+            if let Some(tr) = trace.as_deref_mut() {
+                tr(Stage::Layer(li), &ws.x[..n * self.cfg.hidden_size]);
             }
         }
-        if let Some(tr) = trace.as_deref_mut() {
-            tr(Stage::Embedding, &ws.x[..n * h]);
+        for s in seqs.iter_mut() {
+            s.cache.advance(s.tokens.len());
         }
+        if let Some(tr) = trace {
+            let (h, eps) = (self.cfg.hidden_size, self.cfg.rms_norm_eps);
+            for t in 0..n {
+                let (x, xn) = (&ws.x[t * h..(t + 1) * h], &mut ws.xn[t * h..(t + 1) * h]);
+                rms_norm(x, &self.weights.final_norm, eps, xn);
+            }
+            tr(Stage::FinalNorm, &ws.xn[..n * h]);
+        }
+        self.logits(seqs, ws, on_logits);
+        Ok(())
+    }
+
+    /// Validates a batch before anything changes; returns its row count.
+    fn check_batch(&self, seqs: &[SeqChunk<'_>], ws: &Workspace) -> Result<usize, ModelError> {
+        let h = self.cfg.hidden_size;
+        let mut n = 0;
+        for s in seqs {
+            let images = s.images;
+            // Image soft tokens never reach the embedding table, so their id may lie past
+            // the vocabulary (llama.cpp's GGUF vocabulary ends before `<image_soft_token>`).
+            let is_image = |t: u32| images.is_some_and(|im| im.image_token == t);
+            if let Some(&bad) = s
+                .tokens
+                .iter()
+                .find(|&&t| t as usize >= self.cfg.vocab_size && !is_image(t))
+            {
+                return Err(ModelError::TokenOutOfVocab {
+                    id: bad,
+                    vocab: self.cfg.vocab_size,
+                });
+            }
+            if let Some(im) = images {
+                let k = s.tokens.iter().filter(|&&t| t == im.image_token).count();
+                if im.embeds.len() != k * h {
+                    return Err(ModelError::Input(format!(
+                        "a chunk holds {k} image tokens but {} image embeddings were given",
+                        im.embeds.len() / h.max(1)
+                    )));
+                }
+            }
+            let end = s.cache.len() + s.tokens.len();
+            if end > s.cache.context() {
+                return Err(ModelError::ContextOverflow {
+                    needed: end,
+                    context: s.cache.context(),
+                });
+            }
+            if s.tokens.len() > s.cache.max_chunk() {
+                return Err(ModelError::Input(format!(
+                    "a chunk of {} tokens is longer than its cache's chunk size of {}",
+                    s.tokens.len(),
+                    s.cache.max_chunk()
+                )));
+            }
+            n += s.tokens.len();
+        }
+        if n > ws.max_batch {
+            return Err(ModelError::Input(format!(
+                "a batch of {n} tokens is larger than the workspace's {}",
+                ws.max_batch
+            )));
+        }
+        Ok(n)
+    }
+
+    /// Per row: its position, the keys it sees in each layer kind, and its sequence; per
+    /// sequence its rows. An image block's rows see the whole block (fixtures README,
+    /// item 9).
+    fn lay_out_rows(&self, seqs: &[SeqChunk<'_>], ws: &mut Workspace) {
+        ws.segments.clear();
+        let mut r0 = 0;
+        for s in seqs {
+            let (n, p0) = (s.tokens.len(), s.cache.len());
+            let is_img = |t: usize| s.images.is_some_and(|im| s.tokens[t] == im.image_token);
+            let mut t = 0;
+            while t < n {
+                let b0 = t;
+                if is_img(t) {
+                    while t < n && is_img(t) {
+                        t += 1;
+                    }
+                } else {
+                    t += 1;
+                }
+                for r in b0..t {
+                    ws.pos[r0 + r] = p0 + r;
+                    ws.reach[r0 + r] = p0 + t;
+                }
+            }
+            ws.segments.push(r0..r0 + n);
+            r0 += n;
+        }
+        let window = Some(self.cfg.sliding_window);
+        for r in 0..r0 {
+            ws.keys_local[r] = key_range(ws.pos[r], ws.reach[r], window);
+            ws.keys_global[r] = key_range(ws.pos[r], ws.reach[r], None);
+        }
+    }
+
+    /// Embeddings scaled by sqrt(hidden) (image tokens take projector rows, unscaled), and
+    /// each row's RoPE angles for both layer kinds.
+    fn embed(&self, seqs: &[SeqChunk<'_>], ws: &mut Workspace, n: usize) {
+        let h = self.cfg.hidden_size;
+        let w = &self.weights;
+        let mut r = 0;
+        for s in seqs {
+            let mut next_image_row = 0;
+            for &tok in s.tokens {
+                let row = &mut ws.x[r * h..(r + 1) * h];
+                match s.images {
+                    Some(im) if tok == im.image_token => {
+                        row.copy_from_slice(
+                            &im.embeds[next_image_row * h..(next_image_row + 1) * h],
+                        );
+                        next_image_row += 1;
+                    }
+                    _ => {
+                        gemma3_formats::quant::dequantize(
+                            w.embed.dtype,
+                            w.embed.row(tok as usize),
+                            row,
+                        );
+                        row.iter_mut().for_each(|v| *v *= w.embed_scale);
+                    }
+                }
+                r += 1;
+            }
+        }
+        let half = self.cfg.head_dim / 2;
         for t in 0..n {
             let r = t * half..(t + 1) * half;
+            let pos = ws.pos[t];
             rope_cos_sin(
-                p0 + t,
+                pos,
                 &self.inv_freq_local,
                 &mut ws.cos_local[r.clone()],
                 &mut ws.sin_local[r.clone()],
             );
             rope_cos_sin(
-                p0 + t,
+                pos,
                 &self.inv_freq_global,
                 &mut ws.cos_global[r.clone()],
                 &mut ws.sin_global[r],
             );
         }
-        let scale = cfg.attn_scale();
-        let softcap = cfg.attn_logit_softcapping;
-
-        for (li, lw) in w.layers.iter().enumerate() {
-            let kind = cfg.layer_kinds[li];
-            each_row(&mut ws.x, h, &mut ws.xn, h, n, |_, x, xn| {
-                rms_norm(x, &lw.attn_norm, eps, xn)
-            });
-            matmul_multi(
-                &[lw.q.weights(), lw.k.weights(), lw.v.weights()],
-                &ws.xn,
-                n,
-                &mut [&mut ws.q, &mut ws.k, &mut ws.v],
-                self.precision,
-            );
-            let (cos, sin) = match kind {
-                LayerKind::Sliding => (&ws.cos_local, &ws.sin_local),
-                LayerKind::Full => (&ws.cos_global, &ws.sin_global),
-            };
-            let fast = self.precision == Precision::Fast;
-            each_row(&mut ws.q, qd, &mut ws.k, kvd, n, |t, q, k| {
-                rms_norm_rows(q, &lw.q_norm, eps);
-                rms_norm_rows(k, &lw.k_norm, eps);
-                let (c, s) = (
-                    &cos[t * half..(t + 1) * half],
-                    &sin[t * half..(t + 1) * half],
-                );
-                rope_neox(q, hd, c, s);
-                rope_neox(k, hd, c, s);
-                if fast {
-                    // llama.cpp keeps K and V in f16 and converts Q to f16 for the scores.
-                    round_to_f16(q);
-                    round_to_f16(k);
-                }
-            });
-            if fast {
-                round_to_f16(&mut ws.v[..n * kvd]);
-            }
-            let lc = &mut cache.layers[li];
-            for t in 0..n {
-                let slot = (p0 + t) % lc.capacity;
-                lc.k[slot * kvd..(slot + 1) * kvd].copy_from_slice(&ws.k[t * kvd..(t + 1) * kvd]);
-                lc.v[slot * kvd..(slot + 1) * kvd].copy_from_slice(&ws.v[t * kvd..(t + 1) * kvd]);
-            }
-            let window = match kind {
-                LayerKind::Sliding => Some(cfg.sliding_window),
-                LayerKind::Full => None,
-            };
-            let (lk, lv, cap) = (&lc.k[..], &lc.v[..], lc.capacity);
-            let q = &ws.q;
-            let attn_hi = &ws.attn_hi;
-            let group = nh / nkv;
-            let kv_of = |kv_head: usize| KvView {
-                k: lk,
-                v: lv,
-                capacity: cap,
-                stride: kvd,
-                offset: kv_head * hd,
-                head_dim: hd,
-            };
-            if n >= 8 {
-                // Blocks of up to QUERY_BLOCK positions, at least one per thread.
-                let block = QUERY_BLOCK.min(n.div_ceil(rayon::current_num_threads()));
-                // Prefill: each task takes a run of positions and, per kv head, all of its
-                // query heads at once, so every key is read once per tile of rows.
-                ws.attn[..n * qd]
-                    .par_chunks_mut(block * qd)
-                    .enumerate()
-                    .for_each(|(b, out)| {
-                        let t0 = b * block;
-                        let nt = out.len() / qd;
-                        QUERY_TILE.with(|tile| {
-                            let (qt, ot, keys) = &mut *tile.borrow_mut();
-                            qt.resize(nt * group * hd, 0.0);
-                            ot.resize(nt * group * hd, 0.0);
-                            for kvh in 0..nkv {
-                                keys.clear();
-                                for t in 0..nt {
-                                    let pos = p0 + t0 + t;
-                                    for j in 0..group {
-                                        let head = kvh * group + j;
-                                        let r = t * group + j;
-                                        let src = (t0 + t) * qd + head * hd;
-                                        qt[r * hd..(r + 1) * hd].copy_from_slice(&q[src..src + hd]);
-                                        keys.push(key_range(pos, p0 + attn_hi[t0 + t], window));
-                                    }
-                                }
-                                attend_rows(qt, keys, &kv_of(kvh), scale, softcap, ot);
-                                for t in 0..nt {
-                                    for j in 0..group {
-                                        let (head, r) = (kvh * group + j, t * group + j);
-                                        out[t * qd + head * hd..t * qd + (head + 1) * hd]
-                                            .copy_from_slice(&ot[r * hd..(r + 1) * hd]);
-                                    }
-                                }
-                            }
-                        });
-                    });
-            } else {
-                // Decode (and short chunks): per position and kv head, the group's query
-                // heads together. The key range's parts (the same aligned parts a prefill
-                // tile folds in order, so both give identical results) run in parallel,
-                // then are folded in order.
-                assert!(group <= MAX_GROUP, "{group} query heads per kv head");
-                for t in 0..n {
-                    let keys = key_range(p0 + t, p0 + attn_hi[t], window);
-                    let ranges: [std::ops::Range<usize>; MAX_GROUP] =
-                        std::array::from_fn(|_| keys.clone());
-                    let parts = key_parts(keys.clone()).count();
-                    let qt = &q[t * qd..(t + 1) * qd];
-                    let task = |(j, ((acc, max), sum)): (
-                        usize,
-                        ((&mut [f32], &mut [f32]), &mut [f32]),
-                    )| {
-                        let (part, kvh) = (j / nkv, j % nkv);
-                        let range = key_part(&keys, part);
-                        let rows = &qt[kvh * group * hd..(kvh + 1) * group * hd];
-                        let kv = kv_of(kvh);
-                        attend_part(
-                            rows,
-                            &ranges[..group],
-                            &kv,
-                            scale,
-                            softcap,
-                            range,
-                            acc,
-                            max,
-                            sum,
-                        );
-                    };
-                    let (acc, max, sum) = (
-                        &mut ws.part_acc[..parts * qd],
-                        &mut ws.part_max[..parts * nh],
-                        &mut ws.part_sum[..parts * nh],
-                    );
-                    // Fork-join costs more than short ranges: go parallel only for real work.
-                    if parts * nkv > 1 && nh * keys.len() * hd >= 1 << 18 {
-                        acc.par_chunks_mut(group * hd)
-                            .zip(max.par_chunks_mut(group))
-                            .zip(sum.par_chunks_mut(group))
-                            .enumerate()
-                            .for_each(task);
-                    } else {
-                        acc.chunks_mut(group * hd)
-                            .zip(max.chunks_mut(group))
-                            .zip(sum.chunks_mut(group))
-                            .enumerate()
-                            .for_each(task);
-                    }
-                    // Part p holds every head's state at p·nh (heads in kv-head order).
-                    let out = &mut ws.attn[t * qd..(t + 1) * qd];
-                    out.fill(0.0);
-                    ws.run_max.fill(f32::NEG_INFINITY);
-                    ws.run_sum.fill(0.0);
-                    for p in 0..parts {
-                        fold_part(
-                            out,
-                            &mut ws.run_max,
-                            &mut ws.run_sum,
-                            &ws.part_acc[p * qd..(p + 1) * qd],
-                            &ws.part_max[p * nh..(p + 1) * nh],
-                            &ws.part_sum[p * nh..(p + 1) * nh],
-                            hd,
-                        );
-                    }
-                    normalize(out, &ws.run_sum, hd);
-                }
-            }
-            matmul_weights(lw.o.weights(), &ws.attn, n, &mut ws.o, self.precision);
-            each_row(&mut ws.o, h, &mut ws.x, h, n, |_, o, x| {
-                rms_norm_inplace(o, &lw.post_attn_norm, eps);
-                x.iter_mut().zip(o.iter()).for_each(|(x, y)| *x += *y);
-            });
-            each_row(&mut ws.x, h, &mut ws.xn, h, n, |_, x, xn| {
-                rms_norm(x, &lw.pre_ffn_norm, eps, xn)
-            });
-            matmul_multi(
-                &[lw.gate.weights(), lw.up.weights()],
-                &ws.xn,
-                n,
-                &mut [&mut ws.gate, &mut ws.up],
-                self.precision,
-            );
-            let gelu: fn(&mut [f32], &[f32]) = if self.precision == Precision::Fast {
-                gelu_gate_f16
-            } else {
-                gelu_gate
-            };
-            each_row(&mut ws.gate, ff, &mut ws.up, ff, n, |_, g, u| gelu(g, u));
-            matmul_weights(lw.down.weights(), &ws.gate, n, &mut ws.o, self.precision);
-            each_row(&mut ws.o, h, &mut ws.x, h, n, |_, o, x| {
-                rms_norm_inplace(o, &lw.post_ffn_norm, eps);
-                x.iter_mut().zip(o.iter()).for_each(|(x, y)| *x += *y);
-            });
-            if let Some(tr) = trace.as_deref_mut() {
-                tr(Stage::Layer(li), &ws.x[..n * h]);
-            }
-        }
-        cache.len += n;
-        if let Some(tr) = trace {
-            for t in 0..n {
-                rms_norm(
-                    &ws.x[t * h..(t + 1) * h],
-                    &w.final_norm,
-                    eps,
-                    &mut ws.xn[t * h..(t + 1) * h],
-                );
-            }
-            tr(Stage::FinalNorm, &ws.xn[..n * h]);
-        }
     }
 
-    /// Final norm and output projection of `rows` of the last chunk, in groups.
-    fn project(
+    /// `x += post_attn_norm(attention(input_norm(x)))`: q/k/v projections, q/k norms and
+    /// RoPE, the new keys and values into each sequence's cache, attention against it.
+    fn attention(
         &self,
+        li: usize,
+        lw: &LayerWeights,
+        seqs: &mut [SeqChunk<'_>],
         ws: &mut Workspace,
-        rows: &[usize],
-        row_offset: usize,
-        on_logits: &mut (dyn FnMut(usize, &[f32]) + Send),
+        n: usize,
     ) {
+        let cfg = &self.cfg;
+        let (h, hd, eps) = (cfg.hidden_size, cfg.head_dim, cfg.rms_norm_eps);
+        let half = hd / 2;
+        let qd = cfg.num_heads * hd;
+        let kvd = cfg.num_kv_heads * hd;
+        each_row(&mut ws.x, h, &mut ws.xn, h, n, |_, x, xn| {
+            rms_norm(x, &lw.attn_norm, eps, xn)
+        });
+        matmul_multi(
+            &[lw.q.weights(), lw.k.weights(), lw.v.weights()],
+            &ws.xn,
+            n,
+            &mut [&mut ws.q, &mut ws.k, &mut ws.v],
+            self.precision,
+        );
+        let kind = cfg.layer_kinds[li];
+        let (cos, sin, keys) = match kind {
+            LayerKind::Sliding => (&ws.cos_local, &ws.sin_local, &ws.keys_local),
+            LayerKind::Full => (&ws.cos_global, &ws.sin_global, &ws.keys_global),
+        };
+        let fast = self.precision == Precision::Fast;
+        each_row(&mut ws.q, qd, &mut ws.k, kvd, n, |t, q, k| {
+            rms_norm_rows(q, &lw.q_norm, eps);
+            rms_norm_rows(k, &lw.k_norm, eps);
+            let (c, s) = (
+                &cos[t * half..(t + 1) * half],
+                &sin[t * half..(t + 1) * half],
+            );
+            rope_neox(q, hd, c, s);
+            rope_neox(k, hd, c, s);
+            if fast {
+                // llama.cpp keeps K and V in f16 and converts Q to f16 for the scores.
+                round_to_f16(q);
+                round_to_f16(k);
+            }
+        });
+        if fast {
+            round_to_f16(&mut ws.v[..n * kvd]);
+        }
+        for (s, rows) in seqs.iter_mut().zip(&ws.segments) {
+            for r in rows.clone() {
+                let (k, v) = (&ws.k[r * kvd..(r + 1) * kvd], &ws.v[r * kvd..(r + 1) * kvd]);
+                s.cache.write(li, ws.pos[r], k, v);
+            }
+        }
+        let seqs: &[SeqChunk<'_>] = seqs;
+        attend_batch(
+            &ws.q[..n * qd],
+            &keys[..n],
+            &ws.segments,
+            &|s, head| seqs[s].cache.view(li, head),
+            heads(cfg),
+            Scores {
+                scale: cfg.attn_scale(),
+                softcap: cfg.attn_logit_softcapping,
+            },
+            &mut ws.attn[..n * qd],
+            &mut ws.attn_scratch,
+        );
+        matmul_weights(lw.o.weights(), &ws.attn, n, &mut ws.o, self.precision);
+        each_row(&mut ws.o, h, &mut ws.x, h, n, |_, o, x| {
+            rms_norm_inplace(o, &lw.post_attn_norm, eps);
+            x.iter_mut().zip(o.iter()).for_each(|(x, y)| *x += *y);
+        });
+    }
+
+    /// `x += post_ffn_norm(down(gelu_tanh(gate(y)) · up(y)))` with `y = pre_ffn_norm(x)`.
+    fn mlp(&self, lw: &LayerWeights, ws: &mut Workspace, n: usize) {
+        let (h, ff, eps) = (
+            self.cfg.hidden_size,
+            self.cfg.intermediate_size,
+            self.cfg.rms_norm_eps,
+        );
+        each_row(&mut ws.x, h, &mut ws.xn, h, n, |_, x, xn| {
+            rms_norm(x, &lw.pre_ffn_norm, eps, xn)
+        });
+        matmul_multi(
+            &[lw.gate.weights(), lw.up.weights()],
+            &ws.xn,
+            n,
+            &mut [&mut ws.gate, &mut ws.up],
+            self.precision,
+        );
+        let gelu: fn(&mut [f32], &[f32]) = if self.precision == Precision::Fast {
+            gelu_gate_f16
+        } else {
+            gelu_gate
+        };
+        each_row(&mut ws.gate, ff, &mut ws.up, ff, n, |_, g, u| gelu(g, u));
+        matmul_weights(lw.down.weights(), &ws.gate, n, &mut ws.o, self.precision);
+        each_row(&mut ws.o, h, &mut ws.x, h, n, |_, o, x| {
+            rms_norm_inplace(o, &lw.post_ffn_norm, eps);
+            x.iter_mut().zip(o.iter()).for_each(|(x, y)| *x += *y);
+        });
+    }
+
+    /// Final norm and output projection of the rows the sequences ask for, in groups; each
+    /// row's logits go to `on_logits(sequence, row)` in batch order.
+    fn logits(&self, seqs: &[SeqChunk<'_>], ws: &mut Workspace, on_logits: &mut OnLogits<'_>) {
+        ws.want.clear();
+        for (s, rows) in seqs.iter().zip(&ws.segments) {
+            let n = rows.len();
+            match s.logits {
+                Logits::None => {}
+                Logits::Last if n > 0 => ws.want.push(rows.end - 1),
+                Logits::Last => {}
+                Logits::All => ws.want.extend(rows.clone()),
+                Logits::Rows(r) => ws.want.extend(
+                    r.iter()
+                        .filter(|&&i| i >= s.row_base && i - s.row_base < n)
+                        .map(|&i| rows.start + i - s.row_base),
+                ),
+            }
+        }
         let h = self.cfg.hidden_size;
         let vocab = self.cfg.vocab_size;
         let group = ws.final_rows.len() / h;
-        for chunk in rows.chunks(group) {
-            for (g, &r) in chunk.iter().enumerate() {
+        for c0 in (0..ws.want.len()).step_by(group) {
+            let m = (ws.want.len() - c0).min(group);
+            for g in 0..m {
+                let r = ws.want[c0 + g];
                 rms_norm(
                     &ws.x[r * h..(r + 1) * h],
                     &self.weights.final_norm,
@@ -712,7 +740,6 @@ impl TextModel {
                     &mut ws.final_rows[g * h..(g + 1) * h],
                 );
             }
-            let m = chunk.len();
             matmul_weights(
                 self.weights.lm_head.weights(),
                 &ws.final_rows[..m * h],
@@ -720,12 +747,14 @@ impl TextModel {
                 &mut ws.logits[..m * vocab],
                 self.precision,
             );
-            for (g, &r) in chunk.iter().enumerate() {
+            for g in 0..m {
+                let r = ws.want[c0 + g];
+                let s = ws.segments.partition_point(|seg| seg.end <= r);
                 let l = &mut ws.logits[g * vocab..(g + 1) * vocab];
                 if let Some(c) = self.cfg.final_logit_softcapping {
                     l.iter_mut().for_each(|v| *v = c * (*v / c).tanh());
                 }
-                on_logits(row_offset + r, l);
+                on_logits(s, seqs[s].row_base + r - ws.segments[s].start, l);
             }
         }
     }

@@ -1,7 +1,9 @@
 //! A decode step allocates nothing: every buffer lives in the workspace, the cache or a
 //! thread-local that grew during warm-up. Counted by a global allocator over all threads,
 //! on the real 270M model with the packed kernels, at a context past a key part (1024) so
-//! the parallel attention path runs too.
+//! the parallel attention path runs too. The cache grows by pages of 256 positions: the
+//! step that enters a new page allocates that page (a few allocations per layer), and no
+//! other step does.
 
 mod common;
 use common::*;
@@ -59,11 +61,26 @@ fn decode_steps_allocate_nothing() {
         for _ in 0..8 {
             step(&mut next);
         }
+        // Positions 1108 .. 1124: inside one page.
         let before = ALLOCATIONS.load(Ordering::Relaxed);
         for _ in 0..16 {
             step(&mut next);
         }
-        ALLOCATIONS.load(Ordering::Relaxed) - before
+        let within = ALLOCATIONS.load(Ordering::Relaxed) - before;
+        // On to position 1280, where the full layers need a new page.
+        for _ in 1124..1279 {
+            step(&mut next);
+        }
+        let before = ALLOCATIONS.load(Ordering::Relaxed);
+        step(&mut next);
+        step(&mut next);
+        let crossing = ALLOCATIONS.load(Ordering::Relaxed) - before;
+        let layers = model.cfg.num_layers;
+        assert!(
+            crossing > 0 && crossing <= 4 * layers,
+            "entering a page made {crossing} allocations"
+        );
+        within
     };
     // Called on a pool thread (as `bench` does) and from outside the pool (as `generate`
     // does, each pass hopping onto a worker).

@@ -229,3 +229,95 @@ fn concurrent_callers_share_the_pool_and_get_their_own_results() {
         "concurrent forward passes changed a result"
     );
 }
+
+#[test]
+fn a_sequence_in_a_batch_gets_its_solo_logits() {
+    // Three sequences, each with its own cache: alone (prompt, then greedy steps), and
+    // together in shared passes where one's prompt chunks run beside the others' decode
+    // steps. Every logit must be the same bits: batch invariance across sequences.
+    use gemma3_model::SeqChunk;
+    let g = GgufFile::open(real_model_path()).unwrap();
+    let model = TextModel::from_gguf(&g).unwrap();
+    let prompt = |n: u32, seed: u32| -> Vec<u32> {
+        (0..n)
+            .map(|i| 2 + (i * 7919 + seed * 104729) % 20000)
+            .collect()
+    };
+    let prompts = [prompt(40, 1), prompt(300, 2), prompt(5, 3)];
+    const STEPS: usize = 6;
+    let mut ws = Workspace::new(&model.cfg, 512);
+    // Alone: the prompt's last logits, then each step's.
+    let solo: Vec<Vec<Vec<f32>>> = prompts
+        .iter()
+        .map(|p| {
+            let mut cache = KvCache::new(&model.cfg, 512, 512);
+            let mut out: Vec<Vec<f32>> = vec![];
+            model
+                .forward(p, &mut cache, &mut ws, Logits::Last, &mut |_, l| {
+                    out.push(l.to_vec())
+                })
+                .unwrap();
+            for _ in 0..STEPS {
+                let next = argmax(out.last().unwrap()) as u32;
+                model
+                    .forward(&[next], &mut cache, &mut ws, Logits::Last, &mut |_, l| {
+                        out.push(l.to_vec())
+                    })
+                    .unwrap();
+            }
+            out
+        })
+        .collect();
+    // Together. Each pass lists (sequence, prompt range or None for a decode step), in
+    // batch order: pass 1 runs prompt 2 whole, the first 128 tokens of prompt 1 and
+    // prompt 0 whole; pass 2 the others' first steps around the rest of prompt 1; then
+    // steps of all three until each has its STEPS.
+    let mut caches: Vec<KvCache> = (0..3).map(|_| KvCache::new(&model.cfg, 512, 512)).collect();
+    let mut got: Vec<Vec<Vec<f32>>> = vec![vec![]; 3];
+    let mut plans: Vec<Vec<(usize, Option<std::ops::Range<usize>>)>> = vec![
+        vec![(2, Some(0..5)), (1, Some(0..128)), (0, Some(0..40))],
+        vec![(0, None), (1, Some(128..300)), (2, None)],
+    ];
+    for _ in 0..STEPS {
+        plans.push(vec![(1, None), (2, None), (0, None)]);
+    }
+    for plan in plans {
+        let next: Vec<[u32; 1]> = got
+            .iter()
+            .map(|g| [g.last().map_or(0, |l| argmax(l) as u32)])
+            .collect();
+        let mut slots: Vec<Option<&mut KvCache>> = caches.iter_mut().map(Some).collect();
+        let mut seqs = vec![];
+        let mut who = vec![];
+        for (s, range) in plan {
+            if range.is_none() && got[s].len() > STEPS {
+                continue;
+            }
+            let cache = slots[s].take().unwrap();
+            let chunk = match range {
+                Some(r) => {
+                    let last = r.end == prompts[s].len();
+                    let want = if last { Logits::Last } else { Logits::None };
+                    SeqChunk::new(&prompts[s][r], cache, want)
+                }
+                None => SeqChunk::new(&next[s][..], cache, Logits::Last),
+            };
+            seqs.push(chunk);
+            who.push(s);
+        }
+        model
+            .forward_batch(
+                &mut seqs,
+                &mut ws,
+                &mut |i, _, l| got[who[i]].push(l.to_vec()),
+                None,
+            )
+            .unwrap();
+    }
+    for s in 0..3 {
+        assert_eq!(got[s].len(), STEPS + 1, "sequence {s}");
+        for (i, (a, b)) in got[s].iter().zip(&solo[s]).enumerate() {
+            assert!(a == b, "sequence {s}, logits {i} differ in the batch");
+        }
+    }
+}

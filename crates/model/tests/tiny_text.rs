@@ -143,7 +143,11 @@ fn context_overflow_and_bad_ids_are_errors() {
             &mut |_, _| {},
         )
         .unwrap_err();
-    assert!(e.to_string().contains("exceed the context"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("5 tokens do not fit the context of 4 tokens"),
+        "{e}"
+    );
     let e = model
         .forward(
             &[2, 9999],

@@ -1,0 +1,582 @@
+//! A step-able generation: a [`Sequence`] holds one request's prompt, KV cache, sampler,
+//! stop strings and streaming decoder; a [`Batch`] runs one forward pass over several of
+//! them at once (each decoding sequence's next token and prompt chunks of the ones still
+//! prefilling) and samples each sequence's next token. `generate`, `chat` and the server
+//! all run on these two.
+
+use crate::generate::{GenerateOptions, Generation, StopReason};
+use crate::load::Model;
+use crate::sampling::Sampler;
+use crate::tokenizer::StreamDecoder;
+use crate::EngineError;
+use gemma3_model::{chunk_end, ImageInputs, KvCache, Logits, SeqChunk, Workspace, MAX_BATCH};
+use std::time::Instant;
+
+/// The id a cache records for an image token: what it stands for is not in the ids, so no
+/// later prompt may share a prefix through it.
+const IMAGE_ID_IN_CACHE: u32 = u32::MAX;
+
+/// A generated (or prompt) token's log-probability under the model's raw logits, with the
+/// most likely alternatives.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenLogprob {
+    pub id: u32,
+    pub logprob: f32,
+    /// The `top` most likely tokens with their log-probabilities, most likely first.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// The projector rows of a prompt's image tokens.
+#[derive(Clone, Debug)]
+pub struct SeqImages {
+    pub image_token: u32,
+    /// `n_image_tokens × hidden`, in prompt order.
+    pub embeds: Vec<f32>,
+}
+
+/// What a sequence has produced since it was last asked (see [`Sequence::take_update`]).
+#[derive(Clone, Debug, Default)]
+pub struct Update {
+    /// Text that became final (stop strings cannot cut it any more).
+    pub text: String,
+    /// New generated token ids.
+    pub tokens: Vec<u32>,
+    /// Their log-probabilities, when asked for.
+    pub logprobs: Vec<TokenLogprob>,
+    /// Set once, when the sequence ends.
+    pub finished: Option<StopReason>,
+}
+
+/// One request being generated.
+pub struct Sequence {
+    prompt: Vec<u32>,
+    images: Option<SeqImages>,
+    cache: KvCache,
+    /// The token a decode step feeds next (the last one sampled).
+    next: [u32; 1],
+    state: State,
+}
+
+/// Everything of a sequence that sampling touches (apart from the cache the forward pass
+/// borrows).
+struct State {
+    /// Prompt tokens whose keys and values are in the cache.
+    fed: usize,
+    /// The tokens whose keys and values are in the cache (image tokens as
+    /// `IMAGE_ID_IN_CACHE`), for prefix reuse by a later request.
+    cached: Vec<u32>,
+    sampler: Sampler,
+    /// Prompt and generated tokens, for the penalties.
+    history: Vec<u32>,
+    logits: Vec<f32>,
+    stream: StreamDecoder,
+    /// Text decoded but held back (it could still become a stop string).
+    pending: String,
+    max_stop: usize,
+    opts: GenerateOptions,
+    eos: Vec<u32>,
+    out: Generation,
+    logprobs: Vec<TokenLogprob>,
+    /// Per prompt token (from the second on, when asked for): its log-probability.
+    prompt_logprobs: Vec<TokenLogprob>,
+    finished: Option<StopReason>,
+    /// What [`Sequence::take_update`] has handed out so far: bytes of text, tokens,
+    /// log-probabilities; and whether the end was reported.
+    sent: (usize, usize, usize, bool),
+    started: Instant,
+    first_token: Option<Instant>,
+}
+
+impl Sequence {
+    /// A sequence for `prompt` (with the projector rows of its image tokens, if any) that
+    /// generates into `cache`. `cached` names the tokens whose keys and values `cache`
+    /// already holds: the longest prefix shared with the prompt is reused (all but the
+    /// prompt's last token at most), the rest of the cache is dropped.
+    pub fn new(
+        model: &Model,
+        prompt: Vec<u32>,
+        images: Option<SeqImages>,
+        opts: &GenerateOptions,
+        mut cache: KvCache,
+        mut cached: Vec<u32>,
+    ) -> Result<Sequence, EngineError> {
+        opts.sampling.validate().map_err(EngineError::Input)?;
+        if prompt.is_empty() {
+            return Err(EngineError::Input("the prompt is empty (no tokens)".into()));
+        }
+        check_fits(model, prompt.len(), opts.max_new_tokens, cache.context())?;
+        let cfg = &model.text.cfg;
+        if let Some(&bad) = prompt.iter().find(|&&t| {
+            t as usize >= cfg.vocab_size && images.as_ref().is_none_or(|im| im.image_token != t)
+        }) {
+            return Err(EngineError::Model(
+                gemma3_model::ModelError::TokenOutOfVocab {
+                    id: bad,
+                    vocab: cfg.vocab_size,
+                },
+            ));
+        }
+        // Prompt log-probabilities need every prompt row computed.
+        let common = if opts.prompt_logprobs {
+            0
+        } else {
+            cached
+                .iter()
+                .zip(&prompt)
+                .take_while(|(a, b)| a == b)
+                .count()
+        };
+        let reuse = common.min(prompt.len() - 1);
+        let start = if reuse > 0 && cache.truncate(reuse) {
+            reuse
+        } else {
+            cache.clear();
+            0
+        };
+        cached.truncate(start);
+        let max_stop = opts.stop_strings.iter().map(|s| s.len()).max().unwrap_or(0);
+        let mut history = Vec::with_capacity(prompt.len() + opts.max_new_tokens.min(1 << 16));
+        history.extend_from_slice(&prompt);
+        let out = Generation {
+            prompt_tokens: prompt.len(),
+            reused_tokens: start,
+            tokens: Vec::new(),
+            text: String::new(),
+            stop: StopReason::MaxTokens,
+            prefill_secs: 0.0,
+            decode_secs: 0.0,
+            image_secs: 0.0,
+        };
+        Ok(Sequence {
+            state: State {
+                fed: start,
+                cached,
+                sampler: Sampler::new(opts.sampling.clone(), cfg.vocab_size),
+                history,
+                logits: vec![0.0; cfg.vocab_size],
+                stream: StreamDecoder::new(),
+                pending: String::new(),
+                max_stop,
+                opts: opts.clone(),
+                eos: cfg.eos_token_ids.clone(),
+                out,
+                logprobs: Vec::new(),
+                prompt_logprobs: Vec::new(),
+                finished: None,
+                sent: (0, 0, 0, false),
+                started: Instant::now(),
+                first_token: None,
+            },
+            prompt,
+            images,
+            cache,
+            next: [0],
+        })
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.state.finished.is_some()
+    }
+
+    /// Whether the prompt is still being computed.
+    pub fn is_prefilling(&self) -> bool {
+        !self.is_finished() && self.state.fed < self.prompt.len()
+    }
+
+    /// Prompt tokens not computed yet.
+    pub fn prompt_left(&self) -> usize {
+        self.prompt.len() - self.state.fed
+    }
+
+    pub fn prompt(&self) -> &[u32] {
+        &self.prompt
+    }
+
+    /// Ends the sequence now (a client went away, or asked to stop).
+    pub fn cancel(&mut self) {
+        self.finish(StopReason::Cancelled);
+    }
+
+    /// Ends the sequence now, reporting `reason` (e.g. a server shutting down).
+    pub fn finish(&mut self, reason: StopReason) {
+        if self.state.finished.is_none() {
+            self.state.finish(reason);
+        }
+    }
+
+    /// The result so far (the whole of it once finished).
+    pub fn generation(&self) -> &Generation {
+        &self.state.out
+    }
+
+    /// Log-probabilities of the generated tokens (when `opts.logprobs` is set).
+    pub fn logprobs(&self) -> &[TokenLogprob] {
+        &self.state.logprobs
+    }
+
+    /// Log-probabilities of the prompt's tokens from the second on (when
+    /// `opts.prompt_logprobs` is set).
+    pub fn prompt_logprobs(&self) -> &[TokenLogprob] {
+        &self.state.prompt_logprobs
+    }
+
+    /// Seconds from creation to the first generated token.
+    pub fn time_to_first_token(&self) -> Option<f64> {
+        let s = &self.state;
+        s.first_token.map(|t| (t - s.started).as_secs_f64())
+    }
+
+    /// Bytes of KV cache this sequence holds.
+    pub fn cache_bytes(&self) -> usize {
+        self.cache.bytes()
+    }
+
+    /// What is new since the last call: final text, tokens, log-probabilities, and the end.
+    pub fn take_update(&mut self) -> Update {
+        let s = &mut self.state;
+        let (t, k, l, done) = s.sent;
+        let u = Update {
+            text: s.out.text[t..].to_string(),
+            tokens: s.out.tokens[k..].to_vec(),
+            logprobs: s.logprobs[l..].to_vec(),
+            finished: if done { None } else { s.finished },
+        };
+        s.sent = (
+            s.out.text.len(),
+            s.out.tokens.len(),
+            s.logprobs.len(),
+            s.finished.is_some(),
+        );
+        u
+    }
+
+    /// The cache and the tokens it holds, for a later request to reuse.
+    pub fn into_cache(self) -> (KvCache, Vec<u32>) {
+        (self.cache, self.state.cached)
+    }
+
+    /// This sequence's part of the next forward pass: its decode token, or the next prompt
+    /// chunk of at most `budget` tokens (an image block may take up to `room`, since it
+    /// cannot be split). With it, the state that samples and the whole prompt. None when
+    /// finished or out of room this pass.
+    #[allow(clippy::type_complexity)]
+    fn chunk(
+        &mut self,
+        budget: usize,
+        room: usize,
+    ) -> Result<Option<(SeqChunk<'_>, &mut State, &[u32])>, EngineError> {
+        let Sequence {
+            prompt,
+            images,
+            cache,
+            next,
+            state,
+        } = self;
+        if state.finished.is_some() || budget == 0 {
+            return Ok(None);
+        }
+        if state.fed == prompt.len() {
+            let pos = cache.len();
+            let mut c = SeqChunk::new(&next[..], cache, Logits::Last);
+            // Rows are numbered by position: the prompt's rows are its positions.
+            c.row_base = pos;
+            return Ok(Some((c, state, prompt)));
+        }
+        let image_token = images.as_ref().map(|im| im.image_token);
+        let end = match chunk_end(
+            prompt,
+            state.fed,
+            budget.min(cache.max_chunk()),
+            image_token,
+        ) {
+            Ok(e) => e,
+            Err(e) => {
+                match chunk_end(prompt, state.fed, room.min(cache.max_chunk()), image_token) {
+                    Ok(e) => e,
+                    // Wait for a pass with more room, unless no pass could hold the block.
+                    Err(_) if room < cache.max_chunk() => return Ok(None),
+                    Err(_) => return Err(e.into()),
+                }
+            }
+        };
+        let tokens = &prompt[state.fed..end];
+        let chunk_images = images.as_ref().map(|im| {
+            let count = |ts: &[u32]| ts.iter().filter(|&&t| t == im.image_token).count();
+            let (before, k) = (count(&prompt[..state.fed]), count(tokens));
+            let h = im.embeds.len() / count(prompt).max(1);
+            ImageInputs {
+                image_token: im.image_token,
+                embeds: &im.embeds[before * h..(before + k) * h],
+            }
+        });
+        let logits = match (state.opts.prompt_logprobs, end == prompt.len()) {
+            (true, _) => Logits::All,
+            (false, true) => Logits::Last,
+            (false, false) => Logits::None,
+        };
+        let chunk = SeqChunk {
+            tokens,
+            images: chunk_images,
+            cache,
+            logits,
+            row_base: state.fed,
+        };
+        Ok(Some((chunk, state, prompt)))
+    }
+
+    /// After a pass: the tokens this sequence ran are in its cache.
+    fn ran(&mut self, n: usize) {
+        let s = &mut self.state;
+        if s.fed < self.prompt.len() {
+            let image = self.images.as_ref().map(|im| im.image_token);
+            s.cached
+                .extend(self.prompt[s.fed..s.fed + n].iter().map(|&t| {
+                    if Some(t) == image {
+                        IMAGE_ID_IN_CACHE
+                    } else {
+                        t
+                    }
+                }));
+            s.fed += n;
+        } else {
+            s.cached.push(self.next[0]);
+        }
+        if let Some(&t) = s.out.tokens.last() {
+            self.next[0] = t;
+        }
+    }
+}
+
+impl State {
+    fn finish(&mut self, reason: StopReason) {
+        if !matches!(reason, StopReason::StopString) {
+            self.pending.push_str(&self.stream.flush());
+            let p = std::mem::take(&mut self.pending);
+            self.out.text.push_str(&p);
+        }
+        self.out.stop = reason;
+        self.finished = Some(reason);
+        if let Some(t) = self.first_token {
+            self.out.decode_secs = t.elapsed().as_secs_f64();
+        }
+    }
+
+    /// Handles one row's logits: a prompt row's log-probability, or (for the last row) the
+    /// next token.
+    fn on_logits(&mut self, model: &Model, prompt: &[u32], row: usize, logits: &[f32]) {
+        if row + 1 < prompt.len() {
+            if self.opts.prompt_logprobs {
+                let lp = token_logprob(logits, prompt[row + 1], self.opts.logprobs.unwrap_or(0));
+                self.prompt_logprobs.push(lp);
+            }
+            return;
+        }
+        self.logits.copy_from_slice(logits);
+        let next = self.sampler.sample(&mut self.logits, &self.history);
+        if self.first_token.is_none() {
+            let now = Instant::now();
+            self.out.prefill_secs = (now - self.started).as_secs_f64();
+            self.first_token = Some(now);
+        }
+        if !self.opts.ignore_eos && self.eos.contains(&next) {
+            self.finish(StopReason::EndOfSequence);
+            return;
+        }
+        if let Some(top) = self.opts.logprobs {
+            self.logprobs.push(token_logprob(logits, next, top));
+        }
+        self.out.tokens.push(next);
+        self.history.push(next);
+        let piece = self.stream.push(&model.tokenizer, next);
+        self.pending.push_str(&piece);
+        // Stop strings: cut at the first match; otherwise hold back only a tail that could
+        // still grow into one.
+        if let Some(cut) = self
+            .opts
+            .stop_strings
+            .iter()
+            .filter(|s| !s.is_empty())
+            .filter_map(|s| self.pending.find(s.as_str()))
+            .min()
+        {
+            self.pending.truncate(cut);
+            let p = std::mem::take(&mut self.pending);
+            self.out.text.push_str(&p);
+            self.finish(StopReason::StopString);
+            return;
+        }
+        let hold = held_back(&self.pending, &self.opts.stop_strings, self.max_stop);
+        let emit = self.pending.len() - hold;
+        if emit > 0 {
+            self.out.text.push_str(&self.pending[..emit]);
+            self.pending.drain(..emit);
+        }
+        if self.out.tokens.len() >= self.opts.max_new_tokens {
+            self.finish(StopReason::MaxTokens);
+        }
+    }
+}
+
+/// `log_softmax(logits)[id]`, and the `top` most likely tokens.
+pub fn token_logprob(logits: &[f32], id: u32, top: usize) -> TokenLogprob {
+    let max = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let sum: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
+    let lse = max + sum.ln() as f32;
+    let mut best: Vec<(u32, f32)> = Vec::new();
+    if top > 0 {
+        let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+        let cmp = |a: &u32, b: &u32| {
+            logits[*b as usize]
+                .total_cmp(&logits[*a as usize])
+                .then(a.cmp(b))
+        };
+        let k = top.min(idx.len());
+        if k < idx.len() {
+            idx.select_nth_unstable_by(k, cmp);
+            idx.truncate(k);
+        }
+        idx.sort_unstable_by(cmp);
+        best = idx
+            .into_iter()
+            .map(|i| (i, logits[i as usize] - lse))
+            .collect();
+    }
+    TokenLogprob {
+        id,
+        logprob: logits[id as usize] - lse,
+        top: best,
+    }
+}
+
+/// Bytes at the end of `text` that are a prefix of some stop string (so must wait).
+pub(crate) fn held_back(text: &str, stops: &[String], max_stop: usize) -> usize {
+    let mut hold = 0;
+    for k in 1..max_stop.min(text.len() + 1) {
+        let start = text.len() - k;
+        if !text.is_char_boundary(start) {
+            continue;
+        }
+        let tail = &text[start..];
+        if stops.iter().any(|s| s.len() > k && s.starts_with(tail)) {
+            hold = k;
+        }
+    }
+    hold
+}
+
+/// A prompt of `len` tokens plus `max_new` new ones must fit a context of `ctx`; at least
+/// the prompt and one new token must.
+pub(crate) fn check_fits(
+    model: &Model,
+    len: usize,
+    max_new: usize,
+    ctx: usize,
+) -> Result<(), EngineError> {
+    if len + max_new.max(1) > ctx {
+        return Err(EngineError::ContextOverflow {
+            prompt: len,
+            max_new,
+            context: ctx,
+            model_max: model.text.cfg.max_position_embeddings,
+        });
+    }
+    Ok(())
+}
+
+/// One forward pass at a time over many sequences: the workspace, and how many prompt
+/// tokens a pass may take.
+pub struct Batch {
+    ws: Workspace,
+    /// Prompt tokens per pass (over all prefilling sequences), so that a long new prompt
+    /// delays the running decodes by one chunk at a time.
+    prefill_chunk: usize,
+}
+
+impl Batch {
+    /// A batch runner for `model`; prompts advance by up to `prefill_chunk` tokens a pass.
+    pub fn new(model: &Model, prefill_chunk: usize) -> Batch {
+        Batch {
+            ws: Workspace::new(&model.text.cfg, MAX_BATCH),
+            prefill_chunk: prefill_chunk.clamp(1, MAX_BATCH),
+        }
+    }
+
+    /// One forward pass: every decoding sequence's next token, then prompt chunks of the
+    /// prefilling ones (in the order given) while the pass has room; samples the next token
+    /// of each sequence whose last row ran. Returns the rows run (0 when every sequence is
+    /// finished). On an error, the sequences of the failed pass are unchanged.
+    pub fn step(
+        &mut self,
+        model: &Model,
+        seqs: &mut [&mut Sequence],
+    ) -> Result<usize, EngineError> {
+        let mut room = self.ws.max_batch;
+        let mut prefill_room = self.prefill_chunk;
+        // Decode rows first, so they never wait behind prompts.
+        let mut order: Vec<usize> = (0..seqs.len())
+            .filter(|&i| !seqs[i].is_prefilling())
+            .collect();
+        order.extend((0..seqs.len()).filter(|&i| seqs[i].is_prefilling()));
+        let mut ran = vec![0usize; seqs.len()];
+        let mut chunks = Vec::with_capacity(seqs.len());
+        let mut states = Vec::with_capacity(seqs.len());
+        let mut which = Vec::with_capacity(seqs.len());
+        {
+            // Each sequence once, in `order`: split the slice into disjoint borrows.
+            let mut slots: Vec<Option<&mut Sequence>> =
+                seqs.iter_mut().map(|s| Some(&mut **s)).collect();
+            for &i in &order {
+                let s = slots[i].take().expect("each sequence once");
+                let prefill = s.is_prefilling();
+                let budget = if prefill {
+                    room.min(prefill_room)
+                } else {
+                    room.min(1)
+                };
+                if let Some((chunk, state, prompt)) = s.chunk(budget, room)? {
+                    let n = chunk.tokens.len();
+                    room -= n;
+                    if prefill {
+                        prefill_room = prefill_room.saturating_sub(n);
+                    }
+                    ran[i] = n;
+                    chunks.push(chunk);
+                    states.push((state, prompt));
+                    which.push(i);
+                }
+            }
+            if chunks.is_empty() {
+                return Ok(0);
+            }
+            model.text.forward_batch(
+                &mut chunks,
+                &mut self.ws,
+                &mut |s, row, logits| {
+                    let (state, prompt) = &mut states[s];
+                    state.on_logits(model, prompt, row, logits);
+                },
+                None,
+            )?;
+        }
+        let mut rows = 0;
+        for i in which {
+            seqs[i].ran(ran[i]);
+            rows += ran[i];
+        }
+        Ok(rows)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::held_back;
+
+    #[test]
+    fn holds_back_possible_stop_prefixes() {
+        let stops = vec!["\n\nUser:".to_string()];
+        assert_eq!(held_back("hello\n", &stops, 7), 1);
+        assert_eq!(held_back("hello\n\nUs", &stops, 7), 4);
+        assert_eq!(held_back("hello", &stops, 7), 0);
+        assert_eq!(held_back("héllo", &["ö".to_string()], 2), 0);
+    }
+}
