@@ -261,3 +261,78 @@ fn a_shared_prefix_is_reused_and_gives_the_same_tokens() {
         .tokens;
     assert_eq!(c.tokens, fresh);
 }
+
+#[test]
+fn sequences_batched_together_give_their_solo_tokens() {
+    // Greedy and seeded sampling, stop strings and prompts of different lengths: each
+    // sequence stepped among the others gives exactly what it gives alone.
+    use gemma3_engine::{Batch, SamplingParams, Sequence};
+    let m = model();
+    let cases: Vec<(&str, GenerateOptions)> = vec![
+        (
+            "The capital of France is",
+            GenerateOptions {
+                max_new_tokens: 12,
+                ..Default::default()
+            },
+        ),
+        (
+            "Once upon a time, in a land far away, there lived a king who had three daughters. The eldest",
+            GenerateOptions {
+                max_new_tokens: 20,
+                sampling: SamplingParams::gemma_default(7),
+                ..Default::default()
+            },
+        ),
+        (
+            "def fibonacci(n):",
+            GenerateOptions {
+                max_new_tokens: 16,
+                stop_strings: vec!["return".into()],
+                ..Default::default()
+            },
+        ),
+        (
+            "1, 2, 3, 4,",
+            GenerateOptions {
+                max_new_tokens: 9,
+                sampling: SamplingParams::gemma_default(11),
+                logprobs: Some(3),
+                ..Default::default()
+            },
+        ),
+    ];
+    let solo: Vec<_> = cases
+        .iter()
+        .map(|(p, o)| m.generate(p, o, |_| true).unwrap())
+        .collect();
+    let mut seqs: Vec<Sequence> = cases
+        .iter()
+        .map(|(p, o)| {
+            let ids = m.encode_prompt(p, None, true);
+            let cache = KvCache::new(&m.text.cfg, 256, gemma3_model::MAX_BATCH);
+            Sequence::new(m, ids, None, o, cache, vec![]).unwrap()
+        })
+        .collect();
+    // A small prefill budget, so prompts advance in chunks beside the others' decodes.
+    let mut batch = Batch::new(m, 7);
+    loop {
+        let mut live: Vec<&mut Sequence> = seqs.iter_mut().filter(|s| !s.is_finished()).collect();
+        if live.is_empty() {
+            break;
+        }
+        batch.step(m, &mut live).unwrap();
+    }
+    for (i, (s, want)) in seqs.iter().zip(&solo).enumerate() {
+        let g = s.generation();
+        assert_eq!(g.tokens, want.tokens, "case {i}");
+        assert_eq!(g.text, want.text, "case {i}");
+        assert_eq!(g.stop, want.stop, "case {i}");
+    }
+    let lp = seqs[3].logprobs();
+    assert_eq!(lp.len(), seqs[3].generation().tokens.len());
+    for l in lp {
+        assert_eq!(l.top.len(), 3);
+        assert!(l.logprob <= 0.0 && l.top[0].1 >= l.logprob);
+    }
+}
