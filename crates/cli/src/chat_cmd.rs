@@ -1,12 +1,17 @@
-//! `gemma3 chat`: an interactive conversation with Gemma 3's chat template
-//! (`<start_of_turn>user … <end_of_turn>` / `<start_of_turn>model …`), one message per line
-//! of stdin. The conversation's keys and values stay cached between turns, so each turn only
-//! computes its new tokens.
+//! `gemma3 chat`: an interactive conversation on the model's chat template, one message per
+//! line of stdin. The conversation's keys and values stay cached between turns, so each turn
+//! only computes its new tokens. `/reset` starts over, `/image PATH` shows an image with the
+//! next message (vision models), Ctrl-C stops the current answer. When the conversation
+//! outgrows the context, the oldest turns are dropped (and the user told so).
 
 use anyhow::Result;
 use clap::Args;
-use gemma3_engine::{GenerateOptions, Generator};
+use gemma3_engine::chat::{ChatContent, ChatMessage, ChatPart};
+use gemma3_engine::{EngineError, GenerateOptions, Generator, Image, Model};
+use gemma3_model::ImageInputs;
 use std::io::{BufRead, IsTerminal, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 #[derive(Args)]
 pub struct ChatArgs {
@@ -14,7 +19,8 @@ pub struct ChatArgs {
     pub model: crate::ModelArgs,
     #[command(flatten)]
     pub sampling: crate::SamplingArgs,
-    /// Instructions placed before the first user message (Gemma has no system role)
+    /// Instructions for the whole conversation (Gemma's template puts them before the
+    /// first user message)
     #[arg(long)]
     pub system: Option<String>,
     /// Maximum new tokens per reply
@@ -25,9 +31,54 @@ pub struct ChatArgs {
     pub ctx_size: usize,
 }
 
-/// The text of one user turn and the opening of the model's reply.
-pub fn user_turn(message: &str) -> String {
-    format!("<start_of_turn>user\n{message}<end_of_turn>\n<start_of_turn>model\n")
+const HELP: &str = "Commands: /reset (start over), /image PATH (show an image with the next message), /help. Ctrl-C stops an answer; Ctrl-D quits.";
+
+/// The conversation: messages, and the projector rows of its images in order.
+struct Conversation {
+    messages: Vec<ChatMessage>,
+    /// Per image in the conversation: its views' rows.
+    image_rows: Vec<Vec<f32>>,
+    /// Rows of the images waiting for the next user message.
+    pending: Vec<Vec<f32>>,
+}
+
+impl Conversation {
+    fn new(system: Option<&str>) -> Self {
+        Conversation {
+            messages: system
+                .map(|s| vec![ChatMessage::text("system", s)])
+                .unwrap_or_default(),
+            image_rows: vec![],
+            pending: vec![],
+        }
+    }
+
+    /// Drops the oldest user turn and the reply after it (the system message stays).
+    /// False when there is nothing left to drop.
+    fn drop_oldest_turn(&mut self) -> bool {
+        let first = self.messages.iter().position(|m| m.role == "user");
+        let Some(i) = first else { return false };
+        // Keep at least the newest user message.
+        if self.messages[i + 1..].iter().all(|m| m.role != "user") {
+            return false;
+        }
+        let end = if self
+            .messages
+            .get(i + 1)
+            .is_some_and(|m| m.role == "assistant")
+        {
+            i + 2
+        } else {
+            i + 1
+        };
+        let images: usize = self.messages[i..end]
+            .iter()
+            .map(|m| m.content.images())
+            .sum();
+        self.messages.drain(i..end);
+        self.image_rows.drain(..images);
+        true
+    }
 }
 
 pub fn run(a: ChatArgs) -> Result<()> {
@@ -35,19 +86,32 @@ pub fn run(a: ChatArgs) -> Result<()> {
     let ctx = model.context_for(a.ctx_size, Some(a.ctx_size));
     let mut gen = Generator::new(&model, ctx);
     let opts = GenerateOptions {
-        max_new_tokens: a.max_tokens,
+        max_new_tokens: a.max_tokens.min(ctx.saturating_sub(1)).max(1),
         sampling: a.sampling.params(),
         ..Default::default()
     };
     let interactive = std::io::stdin().is_terminal();
+    // Ctrl-C while answering stops the answer; at the prompt it quits.
+    let answering = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let (answering, stop) = (answering.clone(), stop.clone());
+        ctrlc::set_handler(move || {
+            if answering.load(Ordering::SeqCst) {
+                stop.store(true, Ordering::SeqCst);
+            } else {
+                eprintln!();
+                std::process::exit(130);
+            }
+        })?;
+    }
     if interactive {
         eprintln!(
-            "Chatting with {} (Ctrl-D to quit).",
+            "Chatting with {} (Ctrl-D to quit, /help for commands).",
             model.source.path().display()
         );
     }
-    let mut conversation = String::new();
-    let mut system = a.system.clone();
+    let mut conv = Conversation::new(a.system.as_deref());
     let stdin = std::io::stdin();
     let mut lines = stdin.lock().lines();
     loop {
@@ -57,25 +121,120 @@ pub fn run(a: ChatArgs) -> Result<()> {
         }
         let Some(line) = lines.next() else { break };
         let line = line?;
-        if line.trim().is_empty() {
+        let line = line.trim();
+        if line.is_empty() {
             continue;
         }
-        let message = match system.take() {
-            Some(s) => format!("{s}\n\n{line}"),
-            None => line,
+        if let Some(cmd) = line.strip_prefix('/') {
+            let (name, arg) = cmd.split_once(' ').unwrap_or((cmd, ""));
+            match name {
+                "reset" => {
+                    conv = Conversation::new(a.system.as_deref());
+                    gen.forget();
+                    eprintln!("(conversation cleared)");
+                }
+                "image" => match add_image(&model, arg.trim(), &mut conv) {
+                    Ok(()) => eprintln!("(image added to your next message)"),
+                    Err(e) => eprintln!("error: {e}"),
+                },
+                "help" => eprintln!("{HELP}"),
+                _ => eprintln!("unknown command /{name}. {HELP}"),
+            }
+            continue;
+        }
+        let mut parts: Vec<ChatPart> = conv.pending.iter().map(|_| ChatPart::Image).collect();
+        parts.push(ChatPart::Text {
+            text: line.to_string(),
+        });
+        conv.messages.push(ChatMessage {
+            role: "user".into(),
+            content: ChatContent::Parts(parts),
+        });
+        conv.image_rows.append(&mut conv.pending);
+        let ids = loop {
+            match prompt_ids(&model, &conv) {
+                Ok(ids) if ids.len() + opts.max_new_tokens <= ctx => break ids,
+                Ok(ids) => {
+                    if !conv.drop_oldest_turn() {
+                        eprintln!(
+                            "error: this message alone ({} tokens) leaves no room for a reply in the context of {ctx} tokens (/reset, or a larger --ctx-size)",
+                            ids.len()
+                        );
+                        break vec![];
+                    }
+                    eprintln!("(the conversation outgrew the context of {ctx} tokens: dropped the oldest turn)");
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    break vec![];
+                }
+            }
         };
-        conversation.push_str(&user_turn(&message));
-        let ids = model.encode_prompt(&conversation, None, true);
+        if ids.is_empty() {
+            // The message could not be sent: forget it, keep the conversation.
+            let last = conv.messages.pop();
+            let images = last.map_or(0, |m| m.content.images());
+            conv.image_rows.truncate(conv.image_rows.len() - images);
+            continue;
+        }
+        let rows: Vec<f32> = conv.image_rows.concat();
+        let images = match model.image_tokens() {
+            Ok(t) if !rows.is_empty() => Some(ImageInputs {
+                image_token: t.soft,
+                embeds: &rows,
+            }),
+            _ => None,
+        };
+        stop.store(false, Ordering::SeqCst);
+        answering.store(true, Ordering::SeqCst);
         let stdout = std::io::stdout();
         let mut out = stdout.lock();
-        let g = gen.generate_ids(&ids, &opts, |piece| {
-            out.write_all(piece.as_bytes())
-                .and_then(|_| out.flush())
-                .is_ok()
-        })?;
-        writeln!(out)?;
-        conversation.push_str(&g.text);
-        conversation.push_str("<end_of_turn>\n");
+        let result = gen.generate_ids_with(&ids, images, &opts, |piece| {
+            !stop.load(Ordering::SeqCst)
+                && out
+                    .write_all(piece.as_bytes())
+                    .and_then(|_| out.flush())
+                    .is_ok()
+        });
+        answering.store(false, Ordering::SeqCst);
+        let _ = writeln!(out);
+        match result {
+            Ok(g) => {
+                if stop.load(Ordering::SeqCst) {
+                    eprintln!("(stopped)");
+                }
+                conv.messages.push(ChatMessage::text("assistant", &g.text));
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                let last = conv.messages.pop();
+                let images = last.map_or(0, |m| m.content.images());
+                conv.image_rows.truncate(conv.image_rows.len() - images);
+            }
+        }
     }
     Ok(())
+}
+
+/// Reads an image for the next message and encodes it now (once).
+fn add_image(model: &Model, path: &str, conv: &mut Conversation) -> Result<(), EngineError> {
+    if path.is_empty() {
+        return Err(EngineError::Input("usage: /image PATH".into()));
+    }
+    model.vision_tower()?;
+    let img = Image::open(path)?;
+    let views = model.image_views(std::slice::from_ref(&img), None)?;
+    let rows = model.encode_views(&views)?;
+    conv.pending.push(rows);
+    Ok(())
+}
+
+/// The conversation's prompt ids, ending where the model's reply begins.
+fn prompt_ids(model: &Model, conv: &Conversation) -> Result<Vec<u32>, EngineError> {
+    let text = model.chat_prompt(&conv.messages, true)?;
+    if conv.image_rows.is_empty() {
+        return Ok(model.encode_chat(&text));
+    }
+    let bos = !model.starts_with_bos(&text) && model.tokenizer.add_bos();
+    model.image_prompt_ids_for(&text, &vec![0; conv.image_rows.len()], Some(bos), true)
 }

@@ -162,6 +162,13 @@ enum Command {
         /// Print timing statistics to stderr
         #[arg(long)]
         verbose: bool,
+        /// Wrap the prompt in the model's chat template as one user message (and start the
+        /// model's reply)
+        #[arg(long)]
+        chat: bool,
+        /// With --chat: a system message before the prompt
+        #[arg(long, requires = "chat")]
+        system: Option<String>,
         #[command(flatten)]
         images: ImageArgs,
     },
@@ -279,6 +286,8 @@ fn run(cli: Cli) -> Result<()> {
             no_bos,
             ignore_eos,
             verbose,
+            chat,
+            system,
             images,
         } => {
             let prompt = match prompt {
@@ -287,12 +296,20 @@ fn run(cli: Cli) -> Result<()> {
             };
             let m = setup(&model)?;
             let (images, pan_and_scan) = images.load()?;
+            let prompt = match chat {
+                true => chat_prompt(&m, &prompt, system.as_deref(), images.len())?,
+                false => prompt,
+            };
+            let add_bos = match no_bos || (chat && m.starts_with_bos(&prompt)) {
+                true => Some(false),
+                false => None,
+            };
             let opts = GenerateOptions {
                 max_new_tokens: max_tokens,
                 sampling: sampling.params(),
                 stop_strings: stop,
                 ignore_eos,
-                add_bos: if no_bos { Some(false) } else { None },
+                add_bos,
                 parse_special: !no_parse_special,
                 context: ctx_size,
                 images,
@@ -489,6 +506,23 @@ fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A one-message conversation in the model's chat template, ending where the reply begins.
+/// Images without a `<start_of_image>` marker in the text go first in the message.
+fn chat_prompt(m: &Model, text: &str, system: Option<&str>, images: usize) -> Result<String> {
+    use gemma3_engine::chat::{ChatContent, ChatMessage, ChatPart};
+    let marked = text.matches(gemma3_engine::image::START_OF_IMAGE).count();
+    let mut parts: Vec<ChatPart> = (marked..images).map(|_| ChatPart::Image).collect();
+    parts.push(ChatPart::Text { text: text.into() });
+    let mut messages: Vec<ChatMessage> = system
+        .map(|s| vec![ChatMessage::text("system", s)])
+        .unwrap_or_default();
+    messages.push(ChatMessage {
+        role: "user".into(),
+        content: ChatContent::Parts(parts),
+    });
+    Ok(m.chat_prompt(&messages, true)?)
 }
 
 fn info(m: &Model, list_tensors: bool) {

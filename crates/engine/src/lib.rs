@@ -12,6 +12,7 @@
 //! # Ok::<(), gemma3_engine::EngineError>(())
 //! ```
 
+pub mod chat;
 pub mod eval;
 pub mod generate;
 pub mod image;

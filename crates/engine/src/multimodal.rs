@@ -83,12 +83,25 @@ impl Model {
         add_bos: Option<bool>,
         parse_special: bool,
     ) -> Result<Vec<u32>, EngineError> {
+        self.image_prompt_ids_for(prompt, &views.crops, add_bos, parse_special)
+    }
+
+    /// [`image_prompt_ids`](Self::image_prompt_ids) for images with `crops[i]` pan & scan
+    /// crops each.
+    pub fn image_prompt_ids_for(
+        &self,
+        prompt: &str,
+        crops: &[usize],
+        add_bos: Option<bool>,
+        parse_special: bool,
+    ) -> Result<Vec<u32>, EngineError> {
         let t = self.image_tokens()?;
         let mm = self.vision_tower()?.cfg.mm_tokens_per_image;
         let seq = format!("\n\n{START_OF_IMAGE}{END_OF_IMAGE}\n\n");
-        let text = expand_image_markers(prompt, &views.crops, &seq)?;
+        let text = expand_image_markers(prompt, crops, &seq)?;
         let ids = self.encode_prompt(&text, add_bos, parse_special);
-        let mut out = Vec::with_capacity(ids.len() + views.views.len() * mm);
+        let n_views: usize = crops.iter().map(|c| c + 1).sum();
+        let mut out = Vec::with_capacity(ids.len() + n_views * mm);
         let mut found = 0;
         for id in ids {
             out.push(id);
@@ -97,10 +110,9 @@ impl Model {
                 found += 1;
             }
         }
-        if found != views.views.len() {
+        if found != n_views {
             return Err(EngineError::Input(format!(
-                "the tokenized prompt has {found} {START_OF_IMAGE} tokens for {} image view(s); is {START_OF_IMAGE} a token of this tokenizer (and special tokens parsed)?",
-                views.views.len()
+                "the tokenized prompt has {found} {START_OF_IMAGE} tokens for {n_views} image view(s); is {START_OF_IMAGE} a token of this tokenizer (and special tokens parsed)?"
             )));
         }
         Ok(out)
@@ -131,6 +143,13 @@ impl Model {
                 cfg.mm_tokens_per_image
             )));
         }
+        self.encode_views(views)
+    }
+
+    /// The projector rows of every view, in order (`mm_tokens_per_image × hidden` each).
+    pub fn encode_views(&self, views: &ImageViews) -> Result<Vec<f32>, EngineError> {
+        let tower = self.vision_tower()?;
+        let cfg = &tower.cfg;
         let mut out =
             Vec::with_capacity(views.views.len() * cfg.mm_tokens_per_image * cfg.text_hidden_size);
         for v in &views.views {
