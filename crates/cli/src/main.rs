@@ -14,6 +14,7 @@ use std::path::PathBuf;
 mod bench_cmd;
 mod chat_cmd;
 mod eval_cmd;
+mod serve_cmd;
 
 #[derive(Parser)]
 #[command(
@@ -133,6 +134,10 @@ enum Command {
     /// lambada_openai) by log-likelihood as lm-evaluation-harness does: acc, acc_norm,
     /// standard errors, LAMBADA perplexity; --json OUT for per-item scores, --resume to go on
     Eval(eval_cmd::EvalArgs),
+    /// Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions,
+    /// /v1/completions, /v1/models, /tokenize, /detokenize, /health, /metrics) with
+    /// continuous batching of concurrent requests
+    Serve(serve_cmd::ServeArgs),
     /// Continue a prompt (raw completion; no chat template), streaming tokens to stdout
     Generate {
         /// The prompt; read from stdin when absent
@@ -255,11 +260,26 @@ pub(crate) fn start_pool(threads: Option<usize>) -> Result<()> {
 
 pub(crate) fn setup(m: &ModelArgs) -> Result<Model> {
     start_pool(m.threads)?;
+    open_model(m)
+}
+
+/// Opens the model `--model` (and `--mmproj`) name, in the precision asked for.
+pub(crate) fn open_model(m: &ModelArgs) -> Result<Model> {
     let mut model = Model::open_with_mmproj(m.model.as_deref(), m.mmproj.as_deref())?;
     if m.exact {
         model.set_precision(gemma3_model::Precision::Exact);
     }
     Ok(model)
+}
+
+/// Logs (tracing) to stderr; `RUST_LOG` filters, `info` by default.
+pub(crate) fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 fn read_stdin() -> Result<String> {
@@ -275,6 +295,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench(a) => bench_cmd::run(a)?,
         Command::Chat(a) => chat_cmd::run(a)?,
         Command::Eval(a) => eval_cmd::run(a)?,
+        Command::Serve(a) => serve_cmd::run(a)?,
         Command::Generate {
             prompt,
             model,

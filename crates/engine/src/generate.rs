@@ -66,6 +66,8 @@ pub enum StopReason {
     Context,
     /// The caller's callback asked to stop.
     Cancelled,
+    /// Ended by the host (a server shutting down).
+    Aborted,
 }
 
 #[derive(Clone, Debug)]

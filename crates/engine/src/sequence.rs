@@ -371,6 +371,11 @@ impl State {
             }
             return;
         }
+        if self.opts.max_new_tokens == 0 {
+            // Only the prompt was wanted (its log-probabilities).
+            self.finish(StopReason::MaxTokens);
+            return;
+        }
         self.logits.copy_from_slice(logits);
         let next = self.sampler.sample(&mut self.logits, &self.history);
         if self.first_token.is_none() {

@@ -1,0 +1,100 @@
+//! `gemma3 serve`: the OpenAI-compatible server (see the `gemma3_server` crate).
+
+use anyhow::{bail, Result};
+use clap::Args;
+use gemma3_engine::{Model, SamplingParams};
+use gemma3_model::MAX_BATCH;
+use gemma3_server::scheduler::SchedulerConfig;
+use gemma3_server::ServerConfig;
+
+#[derive(Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: crate::ModelArgs,
+    /// Address to listen on
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on (0 picks a free one)
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// Sequences generated at once (continuous batching)
+    #[arg(long, default_value_t = 16)]
+    pub parallel: usize,
+    /// Context of each sequence in tokens [default: the model's trained length]
+    #[arg(short = 'c', long)]
+    pub ctx_size: Option<usize>,
+    /// Require `Authorization: Bearer KEY` on the /v1 routes
+    #[arg(long, env = "GEMMA3_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Requests (choices) that may wait for a slot; more get 503 with Retry-After
+    #[arg(long, default_value_t = 256)]
+    pub max_queue: usize,
+    /// Fetch http(s) image URLs in chat requests (data: URLs are always accepted)
+    #[arg(long)]
+    pub allow_image_urls: bool,
+    /// Largest request body in MiB
+    #[arg(long, default_value_t = 64)]
+    pub max_body_mb: usize,
+    /// Prompt tokens per forward pass: a new prompt delays running streams by at most one
+    /// such chunk per step
+    #[arg(long, default_value_t = 256)]
+    pub prefill_chunk: usize,
+    /// KV cache the running sequences may use, in MiB [default: half the available memory]
+    #[arg(long)]
+    pub kv_budget_mb: Option<usize>,
+    /// KV cache kept for reusing finished requests' prefixes, in MiB
+    #[arg(long, default_value_t = 1024)]
+    pub prompt_cache_mb: usize,
+    /// The model name /v1/models reports [default: the model file's name]
+    #[arg(long)]
+    pub alias: Option<String>,
+}
+
+pub fn run(a: ServeArgs) -> Result<()> {
+    crate::init_logging();
+    crate::start_pool(a.model.threads)?;
+    if a.parallel == 0 {
+        bail!("--parallel must be at least 1");
+    }
+    if a.ctx_size == Some(0) {
+        bail!("--ctx-size must be at least 1");
+    }
+    let kv_budget = match a.kv_budget_mb {
+        Some(mb) => mb << 20,
+        None => available_memory().map_or(8 << 30, |m| m / 2),
+    };
+    let config = ServerConfig {
+        host: a.host.clone(),
+        port: a.port,
+        model_name: a.alias.clone(),
+        api_key: a.api_key.clone().filter(|k| !k.is_empty()),
+        allow_image_urls: a.allow_image_urls,
+        max_body_bytes: a.max_body_mb.max(1) << 20,
+        default_sampling: SamplingParams::gemma_default(0),
+        scheduler: SchedulerConfig {
+            parallel: a.parallel,
+            max_queue: a.max_queue,
+            context: a.ctx_size,
+            prefill_chunk: a.prefill_chunk.clamp(1, MAX_BATCH),
+            kv_budget,
+            prefix_cache_budget: a.prompt_cache_mb << 20,
+        },
+    };
+    // The server listens (answering /health with 503) while the model loads.
+    let model_args = a.model.clone();
+    let load = move || -> Result<Model, String> {
+        crate::open_model(&model_args).map_err(|e| format!("{e:#}"))
+    };
+    gemma3_server::run(config, load, |addr| {
+        eprintln!("gemma3 serve: listening on http://{addr}");
+    })?;
+    Ok(())
+}
+
+/// MemAvailable from /proc/meminfo, in bytes.
+fn available_memory() -> Option<usize> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}

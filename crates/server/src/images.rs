@@ -1,0 +1,115 @@
+//! Images of chat requests: `data:` URLs always; `http(s)` URLs only when the server allows
+//! them, with a size limit and a timeout; `file:` and anything else never.
+
+use crate::error::ApiError;
+use base64::Engine as _;
+use futures_util::StreamExt;
+use gemma3_engine::Image;
+use std::time::Duration;
+
+/// Largest encoded image a request may carry or the server may fetch.
+pub const MAX_IMAGE_BYTES: usize = 20 << 20;
+/// How long fetching one image URL may take.
+pub const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where images may come from.
+#[derive(Clone)]
+pub struct ImageSource {
+    /// A client for `http(s)` URLs, when allowed.
+    pub http: Option<reqwest::Client>,
+}
+
+impl ImageSource {
+    pub fn new(allow_urls: bool) -> Self {
+        ImageSource {
+            http: allow_urls.then(|| {
+                reqwest::Client::builder()
+                    .timeout(FETCH_TIMEOUT)
+                    .redirect(reqwest::redirect::Policy::limited(3))
+                    .build()
+                    .expect("building the HTTP client")
+            }),
+        }
+    }
+
+    /// The encoded bytes behind an image URL.
+    pub async fn fetch(&self, url: &str) -> Result<Vec<u8>, ApiError> {
+        let bad = |m: String| ApiError::bad_param("messages", m);
+        let scheme = url.split(':').next().unwrap_or("").to_ascii_lowercase();
+        match scheme.as_str() {
+            "data" => decode_data_url(url).map_err(bad),
+            "http" | "https" => {
+                let Some(client) = &self.http else {
+                    return Err(bad(
+                        "image URLs over http(s) are not allowed on this server (start it with --allow-image-urls), send the image as a data: URL".into(),
+                    ));
+                };
+                fetch_limited(client, url).await.map_err(bad)
+            }
+            _ => Err(bad(format!(
+                "image_url must be a data: URL{} (got a {scheme}: URL)",
+                if self.http.is_some() {
+                    " or http(s)"
+                } else {
+                    ""
+                }
+            ))),
+        }
+    }
+}
+
+/// `data:[<type>][;base64],<payload>`.
+fn decode_data_url(url: &str) -> Result<Vec<u8>, String> {
+    let rest = &url["data:".len()..];
+    let (meta, payload) = rest
+        .split_once(',')
+        .ok_or("a data: URL needs a ',' before its payload")?;
+    if !meta.ends_with(";base64") {
+        return Err("image data: URLs must be base64 (data:image/png;base64,...)".into());
+    }
+    if payload.len() / 4 * 3 > MAX_IMAGE_BYTES {
+        return Err(format!("the image is larger than {MAX_IMAGE_BYTES} bytes"));
+    }
+    let payload: String = payload
+        .chars()
+        .filter(|c| !c.is_ascii_whitespace())
+        .collect();
+    base64::engine::general_purpose::STANDARD
+        .decode(payload.as_bytes())
+        .map_err(|e| format!("the image's base64 data is invalid: {e}"))
+}
+
+async fn fetch_limited(client: &reqwest::Client, url: &str) -> Result<Vec<u8>, String> {
+    let resp = client
+        .get(url)
+        .send()
+        .await
+        .map_err(|e| format!("fetching {url}: {e}"))?;
+    if !resp.status().is_success() {
+        return Err(format!("fetching {url}: HTTP {}", resp.status()));
+    }
+    if resp
+        .content_length()
+        .is_some_and(|n| n > MAX_IMAGE_BYTES as u64)
+    {
+        return Err(format!("{url} is larger than {MAX_IMAGE_BYTES} bytes"));
+    }
+    let mut body = Vec::new();
+    let mut stream = resp.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| format!("fetching {url}: {e}"))?;
+        if body.len() + chunk.len() > MAX_IMAGE_BYTES {
+            return Err(format!("{url} is larger than {MAX_IMAGE_BYTES} bytes"));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// Decodes fetched image bytes (on a blocking thread: decoding is CPU work).
+pub async fn decode(bytes: Vec<u8>, index: usize) -> Result<Image, ApiError> {
+    tokio::task::spawn_blocking(move || Image::decode(&bytes))
+        .await
+        .map_err(|e| ApiError::Internal(format!("image decoding stopped: {e}")))?
+        .map_err(|e| ApiError::bad_param("messages", format!("image {}: {e}", index + 1)))
+}

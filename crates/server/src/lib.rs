@@ -1,0 +1,167 @@
+//! gemma3's OpenAI-compatible HTTP server: `/v1/chat/completions`, `/v1/completions`,
+//! `/v1/models`, `/tokenize`, `/detokenize`, `/health` and `/metrics`, on axum and tokio.
+//! Requests become jobs for the [`scheduler`], which runs every active sequence in shared
+//! forward passes on its own thread (continuous batching), so the engine's work never
+//! blocks the async runtime. The server listens before the model is loaded (`/health`
+//! answers 503 until it is) and stops on SIGTERM or Ctrl-C: no new connections, every
+//! stream ends with a finish reason, then the process exits.
+
+pub mod api;
+pub mod error;
+pub mod images;
+pub mod metrics;
+mod routes;
+pub mod scheduler;
+
+use gemma3_engine::{Model, SamplingParams};
+use scheduler::SchedulerConfig;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How long a shutdown waits for open streams and connections before exiting anyway.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Default largest request body: room for a few images as data URLs.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 64 << 20;
+
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    pub host: String,
+    pub port: u16,
+    /// The name `/v1/models` reports (requests may name any model; there is one); the
+    /// model file's name when None.
+    pub model_name: Option<String>,
+    /// Bearer token every `/v1` route (and `/tokenize`, `/detokenize`) requires.
+    pub api_key: Option<String>,
+    /// Fetch `http(s)` image URLs (data: URLs are always read).
+    pub allow_image_urls: bool,
+    pub max_body_bytes: usize,
+    /// Sampling for fields a request leaves out (the model's defaults).
+    pub default_sampling: SamplingParams,
+    pub scheduler: SchedulerConfig,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("loading the model failed: {0}")]
+    Load(String),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Runs the server until SIGTERM or Ctrl-C. `load` opens the model (on a blocking thread,
+/// while the server already answers `/health` with 503); `on_listening` is told the
+/// address once bound (port 0 picks a free one).
+pub fn run(
+    config: ServerConfig,
+    load: impl FnOnce() -> Result<Model, String> + Send + 'static,
+    on_listening: impl FnOnce(SocketAddr),
+) -> Result<(), ServerError> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("gemma3-http")
+        .build()?;
+    rt.block_on(serve(config, load, on_listening))
+}
+
+async fn serve(
+    config: ServerConfig,
+    load: impl FnOnce() -> Result<Model, String> + Send + 'static,
+    on_listening: impl FnOnce(SocketAddr),
+) -> Result<(), ServerError> {
+    let addr = format!("{}:{}", config.host, config.port);
+    let listener = tokio::net::TcpListener::bind(&addr)
+        .await
+        .map_err(|source| ServerError::Bind {
+            addr: addr.clone(),
+            source,
+        })?;
+    let local = listener.local_addr()?;
+    on_listening(local);
+    tracing::info!("listening on http://{local}");
+    let state = Arc::new(routes::AppState::new(config));
+    let app = routes::router(state.clone());
+
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(None::<String>);
+    // Load the model beside the server; a failure stops it.
+    {
+        let state = state.clone();
+        let stop_tx = stop_tx.clone();
+        tokio::task::spawn_blocking(move || {
+            let t0 = std::time::Instant::now();
+            match load().and_then(|model| state.set_ready(model)) {
+                Ok(()) => {
+                    tracing::info!("model loaded in {:.1} s", t0.elapsed().as_secs_f64());
+                }
+                Err(e) => {
+                    tracing::error!("{e}");
+                    let _ = stop_tx.send(Some(e));
+                }
+            }
+        });
+    }
+    // SIGTERM / Ctrl-C.
+    {
+        let stop_tx = stop_tx.clone();
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            tracing::info!("shutting down");
+            let _ = stop_tx.send(Some(String::new()));
+        });
+    }
+    let shutdown = {
+        let state = state.clone();
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|v| v.is_some()).await;
+            state.shutdown();
+        }
+    };
+    let server = axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown);
+    let deadline = async {
+        let _ = stop_rx.wait_for(|v| v.is_some()).await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
+    tokio::select! {
+        r = server => r?,
+        _ = deadline => tracing::warn!("connections still open after {SHUTDOWN_GRACE:?}: exiting"),
+    }
+    let reason = stop_tx.borrow().clone();
+    state.join_scheduler();
+    match reason {
+        Some(e) if !e.is_empty() => Err(ServerError::Load(e)),
+        _ => Ok(()),
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = async {
+                match term.as_mut() {
+                    Some(t) => { t.recv().await; }
+                    None => std::future::pending::<()>().await,
+                }
+            } => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
