@@ -4,4 +4,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/fetch-model.sh >/dev/null
+# The server's tests drive it with the official openai Python client, from a venv.
+venv=target/test-venv
+if ! "$venv/bin/python" -c "import openai" 2>/dev/null; then
+  python3 -m venv "$venv"
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check openai
+fi
+export GEMMA3_TEST_PYTHON="$PWD/$venv/bin/python"
 cargo test --release --workspace "$@"
