@@ -515,9 +515,9 @@ fn shutdown_ends_streams_with_a_finish_reason() {
 
 /// The tiny-vlm fixture as a servable directory: a tokenizer naming every id (`<tN>`
 /// pieces as plain text, so answers read as ids) and a chat template of its own.
-fn tiny_vlm_dir() -> PathBuf {
+fn tiny_vlm_dir(tag: &str) -> PathBuf {
     let fixture = shared().join("fixtures/tiny-vlm");
-    let dir = std::env::temp_dir().join(format!("gemma3-serve-vlm-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("gemma3-serve-vlm-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     for f in ["config.json", "model.safetensors"] {
         std::fs::copy(fixture.join(f), dir.join(f)).unwrap();
@@ -559,7 +559,7 @@ fn the_official_openai_client_works() {
         return;
     };
     let s = Server::start(&[]);
-    let vlm_dir = tiny_vlm_dir();
+    let vlm_dir = tiny_vlm_dir("openai");
     let vlm = Server::start(&["--model", vlm_dir.to_str().unwrap()]);
     let image = shared().join("fixtures/tiny-vlm/image.png");
     let prompt = "<t223><t109><t178>";
@@ -610,4 +610,85 @@ fn the_official_openai_client_works() {
         report.contains("all openai client checks passed"),
         "{report}"
     );
+}
+
+/// A one-file HTTP server on 127.0.0.1 for image URLs: `/image.png` is the fixture's image,
+/// anything else 404. Serves `max` connections, then stops.
+fn image_host(max: usize) -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let png = std::fs::read(shared().join("fixtures/tiny-vlm/image.png")).unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().take(max) {
+            let Ok(mut conn) = conn else { continue };
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && conn.read(&mut byte).unwrap_or(0) == 1 {
+                head.push(byte[0]);
+            }
+            let head = String::from_utf8_lossy(&head);
+            let (status, body) = if head.starts_with("GET /image.png ") {
+                ("200 OK", png.clone())
+            } else {
+                ("404 Not Found", b"no".to_vec())
+            };
+            let _ = std::io::Write::write_all(
+                &mut conn,
+                format!(
+                    "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                )
+                .as_bytes(),
+            );
+            let _ = std::io::Write::write_all(&mut conn, &body);
+        }
+    });
+    format!("http://{addr}")
+}
+
+#[test]
+fn image_urls_are_fetched_only_when_allowed() {
+    let dir = tiny_vlm_dir("urls");
+    let open = Server::start(&["--model", dir.to_str().unwrap(), "--allow-image-urls"]);
+    let closed = Server::start(&["--model", dir.to_str().unwrap()]);
+    let host = image_host(8);
+    let png = std::fs::read(shared().join("fixtures/tiny-vlm/image.png")).unwrap();
+    use base64::Engine as _;
+    let data_url = format!(
+        "data:image/png;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(&png)
+    );
+    let ask = |s: &Server, url: &str| {
+        s.post(
+            "/v1/chat/completions",
+            &json!({"max_tokens": 4, "temperature": 0, "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": url}},
+                {"type": "text", "text": "<t5><t6>"}]}]}),
+        )
+    };
+    let (st, by_data) = ask(&closed, &data_url);
+    assert_eq!(st, 200, "{by_data}");
+    let (st, by_url) = ask(&open, &format!("{host}/image.png"));
+    assert_eq!(st, 200, "{by_url}");
+    assert_eq!(
+        by_url["choices"][0]["message"], by_data["choices"][0]["message"],
+        "the fetched image gives another answer than the same image inline"
+    );
+    for (server, url, msg) in [
+        (&closed, format!("{host}/image.png"), "not allowed"),
+        (&open, format!("{host}/missing.png"), "HTTP 404"),
+        (&open, "file:///etc/passwd".to_string(), "file: URL"),
+        (
+            &open,
+            "data:image/png;base64,aGVsbG8=".to_string(),
+            "image 1",
+        ),
+        (&open, "data:text/plain,hello".to_string(), "base64"),
+    ] {
+        let (st, v) = ask(server, &url);
+        assert_eq!(st, 400, "{url}: {v}");
+        let m = error_message(&v);
+        assert!(m.contains(msg), "{url}: {m:?} lacks {msg:?}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }
