@@ -7,7 +7,7 @@ use clap::Args;
 use gemma3_formats::{DType, TensorData};
 use gemma3_kernels::{matmul_weights, Linear, Precision};
 use gemma3_model::vision::{VisionLayer, VisionWeights};
-use gemma3_model::{KvCache, Logits, VisionConfig, VisionTower, Workspace};
+use gemma3_model::{KvCache, Logits, VisionConfig, VisionTower, Workspace, MAX_BATCH};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -19,6 +19,8 @@ pub struct BenchArgs {
     /// Multiply in f32 instead of with 8-bit activations
     #[arg(long)]
     pub exact: bool,
+    #[command(flatten)]
+    pub cache: crate::CacheArgs,
     /// Prompt lengths to time (pp tests); 0 skips them
     #[arg(
         short = 'p',
@@ -120,6 +122,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         threads: None,
         exact: a.exact,
         mmproj: None,
+        cache: a.cache.clone(),
     })?;
     let cfg = &model.text.cfg;
     let max_p = a.n_prompt.iter().copied().max().unwrap_or(0);
@@ -132,8 +135,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
             cfg.max_position_embeddings
         );
     }
-    let mut cache = KvCache::new(cfg, ctx, 512);
-    let mut ws = Workspace::new(cfg, 512);
+    let mut cache = model.text.new_cache(ctx, MAX_BATCH);
+    let mut ws = Workspace::new(cfg, MAX_BATCH);
     // Tokens as llama-bench uses them: arbitrary ids, here a fixed pseudo-random sequence.
     let tokens: Vec<u32> = (0..ctx as u64)
         .map(|i| (2 + (i.wrapping_mul(2_654_435_761) % (cfg.vocab_size as u64 - 2))) as u32)

@@ -7,7 +7,7 @@ use gemma3_engine::perplexity::perplexity;
 use gemma3_engine::{
     GenerateOptions, Image, Model, ModelSource, PanAndScan, SamplingParams, StopReason,
 };
-use gemma3_model::{ImageInputs, KvCache, Logits, Workspace};
+use gemma3_model::{ImageInputs, Logits, Workspace, MAX_BATCH};
 use std::io::{Read, Write};
 use std::path::PathBuf;
 
@@ -51,6 +51,48 @@ pub(crate) struct ModelArgs {
     /// multimodal checkpoints carry their own)
     #[arg(long)]
     pub(crate) mmproj: Option<PathBuf>,
+    #[command(flatten)]
+    pub(crate) cache: CacheArgs,
+}
+
+/// How the KV cache stores keys and values.
+#[derive(Args, Clone, Default)]
+pub(crate) struct CacheArgs {
+    /// KV cache type for keys and values: f32, f16, bf16 or q8_0 [default: f16, or f32
+    /// with --exact]
+    #[arg(long)]
+    pub(crate) cache_type: Option<String>,
+    /// KV cache type for keys only (overrides --cache-type)
+    #[arg(long)]
+    pub(crate) cache_type_k: Option<String>,
+    /// KV cache type for values only (overrides --cache-type)
+    #[arg(long)]
+    pub(crate) cache_type_v: Option<String>,
+}
+
+impl CacheArgs {
+    /// The types asked for, over the model's defaults; None when nothing was asked.
+    pub(crate) fn types(&self, m: &Model) -> Result<Option<gemma3_model::KvTypes>> {
+        if self.cache_type.is_none() && self.cache_type_k.is_none() && self.cache_type_v.is_none() {
+            return Ok(None);
+        }
+        let parse = |s: &Option<String>| -> Result<Option<gemma3_formats::DType>> {
+            Ok(s.as_deref()
+                .map(gemma3_model::KvTypes::parse_type)
+                .transpose()?)
+        };
+        let mut t = m.text.kv_types();
+        if let Some(both) = parse(&self.cache_type)? {
+            t = gemma3_model::KvTypes { k: both, v: both };
+        }
+        if let Some(k) = parse(&self.cache_type_k)? {
+            t.k = k;
+        }
+        if let Some(v) = parse(&self.cache_type_v)? {
+            t.v = v;
+        }
+        Ok(Some(t))
+    }
 }
 
 /// Images for a multimodal model.
@@ -269,6 +311,9 @@ pub(crate) fn open_model(m: &ModelArgs) -> Result<Model> {
     if m.exact {
         model.set_precision(gemma3_model::Precision::Exact);
     }
+    if let Some(t) = m.cache.types(&model)? {
+        model.set_cache_types(t)?;
+    }
     Ok(model)
 }
 
@@ -465,8 +510,8 @@ fn run(cli: Cli) -> Result<()> {
             if ids.len() > ctx {
                 bail!("{} tokens exceed the model's context of {ctx}", ids.len());
             }
-            let mut cache = KvCache::new(cfg, ctx, 512);
-            let mut ws = Workspace::new(cfg, 512);
+            let mut cache = m.text.new_cache(ctx, MAX_BATCH);
+            let mut ws = Workspace::new(cfg, MAX_BATCH);
             let stdout = std::io::stdout();
             let mut out = std::io::BufWriter::new(stdout);
             write!(

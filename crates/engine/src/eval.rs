@@ -431,7 +431,7 @@ impl<'m> Scorer<'m> {
         let context = 2048.min(cfg.max_position_embeddings);
         Scorer {
             model,
-            cache: KvCache::new(cfg, context, MAX_BATCH),
+            cache: model.text.new_cache(context, MAX_BATCH),
             ws: Workspace::new(cfg, MAX_BATCH),
             hidden: Vec::new(),
             owners: Vec::new(),
@@ -448,7 +448,7 @@ impl<'m> Scorer<'m> {
         }
         if needed > self.cache.context() {
             let ctx = needed.next_power_of_two().min(max);
-            self.cache = KvCache::new(&self.model.text.cfg, ctx, MAX_BATCH);
+            self.cache = self.model.text.new_cache(ctx, MAX_BATCH);
         }
         Ok(())
     }

@@ -111,10 +111,7 @@ impl<'m> Generator<'m> {
         Generator {
             model,
             batch: Batch::new(model, MAX_BATCH),
-            cache: Some((
-                KvCache::new(&model.text.cfg, context, MAX_BATCH),
-                Vec::new(),
-            )),
+            cache: Some((model.text.new_cache(context, MAX_BATCH), Vec::new())),
             context,
         }
     }
@@ -154,7 +151,7 @@ impl<'m> Generator<'m> {
         let (cache, cached) = match self.cache.take() {
             Some(c) => c,
             None => (
-                KvCache::new(&self.model.text.cfg, self.context, MAX_BATCH),
+                self.model.text.new_cache(self.context, MAX_BATCH),
                 Vec::new(),
             ),
         };

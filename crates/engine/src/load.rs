@@ -150,6 +150,13 @@ impl Model {
         self.text.precision = p;
     }
 
+    /// How KV caches store keys and values from now on (checked against the model).
+    pub fn set_cache_types(&mut self, t: gemma3_model::KvTypes) -> Result<(), EngineError> {
+        t.check(&self.text.cfg)?;
+        self.text.kv_types = Some(t);
+        Ok(())
+    }
+
     /// Opens `path`, or the default model when `None`.
     pub fn open_or_default(path: Option<&Path>) -> Result<Model, EngineError> {
         match path {

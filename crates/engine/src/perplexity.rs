@@ -5,7 +5,7 @@
 
 use crate::load::Model;
 use crate::EngineError;
-use gemma3_model::{KvCache, Logits, Workspace};
+use gemma3_model::{Logits, Workspace, MAX_BATCH};
 
 #[derive(Clone, Debug)]
 pub struct PerplexityResult {
@@ -44,8 +44,14 @@ pub fn perplexity(
         )));
     }
     let cfg = &model.text.cfg;
-    let mut cache = KvCache::new(cfg, n_ctx, n_ctx);
-    let mut ws = Workspace::new(cfg, n_ctx);
+    if n_ctx > cfg.max_position_embeddings {
+        return Err(EngineError::Input(format!(
+            "context {n_ctx} is beyond the model's trained context of {} tokens",
+            cfg.max_position_embeddings
+        )));
+    }
+    let mut cache = model.text.new_cache(n_ctx, MAX_BATCH);
+    let mut ws = Workspace::new(cfg, MAX_BATCH);
     let first = n_ctx / 2;
     let rows: Vec<usize> = (first..n_ctx - 1).collect();
     let (mut nll, mut nll2, mut count) = (0.0f64, 0.0f64, 0usize);

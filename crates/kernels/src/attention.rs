@@ -10,15 +10,92 @@
 //! parallel and are folded in order. Every row meets the same aligned blocks and parts in
 //! the same order however it is batched, so its result does not depend on the batch.
 
+use gemma3_formats::DType;
 use rayon::prelude::*;
 use std::ops::Range;
 
 /// Positions per cache page. A page holds every kv head's rows for `PAGE` consecutive
-/// ring slots (`[kv_head][PAGE][head_dim]`), and a key block never crosses a page.
+/// ring slots (`[kv_head][PAGE][row]`), and a key block never crosses a page.
 pub const PAGE: usize = KEY_BLOCK;
 
-/// One cache page: `kv_heads × PAGE × head_dim` values.
+/// One cache page: `kv_heads × PAGE` rows of the cache type, in f32 words (so that an f32
+/// cache is read in place and every type's bytes are suitably aligned).
 pub type Page = Box<[f32]>;
+
+/// The types keys and values may be stored in: f32, f16, bf16 (each value rounded to
+/// nearest even) and q8_0 (blocks of 32 values with an f16 scale, as ggml's).
+pub const KV_TYPES: [DType; 4] = [DType::F32, DType::F16, DType::BF16, DType::Q8_0];
+
+/// Bytes of one cached row of `dim` values in `ty`, or None when `ty` cannot hold such
+/// rows (not a cache type, or q8_0 with `dim` not a multiple of 32).
+pub fn kv_row_bytes(ty: DType, dim: usize) -> Option<usize> {
+    if !KV_TYPES.contains(&ty) {
+        return None;
+    }
+    ty.row_bytes(dim)
+}
+
+/// A new zeroed page of `rows` rows of `row_bytes` bytes.
+pub fn new_page(rows: usize, row_bytes: usize) -> Page {
+    vec![0.0f32; (rows * row_bytes).div_ceil(4)].into_boxed_slice()
+}
+
+fn page_bytes(p: &[f32]) -> &[u8] {
+    // SAFETY: any f32 memory may be read as bytes (u8 has no alignment or validity needs).
+    unsafe { std::slice::from_raw_parts(p.as_ptr().cast::<u8>(), p.len() * 4) }
+}
+
+fn page_bytes_mut(p: &mut [f32]) -> &mut [u8] {
+    // SAFETY: as above, and every byte pattern written is a valid f32 bit pattern.
+    unsafe { std::slice::from_raw_parts_mut(p.as_mut_ptr().cast::<u8>(), p.len() * 4) }
+}
+
+/// The bytes of rows `rows` of `page` (rows of `row_bytes`).
+pub fn page_rows(page: &Page, rows: Range<usize>, row_bytes: usize) -> &[u8] {
+    &page_bytes(page)[rows.start * row_bytes..rows.end * row_bytes]
+}
+
+/// Stores `x` (one row) as `ty` at row `row` of `page` (rows of `row_bytes`).
+pub fn store_row(ty: DType, x: &[f32], page: &mut Page, row: usize, row_bytes: usize) {
+    if ty == DType::F32 {
+        let at = row * x.len();
+        page[at..at + x.len()].copy_from_slice(x);
+        return;
+    }
+    let out = &mut page_bytes_mut(page)[row * row_bytes..(row + 1) * row_bytes];
+    match ty {
+        DType::F16 => {
+            for (o, v) in out.chunks_exact_mut(2).zip(x) {
+                o.copy_from_slice(&half::f16::from_f32(*v).to_le_bytes());
+            }
+        }
+        DType::BF16 => {
+            for (o, v) in out.chunks_exact_mut(2).zip(x) {
+                o.copy_from_slice(&half::bf16::from_f32(*v).to_le_bytes());
+            }
+        }
+        DType::Q8_0 => {
+            for (o, blk) in out.chunks_exact_mut(34).zip(x.chunks_exact(32)) {
+                // ggml's reference: d = max|x| / 127, q = round(x / d).
+                let amax = blk.iter().fold(0f32, |a, v| a.max(v.abs()));
+                let d = amax / 127.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                o[..2].copy_from_slice(&half::f16::from_f32(d).to_le_bytes());
+                for (q, v) in o[2..].iter_mut().zip(blk) {
+                    *q = (v * id).round() as i8 as u8;
+                }
+            }
+        }
+        other => unreachable!("{other} is not a cache type"),
+    }
+}
+
+crate::dispatch!(fn dequant_rows(ty: DType, bytes: &[u8], out: &mut [f32]) => dequant_rows_body);
+
+#[inline(always)]
+fn dequant_rows_body<const FMA: bool>(ty: DType, bytes: &[u8], out: &mut [f32]) {
+    gemma3_formats::quant::dequantize(ty, bytes, out)
+}
 
 /// One kv head of a layer's paged cache: position `p` lives in ring slot
 /// `p % capacity`, i.e. page `slot / PAGE`, row `slot % PAGE`.
@@ -26,6 +103,9 @@ pub type Page = Box<[f32]>;
 pub struct KvView<'a> {
     pub k: &'a [Page],
     pub v: &'a [Page],
+    /// How keys and values are stored (one of [`KV_TYPES`]).
+    pub k_type: DType,
+    pub v_type: DType,
     /// Slots in the ring (positions wrap modulo this); a multiple of [`PAGE`].
     pub capacity: usize,
     /// Which kv head.
@@ -33,21 +113,35 @@ pub struct KvView<'a> {
     pub head_dim: usize,
 }
 
-impl<'a> KvView<'a> {
-    /// Keys (`head_dim × nk`, a transposed view) and values (`nk × head_dim`) of positions
-    /// `k0 .. k0 + nk`, which must lie in one page.
+thread_local! {
+    /// A key block and a value block in f32, for caches of other types.
+    static BLOCK_F32: std::cell::RefCell<(Vec<f32>, Vec<f32>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
+impl KvView<'_> {
+    /// Rows `k0 .. k0 + nk` of keys (`which` = 0) or values (1) in f32: the page itself for
+    /// an f32 cache, else converted into `buf`. They must lie in one page.
     #[inline]
-    fn block(&self, k0: usize, nk: usize) -> (crate::gemm::MatRef<'a>, crate::gemm::MatRef<'a>) {
-        use crate::gemm::MatRef;
+    fn rows<'b>(&'b self, which: usize, k0: usize, nk: usize, buf: &'b mut Vec<f32>) -> &'b [f32] {
         let hd = self.head_dim;
         let slot = k0 % self.capacity;
         let (page, row) = (slot / PAGE, slot % PAGE);
         debug_assert!(row + nk <= PAGE, "a key block crosses a page");
-        let at = (self.head * PAGE + row) * hd;
-        let span = nk * hd;
-        let k = &self.k[page][at..at + span];
-        let v = &self.v[page][at..at + span];
-        (MatRef::new(k, hd, nk, 1, hd), MatRef::new(v, nk, hd, hd, 1))
+        let (pages, ty) = if which == 0 {
+            (self.k, self.k_type)
+        } else {
+            (self.v, self.v_type)
+        };
+        let first = self.head * PAGE + row;
+        if ty == DType::F32 {
+            return &pages[page][first * hd..(first + nk) * hd];
+        }
+        let rb = ty.row_bytes(hd).expect("a cache type holds whole rows");
+        let bytes = page_rows(&pages[page], first..first + nk, rb);
+        buf.resize(nk * hd, 0.0);
+        dequant_rows(ty, bytes, &mut buf[..nk * hd]);
+        &buf[..nk * hd]
     }
 }
 
@@ -120,58 +214,62 @@ pub fn attend_part(
     max[..rows].fill(f32::NEG_INFINITY);
     sum[..rows].fill(0.0);
     let qv = MatRef::row_major(&q[..rows * hd], rows, hd);
-    SCORES.with(|s| {
-        let mut s = s.borrow_mut();
-        if s.len() < rows * KEY_BLOCK {
-            s.resize(rows * KEY_BLOCK, 0.0);
-        }
-        let mut k0 = part.start;
-        while k0 < part.end {
-            // Blocks end at multiples of KEY_BLOCK, so they stay inside one page of the
-            // ring (its capacity is a multiple of the page).
-            let k1 = ((k0 / KEY_BLOCK + 1) * KEY_BLOCK).min(part.end);
-            let nk = k1 - k0;
-            let (kt, vb) = kv.block(k0, nk);
-            let s = &mut s[..rows * nk];
-            gemm_into(qv, BOperand::F32(kt), MatMut::row_major(s, rows, nk), false);
-            for (r, range) in keys.iter().enumerate() {
-                let row = &mut s[r * nk..(r + 1) * nk];
-                let (a, b) = (range.start.clamp(k0, k1) - k0, range.end.clamp(k0, k1) - k0);
-                if a >= b {
-                    row.fill(0.0);
-                    continue;
-                }
-                row[..a].fill(0.0);
-                row[b..].fill(0.0);
-                let live = &mut row[a..b];
-                let mut m = f32::NEG_INFINITY;
-                for v in live.iter_mut() {
-                    *v *= scores.scale;
-                    if let Some(c) = scores.softcap {
-                        *v = c * (*v / c).tanh();
-                    }
-                    m = m.max(*v);
-                }
-                let m_new = max[r].max(m);
-                if m_new > max[r] {
-                    // Earlier blocks were summed against a smaller maximum.
-                    let c = (max[r] - m_new).exp();
-                    sum[r] *= c;
-                    acc[r * hd..(r + 1) * hd].iter_mut().for_each(|v| *v *= c);
-                    max[r] = m_new;
-                }
-                live.iter_mut().for_each(|v| *v -= m_new);
-                crate::vmath::exp_inplace(live);
-                sum[r] += live.iter().sum::<f32>();
+    BLOCK_F32.with(|blocks| {
+        SCORES.with(|s| {
+            let (kbuf, vbuf) = &mut *blocks.borrow_mut();
+            let mut s = s.borrow_mut();
+            if s.len() < rows * KEY_BLOCK {
+                s.resize(rows * KEY_BLOCK, 0.0);
             }
-            gemm(
-                MatRef::row_major(s, rows, nk),
-                BOperand::F32(vb),
-                MatMut::row_major(&mut acc[..rows * hd], rows, hd),
-                false,
-            );
-            k0 = k1;
-        }
+            let mut k0 = part.start;
+            while k0 < part.end {
+                // Blocks end at multiples of KEY_BLOCK, so they stay inside one page of the
+                // ring (its capacity is a multiple of the page).
+                let k1 = ((k0 / KEY_BLOCK + 1) * KEY_BLOCK).min(part.end);
+                let nk = k1 - k0;
+                let kt = MatRef::new(kv.rows(0, k0, nk, kbuf), hd, nk, 1, hd);
+                let s = &mut s[..rows * nk];
+                gemm_into(qv, BOperand::F32(kt), MatMut::row_major(s, rows, nk), false);
+                for (r, range) in keys.iter().enumerate() {
+                    let row = &mut s[r * nk..(r + 1) * nk];
+                    let (a, b) = (range.start.clamp(k0, k1) - k0, range.end.clamp(k0, k1) - k0);
+                    if a >= b {
+                        row.fill(0.0);
+                        continue;
+                    }
+                    row[..a].fill(0.0);
+                    row[b..].fill(0.0);
+                    let live = &mut row[a..b];
+                    let mut m = f32::NEG_INFINITY;
+                    for v in live.iter_mut() {
+                        *v *= scores.scale;
+                        if let Some(c) = scores.softcap {
+                            *v = c * (*v / c).tanh();
+                        }
+                        m = m.max(*v);
+                    }
+                    let m_new = max[r].max(m);
+                    if m_new > max[r] {
+                        // Earlier blocks were summed against a smaller maximum.
+                        let c = (max[r] - m_new).exp();
+                        sum[r] *= c;
+                        acc[r * hd..(r + 1) * hd].iter_mut().for_each(|v| *v *= c);
+                        max[r] = m_new;
+                    }
+                    live.iter_mut().for_each(|v| *v -= m_new);
+                    crate::vmath::exp_inplace(live);
+                    sum[r] += live.iter().sum::<f32>();
+                }
+                let vb = MatRef::new(kv.rows(1, k0, nk, vbuf), nk, hd, hd, 1);
+                gemm(
+                    MatRef::row_major(s, rows, nk),
+                    BOperand::F32(vb),
+                    MatMut::row_major(&mut acc[..rows * hd], rows, hd),
+                    false,
+                );
+                k0 = k1;
+            }
+        })
     });
 }
 

@@ -3,53 +3,67 @@
 //! key blocks and parts, and soft-capping; and decode's parts-then-fold equal to the tile
 //! bit for bit.
 
+use gemma3_formats::DType;
 use gemma3_kernels::attention::{
-    attend_batch, attend_part, attend_rows, fold_part, key_parts, normalize, AttnScratch, Heads,
-    KvView, Page, Scores, PAGE,
+    attend_batch, attend_part, attend_rows, fold_part, key_parts, kv_row_bytes, new_page,
+    normalize, store_row, AttnScratch, Heads, KvView, Page, Scores, KV_TYPES, PAGE,
 };
 
 mod common;
 use common::Lcg;
 
 /// A ring cache as flat position-major rows (`capacity × stride`, kv head `h` at
-/// `h · head_dim`), and the same values as pages.
+/// `h · head_dim`) holding the values the cache type keeps, and the same as typed pages.
 struct Ring {
     k: Vec<f32>,
     v: Vec<f32>,
     capacity: usize,
     stride: usize,
     head_dim: usize,
+    ty: DType,
     k_pages: Vec<Page>,
     v_pages: Vec<Page>,
 }
 
 impl Ring {
     fn new(rng: &mut Lcg, capacity: usize, stride: usize, head_dim: usize) -> Ring {
-        let k: Vec<f32> = (0..capacity * stride).map(|_| rng.f() * 2.0).collect();
-        let v: Vec<f32> = (0..capacity * stride).map(|_| rng.f()).collect();
+        Self::typed(rng, capacity, stride, head_dim, DType::F32)
+    }
+
+    fn typed(rng: &mut Lcg, capacity: usize, stride: usize, head_dim: usize, ty: DType) -> Ring {
+        let mut k: Vec<f32> = (0..capacity * stride).map(|_| rng.f() * 2.0).collect();
+        let mut v: Vec<f32> = (0..capacity * stride).map(|_| rng.f()).collect();
         let heads = stride / head_dim;
-        let paged = |flat: &[f32]| -> Vec<Page> {
+        let rb = kv_row_bytes(ty, head_dim).unwrap();
+        // Store every row, and keep in the flat copy what the type gives back.
+        let paged = |flat: &mut [f32]| -> Vec<Page> {
             (0..capacity / PAGE)
                 .map(|p| {
-                    let mut page = vec![0f32; heads * PAGE * head_dim];
+                    let mut page = new_page(heads * PAGE, rb);
                     for h in 0..heads {
                         for r in 0..PAGE {
                             let src = (p * PAGE + r) * stride + h * head_dim;
-                            let dst = (h * PAGE + r) * head_dim;
-                            page[dst..dst + head_dim].copy_from_slice(&flat[src..src + head_dim]);
+                            let row = &mut flat[src..src + head_dim];
+                            store_row(ty, row, &mut page, h * PAGE + r, rb);
+                            // What the type keeps of the row.
+                            let mut one = new_page(1, rb);
+                            store_row(ty, row, &mut one, 0, rb);
+                            let bytes: Vec<u8> = one.iter().flat_map(|w| w.to_le_bytes()).collect();
+                            gemma3_formats::quant::dequantize(ty, &bytes[..rb], row);
                         }
                     }
-                    page.into_boxed_slice()
+                    page
                 })
                 .collect()
         };
-        let (k_pages, v_pages) = (paged(&k), paged(&v));
+        let (k_pages, v_pages) = (paged(&mut k), paged(&mut v));
         Ring {
             k,
             v,
             capacity,
             stride,
             head_dim,
+            ty,
             k_pages,
             v_pages,
         }
@@ -59,6 +73,8 @@ impl Ring {
         KvView {
             k: &self.k_pages,
             v: &self.v_pages,
+            k_type: self.ty,
+            v_type: self.ty,
             capacity: self.capacity,
             head,
             head_dim: self.head_dim,
@@ -106,11 +122,14 @@ fn tiled_attention_matches_a_plain_softmax() {
     let mut rng = Lcg(99);
     // (head_dim, ring capacity, stride, kv head, soft-cap): rings short enough to wrap
     // inside key ranges that cross several key parts (1024) and blocks (256).
-    for &(hd, capacity, stride, head, softcap) in &[
+    for (&(hd, capacity, stride, head, softcap), ty) in [
         (64usize, 2560usize, 128usize, 1usize, None),
         (32, 1280, 32, 0, Some(50.0f32)),
-    ] {
-        let ring = Ring::new(&mut rng, capacity, stride, hd);
+    ]
+    .iter()
+    .flat_map(|c| KV_TYPES.iter().map(move |t| (c, *t)))
+    {
+        let ring = Ring::typed(&mut rng, capacity, stride, hd, ty);
         let kv = ring.view(head);
         let scores = Scores {
             scale: 0.0,
@@ -143,7 +162,7 @@ fn tiled_attention_matches_a_plain_softmax() {
                 let got = out[r * hd + i] as f64;
                 assert!(
                     (got - want[i]).abs() < 1e-5,
-                    "row {r} dim {i}: {got} vs {}",
+                    "{ty} row {r} dim {i}: {got} vs {}",
                     want[i]
                 );
             }

@@ -5,7 +5,77 @@
 //! pages), just enough for the oldest query of a chunk to see its whole window.
 
 use crate::{LayerKind, ModelError, TextConfig};
-use gemma3_kernels::attention::{KvView, Page, PAGE};
+use gemma3_formats::DType;
+use gemma3_kernels::attention::{
+    kv_row_bytes, new_page, page_rows, store_row, KvView, Page, KV_TYPES, PAGE,
+};
+use gemma3_kernels::Precision;
+
+/// How keys and values are stored: f32, f16, bf16 or q8_0 each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvTypes {
+    pub k: DType,
+    pub v: DType,
+}
+
+impl KvTypes {
+    pub const F32: KvTypes = KvTypes {
+        k: DType::F32,
+        v: DType::F32,
+    };
+    pub const F16: KvTypes = KvTypes {
+        k: DType::F16,
+        v: DType::F16,
+    };
+
+    /// The default of a precision: f16 with 8-bit activations (what llama.cpp keeps; the
+    /// fast path rounds keys and values to f16 anyway, so nothing changes), f32 for exact.
+    pub fn for_precision(p: Precision) -> KvTypes {
+        match p {
+            Precision::Fast => KvTypes::F16,
+            Precision::Exact => KvTypes::F32,
+        }
+    }
+
+    /// Parses a cache type name: f32, f16, bf16 or q8_0 (any case).
+    pub fn parse_type(name: &str) -> Result<DType, ModelError> {
+        KV_TYPES
+            .into_iter()
+            .find(|t| t.to_string().eq_ignore_ascii_case(name))
+            .ok_or_else(|| {
+                ModelError::Input(format!(
+                    "unknown cache type {name:?} (expected f32, f16, bf16 or q8_0)"
+                ))
+            })
+    }
+
+    /// Checks that the model's rows fit both types (q8_0 needs head_dim a multiple of 32).
+    pub fn check(&self, cfg: &TextConfig) -> Result<(), ModelError> {
+        for t in [self.k, self.v] {
+            if kv_row_bytes(t, cfg.head_dim).is_none() {
+                return Err(ModelError::Input(format!(
+                    "cache type {t} cannot hold rows of {} values",
+                    cfg.head_dim
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes one position takes in one layer (keys and values of every kv head).
+    pub fn bytes_per_position(&self, cfg: &TextConfig) -> usize {
+        let row = |t: DType| kv_row_bytes(t, cfg.head_dim).unwrap_or(0);
+        cfg.num_kv_heads * (row(self.k) + row(self.v))
+    }
+
+    pub fn label(&self) -> String {
+        if self.k == self.v {
+            self.k.to_string().to_lowercase()
+        } else {
+            format!("k {} / v {}", self.k, self.v).to_lowercase()
+        }
+    }
+}
 
 /// The most tokens one forward pass runs (its rows over every sequence): sizes the
 /// workspace, and a sequence's chunk, which sizes the sliding layers' rings.
@@ -31,6 +101,10 @@ pub struct KvCache {
     layers: Vec<LayerCache>,
     kv_heads: usize,
     head_dim: usize,
+    types: KvTypes,
+    /// Bytes of a key row and a value row.
+    k_row: usize,
+    v_row: usize,
     /// Largest number of positions the cache can hold in total (the context size).
     context: usize,
     /// The longest chunk one forward pass may append (the rings' slack).
@@ -40,9 +114,19 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    /// A cache for up to `context` positions, appended in chunks of at most `max_chunk`.
-    /// Nothing is allocated until positions are written.
+    /// An f32 cache for up to `context` positions, appended in chunks of at most
+    /// `max_chunk`. Nothing is allocated until positions are written.
     pub fn new(cfg: &TextConfig, context: usize, max_chunk: usize) -> Self {
+        Self::with_types(cfg, context, max_chunk, KvTypes::F32)
+    }
+
+    /// [`new`](Self::new) with keys and values stored as `types` (checked with
+    /// [`KvTypes::check`]; panics on types that cannot hold the rows).
+    pub fn with_types(cfg: &TextConfig, context: usize, max_chunk: usize, types: KvTypes) -> Self {
+        let row = |t: DType| {
+            kv_row_bytes(t, cfg.head_dim)
+                .unwrap_or_else(|| panic!("cache type {t} cannot hold rows of {}", cfg.head_dim))
+        };
         let max_chunk = max_chunk.max(1);
         let full = context.div_ceil(PAGE).max(1) * PAGE;
         let layers = cfg
@@ -68,6 +152,9 @@ impl KvCache {
             layers,
             kv_heads: cfg.num_kv_heads,
             head_dim: cfg.head_dim,
+            types,
+            k_row: row(types.k),
+            v_row: row(types.v),
             context,
             max_chunk,
             len: 0,
@@ -108,12 +195,12 @@ impl KvCache {
                 context: self.context,
             });
         }
-        let page_len = self.kv_heads * PAGE * self.head_dim;
+        let rows = self.kv_heads * PAGE;
         for l in &mut self.layers {
             let pages = l.pages_for(end);
             while l.k.len() < pages {
-                l.k.push(vec![0.0; page_len].into_boxed_slice());
-                l.v.push(vec![0.0; page_len].into_boxed_slice());
+                l.k.push(new_page(rows, self.k_row));
+                l.v.push(new_page(rows, self.v_row));
             }
         }
         Ok(())
@@ -127,9 +214,10 @@ impl KvCache {
         let slot = pos % l.capacity;
         let (page, row) = (slot / PAGE, slot % PAGE);
         for h in 0..self.kv_heads {
-            let at = (h * PAGE + row) * hd;
-            l.k[page][at..at + hd].copy_from_slice(&k[h * hd..(h + 1) * hd]);
-            l.v[page][at..at + hd].copy_from_slice(&v[h * hd..(h + 1) * hd]);
+            let r = h * PAGE + row;
+            let (kh, vh) = (&k[h * hd..(h + 1) * hd], &v[h * hd..(h + 1) * hd]);
+            store_row(self.types.k, kh, &mut l.k[page], r, self.k_row);
+            store_row(self.types.v, vh, &mut l.v[page], r, self.v_row);
         }
     }
 
@@ -139,6 +227,8 @@ impl KvCache {
         KvView {
             k: &l.k,
             v: &l.v,
+            k_type: self.types.k,
+            v_type: self.types.v,
             capacity: l.capacity,
             head,
             head_dim: self.head_dim,
@@ -198,18 +288,57 @@ impl KvCache {
         }
     }
 
+    /// The largest magnitude among the stored keys and among the values of each layer
+    /// (positions still held), as stored: to check a type's range (f16 stops at 65504).
+    pub fn max_abs(&self) -> Vec<(f32, f32)> {
+        let held = self.len;
+        self.layers
+            .iter()
+            .map(|l| {
+                let rows = held.min(l.capacity);
+                let scan = |pages: &[Page], ty: DType, rb: usize| {
+                    let mut m = 0f32;
+                    let mut row = vec![0f32; self.head_dim];
+                    for slot in 0..rows {
+                        let (page, r) = (slot / PAGE, slot % PAGE);
+                        for h in 0..self.kv_heads {
+                            let i = h * PAGE + r;
+                            let bytes = page_rows(&pages[page], i..i + 1, rb);
+                            gemma3_formats::quant::dequantize(ty, bytes, &mut row);
+                            m = row.iter().fold(m, |a, v| a.max(v.abs()));
+                        }
+                    }
+                    m
+                };
+                (
+                    scan(&l.k, self.types.k, self.k_row),
+                    scan(&l.v, self.types.v, self.v_row),
+                )
+            })
+            .collect()
+    }
+
+    /// How keys and values are stored.
+    pub fn types(&self) -> KvTypes {
+        self.types
+    }
+
+    /// Bytes of a key page and a value page together.
+    fn page_pair_bytes(&self) -> usize {
+        self.kv_heads * PAGE * (self.k_row + self.v_row)
+    }
+
     /// Bytes of the pages allocated now.
     pub fn bytes(&self) -> usize {
-        let page = self.kv_heads * PAGE * self.head_dim * std::mem::size_of::<f32>();
-        self.layers.iter().map(|l| 2 * l.k.len() * page).sum()
+        self.layers.iter().map(|l| l.k.len()).sum::<usize>() * self.page_pair_bytes()
     }
 
     /// Bytes the cache would hold with `positions` positions written.
     pub fn bytes_at(&self, positions: usize) -> usize {
-        let page = self.kv_heads * PAGE * self.head_dim * std::mem::size_of::<f32>();
         self.layers
             .iter()
-            .map(|l| 2 * l.pages_for(positions) * page)
-            .sum()
+            .map(|l| l.pages_for(positions))
+            .sum::<usize>()
+            * self.page_pair_bytes()
     }
 }

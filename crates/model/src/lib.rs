@@ -8,7 +8,7 @@ pub mod text;
 pub mod vision;
 pub mod weights;
 
-pub use cache::{KvCache, MAX_BATCH};
+pub use cache::{KvCache, KvTypes, MAX_BATCH};
 pub use config::{LayerKind, TextConfig};
 pub use gemma3_kernels::Precision;
 pub use text::{

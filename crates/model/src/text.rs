@@ -12,7 +12,7 @@
 //! before NeoX RoPE, scales scores by `query_pre_attn_scalar^-0.5`, and sliding layers see
 //! keys `j` with `i - W < j <= i`.
 
-use crate::cache::KvCache;
+use crate::cache::{KvCache, KvTypes};
 use crate::weights::{LayerWeights, TextWeights};
 use crate::{LayerKind, ModelError, TextConfig};
 use gemma3_kernels::attention::{attend_batch, AttnScratch, Heads, Scores};
@@ -281,6 +281,9 @@ pub struct TextModel {
     pub weights: TextWeights,
     /// How quantized weights are multiplied (8-bit activations by default).
     pub precision: Precision,
+    /// How caches made by [`new_cache`](Self::new_cache) store keys and values (the
+    /// precision's default when None).
+    pub kv_types: Option<KvTypes>,
     inv_freq_local: Vec<f32>,
     inv_freq_global: Vec<f32>,
 }
@@ -293,9 +296,22 @@ impl TextModel {
             cfg,
             weights,
             precision: Precision::default(),
+            kv_types: None,
             inv_freq_local,
             inv_freq_global,
         }
+    }
+
+    /// The key/value storage of new caches: as set, else the precision's default.
+    pub fn kv_types(&self) -> KvTypes {
+        self.kv_types
+            .unwrap_or_else(|| KvTypes::for_precision(self.precision))
+    }
+
+    /// An empty cache (nothing allocated until used) for one sequence of up to `context`
+    /// positions, appended in chunks of at most `max_chunk`.
+    pub fn new_cache(&self, context: usize, max_chunk: usize) -> KvCache {
+        KvCache::with_types(&self.cfg, context, max_chunk, self.kv_types())
     }
 
     /// Loads the text decoder of a GGUF file.

@@ -134,7 +134,10 @@ impl Scheduler {
 
     /// Bytes of KV cache a sequence of `tokens` positions holds at most.
     pub fn kv_bytes(&self, model: &Model, tokens: usize) -> usize {
-        KvCache::new(&model.text.cfg, self.context, MAX_BATCH).bytes_at(tokens)
+        model
+            .text
+            .new_cache(self.context, MAX_BATCH)
+            .bytes_at(tokens)
     }
 
     /// Queues a request's choices, or says why not (all or none are queued).
@@ -234,7 +237,7 @@ impl Engine {
 
     /// An empty cache for one sequence (allocates nothing until used).
     fn new_cache(&self) -> KvCache {
-        KvCache::new(&self.model.text.cfg, self.context, MAX_BATCH)
+        self.model.text.new_cache(self.context, MAX_BATCH)
     }
 
     fn reserved(&self) -> usize {
