@@ -26,9 +26,10 @@ pub struct ChatArgs {
     /// Maximum new tokens per reply
     #[arg(short = 'n', long, default_value_t = 1024)]
     pub max_tokens: usize,
-    /// Context size in tokens for the whole conversation
-    #[arg(short = 'c', long, default_value_t = 8192)]
-    pub ctx_size: usize,
+    /// Context size in tokens for the whole conversation [default: the model's trained
+    /// length, capped by the memory available]
+    #[arg(short = 'c', long)]
+    pub ctx_size: Option<usize>,
 }
 
 const HELP: &str = "Commands: /reset (start over), /image PATH (show an image with the next message), /help. Ctrl-C stops an answer; Ctrl-D quits.";
@@ -83,7 +84,7 @@ impl Conversation {
 
 pub fn run(a: ChatArgs) -> Result<()> {
     let model = crate::setup(&a.model)?;
-    let ctx = model.context_for(a.ctx_size, Some(a.ctx_size));
+    let ctx = model.context(a.ctx_size)?;
     let mut gen = Generator::new(&model, ctx);
     let opts = GenerateOptions {
         max_new_tokens: a.max_tokens.min(ctx.saturating_sub(1)).max(1),

@@ -506,9 +506,9 @@ fn run(cli: Cli) -> Result<()> {
                 bail!("no tokens to run");
             }
             let cfg = &m.text.cfg;
-            let ctx = m.context_for(ids.len(), None);
+            let ctx = m.context(None)?;
             if ids.len() > ctx {
-                bail!("{} tokens exceed the model's context of {ctx}", ids.len());
+                bail!("{} tokens exceed the context of {ctx}", ids.len());
             }
             let mut cache = m.text.new_cache(ctx, MAX_BATCH);
             let mut ws = Workspace::new(cfg, MAX_BATCH);

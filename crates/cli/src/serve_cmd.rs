@@ -61,7 +61,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
     }
     let kv_budget = match a.kv_budget_mb {
         Some(mb) => mb << 20,
-        None => available_memory().map_or(8 << 30, |m| m / 2),
+        None => gemma3_engine::generate::available_memory().map_or(8 << 30, |m| m / 2),
     };
     let config = ServerConfig {
         host: a.host.clone(),
@@ -89,12 +89,4 @@ pub fn run(a: ServeArgs) -> Result<()> {
         eprintln!("gemma3 serve: listening on http://{addr}");
     })?;
     Ok(())
-}
-
-/// MemAvailable from /proc/meminfo, in bytes.
-fn available_memory() -> Option<usize> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kb: usize = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
 }

@@ -8,6 +8,17 @@ use crate::sampling::SamplingParams;
 use crate::sequence::{check_fits, Batch, SeqImages, Sequence};
 use crate::EngineError;
 use gemma3_model::{ImageInputs, KvCache, MAX_BATCH};
+
+/// The smallest default context, however little memory the machine reports.
+const MIN_DEFAULT_CONTEXT: usize = 4096;
+
+/// MemAvailable from /proc/meminfo, in bytes (None where there is no such file).
+pub fn available_memory() -> Option<usize> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
 use std::time::Instant;
 
 #[derive(Clone, Debug)]
@@ -23,9 +34,12 @@ pub struct GenerateOptions {
     /// Read control tokens such as `<start_of_turn>` in the prompt as tokens (default), or
     /// as plain text.
     pub parse_special: bool,
-    /// Context size in tokens; by default the larger of 4096 and what the request needs,
-    /// capped at the model's maximum.
+    /// Context size in tokens; by default the model's trained length, capped by the
+    /// memory this machine has (see [`Model::context`]).
     pub context: Option<usize>,
+    /// When the prompt and `max_new_tokens` do not fit the context, drop the prompt's
+    /// oldest tokens (after BOS) instead of failing. Prompts with images cannot be cut.
+    pub truncate_left: bool,
     /// Images for a multimodal model, in the order of the prompt's `<start_of_image>`
     /// markers (missing markers are added in front).
     pub images: Vec<Image>,
@@ -52,6 +66,7 @@ impl Default for GenerateOptions {
             pan_and_scan: None,
             logprobs: None,
             prompt_logprobs: false,
+            truncate_left: false,
         }
     }
 }
@@ -189,14 +204,16 @@ impl Model {
         opts: &GenerateOptions,
         on_text: impl FnMut(&str) -> bool,
     ) -> Result<Generation, EngineError> {
+        let ctx = self.context(opts.context)?;
         if opts.images.is_empty() {
-            let ids = self.encode_prompt(prompt, opts.add_bos, opts.parse_special);
-            let ctx = self.context_for(ids.len() + opts.max_new_tokens, opts.context);
+            let mut ids = self.encode_prompt(prompt, opts.add_bos, opts.parse_special);
+            if opts.truncate_left {
+                self.truncate_left(&mut ids, opts.max_new_tokens, ctx)?;
+            }
             return Generator::new(self, ctx).generate_ids(&ids, opts, on_text);
         }
         let views = self.image_views(&opts.images, opts.pan_and_scan.as_ref())?;
         let ids = self.image_prompt_ids(prompt, &views, opts.add_bos, opts.parse_special)?;
-        let ctx = self.context_for(ids.len() + opts.max_new_tokens, opts.context);
         // Fail before the (slow) image encoding when the prompt cannot fit.
         check_fits(self, ids.len(), opts.max_new_tokens, ctx)?;
         let t0 = Instant::now();
@@ -222,10 +239,55 @@ impl Model {
         self.tokenizer.encode(prompt, bos, parse_special)
     }
 
-    /// The context size to allocate for `needed` tokens: an explicit size, else at least
-    /// 4096, never more than the model allows.
-    pub fn context_for(&self, needed: usize, explicit: Option<usize>) -> usize {
-        let max = self.text.cfg.max_position_embeddings;
-        explicit.unwrap_or_else(|| needed.max(4096)).min(max)
+    /// The context of a sequence: `explicit` when given (at least 1 and at most the
+    /// model's trained length), else the trained length (32K for 270M and 1B, 128K for the
+    /// larger models), capped so that a full KV cache takes at most half of the memory
+    /// available now. The cache grows with use, so a long context costs nothing unused.
+    pub fn context(&self, explicit: Option<usize>) -> Result<usize, EngineError> {
+        let trained = self.text.cfg.max_position_embeddings;
+        match explicit {
+            Some(0) => Err(EngineError::Input(
+                "the context size must be at least 1 token".into(),
+            )),
+            Some(c) if c > trained => Err(EngineError::Input(format!(
+                "a context of {c} tokens is beyond the model's trained context of {trained}"
+            ))),
+            Some(c) => Ok(c),
+            None => {
+                let Some(avail) = available_memory() else {
+                    return Ok(trained);
+                };
+                let cache = self.text.new_cache(trained, MAX_BATCH);
+                let per_token = cache.bytes_at(trained).div_ceil(trained).max(1);
+                let fits = (avail / 2 / per_token).max(MIN_DEFAULT_CONTEXT);
+                Ok(trained.min(fits))
+            }
+        }
+    }
+
+    /// Drops the oldest tokens of `ids` (keeping a leading BOS) so that they and `max_new`
+    /// new tokens fit a context of `ctx`.
+    pub fn truncate_left(
+        &self,
+        ids: &mut Vec<u32>,
+        max_new: usize,
+        ctx: usize,
+    ) -> Result<(), EngineError> {
+        let room = ctx.saturating_sub(max_new.max(1));
+        if ids.len() <= room {
+            return Ok(());
+        }
+        let keep_bos = usize::from(ids.first() == Some(&self.tokenizer.bos_id()));
+        if room <= keep_bos {
+            return Err(EngineError::ContextOverflow {
+                prompt: ids.len(),
+                max_new,
+                context: ctx,
+                model_max: self.text.cfg.max_position_embeddings,
+            });
+        }
+        let cut = ids.len() - room;
+        ids.drain(keep_bos..keep_bos + cut);
+        Ok(())
     }
 }
