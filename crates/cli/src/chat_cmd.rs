@@ -36,7 +36,7 @@ pub fn run(a: ChatArgs) -> Result<()> {
     let mut gen = Generator::new(&model, ctx);
     let opts = GenerateOptions {
         max_new_tokens: a.max_tokens,
-        sampling: a.sampling.params(),
+        sampling: a.sampling.params(&model)?.0,
         ..Default::default()
     };
     let interactive = std::io::stdin().is_terminal();

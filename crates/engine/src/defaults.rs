@@ -140,7 +140,10 @@ pub fn from_ollama(o: &OllamaParams, seed: u64) -> Result<SamplingParams, String
     let p = SamplingParams {
         temperature: o.temperature.unwrap_or(OLLAMA_TEMPERATURE).max(0.0),
         top_k: o.top_k.unwrap_or(OLLAMA_TOP_K).max(0) as usize,
-        top_p: o.top_p.unwrap_or(OLLAMA_TOP_P).clamp(f32::MIN_POSITIVE, 1.0),
+        top_p: o
+            .top_p
+            .unwrap_or(OLLAMA_TOP_P)
+            .clamp(f32::MIN_POSITIVE, 1.0),
         min_p: o.min_p.unwrap_or(0.0).clamp(0.0, 1.0),
         repetition_penalty: o.repeat_penalty.unwrap_or(1.0),
         presence_penalty: o.presence_penalty.unwrap_or(0.0),
@@ -164,7 +167,10 @@ mod tests {
             7,
         )
         .unwrap();
-        assert_eq!((p.temperature, p.top_k, p.top_p, p.seed), (1.0, 64, 0.95, 7));
+        assert_eq!(
+            (p.temperature, p.top_k, p.top_p, p.seed),
+            (1.0, 64, 0.95, 7)
+        );
         // No do_sample: greedy, as transformers decodes.
         let p = from_generation_config(r#"{"bos_token_id": 2, "temperature": 0.7}"#, 7).unwrap();
         assert_eq!(p.temperature, 0.0);

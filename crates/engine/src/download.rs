@@ -23,7 +23,11 @@ use std::time::Duration;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DownloadEvent<'a> {
     /// A file begins, or resumes with `done` of its `total` bytes already on disk.
-    Start { file: &'a str, total: u64, done: u64 },
+    Start {
+        file: &'a str,
+        total: u64,
+        done: u64,
+    },
     /// `done` bytes of the file are on disk.
     Progress { file: &'a str, done: u64 },
     /// The file is complete and checked.

@@ -634,7 +634,11 @@ fn list_snapshot(s: &Snapshot, out: &mut Vec<CachedModel>) {
         }
         let mmproj = pick_mmproj(&ggufs, f).map(|m| s.dir.join(m));
         out.push(CachedModel {
-            name: RepoRef { tag, ..base.clone() }.display(),
+            name: RepoRef {
+                tag,
+                ..base.clone()
+            }
+            .display(),
             path: s.dir.join(f),
             gguf: true,
             size: size(f),
@@ -745,7 +749,10 @@ mod tests {
                 "mmproj-model-f16.gguf".into()
             )
         );
-        assert_eq!(pick(Some("gemma-3-4b-it-f16.gguf")).0, "gemma-3-4b-it-f16.gguf");
+        assert_eq!(
+            pick(Some("gemma-3-4b-it-f16.gguf")).0,
+            "gemma-3-4b-it-f16.gguf"
+        );
         let e = choose_files("o/r", &files, Some("Q2_K")).unwrap_err();
         assert!(e.to_string().contains("gemma-3-4b-it-Q8_0.gguf"), "{e}");
         // Without the preferred quants, the first model file (never an mmproj).
@@ -754,7 +761,10 @@ mod tests {
             choose_files("o/r", &files, None).unwrap(),
             ModelFiles::Gguf { model, .. } if model == "x-Q6_K.gguf"
         ));
-        let split = names(&["m-Q4_K_M-00001-of-00002.gguf", "m-Q4_K_M-00002-of-00002.gguf"]);
+        let split = names(&[
+            "m-Q4_K_M-00001-of-00002.gguf",
+            "m-Q4_K_M-00002-of-00002.gguf",
+        ]);
         let e = choose_files("o/r", &split, None).unwrap_err();
         assert!(e.to_string().contains("split"), "{e}");
     }
@@ -778,8 +788,8 @@ mod tests {
                 "model.safetensors"
             ])
         );
-        let e = choose_files("o/r", &names(&["config.json", "pytorch_model.bin"]), None)
-            .unwrap_err();
+        let e =
+            choose_files("o/r", &names(&["config.json", "pytorch_model.bin"]), None).unwrap_err();
         assert!(e.to_string().contains("model.safetensors"), "{e}");
         let e = choose_files("o/r", &names(&["README.md"]), None).unwrap_err();
         assert!(e.to_string().contains("config.json"), "{e}");
@@ -787,7 +797,10 @@ mod tests {
 
     #[test]
     fn tags_and_splits() {
-        assert_eq!(tag_of("a/gemma-3-4b-it-Q4_K_M.gguf").as_deref(), Some("Q4_K_M"));
+        assert_eq!(
+            tag_of("a/gemma-3-4b-it-Q4_K_M.gguf").as_deref(),
+            Some("Q4_K_M")
+        );
         assert_eq!(tag_of("model.gguf").as_deref(), Some("model.gguf"));
         assert_eq!(quant_bits("mmproj-model-f16.gguf"), 16);
         assert_eq!(quant_bits("x-Q4_K_M.gguf"), 4);

@@ -26,13 +26,13 @@ pub mod resolve;
 pub mod sampling;
 pub mod tokenizer;
 
-pub use generate::{GenerateOptions, Generation, Generator, StopReason};
-pub use image::{Image, PanAndScan};
 pub use defaults::{SamplingDefaults, SamplingSource};
 pub use download::{DownloadEvent, ProgressFn};
+pub use generate::{GenerateOptions, Generation, Generator, StopReason};
+pub use image::{Image, PanAndScan};
 pub use load::{Model, ModelSource, OpenOptions};
-pub use resolve::{Locations, Resolved, SourceKind};
 pub use multimodal::{ImageTokens, ImageViews};
+pub use resolve::{Locations, Resolved, SourceKind};
 pub use sampling::{Sampler, SamplingParams};
 
 #[derive(Debug, thiserror::Error)]

@@ -81,13 +81,11 @@ impl OllamaName {
             && host
                 .bytes()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'-' | b'_' | b':'));
-        (host_ok && ok(namespace, false) && ok(model, true) && ok(tag, true)).then(|| {
-            OllamaName {
-                host: host.to_string(),
-                namespace: namespace.to_string(),
-                model: model.to_string(),
-                tag: tag.to_string(),
-            }
+        (host_ok && ok(namespace, false) && ok(model, true) && ok(tag, true)).then(|| OllamaName {
+            host: host.to_string(),
+            namespace: namespace.to_string(),
+            model: model.to_string(),
+            tag: tag.to_string(),
         })
     }
 
@@ -196,8 +194,8 @@ impl OllamaModel {
     pub fn open(root: &Path, name: &OllamaName, manifest: &Path) -> Result<Self, EngineError> {
         let bad = |what: String| EngineError::Load(format!("{}: {what}", manifest.display()));
         let text = read_limited(manifest, MANIFEST_LIMIT)?;
-        let m: Manifest =
-            serde_json::from_str(&text).map_err(|e| bad(format!("not an Ollama manifest ({e})")))?;
+        let m: Manifest = serde_json::from_str(&text)
+            .map_err(|e| bad(format!("not an Ollama manifest ({e})")))?;
         let mut out = OllamaModel {
             name: name.display(),
             manifest: manifest.to_path_buf(),
@@ -321,9 +319,7 @@ pub fn list(root: &Path) -> Vec<Result<OllamaModel, (String, EngineError)>> {
                         model: parts[2].clone(),
                         tag: parts[3].clone(),
                     };
-                    out.push(
-                        OllamaModel::open(root, &name, &tag).map_err(|e| (name.display(), e)),
-                    );
+                    out.push(OllamaModel::open(root, &name, &tag).map_err(|e| (name.display(), e)));
                 }
             }
         }
@@ -339,7 +335,12 @@ mod tests {
     fn names_fill_ollamas_defaults() {
         let n = OllamaName::parse("gemma3").unwrap();
         assert_eq!(
-            (n.host.as_str(), n.namespace.as_str(), n.model.as_str(), n.tag.as_str()),
+            (
+                n.host.as_str(),
+                n.namespace.as_str(),
+                n.model.as_str(),
+                n.tag.as_str()
+            ),
             ("registry.ollama.ai", "library", "gemma3", "latest")
         );
         assert_eq!(n.display(), "gemma3:latest");
@@ -355,7 +356,15 @@ mod tests {
             n.manifest_path(Path::new("/s")),
             Path::new("/s/manifests/hf.co/org/repo/Q4_K_M")
         );
-        for bad in ["", "a/b/c/d", "../x", "x:../y", "name with space", "ns.dot/m", ":tag"] {
+        for bad in [
+            "",
+            "a/b/c/d",
+            "../x",
+            "x:../y",
+            "name with space",
+            "ns.dot/m",
+            ":tag",
+        ] {
             assert_eq!(OllamaName::parse(bad), None, "{bad}");
         }
     }

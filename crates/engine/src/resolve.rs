@@ -83,14 +83,20 @@ pub struct Resolved {
 impl Resolved {
     /// One line: what was picked and from where.
     pub fn describe(&self) -> String {
-        let name = self.name.as_deref().unwrap_or("(none given)");
+        let name = self.name.as_deref().unwrap_or_default();
         match (&self.snapshot, &self.ollama) {
             (Some(s), _) => format!(
                 "{name} from the {} (revision {}, commit {})",
                 self.kind, s.revision, s.commit
             ),
-            (_, Some(o)) => format!("{} from the {} ({})", o.name, self.kind, o.manifest.display()),
-            _ => format!("{name} ({})", self.kind),
+            (_, Some(o)) => format!(
+                "{} from the {} ({})",
+                o.name,
+                self.kind,
+                o.manifest.display()
+            ),
+            _ if self.kind == SourceKind::Default => "the default model".to_string(),
+            _ => format!("{name} (a path)"),
         }
     }
 }
@@ -218,7 +224,12 @@ fn from_cache(hub: &HubConfig, r: &RepoRef, name: &str) -> Result<Option<Resolve
     if !complete || (!hub.offline && !hub::cached_choice_is_final(r.tag.as_deref(), &files)) {
         return Ok(None);
     }
-    Ok(Some(snapshot_model(name, SourceKind::HfCache, snapshot, &files)))
+    Ok(Some(snapshot_model(
+        name,
+        SourceKind::HfCache,
+        snapshot,
+        &files,
+    )))
 }
 
 fn download(
@@ -228,7 +239,12 @@ fn download(
     progress: Option<&ProgressFn>,
 ) -> Result<Resolved, EngineError> {
     let (snapshot, files) = Downloader::new(hub, progress).fetch(r)?;
-    Ok(snapshot_model(name, SourceKind::HfDownload, snapshot, &files))
+    Ok(snapshot_model(
+        name,
+        SourceKind::HfDownload,
+        snapshot,
+        &files,
+    ))
 }
 
 fn snapshot_model(

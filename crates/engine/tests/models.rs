@@ -74,7 +74,13 @@ fn fake_cache(root: &Path) -> PathBuf {
             ("mmproj-model-f16.gguf", &mmproj),
         ],
     );
-    add_to_cache(&cache, "org/tiny-GGUF", C2, &["v1"], &[("tiny-Q8_0.gguf", &q8)]);
+    add_to_cache(
+        &cache,
+        "org/tiny-GGUF",
+        C2,
+        &["v1"],
+        &[("tiny-Q8_0.gguf", &q8)],
+    );
     let hf = shared().join("fixtures/quantize/hf");
     let gen = root.join("generation_config.json");
     std::fs::write(
@@ -83,10 +89,15 @@ fn fake_cache(root: &Path) -> PathBuf {
     )
     .unwrap();
     let files = |with_gen: bool| {
-        let mut v: Vec<(String, PathBuf)> = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
-            .iter()
-            .map(|f| (f.to_string(), hf.join(f)))
-            .collect();
+        let mut v: Vec<(String, PathBuf)> = [
+            "config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "tokenizer_config.json",
+        ]
+        .iter()
+        .map(|f| (f.to_string(), hf.join(f)))
+        .collect();
         if with_gen {
             v.push(("generation_config.json".into(), gen.clone()));
         }
@@ -112,7 +123,11 @@ fn hf_cache_resolves_repo_ids_revisions_and_quants() {
     assert_eq!(r.path, snap(C1).join("tiny-Q4_K_M.gguf"));
     assert_eq!(r.mmproj, Some(snap(C1).join("mmproj-model-f16.gguf")));
     assert_eq!(r.snapshot.as_ref().unwrap().commit, C1);
-    assert!(r.describe().contains("Hugging Face cache"), "{}", r.describe());
+    assert!(
+        r.describe().contains("Hugging Face cache"),
+        "{}",
+        r.describe()
+    );
     let r = resolve_in(&loc, "org/tiny-GGUF:q8_0").unwrap();
     assert_eq!(r.path, snap(C1).join("tiny-Q8_0.gguf"));
     let r = resolve_in(&loc, "hf.co/org/tiny-GGUF:tiny-Q8_0.gguf").unwrap();
@@ -136,24 +151,43 @@ fn hf_cache_resolves_repo_ids_revisions_and_quants() {
     // The files are the fixture's: the model loads with the mmproj attached.
     let m = open_in(&loc, "org/tiny-GGUF");
     assert_eq!(m.text.cfg.hidden_size, 256);
-    assert_eq!(m.mmproj.as_deref(), Some(snap(C1).join("mmproj-model-f16.gguf").as_path()));
+    assert_eq!(
+        m.mmproj.as_deref(),
+        Some(snap(C1).join("mmproj-model-f16.gguf").as_path())
+    );
     assert!(m.vision.is_some());
     // A GGUF repo without generation_config.json: Gemma's published settings.
     let d = m.default_sampling(5).unwrap();
-    assert_eq!((d.params, d.source), (SamplingParams::gemma_default(5), SamplingSource::Gemma));
+    assert_eq!(
+        (d.params, d.source),
+        (SamplingParams::gemma_default(5), SamplingSource::Gemma)
+    );
 
     // A safetensors checkpoint: the snapshot folder, with its generation_config.json.
     let r = resolve_in(&loc, "org/tiny-hf").unwrap();
-    assert_eq!(r.path, cache.join("models--org--tiny-hf/snapshots").join(C1));
+    assert_eq!(
+        r.path,
+        cache.join("models--org--tiny-hf/snapshots").join(C1)
+    );
     let m = open_in(&loc, "org/tiny-hf");
     let d = m.default_sampling(5).unwrap();
     assert_eq!(
-        (d.params.temperature, d.params.top_k, d.params.top_p, d.params.seed),
+        (
+            d.params.temperature,
+            d.params.top_k,
+            d.params.top_p,
+            d.params.seed
+        ),
         (0.7, 20, 0.8, 5)
     );
-    assert!(matches!(d.source, SamplingSource::GenerationConfig(p) if p.ends_with("generation_config.json")));
+    assert!(
+        matches!(d.source, SamplingSource::GenerationConfig(p) if p.ends_with("generation_config.json"))
+    );
     let m = open_in(&loc, "org/tiny-hf-plain");
-    assert_eq!(m.default_sampling(9).unwrap().params, SamplingParams::gemma_default(9));
+    assert_eq!(
+        m.default_sampling(9).unwrap().params,
+        SamplingParams::gemma_default(9)
+    );
 
     // What is not there: a tag no file has (the cache is incomplete, so the hub would be
     // asked, and it cannot be reached), an unknown revision, offline mode.
@@ -177,9 +211,17 @@ fn hf_cache_resolves_repo_ids_revisions_and_quants() {
     ] {
         assert!(names.contains(&want), "{want} not in {names:?}");
     }
-    let q4 = listed.iter().find(|m| m.name == "org/tiny-GGUF:Q4_K_M").unwrap();
+    let q4 = listed
+        .iter()
+        .find(|m| m.name == "org/tiny-GGUF:Q4_K_M")
+        .unwrap();
     assert!(matches!(&q4.vision, Vision::Mmproj(_)));
-    assert_eq!(q4.size, std::fs::metadata(quantize_fixture("model-Q4_K_M.gguf")).unwrap().len());
+    assert_eq!(
+        q4.size,
+        std::fs::metadata(quantize_fixture("model-Q4_K_M.gguf"))
+            .unwrap()
+            .len()
+    );
     let hf = listed.iter().find(|m| m.name == "org/tiny-hf").unwrap();
     assert_eq!((hf.format, &hf.vision), ("safetensors", &Vision::None));
     let _ = std::fs::remove_dir_all(&root);
@@ -236,16 +278,25 @@ fn ollama_store_resolves_names_with_projector_template_and_params() {
     }
     let r = resolve_in(&loc, "someone/tiny:v2").unwrap();
     let o = r.ollama.unwrap();
-    assert_eq!((o.name.as_str(), o.projector.is_none()), ("someone/tiny:v2", true));
+    assert_eq!(
+        (o.name.as_str(), o.projector.is_none()),
+        ("someone/tiny:v2", true)
+    );
 
     // The template stays Go template text; the parameters are parsed.
     let m = open_in(&loc, "tiny");
     let o = m.origin.as_ref().unwrap().ollama.as_ref().unwrap();
-    assert_eq!(o.template.as_deref(), Some("{{ if .System }}{{ .System }} {{ end }}{{ .Prompt }}"));
+    assert_eq!(
+        o.template.as_deref(),
+        Some("{{ if .System }}{{ .System }} {{ end }}{{ .Prompt }}")
+    );
     assert_eq!(o.system.as_deref(), Some("Be brief."));
     assert_eq!(o.license.as_deref(), Some("Gemma Terms of Use"));
     let p = o.params.as_ref().unwrap();
-    assert_eq!((p.stop.clone(), p.num_ctx), (vec!["<end_of_turn>".to_string()], Some(8192)));
+    assert_eq!(
+        (p.stop.clone(), p.num_ctx),
+        (vec!["<end_of_turn>".to_string()], Some(8192))
+    );
     // The projector layer is the vision tower.
     assert!(m.vision.is_some());
     assert_eq!(m.mmproj.as_ref(), o.projector.as_ref());
@@ -259,25 +310,40 @@ fn ollama_store_resolves_names_with_projector_template_and_params() {
     // Unknown names say where they were looked for.
     let e = resolve_in(&loc, "gemma3:4b").unwrap_err();
     assert!(matches!(e, EngineError::NotFound(_)), "{e}");
-    assert!(e.to_string().contains("manifests/registry.ollama.ai/library/gemma3/4b"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("manifests/registry.ollama.ai/library/gemma3/4b"),
+        "{e}"
+    );
 
     // A damaged store: a missing blob, a truncated blob, a manifest that is not JSON.
     let broken = |path: &str, layers: &[Layer]| add_to_ollama(&store, path, layers);
     let short = root.join("short.gguf");
     std::fs::write(&short, b"GGUF").unwrap();
-    broken("registry.ollama.ai/library/short/latest", &[Layer::File(OLLAMA_MODEL, &short)]);
+    broken(
+        "registry.ollama.ai/library/short/latest",
+        &[Layer::File(OLLAMA_MODEL, &short)],
+    );
     let blob = std::fs::read_dir(store.join("blobs"))
         .unwrap()
         .flatten()
-        .find(|e| std::fs::read_link(e.path()).is_ok_and(|t| t == std::fs::canonicalize(&short).unwrap()))
+        .find(|e| {
+            std::fs::read_link(e.path()).is_ok_and(|t| t == std::fs::canonicalize(&short).unwrap())
+        })
         .unwrap()
         .path();
     std::fs::remove_file(&blob).unwrap();
     let e = resolve_in(&loc, "short").unwrap_err();
-    assert!(e.to_string().contains("missing") && e.to_string().contains("ollama pull"), "{e}");
+    assert!(
+        e.to_string().contains("missing") && e.to_string().contains("ollama pull"),
+        "{e}"
+    );
     std::fs::write(&blob, b"GG").unwrap();
     let e = resolve_in(&loc, "short").unwrap_err();
-    assert!(e.to_string().contains("has 2 bytes, the manifest says 4"), "{e}");
+    assert!(
+        e.to_string().contains("has 2 bytes, the manifest says 4"),
+        "{e}"
+    );
     let bad = store.join("manifests/registry.ollama.ai/library/junk/latest");
     std::fs::create_dir_all(bad.parent().unwrap()).unwrap();
     std::fs::write(&bad, "not json").unwrap();
@@ -288,8 +354,12 @@ fn ollama_store_resolves_names_with_projector_template_and_params() {
     let listed = list_models(&loc);
     let tiny = listed.iter().find(|m| m.name == "tiny:latest").unwrap();
     assert!(matches!(tiny.vision, Vision::Mmproj(_)));
-    assert!(listed.iter().any(|m| m.name == "someone/tiny:v2" && m.vision == Vision::None));
-    assert!(listed.iter().any(|m| m.name == "junk:latest" && m.problem.is_some()));
+    assert!(listed
+        .iter()
+        .any(|m| m.name == "someone/tiny:v2" && m.vision == Vision::None));
+    assert!(listed
+        .iter()
+        .any(|m| m.name == "junk:latest" && m.problem.is_some()));
     let _ = std::fs::remove_dir_all(&root);
 }
 
@@ -332,22 +402,38 @@ fn downloads_into_the_cache_layout_and_resumes() {
     // huggingface_hub's layout: the blob named by its sha256, a relative link in the
     // snapshot, refs/main naming the commit.
     assert_eq!(read(&repo_dir.join("blobs").join(&sha)), want);
-    let link = repo_dir.join("snapshots").join(&commit).join("tiny-Q8_0.gguf");
+    let link = repo_dir
+        .join("snapshots")
+        .join(&commit)
+        .join("tiny-Q8_0.gguf");
     assert_eq!(
         std::fs::read_link(&link).unwrap(),
         Path::new("../../blobs").join(&sha)
     );
     assert_eq!(r.path, link);
-    assert_eq!(std::fs::read_to_string(repo_dir.join("refs/main")).unwrap(), commit);
+    assert_eq!(
+        std::fs::read_to_string(repo_dir.join("refs/main")).unwrap(),
+        commit
+    );
     // Only the chosen quant was fetched.
-    assert!(!repo_dir.join("snapshots").join(&commit).join("tiny-Q4_K_M.gguf").exists());
+    assert!(!repo_dir
+        .join("snapshots")
+        .join(&commit)
+        .join("tiny-Q4_K_M.gguf")
+        .exists());
     let ev = events.lock().unwrap().clone();
-    assert_eq!(ev.first().unwrap(), &format!("start tiny-Q8_0.gguf {} 0", want.len()));
+    assert_eq!(
+        ev.first().unwrap(),
+        &format!("start tiny-Q8_0.gguf {} 0", want.len())
+    );
     assert_eq!(ev.last().unwrap(), "finish tiny-Q8_0.gguf");
     // Found in the cache now, without asking the hub.
     let before = hub.seen().len();
     let again = resolve(Some("org/tiny-GGUF:Q8_0"), &opts).unwrap();
-    assert_eq!((again.kind, hub.seen().len()), (SourceKind::HfCache, before));
+    assert_eq!(
+        (again.kind, hub.seen().len()),
+        (SourceKind::HfCache, before)
+    );
 
     // An interrupted download of the other quant: its first 1,000,000 bytes are there.
     let q4 = read(&quantize_fixture("model-Q4_K_M.gguf"));
@@ -365,7 +451,10 @@ fn downloads_into_the_cache_layout_and_resumes() {
         .filter(|s| s.url.starts_with("/cdn/"))
         .map(|s| (s.method.clone(), s.range.clone().unwrap_or_default()))
         .collect();
-    assert_eq!(ranges.last().unwrap(), &("GET".to_string(), "bytes=1000000-".to_string()));
+    assert_eq!(
+        ranges.last().unwrap(),
+        &("GET".to_string(), "bytes=1000000-".to_string())
+    );
     assert_eq!(
         events.lock().unwrap().first().unwrap(),
         &format!("start tiny-Q4_K_M.gguf {} 1000000", q4.len())
@@ -378,7 +467,10 @@ fn downloads_into_the_cache_layout_and_resumes() {
     std::fs::write(&part, &bad).unwrap();
     let e = pull("org/tiny-GGUF", &opts).unwrap_err();
     assert!(matches!(e, EngineError::Download(_)), "{e}");
-    assert!(e.to_string().contains("sha256") && e.to_string().contains(&q4_sha), "{e}");
+    assert!(
+        e.to_string().contains("sha256") && e.to_string().contains(&q4_sha),
+        "{e}"
+    );
     assert!(!part.exists());
     assert_eq!(read(&pull("org/tiny-GGUF", &opts).unwrap().path), q4);
     drop(hub);
@@ -415,7 +507,10 @@ fn gated_missing_and_offline_are_clear_errors() {
     // A repo the hub does not have, and one that also is no Ollama model.
     let e = resolve_in(&loc, "nobody/nothing").unwrap_err();
     assert!(matches!(e, EngineError::NotFound(_)), "{e}");
-    assert!(e.to_string().contains("nobody/nothing was not found"), "{e}");
+    assert!(
+        e.to_string().contains("nobody/nothing was not found"),
+        "{e}"
+    );
     assert!(e.to_string().contains("Ollama store"), "{e}");
     // Offline: never a request, and an error naming the repo.
     let before = hub.seen().len();
@@ -425,7 +520,10 @@ fn gated_missing_and_offline_are_clear_errors() {
     assert!(e.to_string().contains("google/other-GGUF:Q8_0"), "{e}");
     assert!(e.to_string().contains("HF_HUB_OFFLINE"), "{e}");
     // ...while what was downloaded still resolves from the cache.
-    assert_eq!(resolve_in(&loc, "google/gated-GGUF").unwrap().kind, SourceKind::HfCache);
+    assert_eq!(
+        resolve_in(&loc, "google/gated-GGUF").unwrap().kind,
+        SourceKind::HfCache
+    );
     assert_eq!(hub.seen().len(), before);
     drop(hub);
     let _ = std::fs::remove_dir_all(&root);
@@ -438,7 +536,13 @@ fn paths_and_bad_names() {
     let q4 = quantize_fixture("model-Q4_K_M.gguf");
     let r = resolve_in(&loc, q4.to_str().unwrap()).unwrap();
     assert_eq!((r.kind, r.path), (SourceKind::Path, q4));
-    for name in ["/nonexistent.gguf", "./x.gguf", "model.gguf", "a/b/c/d", "bad name"] {
+    for name in [
+        "/nonexistent.gguf",
+        "./x.gguf",
+        "model.gguf",
+        "a/b/c/d",
+        "bad name",
+    ] {
         let e = resolve_in(&loc, name).unwrap_err();
         assert!(e.to_string().contains("does not exist"), "{name}: {e}");
     }

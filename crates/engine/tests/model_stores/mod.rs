@@ -68,7 +68,13 @@ fn symlink(target: &Path, link: &Path) {
 /// Adds a snapshot of `repo` at `commit` to a hub cache, as huggingface_hub lays it out:
 /// each file a relative link into `blobs/`, whose blob links to the fixture file; `refs`
 /// name the commit.
-pub fn add_to_cache(cache: &Path, repo: &str, commit: &str, refs: &[&str], files: &[(&str, &Path)]) {
+pub fn add_to_cache(
+    cache: &Path,
+    repo: &str,
+    commit: &str,
+    refs: &[&str],
+    files: &[(&str, &Path)],
+) {
     let dir = cache.join(format!("models--{}", repo.replace('/', "--")));
     for (name, source) in files {
         let blob = fake_hex(&format!("{}", source.display()), 64);
@@ -168,7 +174,10 @@ pub fn write_mmproj(out: &Path, text_hidden: usize) {
     let mut names: Vec<(String, String)> = [
         ("embeddings.patch_embedding.weight", "v.patch_embd.weight"),
         ("embeddings.patch_embedding.bias", "v.patch_embd.bias"),
-        ("embeddings.position_embedding.weight", "v.position_embd.weight"),
+        (
+            "embeddings.position_embedding.weight",
+            "v.position_embd.weight",
+        ),
         ("post_layernorm.weight", "v.post_ln.weight"),
         ("post_layernorm.bias", "v.post_ln.bias"),
     ]
@@ -286,7 +295,13 @@ impl MockHub {
                     range: header("Range"),
                     auth: header("Authorization"),
                 });
-                let resp = answer(&repos, &u, req.url(), header("Range"), header("Authorization"));
+                let resp = answer(
+                    &repos,
+                    &u,
+                    req.url(),
+                    header("Range"),
+                    header("Authorization"),
+                );
                 let _ = req.respond(resp);
             }
         });
@@ -329,7 +344,13 @@ fn error(status: u16, code: &str) -> Resp {
     )
 }
 
-fn answer(repos: &[MockRepo], base: &str, url: &str, range: Option<String>, auth: Option<String>) -> Resp {
+fn answer(
+    repos: &[MockRepo],
+    base: &str,
+    url: &str,
+    range: Option<String>,
+    auth: Option<String>,
+) -> Resp {
     let url = url.split('?').next().unwrap_or("");
     if let Some(sha) = url.strip_prefix("/cdn/") {
         let Some((_, data)) = repos
