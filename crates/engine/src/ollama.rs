@@ -77,6 +77,7 @@ impl OllamaName {
                 && !p.starts_with(['.', '-'])
         };
         let host_ok = !host.is_empty()
+            && !host.starts_with('.')
             && host.len() <= 350
             && host
                 .bytes()
@@ -360,6 +361,7 @@ mod tests {
             "",
             "a/b/c/d",
             "../x",
+            "../ns/x",
             "x:../y",
             "name with space",
             "ns.dot/m",
