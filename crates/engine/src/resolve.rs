@@ -218,7 +218,12 @@ fn from_cache(hub: &HubConfig, r: &RepoRef, name: &str) -> Result<Option<Resolve
         Ok(f) => f,
         // Not all of the repo is here: the hub may have what is asked for.
         Err(_) if !hub.offline => return Ok(None),
-        Err(e) => return Err(e),
+        Err(e) => {
+            return Err(EngineError::Offline {
+                what: format!("{} (the cached snapshot lacks it: {e})", r.display()),
+                cache: hub.cache.clone(),
+            })
+        }
     };
     let complete = hub::snapshot_has(&snapshot, &files);
     if !complete || (!hub.offline && !hub::cached_choice_is_final(r.tag.as_deref(), &files)) {

@@ -194,6 +194,7 @@ fn hf_cache_resolves_repo_ids_revisions_and_quants() {
     let e = resolve_in(&loc, "org/tiny-GGUF:Q2_K").unwrap_err();
     assert!(e.to_string().contains("127.0.0.1:9"), "{e}");
     let e = resolve_in(&offline, "org/tiny-GGUF:Q2_K").unwrap_err();
+    assert!(matches!(e, EngineError::Offline { .. }), "{e}");
     assert!(e.to_string().contains("tiny-Q8_0.gguf"), "{e}");
     let e = resolve_in(&offline, "org/tiny-GGUF@v2").unwrap_err();
     assert!(matches!(e, EngineError::Offline { .. }), "{e}");
@@ -350,6 +351,19 @@ fn ollama_store_resolves_names_with_projector_template_and_params() {
     let e = resolve_in(&loc, "junk").unwrap_err();
     assert!(e.to_string().contains("not an Ollama manifest"), "{e}");
 
+    // Ollama's own layout with the tower inside the model file: listed as such, and
+    // opened as a text model.
+    let embedded = root.join("embedded.gguf");
+    write_gguf_with_embedded_vision(&quantize_fixture("model-Q8_0.gguf"), &embedded);
+    add_to_ollama(
+        &store,
+        "registry.ollama.ai/library/embedded/latest",
+        &[Layer::File(OLLAMA_MODEL, &embedded)],
+    );
+    let m = open_in(&loc, "embedded");
+    assert!(m.vision.is_none());
+    assert_eq!(m.text.cfg.hidden_size, 256);
+
     // `list` shows them, the broken ones with their problem.
     let listed = list_models(&loc);
     let tiny = listed.iter().find(|m| m.name == "tiny:latest").unwrap();
@@ -360,6 +374,9 @@ fn ollama_store_resolves_names_with_projector_template_and_params() {
     assert!(listed
         .iter()
         .any(|m| m.name == "junk:latest" && m.problem.is_some()));
+    assert!(listed
+        .iter()
+        .any(|m| m.name == "embedded:latest" && m.vision == Vision::EmbeddedUnsupported));
     let _ = std::fs::remove_dir_all(&root);
 }
 

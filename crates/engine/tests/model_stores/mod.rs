@@ -228,6 +228,23 @@ pub fn write_mmproj(out: &Path, text_hidden: usize) {
     std::fs::write(out, w.to_bytes()).unwrap();
 }
 
+/// A copy of a text GGUF with a vision tensor added under Ollama's own names
+/// (`v.patch_embedding.weight`), as Ollama's newer Gemma 3 files carry their tower.
+pub fn write_gguf_with_embedded_vision(src: &Path, out: &Path) {
+    let g = gemma3_formats::GgufFile::open(src).unwrap();
+    let mut w = GgufWriter::new();
+    for (k, v) in &g.metadata {
+        w.meta(k, v.clone());
+    }
+    for t in &g.tensors {
+        let data = g.tensor(&t.name).unwrap();
+        let shape: Vec<usize> = t.dims.iter().rev().map(|&d| d as usize).collect();
+        w.tensor(&t.name, &shape, t.dtype, data.bytes().to_vec());
+    }
+    w.tensor("v.patch_embedding.weight", &[2, 2], DType::F32, vec![0; 16]);
+    std::fs::write(out, w.to_bytes()).unwrap();
+}
+
 /// A repo the mock hub serves.
 #[derive(Clone)]
 pub struct MockRepo {
