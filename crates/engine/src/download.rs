@@ -91,6 +91,7 @@ impl<'a> Downloader<'a> {
             return Err(EngineError::Offline {
                 what: r.display(),
                 cache: self.cfg.cache.clone(),
+                note: String::new(),
             });
         }
         let (commit, listing) = self.revision_info(r)?;

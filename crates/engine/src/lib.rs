@@ -59,10 +59,12 @@ pub enum EngineError {
         hint: String,
     },
     /// A download was needed but `HF_HUB_OFFLINE` forbids it.
-    #[error("{what} is not in the Hugging Face cache ({}) and HF_HUB_OFFLINE is set, so it cannot be downloaded", cache.display())]
+    #[error("{what} is not in the Hugging Face cache ({}) and HF_HUB_OFFLINE is set, so it cannot be downloaded{note}", cache.display())]
     Offline {
         what: String,
         cache: std::path::PathBuf,
+        /// Where else it was looked for ("" or "; nor ...").
+        note: String,
     },
     /// A download that failed (network, server, or a file that does not check out).
     #[error("{0}")]

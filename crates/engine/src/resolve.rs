@@ -150,9 +150,10 @@ pub fn resolve(name: Option<&str>, opts: &ResolveOptions) -> Result<Resolved, En
         Some(r) if opts.download && !name.starts_with("library/") => {
             download(&loc.hub, &r, name, opts.progress).map_err(|e| match e {
                 EngineError::NotFound(m) => EngineError::NotFound(format!("{m}{not_in_ollama}")),
-                EngineError::Offline { what, cache } => EngineError::Offline {
-                    what: format!("{what}{not_in_ollama}"),
+                EngineError::Offline { what, cache, .. } => EngineError::Offline {
+                    what,
                     cache,
+                    note: not_in_ollama,
                 },
                 e => e,
             })
@@ -222,6 +223,7 @@ fn from_cache(hub: &HubConfig, r: &RepoRef, name: &str) -> Result<Option<Resolve
             return Err(EngineError::Offline {
                 what: format!("{} (the cached snapshot lacks it: {e})", r.display()),
                 cache: hub.cache.clone(),
+                note: String::new(),
             })
         }
     };
