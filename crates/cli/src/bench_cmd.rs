@@ -13,9 +13,10 @@ use std::time::Instant;
 
 #[derive(Args)]
 pub struct BenchArgs {
-    /// A .gguf file or a Hugging Face model directory [default: Gemma 3 270M Q4_K_M]
+    /// A .gguf file, a Hugging Face directory or repo id, or an Ollama name [default: Gemma 3
+    /// 270M Q4_K_M]
     #[arg(short, long, env = "GEMMA3_MODEL")]
-    pub model: Option<std::path::PathBuf>,
+    pub model: Option<String>,
     /// Multiply in f32 instead of with 8-bit activations
     #[arg(long)]
     pub exact: bool,

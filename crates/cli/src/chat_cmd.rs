@@ -88,7 +88,7 @@ pub fn run(a: ChatArgs) -> Result<()> {
     let mut gen = Generator::new(&model, ctx);
     let opts = GenerateOptions {
         max_new_tokens: a.max_tokens.min(ctx.saturating_sub(1)).max(1),
-        sampling: a.sampling.params(),
+        sampling: a.sampling.params(&model)?.0,
         ..Default::default()
     };
     let interactive = std::io::stdin().is_terminal();

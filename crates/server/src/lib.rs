@@ -37,8 +37,9 @@ pub struct ServerConfig {
     /// Fetch `http(s)` image URLs (data: URLs are always read).
     pub allow_image_urls: bool,
     pub max_body_bytes: usize,
-    /// Sampling for fields a request leaves out (the model's defaults).
-    pub default_sampling: SamplingParams,
+    /// Sampling for fields a request leaves out; the model's defaults (its
+    /// generation_config, Ollama parameters, or Gemma's published settings) when None.
+    pub default_sampling: Option<SamplingParams>,
     pub scheduler: SchedulerConfig,
 }
 

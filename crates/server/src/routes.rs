@@ -15,7 +15,7 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use gemma3_engine::{Image, Model, SeqImages, StopReason, TokenLogprob};
+use gemma3_engine::{Image, Model, SamplingParams, SeqImages, StopReason, TokenLogprob};
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 use std::convert::Infallible;
@@ -32,6 +32,8 @@ pub struct Ready {
     pub name: String,
     /// Each sequence's context.
     pub context: usize,
+    /// Sampling for fields a request leaves out.
+    pub sampling: SamplingParams,
 }
 
 pub struct AppState {
@@ -77,6 +79,10 @@ impl AppState {
                 .file_stem()
                 .map_or_else(|| "gemma3".into(), |s| s.to_string_lossy().into_owned())
         });
+        let sampling = match &self.config.default_sampling {
+            Some(s) => s.clone(),
+            None => model.default_sampling(0).map_err(|e| e.to_string())?.params,
+        };
         let model = Arc::new(model);
         let mut config = self.config.scheduler.clone();
         config.context = Some(context);
@@ -90,6 +96,7 @@ impl AppState {
             scheduler,
             name,
             context,
+            sampling,
         });
         Ok(())
     }
@@ -436,7 +443,7 @@ async fn chat(
             .map_err(|e| ApiError::Internal(format!("building the prompt stopped: {e}")))??;
     let max_new = max_new_tokens(p.max_tokens()?, ids.len(), r.context, false)?;
     let defaults = Defaults {
-        sampling: &st.config.default_sampling,
+        sampling: &r.sampling,
         seed: st.fresh_seed(),
     };
     let (tx, rx) = unbounded_channel();
@@ -519,7 +526,7 @@ async fn completions(
     let ctx = r.context;
     let asked = p.max_tokens()?;
     let defaults = Defaults {
-        sampling: &st.config.default_sampling,
+        sampling: &r.sampling,
         seed: st.fresh_seed(),
     };
     let (tx, rx) = unbounded_channel();
