@@ -143,13 +143,20 @@ pub fn run(a: ChatArgs) -> Result<()> {
             }
             continue;
         }
-        let mut parts: Vec<ChatPart> = conv.pending.iter().map(|_| ChatPart::Image).collect();
-        parts.push(ChatPart::Text {
-            text: line.to_string(),
-        });
+        let content = match conv.pending.is_empty() {
+            true => ChatContent::Text(line.to_string()),
+            false => {
+                let mut parts: Vec<ChatPart> =
+                    conv.pending.iter().map(|_| ChatPart::Image).collect();
+                parts.push(ChatPart::Text {
+                    text: line.to_string(),
+                });
+                ChatContent::Parts(parts)
+            }
+        };
         conv.messages.push(ChatMessage {
             role: "user".into(),
-            content: ChatContent::Parts(parts),
+            content,
         });
         conv.image_rows.append(&mut conv.pending);
         let ids = loop {

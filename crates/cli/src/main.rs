@@ -242,12 +242,16 @@ enum Command {
         /// Print timing statistics to stderr
         #[arg(long)]
         verbose: bool,
-        /// Wrap the prompt in the model's chat template as one user message (and start the
-        /// model's reply)
+        /// Wrap the prompt in the chat template as one user message (and start the model's
+        /// reply); the default for instruction-tuned models (those whose file carries a
+        /// chat template)
         #[arg(long)]
         chat: bool,
-        /// With --chat: a system message before the prompt
-        #[arg(long, requires = "chat")]
+        /// Use the prompt as it is, even on an instruction-tuned model
+        #[arg(long, conflicts_with = "chat")]
+        raw: bool,
+        /// A system message before the prompt (with the chat template)
+        #[arg(long)]
         system: Option<String>,
         #[command(flatten)]
         images: ImageArgs,
@@ -400,6 +404,7 @@ fn run(cli: Cli) -> Result<()> {
             ignore_eos,
             verbose,
             chat,
+            raw,
             system,
             images,
         } => {
@@ -409,8 +414,13 @@ fn run(cli: Cli) -> Result<()> {
             };
             let m = setup(&model)?;
             let (images, pan_and_scan) = images.load()?;
+            let chat = chat || (!raw && m.is_instruction_tuned());
+            if system.is_some() && !chat {
+                bail!("--system needs the chat template: add --chat (or drop --raw)");
+            }
+            let system = system.as_deref().or(m.default_system());
             let prompt = match chat {
-                true => chat_prompt(&m, &prompt, system.as_deref(), images.len())?,
+                true => chat_prompt(&m, &prompt, system, images.len())?,
                 false => prompt,
             };
             let add_bos = match no_bos || (chat && m.starts_with_bos(&prompt)) {
@@ -635,14 +645,22 @@ fn run(cli: Cli) -> Result<()> {
 fn chat_prompt(m: &Model, text: &str, system: Option<&str>, images: usize) -> Result<String> {
     use gemma3_engine::chat::{ChatContent, ChatMessage, ChatPart};
     let marked = text.matches(gemma3_engine::image::START_OF_IMAGE).count();
-    let mut parts: Vec<ChatPart> = (marked..images).map(|_| ChatPart::Image).collect();
-    parts.push(ChatPart::Text { text: text.into() });
+    // Plain text unless images need parts of their own (templates read both forms, and
+    // some only the first).
+    let content = match images > marked {
+        false => ChatContent::Text(text.into()),
+        true => {
+            let mut parts: Vec<ChatPart> = (marked..images).map(|_| ChatPart::Image).collect();
+            parts.push(ChatPart::Text { text: text.into() });
+            ChatContent::Parts(parts)
+        }
+    };
     let mut messages: Vec<ChatMessage> = system
         .map(|s| vec![ChatMessage::text("system", s)])
         .unwrap_or_default();
     messages.push(ChatMessage {
         role: "user".into(),
-        content: ChatContent::Parts(parts),
+        content,
     });
     Ok(m.chat_prompt(&messages, true)?)
 }

@@ -184,3 +184,65 @@ fn chat_answers_each_line_and_exits_at_end_of_input() {
     let out = stdout(&o);
     assert!(out.lines().count() >= 2, "{out:?}");
 }
+
+#[test]
+fn generate_wraps_instruction_tuned_prompts_in_their_template() {
+    // The quantize fixture's model (Gemma's first 512 pieces, <start_of_turn> among them)
+    // with a chat template of its own is "instruction-tuned": generate wraps the prompt
+    // unless --raw. The wrapped prompt is the template's tokens around the raw one.
+    let src = shared().join("fixtures/quantize/hf");
+    let dir = std::env::temp_dir().join(format!("gemma3-it-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        std::fs::copy(src.join(f), dir.join(f)).unwrap();
+    }
+    std::fs::write(
+        dir.join("chat_template.jinja"),
+        "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m.role }}\n{{ m.content | trim }}<end_of_turn>\n{% endfor %}{{ '<start_of_turn>model\\n' }}",
+    )
+    .unwrap();
+    let d = dir.to_str().unwrap();
+    let prompt_tokens = |extra: &[&str]| -> usize {
+        let mut args = vec!["generate", "--model", d, "--greedy", "-n", "1", "--verbose"];
+        args.extend_from_slice(extra);
+        args.push("hello");
+        let o = gemma3(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let err = String::from_utf8_lossy(&o.stderr);
+        let line = err.lines().find(|l| l.starts_with("prompt: ")).unwrap();
+        line["prompt: ".len()..]
+            .split(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let count = |text: &str, extra: &[&str]| -> usize {
+        let mut args = vec!["tokenize", "--model", d, "--json"];
+        args.extend_from_slice(extra);
+        args.push(text);
+        let v: serde_json::Value = serde_json::from_str(&stdout(&gemma3(&args))).unwrap();
+        v["ids"].as_array().unwrap().len()
+    };
+    let raw = prompt_tokens(&["--raw"]);
+    assert_eq!(raw, count("hello", &[]));
+    let wrapped = prompt_tokens(&[]);
+    let rendered = "<bos><start_of_turn>user\nhello<end_of_turn>\n<start_of_turn>model\n";
+    assert_eq!(
+        wrapped,
+        count(rendered, &["--no-bos"]),
+        "raw {raw}, wrapped {wrapped}"
+    );
+    assert_eq!(prompt_tokens(&["--chat"]), wrapped);
+    assert!(prompt_tokens(&["--system", "Be brief."]) > wrapped);
+    // A base model (no template) is not wrapped, and --system then asks for --chat.
+    let o = gemma3(&["generate", "--system", "x", "-n", "1", "hi"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--system needs the chat template"));
+    let _ = std::fs::remove_dir_all(&dir);
+}

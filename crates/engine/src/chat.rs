@@ -269,6 +269,31 @@ impl crate::load::Model {
             .render(messages, add_generation_prompt)
     }
 
+    /// Whether the model is made for conversations: its file carries a chat template (an
+    /// instruction-tuned checkpoint), or it came from Ollama with a template. Front ends
+    /// wrap a plain prompt in the template for such models, as Ollama does.
+    pub fn is_instruction_tuned(&self) -> bool {
+        let own = self
+            .chat_template()
+            .map(|t| t.origin == TemplateOrigin::Model)
+            .unwrap_or(true);
+        let ollama = self
+            .origin
+            .as_ref()
+            .and_then(|r| r.ollama.as_ref())
+            .is_some_and(|o| o.template.is_some());
+        own || ollama
+    }
+
+    /// The system message the model brings (Ollama's system layer), used when none is
+    /// given.
+    pub fn default_system(&self) -> Option<&str> {
+        self.origin
+            .as_ref()
+            .and_then(|r| r.ollama.as_ref())
+            .and_then(|o| o.system.as_deref())
+    }
+
     /// Whether a rendered chat prompt already starts with the BOS token (most templates
     /// print it), so tokenizing must not add another.
     pub fn starts_with_bos(&self, text: &str) -> bool {
