@@ -19,6 +19,9 @@ pub struct BenchArgs {
     /// Multiply in f32 instead of with 8-bit activations
     #[arg(long)]
     pub exact: bool,
+    /// Quantize the weights at load (see `gemma3 quantize`)
+    #[arg(long, value_name = "TYPE", value_parser = crate::parse_file_type)]
+    pub quantize: Option<gemma3_engine::FileType>,
     /// Prompt lengths to time (pp tests); 0 skips them
     #[arg(
         short = 'p',
@@ -120,6 +123,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         threads: None,
         exact: a.exact,
         mmproj: None,
+        quantize: a.quantize,
     })?;
     let cfg = &model.text.cfg;
     let max_p = a.n_prompt.iter().copied().max().unwrap_or(0);

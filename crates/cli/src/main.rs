@@ -5,7 +5,8 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use gemma3_engine::perplexity::perplexity;
 use gemma3_engine::{
-    GenerateOptions, Image, Model, ModelSource, PanAndScan, SamplingParams, StopReason,
+    FileType, GenerateOptions, Image, Model, ModelSource, OpenOptions, PanAndScan,
+    SamplingParams, StopReason,
 };
 use gemma3_model::{ImageInputs, KvCache, Logits, Workspace};
 use std::io::{Read, Write};
@@ -14,6 +15,7 @@ use std::path::PathBuf;
 mod bench_cmd;
 mod chat_cmd;
 mod eval_cmd;
+mod quantize_cmd;
 
 #[derive(Parser)]
 #[command(
@@ -50,6 +52,15 @@ pub(crate) struct ModelArgs {
     /// multimodal checkpoints carry their own)
     #[arg(long)]
     pub(crate) mmproj: Option<PathBuf>,
+    /// Quantize the weights at load (Q4_K_M, Q8_0, ... as `gemma3 quantize`), from an
+    /// f32/bf16/f16 checkpoint or by requantizing a GGUF
+    #[arg(long, value_name = "TYPE", value_parser = parse_file_type)]
+    pub(crate) quantize: Option<FileType>,
+}
+
+/// A `--quantize` / `quantize TYPE` value (case-insensitive).
+pub(crate) fn parse_file_type(s: &str) -> std::result::Result<FileType, String> {
+    s.parse::<FileType>().map_err(|e| e.to_string())
 }
 
 /// Images for a multimodal model.
@@ -133,6 +144,9 @@ enum Command {
     /// lambada_openai) by log-likelihood as lm-evaluation-harness does: acc, acc_norm,
     /// standard errors, LAMBADA perplexity; --json OUT for per-item scores, --resume to go on
     Eval(eval_cmd::EvalArgs),
+    /// Write a GGUF file as llama.cpp would (llama-quantize's argument order): convert a
+    /// Hugging Face checkpoint and/or quantize to TYPE; --mmproj OUT for the vision tower
+    Quantize(quantize_cmd::QuantizeArgs),
     /// Continue a prompt (raw completion; no chat template), streaming tokens to stdout
     Generate {
         /// The prompt; read from stdin when absent
@@ -248,7 +262,10 @@ pub(crate) fn start_pool(threads: Option<usize>) -> Result<()> {
 
 pub(crate) fn setup(m: &ModelArgs) -> Result<Model> {
     start_pool(m.threads)?;
-    let mut model = Model::open_with_mmproj(m.model.as_deref(), m.mmproj.as_deref())?;
+    let opts = OpenOptions {
+        quantize: m.quantize,
+    };
+    let mut model = Model::open_with_options(m.model.as_deref(), m.mmproj.as_deref(), &opts)?;
     if m.exact {
         model.set_precision(gemma3_model::Precision::Exact);
     }
@@ -268,6 +285,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench(a) => bench_cmd::run(a)?,
         Command::Chat(a) => chat_cmd::run(a)?,
         Command::Eval(a) => eval_cmd::run(a)?,
+        Command::Quantize(a) => quantize_cmd::run(a)?,
         Command::Generate {
             prompt,
             model,

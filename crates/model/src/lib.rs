@@ -4,6 +4,7 @@
 
 pub mod cache;
 pub mod config;
+pub mod quantize;
 pub mod text;
 pub mod vision;
 pub mod weights;
@@ -13,6 +14,7 @@ pub use config::{LayerKind, TextConfig};
 pub use gemma3_kernels::Precision;
 pub use text::{attention_mask, key_range, ImageInputs, Logits, Stage, TextModel, Workspace};
 pub use vision::{VisionConfig, VisionTower};
+pub use quantize::FileType;
 pub use weights::{TextWeights, WeightSource};
 
 #[derive(Debug, thiserror::Error)]
