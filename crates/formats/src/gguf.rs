@@ -594,7 +594,11 @@ impl GgufWriter {
         out.write_all(&self.header())?;
         Ok(GgufStream {
             out,
-            sizes: self.tensors.iter().map(|t| (t.name.clone(), t.size)).collect(),
+            sizes: self
+                .tensors
+                .iter()
+                .map(|t| (t.name.clone(), t.size))
+                .collect(),
             current: 0,
             written: 0,
         })
@@ -609,7 +613,8 @@ impl GgufWriter {
             .collect();
         let mut s = self.start(Vec::new()).expect("writing to memory");
         for d in &data {
-            s.write_data(d).expect("tensor sizes were declared with their data");
+            s.write_data(d)
+                .expect("tensor sizes were declared with their data");
         }
         s.finish().expect("every tensor was written")
     }
@@ -628,8 +633,7 @@ impl<W: std::io::Write> GgufStream<W> {
     /// Appends bytes of the current tensor (a tensor may come in several pieces).
     pub fn write_data(&mut self, mut bytes: &[u8]) -> std::io::Result<()> {
         use std::io::{Error, ErrorKind};
-        if bytes.is_empty() && self.current < self.sizes.len() && self.sizes[self.current].1 == 0
-        {
+        if bytes.is_empty() && self.current < self.sizes.len() && self.sizes[self.current].1 == 0 {
             return self.end_tensor();
         }
         while !bytes.is_empty() {

@@ -7,7 +7,9 @@ use gemma3_formats::{DType, GgufFile};
 use std::path::PathBuf;
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/quantize").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../../shared/fixtures/quantize")
+        .join(name)
 }
 
 const FILES: [&str; 10] = [

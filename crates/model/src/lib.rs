@@ -12,9 +12,9 @@ pub mod weights;
 pub use cache::KvCache;
 pub use config::{LayerKind, TextConfig};
 pub use gemma3_kernels::Precision;
+pub use quantize::FileType;
 pub use text::{attention_mask, key_range, ImageInputs, Logits, Stage, TextModel, Workspace};
 pub use vision::{VisionConfig, VisionTower};
-pub use quantize::FileType;
 pub use weights::{TextWeights, WeightSource};
 
 #[derive(Debug, thiserror::Error)]

@@ -180,8 +180,7 @@ pub fn tensor_type(
     }
     let cols = *shape.last().unwrap_or(&1);
     let fits = |t: DType| cols.is_multiple_of(t.block_elems());
-    let is_output =
-        name == "output.weight" || (!model.has_output && name == "token_embd.weight");
+    let is_output = name == "output.weight" || (!model.has_output && name == "token_embd.weight");
     let layer = layer_of(name);
     let n = model.num_layers;
     let mut t = base;
@@ -244,12 +243,14 @@ mod tests {
             num_layers: 18,
             has_output: false,
         };
-        let ty = |name: &str, shape: &[usize]| {
-            tensor_type(FileType::Q4_K_M, name, shape, m).unwrap()
-        };
+        let ty =
+            |name: &str, shape: &[usize]| tensor_type(FileType::Q4_K_M, name, shape, m).unwrap();
         assert_eq!(ty("token_embd.weight", &[262144, 640]), Some(DType::Q8_0));
         assert_eq!(ty("blk.0.attn_q.weight", &[1024, 640]), Some(DType::Q5_0));
-        assert_eq!(ty("blk.0.attn_output.weight", &[640, 1024]), Some(DType::Q4_K));
+        assert_eq!(
+            ty("blk.0.attn_output.weight", &[640, 1024]),
+            Some(DType::Q4_K)
+        );
         assert_eq!(ty("blk.0.ffn_down.weight", &[640, 2048]), Some(DType::Q6_K));
         assert_eq!(ty("blk.2.ffn_down.weight", &[640, 2048]), Some(DType::Q4_K));
         assert_eq!(ty("blk.0.attn_v.weight", &[256, 640]), Some(DType::Q8_0));

@@ -326,10 +326,16 @@ pub const LAYER_TENSORS: [(&str, &str); 16] = [
 pub const GLOBAL_TENSORS: [(&str, &str); 7] = [
     ("embeddings.patch_embedding.weight", "v.patch_embd.weight"),
     ("embeddings.patch_embedding.bias", "v.patch_embd.bias"),
-    ("embeddings.position_embedding.weight", "v.position_embd.weight"),
+    (
+        "embeddings.position_embedding.weight",
+        "v.position_embd.weight",
+    ),
     ("post_layernorm.weight", "v.post_ln.weight"),
     ("post_layernorm.bias", "v.post_ln.bias"),
-    ("mm:mm_input_projection_weight", "mm.input_projection.weight"),
+    (
+        "mm:mm_input_projection_weight",
+        "mm.input_projection.weight",
+    ),
     ("mm:mm_soft_emb_norm.weight", "mm.soft_emb_norm.weight"),
 ];
 

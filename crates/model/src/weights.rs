@@ -26,9 +26,17 @@ pub const LAYER_TENSORS: [(&str, &str, &str); 13] = [
     ("o", "attn_output", "self_attn.o_proj"),
     ("q_norm", "attn_q_norm", "self_attn.q_norm"),
     ("k_norm", "attn_k_norm", "self_attn.k_norm"),
-    ("post_attn_norm", "post_attention_norm", "post_attention_layernorm"),
+    (
+        "post_attn_norm",
+        "post_attention_norm",
+        "post_attention_layernorm",
+    ),
     ("pre_ffn_norm", "ffn_norm", "pre_feedforward_layernorm"),
-    ("post_ffn_norm", "post_ffw_norm", "post_feedforward_layernorm"),
+    (
+        "post_ffn_norm",
+        "post_ffw_norm",
+        "post_feedforward_layernorm",
+    ),
     ("gate", "ffn_gate", "mlp.gate_proj"),
     ("up", "ffn_up", "mlp.up_proj"),
     ("down", "ffn_down", "mlp.down_proj"),
@@ -117,9 +125,10 @@ impl WeightSource<'_> {
         Ok(match self {
             WeightSource::Gguf(g) => g.tensor(name)?,
             WeightSource::Hf(h) => h.tensor(name)?,
-            WeightSource::Tensors(m) => m.get(name).cloned().ok_or_else(|| {
-                ModelError::Weights(format!("tensor {name} is missing"))
-            })?,
+            WeightSource::Tensors(m) => m
+                .get(name)
+                .cloned()
+                .ok_or_else(|| ModelError::Weights(format!("tensor {name} is missing")))?,
         })
     }
     fn has(&self, name: &str) -> bool {
