@@ -590,7 +590,7 @@ impl GgufWriter {
 
     /// Writes the header to `out` and returns a stream that takes the tensors' bytes in
     /// the order they were declared.
-    pub fn start<W: std::io::Write>(self, mut out: W) -> std::io::Result<GgufStream<W>> {
+    pub fn start<W: std::io::Write>(&self, mut out: W) -> std::io::Result<GgufStream<W>> {
         out.write_all(&self.header())?;
         Ok(GgufStream {
             out,
@@ -605,15 +605,10 @@ impl GgufWriter {
     }
 
     /// The whole file in memory (every tensor must have been given its bytes).
-    pub fn to_bytes(mut self) -> Vec<u8> {
-        let data: Vec<Vec<u8>> = self
-            .tensors
-            .iter_mut()
-            .map(|t| t.data.take().unwrap_or_default())
-            .collect();
+    pub fn to_bytes(&self) -> Vec<u8> {
         let mut s = self.start(Vec::new()).expect("writing to memory");
-        for d in &data {
-            s.write_data(d)
+        for t in &self.tensors {
+            s.write_data(t.data.as_deref().unwrap_or_default())
                 .expect("tensor sizes were declared with their data");
         }
         s.finish().expect("every tensor was written")
