@@ -200,3 +200,19 @@ fn bad_inputs_are_clear_errors() {
     assert!(e.contains("unknown quantization type"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The real Gemma 3 270M Q4_K_M file (640-wide rows, so K-quants fall back and the tied
+/// embedding is Q8_0): the rules give every tensor the type llama-quantize gave it.
+#[test]
+fn rules_give_the_real_270m_files_types() {
+    let path = gemma3_engine::load::cached_default_model()
+        .expect("the real model is missing: run scripts/fetch-model.sh");
+    let g = GgufFile::open(&path).unwrap();
+    let plan = Plan::for_gguf(&g, FileType::Q4_K_M).unwrap();
+    assert_eq!(plan.tensors.len(), g.tensors.len());
+    for t in &plan.tensors {
+        let stored = g.tensor_info(&t.name).unwrap().dtype;
+        assert_eq!(t.target, stored, "{}", t.name);
+    }
+    assert_eq!(plan.requantized_count(), 0);
+}
