@@ -166,126 +166,222 @@ fn q8_0(x: &[f32], y: &mut [u8]) {
     }
 }
 
-/// ggml's `make_qkx2_quants`: an affine fit `x ≈ scale·L - min` with `L` in `0..=nmax`,
-/// trying `nstep + 1` scales around the range and keeping the weighted least-squares best.
-/// Returns `(scale, min)` (min as a positive offset) and fills `l`.
-fn make_qkx2_quants(
+// The K-quants' scale searches run on every sub-block of a super-block side by side: lane
+// `k` of each `[_; N]` array belongs to sub-block `k` and goes through exactly the scalar
+// algorithm's operations in the same order (no reassociation, no fused multiply-add), so
+// the result is bit-identical to ggml's; the compiler turns the lane loops into vector
+// instructions. Data is transposed so that `x[i][k]` is value `i` of sub-block `k`.
+
+/// Sub-blocks of Q4_K and Q5_K (32 values each).
+const AFFINE_SUBS: usize = QK_K / 32;
+/// Sub-blocks of Q6_K (16 values each).
+const SYMMETRIC_SUBS: usize = QK_K / 16;
+
+fn transpose<const M: usize, const N: usize>(x: &[f32]) -> [[f32; N]; M] {
+    let mut t = [[0f32; N]; M];
+    for k in 0..N {
+        for i in 0..M {
+            t[i][k] = x[M * k + i];
+        }
+    }
+    t
+}
+
+/// ggml's `make_qkx2_quants` on `N` sub-blocks of `M` values at once: per sub-block an
+/// affine fit `x ≈ scale·L - min` with `L` in `0..=nmax`, trying `nstep + 1` scales around
+/// the range and keeping the weighted least-squares best. Returns `(scale, min)` per lane
+/// (min as a positive offset) and fills `l`.
+fn make_qkx2_quants<const M: usize, const N: usize>(
     nmax: i32,
-    x: &[f32],
-    w: &[f32],
-    l: &mut [u8],
+    x: &[[f32; N]; M],
+    w: &[[f32; N]; M],
+    l: &mut [[i32; N]; M],
     rmin: f32,
     rdelta: f32,
     nstep: i32,
-) -> (f32, f32) {
-    let n = x.len();
+) -> ([f32; N], [f32; N]) {
     let mut min = x[0];
     let mut max = x[0];
     let mut sum_w = w[0];
-    let mut sum_x = sum_w * x[0];
-    for i in 1..n {
-        if x[i] < min {
-            min = x[i];
+    let mut sum_x = [0f32; N];
+    for k in 0..N {
+        sum_x[k] = sum_w[k] * x[0][k];
+    }
+    for i in 1..M {
+        for k in 0..N {
+            let v = x[i][k];
+            min[k] = if v < min[k] { v } else { min[k] };
+            max[k] = if v > max[k] { v } else { max[k] };
+            sum_w[k] += w[i][k];
+            sum_x[k] += w[i][k] * v;
         }
-        if x[i] > max {
-            max = x[i];
+    }
+    let mut iscale = [0f32; N];
+    let mut scale = [0f32; N];
+    for k in 0..N {
+        min[k] = if min[k] > 0.0 { 0.0 } else { min[k] };
+        iscale[k] = nmax as f32 / (max[k] - min[k]);
+        scale[k] = 1.0 / iscale[k];
+    }
+    let min_clipped = min;
+    let mut best = [0f32; N];
+    for i in 0..M {
+        for k in 0..N {
+            let q = nearest_int(iscale[k] * (x[i][k] - min[k])).clamp(0, nmax);
+            l[i][k] = q;
+            let diff = scale[k] * q as f32 + min[k] - x[i][k];
+            best[k] += w[i][k] * (diff * diff);
         }
-        sum_w += w[i];
-        sum_x += w[i] * x[i];
     }
-    if min > 0.0 {
-        min = 0.0;
-    }
-    if max == min {
-        l.fill(0);
-        return (0.0, -min);
-    }
-    let mut iscale = nmax as f32 / (max - min);
-    let mut scale = 1.0 / iscale;
-    let mut best_error = 0f32;
-    for i in 0..n {
-        let q = nearest_int(iscale * (x[i] - min)).clamp(0, nmax);
-        l[i] = q as u8;
-        let diff = scale * l[i] as f32 + min - x[i];
-        best_error += w[i] * (diff * diff);
-    }
-    let mut aux = [0u8; 32];
-    let aux = &mut aux[..n];
+    let mut aux = [[0i32; N]; M];
     for is in 0..=nstep {
-        iscale = (rmin + rdelta * is as f32 + nmax as f32) / (max - min);
-        let (mut sum_l, mut sum_l2, mut sum_xl) = (0f32, 0f32, 0f32);
-        for i in 0..n {
-            let q = nearest_int(iscale * (x[i] - min)).clamp(0, nmax);
-            aux[i] = q as u8;
-            let lf = q as f32;
-            sum_l += w[i] * lf;
-            sum_l2 += w[i] * lf * lf;
-            sum_xl += w[i] * lf * x[i];
+        let top = rmin + rdelta * is as f32 + nmax as f32;
+        let (mut sum_l, mut sum_l2, mut sum_xl) = ([0f32; N], [0f32; N], [0f32; N]);
+        // The range uses the current `min`, which a better fit may have changed.
+        for k in 0..N {
+            iscale[k] = top / (max[k] - min[k]);
         }
-        let det = sum_w * sum_l2 - sum_l * sum_l;
-        if det > 0.0 {
-            let mut this_scale = (sum_w * sum_xl - sum_x * sum_l) / det;
-            let mut this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det;
-            if this_min > 0.0 {
-                this_min = 0.0;
-                this_scale = sum_xl / sum_l2;
+        for i in 0..M {
+            for k in 0..N {
+                let q = nearest_int(iscale[k] * (x[i][k] - min[k])).clamp(0, nmax);
+                aux[i][k] = q;
+                let lf = q as f32;
+                sum_l[k] += w[i][k] * lf;
+                sum_l2[k] += w[i][k] * lf * lf;
+                sum_xl[k] += w[i][k] * lf * x[i][k];
             }
-            let mut err = 0f32;
-            for i in 0..n {
-                let diff = this_scale * aux[i] as f32 + this_min - x[i];
-                err += w[i] * (diff * diff);
+        }
+        let (mut this_scale, mut this_min, mut det) = ([0f32; N], [0f32; N], [0f32; N]);
+        for k in 0..N {
+            det[k] = sum_w[k] * sum_l2[k] - sum_l[k] * sum_l[k];
+            let s = (sum_w[k] * sum_xl[k] - sum_x[k] * sum_l[k]) / det[k];
+            let m = (sum_l2[k] * sum_x[k] - sum_l[k] * sum_xl[k]) / det[k];
+            let clip = m > 0.0;
+            this_min[k] = if clip { 0.0 } else { m };
+            this_scale[k] = if clip { sum_xl[k] / sum_l2[k] } else { s };
+        }
+        let mut err = [0f32; N];
+        for i in 0..M {
+            for k in 0..N {
+                let diff = this_scale[k] * aux[i][k] as f32 + this_min[k] - x[i][k];
+                err[k] += w[i][k] * (diff * diff);
             }
-            if err < best_error {
-                l.copy_from_slice(aux);
-                best_error = err;
-                scale = this_scale;
-                min = this_min;
+        }
+        let mut take = [false; N];
+        for k in 0..N {
+            take[k] = det[k] > 0.0 && err[k] < best[k];
+            best[k] = if take[k] { err[k] } else { best[k] };
+            scale[k] = if take[k] { this_scale[k] } else { scale[k] };
+            min[k] = if take[k] { this_min[k] } else { min[k] };
+        }
+        for i in 0..M {
+            for k in 0..N {
+                l[i][k] = if take[k] { aux[i][k] } else { l[i][k] };
             }
         }
     }
-    (scale, -min)
+    // A constant sub-block (ggml returns before any search): all levels 0, scale 0.
+    for k in 0..N {
+        if max[k] == min_clipped[k] {
+            scale[k] = 0.0;
+            min[k] = min_clipped[k];
+            for row in l.iter_mut() {
+                row[k] = 0;
+            }
+        }
+    }
+    let mut the_min = [0f32; N];
+    for k in 0..N {
+        the_min[k] = -min[k];
+    }
+    (scale, the_min)
 }
 
-/// ggml's `make_qx_quants` with `rmse_type` 1 and no importance weights (weights `x²`): a
-/// symmetric fit `x ≈ scale·(L - nmax)`, searching 18 scales around `-nmax / max`.
-/// Fills `l` with values in `0..2·nmax`.
-fn make_qx_quants(nmax: i32, x: &[f32], l: &mut [u8]) -> f32 {
-    let (max, amax) = signed_absmax(x);
-    if amax < GROUP_MAX_EPS {
-        l.fill(0);
-        return 0.0;
-    }
-    let mut iscale = -(nmax as f32) / max;
-    let (mut sumlx, mut suml2) = (0f32, 0f32);
-    for i in 0..x.len() {
-        let q = nearest_int(iscale * x[i]).clamp(-nmax, nmax - 1);
-        l[i] = (q + nmax) as u8;
-        let w = x[i] * x[i];
-        sumlx += w * x[i] * q as f32;
-        suml2 += w * q as f32 * q as f32;
-    }
-    let mut scale = if suml2 != 0.0 { sumlx / suml2 } else { 0.0 };
-    let mut best = scale * sumlx;
-    for is in -9..=9 {
-        if is == 0 {
-            continue;
+/// ggml's `make_qx_quants` with `rmse_type` 1 and no importance weights (weights `x²`), on
+/// `N` sub-blocks of `M` values at once: a symmetric fit `x ≈ scale·(L - nmax)`, searching
+/// 18 scales around `-nmax / max`. Fills `l` with values in `0..2·nmax`.
+fn make_qx_quants<const M: usize, const N: usize>(
+    nmax: i32,
+    x: &[[f32; N]; M],
+    l: &mut [[i32; N]; M],
+) -> [f32; N] {
+    let (mut max, mut amax) = ([0f32; N], [0f32; N]);
+    for i in 0..M {
+        for k in 0..N {
+            let ax = x[i][k].abs();
+            let bigger = ax > amax[k];
+            amax[k] = if bigger { ax } else { amax[k] };
+            max[k] = if bigger { x[i][k] } else { max[k] };
         }
-        iscale = -(nmax as f32 + 0.1 * is as f32) / max;
-        sumlx = 0.0;
-        suml2 = 0.0;
-        for i in 0..x.len() {
-            let q = nearest_int(iscale * x[i]).clamp(-nmax, nmax - 1);
-            let w = x[i] * x[i];
-            sumlx += w * x[i] * q as f32;
-            suml2 += w * q as f32 * q as f32;
+    }
+    let mut iscale = [0f32; N];
+    let (mut sumlx, mut suml2) = ([0f32; N], [0f32; N]);
+    for k in 0..N {
+        iscale[k] = -(nmax as f32) / max[k];
+    }
+    for i in 0..M {
+        for k in 0..N {
+            let v = x[i][k];
+            let q = nearest_int(iscale[k] * v).clamp(-nmax, nmax - 1);
+            l[i][k] = q + nmax;
+            let w = v * v;
+            sumlx[k] += w * v * q as f32;
+            suml2[k] += w * q as f32 * q as f32;
         }
-        if suml2 > 0.0 && sumlx * sumlx > best * suml2 {
-            for i in 0..x.len() {
-                let q = nearest_int(iscale * x[i]).clamp(-nmax, nmax - 1);
-                l[i] = (nmax + q) as u8;
+    }
+    let (mut scale, mut best) = ([0f32; N], [0f32; N]);
+    for k in 0..N {
+        scale[k] = if suml2[k] != 0.0 {
+            sumlx[k] / suml2[k]
+        } else {
+            0.0
+        };
+        best[k] = scale[k] * sumlx[k];
+    }
+    let mut aux = [[0i32; N]; M];
+    for is in (-9..=9).filter(|&is| is != 0) {
+        for k in 0..N {
+            iscale[k] = -(nmax as f32 + 0.1 * is as f32) / max[k];
+            sumlx[k] = 0.0;
+            suml2[k] = 0.0;
+        }
+        for i in 0..M {
+            for k in 0..N {
+                let v = x[i][k];
+                let q = nearest_int(iscale[k] * v).clamp(-nmax, nmax - 1);
+                aux[i][k] = q + nmax;
+                let w = v * v;
+                sumlx[k] += w * v * q as f32;
+                suml2[k] += w * q as f32 * q as f32;
             }
-            scale = sumlx / suml2;
-            best = scale * sumlx;
+        }
+        let mut take = [false; N];
+        for k in 0..N {
+            take[k] = suml2[k] > 0.0 && sumlx[k] * sumlx[k] > best[k] * suml2[k];
+            scale[k] = if take[k] {
+                sumlx[k] / suml2[k]
+            } else {
+                scale[k]
+            };
+            best[k] = if take[k] {
+                scale[k] * sumlx[k]
+            } else {
+                best[k]
+            };
+        }
+        for i in 0..M {
+            for k in 0..N {
+                l[i][k] = if take[k] { aux[i][k] } else { l[i][k] };
+            }
+        }
+    }
+    // An all-zero sub-block (ggml returns before any search).
+    for k in 0..N {
+        if amax[k] < GROUP_MAX_EPS {
+            scale[k] = 0.0;
+            for row in l.iter_mut() {
+                row[k] = 0;
+            }
         }
     }
     scale
@@ -296,36 +392,38 @@ fn make_qx_quants(nmax: i32, x: &[f32], l: &mut [u8]) -> f32 {
 /// their maxima and packed as [`crate::quant::k_scale_min`] reads them. Returns the
 /// final levels in `l` (requantized with the stored scales).
 fn k_affine_block(x: &[f32], y: &mut [u8], l: &mut [u8; QK_K], nmax: i32, rmin: f32, nstep: i32) {
-    let mut scales = [0f32; QK_K / 32];
-    let mut mins = [0f32; QK_K / 32];
-    let mut weights = [0f32; 32];
+    const N: usize = AFFINE_SUBS;
+    let xt: [[f32; N]; 32] = transpose(x);
+    let mut sum_x2 = [0f32; N];
+    for row in &xt {
+        for k in 0..N {
+            sum_x2[k] += row[k] * row[k];
+        }
+    }
+    let mut av_x = [0f32; N];
+    for k in 0..N {
+        av_x[k] = (sum_x2[k] / 32.0).sqrt();
+    }
+    let mut wt = [[0f32; N]; 32];
+    for (w, row) in wt.iter_mut().zip(&xt) {
+        for k in 0..N {
+            w[k] = av_x[k] + row[k].abs();
+        }
+    }
+    let mut lt = [[0i32; N]; 32];
+    let (scales, mins) = make_qkx2_quants(nmax, &xt, &wt, &mut lt, rmin, 0.1, nstep);
+    for (i, row) in lt.iter().enumerate() {
+        for k in 0..N {
+            l[32 * k + i] = row[k] as u8;
+        }
+    }
     let (mut max_scale, mut max_min) = (0f32, 0f32);
-    for j in 0..QK_K / 32 {
-        let xs = &x[32 * j..32 * j + 32];
-        let mut sum_x2 = 0f32;
-        for v in xs {
-            sum_x2 += v * v;
+    for k in 0..N {
+        if scales[k] > max_scale {
+            max_scale = scales[k];
         }
-        let av_x = (sum_x2 / 32.0).sqrt();
-        for (w, v) in weights.iter_mut().zip(xs) {
-            *w = av_x + v.abs();
-        }
-        let (s, m) = make_qkx2_quants(
-            nmax,
-            xs,
-            &weights,
-            &mut l[32 * j..32 * j + 32],
-            rmin,
-            0.1,
-            nstep,
-        );
-        scales[j] = s;
-        mins[j] = m;
-        if s > max_scale {
-            max_scale = s;
-        }
-        if m > max_min {
-            max_min = m;
+        if mins[k] > max_min {
+            max_min = mins[k];
         }
     }
     let inv_scale = if max_scale > 0.0 {
@@ -336,7 +434,7 @@ fn k_affine_block(x: &[f32], y: &mut [u8], l: &mut [u8; QK_K], nmax: i32, rmin: 
     let inv_min = if max_min > 0.0 { 63.0 / max_min } else { 0.0 };
     let sc = &mut y[4..16];
     sc.fill(0);
-    for j in 0..QK_K / 32 {
+    for j in 0..N {
         let ls = (nearest_int(inv_scale * scales[j]) as u8).min(63);
         let lm = (nearest_int(inv_min * mins[j]) as u8).min(63);
         if j < 4 {
@@ -352,7 +450,7 @@ fn k_affine_block(x: &[f32], y: &mut [u8], l: &mut [u8; QK_K], nmax: i32, rmin: 
     put_f16(y, 2, max_min / 63.0);
     let d_all = through_f16(max_scale / 63.0);
     let dmin_all = through_f16(max_min / 63.0);
-    for j in 0..QK_K / 32 {
+    for j in 0..N {
         let (s, m) = crate::quant::k_scale_min(j, &y[4..16]);
         let d = d_all * s as f32;
         if d == 0.0 {
@@ -407,12 +505,18 @@ fn q5_k(x: &[f32], y: &mut [u8]) {
 /// Q6_K: 16 sub-blocks of 16 with signed 8-bit scales against one f16 `d`; 6-bit levels
 /// split into low nibbles (`ql`) and 2-bit highs (`qh`).
 fn q6_k(x: &[f32], y: &mut [u8]) {
+    const N: usize = SYMMETRIC_SUBS;
+    let xt: [[f32; N]; 16] = transpose(x);
+    let mut lt = [[0i32; N]; 16];
+    let scales = make_qx_quants(32, &xt, &mut lt);
     let mut l = [0u8; QK_K];
-    let mut scales = [0f32; QK_K / 16];
+    for (i, row) in lt.iter().enumerate() {
+        for k in 0..N {
+            l[16 * k + i] = row[k] as u8;
+        }
+    }
     let (mut max_scale, mut max_abs) = (0f32, 0f32);
-    for ib in 0..QK_K / 16 {
-        let s = make_qx_quants(32, &x[16 * ib..16 * ib + 16], &mut l[16 * ib..16 * ib + 16]);
-        scales[ib] = s;
+    for &s in &scales {
         if s.abs() > max_abs {
             max_abs = s.abs();
             max_scale = s;

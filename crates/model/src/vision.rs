@@ -339,6 +339,15 @@ pub const GLOBAL_TENSORS: [(&str, &str); 7] = [
     ("mm:mm_soft_emb_norm.weight", "mm.soft_emb_norm.weight"),
 ];
 
+/// The mmproj name of a layer tensor given by its Hugging Face name.
+fn mmproj_layer_name(hf: &str) -> &'static str {
+    LAYER_TENSORS
+        .iter()
+        .find(|(h, _)| *h == hf)
+        .map(|(_, g)| *g)
+        .expect("a name listed in LAYER_TENSORS")
+}
+
 /// The projector norm: stored zero-centred by Hugging Face, as `1 + w` in an mmproj file.
 pub const SOFT_NORM_MMPROJ: &str = "mm.soft_emb_norm.weight";
 
@@ -474,25 +483,25 @@ impl VisionWeights {
         for i in 0..cfg.num_layers {
             let hf = |s: &str| format!("encoder.layers.{i}.{s}");
             let gg = |s: &str| format!("v.blk.{i}.{s}");
-            let mat = |h: &str, g: &str, r, c| src.matrix(&hf(h), &gg(g), r, c);
-            let vec = |h: &str, g: &str, n| src.vector(&hf(h), &gg(g), n);
+            let mat = |h: &str, r, c| src.matrix(&hf(h), &gg(mmproj_layer_name(h)), r, c);
+            let vec = |h: &str, n| src.vector(&hf(h), &gg(mmproj_layer_name(h)), n);
             layers.push(VisionLayer {
-                ln1_w: vec("layer_norm1.weight", "ln1.weight", d)?,
-                ln1_b: vec("layer_norm1.bias", "ln1.bias", d)?,
-                q: mat("self_attn.q_proj.weight", "attn_q.weight", d, d)?,
-                q_b: vec("self_attn.q_proj.bias", "attn_q.bias", d)?,
-                k: mat("self_attn.k_proj.weight", "attn_k.weight", d, d)?,
-                k_b: vec("self_attn.k_proj.bias", "attn_k.bias", d)?,
-                v: mat("self_attn.v_proj.weight", "attn_v.weight", d, d)?,
-                v_b: vec("self_attn.v_proj.bias", "attn_v.bias", d)?,
-                o: mat("self_attn.out_proj.weight", "attn_out.weight", d, d)?,
-                o_b: vec("self_attn.out_proj.bias", "attn_out.bias", d)?,
-                ln2_w: vec("layer_norm2.weight", "ln2.weight", d)?,
-                ln2_b: vec("layer_norm2.bias", "ln2.bias", d)?,
-                fc1: mat("mlp.fc1.weight", "ffn_up.weight", f, d)?,
-                fc1_b: vec("mlp.fc1.bias", "ffn_up.bias", f)?,
-                fc2: mat("mlp.fc2.weight", "ffn_down.weight", d, f)?,
-                fc2_b: vec("mlp.fc2.bias", "ffn_down.bias", d)?,
+                ln1_w: vec("layer_norm1.weight", d)?,
+                ln1_b: vec("layer_norm1.bias", d)?,
+                q: mat("self_attn.q_proj.weight", d, d)?,
+                q_b: vec("self_attn.q_proj.bias", d)?,
+                k: mat("self_attn.k_proj.weight", d, d)?,
+                k_b: vec("self_attn.k_proj.bias", d)?,
+                v: mat("self_attn.v_proj.weight", d, d)?,
+                v_b: vec("self_attn.v_proj.bias", d)?,
+                o: mat("self_attn.out_proj.weight", d, d)?,
+                o_b: vec("self_attn.out_proj.bias", d)?,
+                ln2_w: vec("layer_norm2.weight", d)?,
+                ln2_b: vec("layer_norm2.bias", d)?,
+                fc1: mat("mlp.fc1.weight", f, d)?,
+                fc1_b: vec("mlp.fc1.bias", f)?,
+                fc2: mat("mlp.fc2.weight", d, f)?,
+                fc2_b: vec("mlp.fc2.bias", d)?,
             });
         }
         // Hugging Face stores the projector norm zero-centred; llama.cpp's converter adds 1.
