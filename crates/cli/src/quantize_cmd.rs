@@ -50,6 +50,9 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
     if a.mmproj.as_deref() == Some(a.output.as_path()) {
         bail!("--mmproj must name a different file than OUTPUT");
     }
+    if a.mmproj.is_some() && !a.input.is_dir() {
+        bail!("--mmproj needs a Hugging Face checkpoint as INPUT (the vision tower is not in a GGUF text model)");
+    }
     let plan = Plan::for_model(&a.input, a.file_type)
         .with_context(|| format!("planning {} as {}", a.input.display(), a.file_type))?;
     let requant = plan.requantized_count();
@@ -62,9 +65,6 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
     let s = write_with_progress(&plan, &a.output, a.force, a.quiet, &what)?;
     report(&a.output, &s);
     if let Some(out) = &a.mmproj {
-        if !a.input.is_dir() {
-            bail!("--mmproj needs a Hugging Face checkpoint as INPUT");
-        }
         let hf = HfDirectory::open(&a.input)?;
         let plan = mmproj_plan(&hf)?;
         let s = write_with_progress(&plan, out, a.force, a.quiet, "vision tower -> F16")?;
