@@ -22,6 +22,9 @@ pub struct BenchArgs {
     pub exact: bool,
     #[command(flatten)]
     pub cache: crate::CacheArgs,
+    /// Quantize the weights at load (see `gemma3 quantize`)
+    #[arg(long, value_name = "TYPE", value_parser = crate::parse_file_type)]
+    pub quantize: Option<gemma3_engine::FileType>,
     /// Prompt lengths to time (pp tests); 0 skips them
     #[arg(
         short = 'p',
@@ -124,6 +127,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         exact: a.exact,
         mmproj: None,
         cache: a.cache.clone(),
+        quantize: a.quantize,
     })?;
     let cfg = &model.text.cfg;
     let max_p = a.n_prompt.iter().copied().max().unwrap_or(0);

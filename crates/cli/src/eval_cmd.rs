@@ -47,6 +47,9 @@ pub struct EvalArgs {
     /// Worker threads [default: one per core]
     #[arg(short, long)]
     pub threads: Option<usize>,
+    /// Quantize the weights at load (see `gemma3 quantize`)
+    #[arg(long, value_name = "TYPE", value_parser = crate::parse_file_type)]
+    pub quantize: Option<gemma3_engine::FileType>,
     /// Few-shot examples per item, drawn from the same file without the item itself
     /// ("shots from eval split")
     #[arg(long, default_value_t = 0)]
@@ -152,7 +155,9 @@ pub fn run(a: EvalArgs) -> Result<()> {
     crate::start_pool(a.threads)?;
 
     let t_load = Instant::now();
-    let mut model = Model::open_with(a.model.as_deref(), &crate::models_cmd::open_options(None))?;
+    let mut opts = crate::models_cmd::open_options(None);
+    opts.quantize = a.quantize;
+    let mut model = Model::open_with(a.model.as_deref(), &opts)?;
     model.set_precision(match a.precision {
         PrecisionArg::Exact => Precision::Exact,
         PrecisionArg::Fast => Precision::Fast,

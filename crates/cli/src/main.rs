@@ -5,7 +5,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use gemma3_engine::perplexity::perplexity;
 use gemma3_engine::{
-    GenerateOptions, Image, Model, ModelSource, PanAndScan, SamplingParams, StopReason,
+    FileType, GenerateOptions, Image, Model, ModelSource, PanAndScan, SamplingParams, StopReason,
 };
 use gemma3_model::{ImageInputs, Logits, Workspace, MAX_BATCH};
 use std::io::{Read, Write};
@@ -15,6 +15,7 @@ mod bench_cmd;
 mod chat_cmd;
 mod eval_cmd;
 mod models_cmd;
+mod quantize_cmd;
 mod serve_cmd;
 
 #[derive(Parser)]
@@ -58,6 +59,10 @@ pub(crate) struct ModelArgs {
     pub(crate) mmproj: Option<PathBuf>,
     #[command(flatten)]
     pub(crate) cache: CacheArgs,
+    /// Quantize the weights at load (Q4_K_M, Q8_0, ... as `gemma3 quantize`), from an
+    /// f32/bf16/f16 checkpoint or by requantizing a GGUF
+    #[arg(long, value_name = "TYPE", value_parser = parse_file_type)]
+    pub(crate) quantize: Option<FileType>,
 }
 
 /// How the KV cache stores keys and values.
@@ -98,6 +103,11 @@ impl CacheArgs {
         }
         Ok(Some(t))
     }
+}
+
+/// A `--quantize` / `quantize TYPE` value (case-insensitive).
+pub(crate) fn parse_file_type(s: &str) -> std::result::Result<FileType, String> {
+    s.parse::<FileType>().map_err(|e| e.to_string())
 }
 
 /// Images for a multimodal model.
@@ -213,6 +223,9 @@ enum Command {
     /// /v1/completions, /v1/models, /tokenize, /detokenize, /health, /metrics) with
     /// continuous batching of concurrent requests
     Serve(serve_cmd::ServeArgs),
+    /// Write a GGUF file as llama.cpp would (llama-quantize's argument order): convert a
+    /// Hugging Face checkpoint and/or quantize to TYPE; --mmproj OUT for the vision tower
+    Quantize(quantize_cmd::QuantizeArgs),
     /// Continue a prompt (raw completion; no chat template), streaming tokens to stdout
     Generate {
         /// The prompt; read from stdin when absent
@@ -355,7 +368,8 @@ pub(crate) fn open_model(m: &ModelArgs) -> Result<Model> {
             gemma3_engine::load::DEFAULT_MODEL_PACKAGE
         );
     }
-    let opts = models_cmd::open_options(m.mmproj.clone());
+    let mut opts = models_cmd::open_options(m.mmproj.clone());
+    opts.quantize = m.quantize;
     let mut model = Model::open_with(m.model.as_deref(), &opts)?;
     if m.exact {
         model.set_precision(gemma3_model::Precision::Exact);
@@ -392,6 +406,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Serve(a) => serve_cmd::run(a)?,
         Command::List(a) => models_cmd::list(a)?,
         Command::Pull(a) => models_cmd::run_pull(a)?,
+        Command::Quantize(a) => quantize_cmd::run(a)?,
         Command::Generate {
             prompt,
             model,

@@ -23,6 +23,7 @@ pub mod load;
 pub mod multimodal;
 pub mod ollama;
 pub mod perplexity;
+pub mod quantize;
 pub mod resolve;
 pub mod sampling;
 pub mod sequence;
@@ -30,6 +31,7 @@ pub mod tokenizer;
 
 pub use defaults::{SamplingDefaults, SamplingSource};
 pub use download::{DownloadEvent, ProgressFn};
+pub use gemma3_model::FileType;
 pub use generate::{GenerateOptions, Generation, Generator, StopReason};
 pub use image::{Image, PanAndScan};
 pub use load::{Model, ModelSource, OpenOptions};
@@ -82,4 +84,6 @@ pub enum EngineError {
     /// A download that failed (network, server, or a file that does not check out).
     #[error("{0}")]
     Download(String),
+    #[error("cancelled")]
+    Cancelled,
 }

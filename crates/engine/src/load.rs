@@ -4,11 +4,12 @@
 
 use crate::chat::{hf_template_source, ChatTemplate};
 use crate::download::ProgressFn;
+use crate::quantize::Plan;
 use crate::resolve::{resolve, Locations, ResolveOptions, Resolved};
 use crate::tokenizer::Tokenizer;
 use crate::EngineError;
 use gemma3_formats::{GgufFile, HfDirectory};
-use gemma3_model::{TextModel, VisionTower};
+use gemma3_model::{FileType, TextModel, TextWeights, VisionTower, WeightSource};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -41,6 +42,10 @@ pub struct OpenOptions {
     pub offline: bool,
     /// Download progress (the library itself never prints).
     pub progress: Option<Arc<ProgressFn>>,
+    /// Quantize the weights at load to this llama.cpp file type (from f32/bf16/f16, or
+    /// requantizing a quantized GGUF): the result equals loading the file `gemma3 quantize`
+    /// writes. Tensor by tensor, each over the thread pool; no full-precision copy is held.
+    pub quantize: Option<FileType>,
 }
 
 /// What was loaded, for `info`.
@@ -66,7 +71,11 @@ const DEFAULT_MODEL_FILE: &str = "gemma-3-270m-q4_k_m.gguf";
 impl Model {
     /// Opens `path`: a directory is read as a Hugging Face checkpoint, a file as GGUF.
     pub fn open(path: impl AsRef<Path>) -> Result<Model, EngineError> {
-        let path = path.as_ref();
+        Model::open_path(path.as_ref(), None)
+    }
+
+    /// [`open`](Self::open), quantizing the weights at load when `quantize` is set.
+    fn open_path(path: &Path, quantize: Option<FileType>) -> Result<Model, EngineError> {
         if !path.exists() {
             return Err(EngineError::Load(format!(
                 "model path {} does not exist (give a .gguf file or a Hugging Face model directory)",
@@ -75,7 +84,10 @@ impl Model {
         }
         if path.is_dir() {
             let hf = HfDirectory::open(path)?;
-            let text = TextModel::from_hf(&hf)?;
+            let text = match quantize {
+                None => TextModel::from_hf(&hf)?,
+                Some(t) => quantized_text(Plan::for_hf(&hf, t)?)?,
+            };
             let tj = hf.tokenizer_json().ok_or_else(|| {
                 EngineError::Load(format!("{}: no tokenizer.json", path.display()))
             })?;
@@ -99,7 +111,10 @@ impl Model {
             Ok(model)
         } else {
             let g = GgufFile::open(path)?;
-            let text = TextModel::from_gguf(&g)?;
+            let text = match quantize {
+                None => TextModel::from_gguf(&g)?,
+                Some(t) => quantized_text(Plan::for_gguf(&g, t)?)?,
+            };
             let tokenizer = Tokenizer::from_gguf(&g)?;
             let source = g.get_str("tokenizer.chat_template").map(str::to_string);
             let chat_template = chat_template(source, &tokenizer).map_err(|e| e.to_string());
@@ -135,7 +150,7 @@ impl Model {
                 progress: opts.progress.as_deref(),
             },
         )?;
-        let mut model = Model::open(&resolved.path)?;
+        let mut model = Model::open_path(&resolved.path, opts.quantize)?;
         if let Some(p) = opts.mmproj.as_ref().or(resolved.mmproj.as_ref()) {
             model.load_mmproj(p)?;
         }
@@ -213,6 +228,14 @@ impl Model {
             None => Model::open(default_model_path(true)?),
         }
     }
+}
+
+/// The text model of a quantization plan, converted in memory.
+fn quantized_text(plan: Plan) -> Result<TextModel, EngineError> {
+    let cfg = plan.config.clone();
+    let tensors = plan.into_tensors()?;
+    let weights = TextWeights::load(&WeightSource::Tensors(&tensors), &cfg)?;
+    Ok(TextModel::new(cfg, weights))
 }
 
 /// The model's own template when it has one, else Gemma 3's; either prints the

@@ -77,6 +77,19 @@ impl TokenType {
         }
     }
 
+    /// GGUF's number for this kind.
+    pub fn to_gguf(self) -> i64 {
+        match self {
+            TokenType::Undefined => 0,
+            TokenType::Normal => 1,
+            TokenType::Unknown => 2,
+            TokenType::Control => 3,
+            TokenType::UserDefined => 4,
+            TokenType::Unused => 5,
+            TokenType::Byte => 6,
+        }
+    }
+
     /// Tokens that `parse_special` gates and `skip_special` hides (llama.cpp's attr_special).
     fn is_special(self) -> bool {
         matches!(self, TokenType::Control | TokenType::Unknown)

@@ -242,27 +242,7 @@ fn ids_with_an_image_give_transformers_logits() {
     let input = ids(&exp["input_ids"]);
     let img = Image::open(vlm().join("image.png")).unwrap();
     let views = m.image_views(&[img], None).unwrap();
-    let embeds = m.encode_image_views(&input, &views).unwrap();
-    let cfg = &m.text.cfg;
-    let vocab = cfg.vocab_size;
-    let mut cache = KvCache::new(cfg, 64, 64);
-    let mut ws = Workspace::new(cfg, 64);
-    let mut logits = vec![0f32; input.len() * vocab];
-    let inputs = ImageInputs {
-        image_token: m.image_tokens().unwrap().soft,
-        embeds: &embeds,
-    };
-    m.text
-        .forward_with(
-            &input,
-            Some(inputs),
-            &mut cache,
-            &mut ws,
-            Logits::All,
-            &mut |r, l| logits[r * vocab..(r + 1) * vocab].copy_from_slice(l),
-            None,
-        )
-        .unwrap();
+    let logits = image_logits(&m, &input, &views);
     let d = max_abs_diff(&logits, &exp["logits"]);
     assert!(d < 1e-4, "logits: {d}");
 
@@ -278,6 +258,80 @@ fn ids_with_an_image_give_transformers_logits() {
     let e = m.encode_image_views(&input, &two).unwrap_err();
     assert!(e.to_string().contains("1 run(s) of image tokens"), "{e}");
 }
+
+/// Logits of every position of `input`, its run of soft tokens taking the image.
+fn image_logits(m: &Model, input: &[u32], views: &gemma3_engine::ImageViews) -> Vec<f32> {
+    let embeds = m.encode_image_views(input, views).unwrap();
+    let cfg = &m.text.cfg;
+    let vocab = cfg.vocab_size;
+    let mut cache = KvCache::new(cfg, 64, 64);
+    let mut ws = Workspace::new(cfg, 64);
+    let mut logits = vec![0f32; input.len() * vocab];
+    let inputs = ImageInputs {
+        image_token: m.image_tokens().unwrap().soft,
+        embeds: &embeds,
+    };
+    m.text
+        .forward_with(
+            input,
+            Some(inputs),
+            &mut cache,
+            &mut ws,
+            Logits::All,
+            &mut |r, l| logits[r * vocab..(r + 1) * vocab].copy_from_slice(l),
+            None,
+        )
+        .unwrap();
+    logits
+}
+
+/// `gemma3 quantize --mmproj`'s writer: the tiny VLM's tower as llama.cpp's mmproj file
+/// (matrices f16; embeddings and 1-D tensors f32), attached to the same checkpoint in place
+/// of its own tower, gives the checkpoint's image-conditioned logits within f16 rounding.
+#[test]
+fn written_mmproj_gives_the_checkpoints_logits() {
+    use gemma3_engine::quantize::{mmproj_plan, write_gguf};
+    use gemma3_formats::{DType, GgufFile, HfDirectory};
+    let dir = with_tokenizer(&vlm(), "model.hub-layout.safetensors", 600, "mmproj-write");
+    let out = dir.join("mmproj-f16.gguf");
+    let plan = mmproj_plan(&HfDirectory::open(&dir).unwrap()).unwrap();
+    write_gguf(&plan, &out, false, &mut |_| true).unwrap();
+    let g = GgufFile::open(&out).unwrap();
+    assert_eq!(g.tensors.len(), 7 + 2 * 16);
+    for t in &g.tensors {
+        let want = if t.dims.len() < 2 || t.name.contains("_embd.") {
+            DType::F32
+        } else {
+            DType::F16
+        };
+        assert_eq!(t.dtype, want, "{}", t.name);
+    }
+    assert_eq!(g.get_str("clip.projector_type"), Some("gemma3"));
+
+    let exp = expected();
+    let input = ids(&exp["input_ids"]);
+    let img = Image::open(vlm().join("image.png")).unwrap();
+    let mut own = Model::open(&dir).unwrap();
+    own.set_precision(Precision::Exact);
+    let views = own.image_views(std::slice::from_ref(&img), None).unwrap();
+    let want = image_logits(&own, &input, &views);
+    let mut m = Model::open(&dir).unwrap();
+    m.set_precision(Precision::Exact);
+    m.load_mmproj(&out).unwrap();
+    let got = image_logits(&m, &input, &views);
+    let d = max_abs_diff(&got, &want);
+    // f16 keeps 11 significant bits: weights move by up to 2^-12 of themselves.
+    assert!(
+        d > 0.0 && d < F16_LOGIT_TOL,
+        "mmproj logits: max abs diff {d}"
+    );
+    assert!(max_abs_diff(&got, &exp["logits"]) < F16_LOGIT_TOL);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// How far f16 vision weights may move the tiny VLM's logits (values up to about 18; the
+/// written file moves them by 5.5e-3).
+const F16_LOGIT_TOL: f32 = 1.5e-2;
 
 #[test]
 fn bad_images_are_clear_errors() {

@@ -120,6 +120,8 @@ pub struct GgufFile {
     pub path: PathBuf,
     pub version: u32,
     pub metadata: BTreeMap<String, MetaValue>,
+    /// Metadata keys in file order (the map above is sorted).
+    pub metadata_order: Vec<String>,
     pub tensors: Vec<TensorInfo>,
     pub alignment: u64,
     pub data_offset: u64,
@@ -287,6 +289,7 @@ impl GgufFile {
             )));
         }
         let mut metadata = BTreeMap::new();
+        let mut metadata_order = Vec::new();
         for i in 0..n_kv {
             let key = c.string(&format!("metadata key {i}"))?;
             if key.len() as u64 > MAX_NAME {
@@ -294,7 +297,9 @@ impl GgufFile {
             }
             let ty = c.u32(&key)?;
             let v = c.value(ty, &key, 0)?;
-            metadata.insert(key, v);
+            if metadata.insert(key.clone(), v).is_none() {
+                metadata_order.push(key);
+            }
         }
         let alignment = match metadata.get("general.alignment") {
             None => 32,
@@ -386,6 +391,7 @@ impl GgufFile {
             path: path.to_path_buf(),
             version,
             metadata,
+            metadata_order,
             tensors,
             alignment,
             data_offset,
@@ -438,23 +444,45 @@ impl GgufFile {
     }
 }
 
-/// Writes GGUF v3 files: used by tests to build files with known contents, and by tools that
-/// convert weights.
+/// Tensor data and headers are padded to this many bytes (GGUF's default alignment).
+const ALIGNMENT: usize = 32;
+
+/// Builds GGUF v3 files: metadata in insertion order, then tensor infos, then the data,
+/// each tensor padded to [`ALIGNMENT`]. Small files (tests) are built in memory with
+/// [`tensor`](Self::tensor) and [`to_bytes`](Self::to_bytes); large ones declare their
+/// tensors with [`tensor_info`](Self::tensor_info) and stream the data through
+/// [`start`](Self::start), one tensor after another, so nothing is held whole in memory.
 #[derive(Default)]
 pub struct GgufWriter {
     kv: Vec<(String, MetaValue)>,
-    tensors: Vec<(String, Vec<u64>, DType, Vec<u8>)>,
+    tensors: Vec<PlannedTensor>,
+}
+
+struct PlannedTensor {
+    name: String,
+    /// ggml order (innermost first).
+    dims: Vec<u64>,
+    dtype: DType,
+    size: usize,
+    /// The bytes, for files built in memory.
+    data: Option<Vec<u8>>,
 }
 
 impl GgufWriter {
     pub fn new() -> Self {
         Self::default()
     }
+    /// Appends a metadata entry.
     pub fn meta(&mut self, key: &str, v: MetaValue) -> &mut Self {
         self.kv.push((key.to_string(), v));
         self
     }
-    /// Adds a tensor; `shape` is outermost first, `data` its stored bytes.
+    /// Sets a metadata entry, moving it to the end if it was there (as ggml's `gguf_set_*`).
+    pub fn set_meta(&mut self, key: &str, v: MetaValue) -> &mut Self {
+        self.kv.retain(|(k, _)| k != key);
+        self.meta(key, v)
+    }
+    /// Adds a tensor with its bytes; `shape` is outermost first.
     pub fn tensor(
         &mut self,
         name: &str,
@@ -462,8 +490,29 @@ impl GgufWriter {
         dtype: DType,
         data: Vec<u8>,
     ) -> &mut Self {
+        self.tensor_info(name, shape, dtype);
+        if let Some(t) = self.tensors.last_mut() {
+            t.size = data.len();
+            t.data = Some(data);
+        }
+        self
+    }
+    /// Declares a tensor whose bytes will be streamed later (see [`start`](Self::start)).
+    /// Its size follows from `shape` and `dtype`; a row that is not whole blocks counts as
+    /// an error when the data is written.
+    pub fn tensor_info(&mut self, name: &str, shape: &[usize], dtype: DType) -> &mut Self {
         let dims = shape.iter().rev().map(|&d| d as u64).collect();
-        self.tensors.push((name.to_string(), dims, dtype, data));
+        let rows: usize = shape[..shape.len().saturating_sub(1)].iter().product();
+        let size = dtype
+            .row_bytes(*shape.last().unwrap_or(&1))
+            .map_or(0, |rb| rb * rows);
+        self.tensors.push(PlannedTensor {
+            name: name.to_string(),
+            dims,
+            dtype,
+            size,
+            data: None,
+        });
         self
     }
 
@@ -512,8 +561,8 @@ impl GgufWriter {
         }
     }
 
-    pub fn to_bytes(&self) -> Vec<u8> {
-        let align = 32usize;
+    /// The header: magic, counts, metadata, tensor infos, padded to the data start.
+    fn header(&self) -> Vec<u8> {
         let mut out = Vec::new();
         out.extend(b"GGUF");
         out.extend(3u32.to_le_bytes());
@@ -525,21 +574,106 @@ impl GgufWriter {
             Self::put_value(&mut out, v);
         }
         let mut offset = 0usize;
-        for (name, dims, dtype, data) in &self.tensors {
-            Self::put_value(&mut out, &MetaValue::String(name.clone()));
-            out.extend((dims.len() as u32).to_le_bytes());
-            for d in dims {
+        for t in &self.tensors {
+            Self::put_value(&mut out, &MetaValue::String(t.name.clone()));
+            out.extend((t.dims.len() as u32).to_le_bytes());
+            for d in &t.dims {
                 out.extend(d.to_le_bytes());
             }
-            out.extend(dtype.ggml_id().to_le_bytes());
+            out.extend(t.dtype.ggml_id().to_le_bytes());
             out.extend((offset as u64).to_le_bytes());
-            offset += data.len().div_ceil(align) * align;
+            offset += t.size.div_ceil(ALIGNMENT) * ALIGNMENT;
         }
-        out.resize(out.len().div_ceil(align) * align, 0);
-        for (_, _, _, data) in &self.tensors {
-            out.extend(data);
-            out.resize(out.len().div_ceil(align) * align, 0);
-        }
+        out.resize(out.len().div_ceil(ALIGNMENT) * ALIGNMENT, 0);
         out
+    }
+
+    /// Writes the header to `out` and returns a stream that takes the tensors' bytes in
+    /// the order they were declared.
+    pub fn start<W: std::io::Write>(&self, mut out: W) -> std::io::Result<GgufStream<W>> {
+        out.write_all(&self.header())?;
+        Ok(GgufStream {
+            out,
+            sizes: self
+                .tensors
+                .iter()
+                .map(|t| (t.name.clone(), t.size))
+                .collect(),
+            current: 0,
+            written: 0,
+        })
+    }
+
+    /// The whole file in memory (every tensor must have been given its bytes).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut s = self.start(Vec::new()).expect("writing to memory");
+        for t in &self.tensors {
+            s.write_data(t.data.as_deref().unwrap_or_default())
+                .expect("tensor sizes were declared with their data");
+        }
+        s.finish().expect("every tensor was written")
+    }
+}
+
+/// The data section of a GGUF file being written: tensors' bytes in declaration order, in
+/// pieces of any size; padding is added as each tensor completes.
+pub struct GgufStream<W: std::io::Write> {
+    out: W,
+    sizes: Vec<(String, usize)>,
+    current: usize,
+    written: usize,
+}
+
+impl<W: std::io::Write> GgufStream<W> {
+    /// Appends bytes of the current tensor (a tensor may come in several pieces).
+    pub fn write_data(&mut self, mut bytes: &[u8]) -> std::io::Result<()> {
+        use std::io::{Error, ErrorKind};
+        if bytes.is_empty() && self.current < self.sizes.len() && self.sizes[self.current].1 == 0 {
+            return self.end_tensor();
+        }
+        while !bytes.is_empty() {
+            let Some((name, size)) = self.sizes.get(self.current) else {
+                return Err(Error::new(
+                    ErrorKind::InvalidInput,
+                    "more tensor data than the GGUF header declared",
+                ));
+            };
+            let take = (size - self.written).min(bytes.len());
+            if take == 0 {
+                return Err(Error::new(
+                    ErrorKind::InvalidInput,
+                    format!("tensor {name} declared with no data"),
+                ));
+            }
+            self.out.write_all(&bytes[..take])?;
+            self.written += take;
+            bytes = &bytes[take..];
+            if self.written == *size {
+                self.end_tensor()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn end_tensor(&mut self) -> std::io::Result<()> {
+        let size = self.sizes[self.current].1;
+        let pad = size.div_ceil(ALIGNMENT) * ALIGNMENT - size;
+        self.out.write_all(&[0u8; ALIGNMENT][..pad])?;
+        self.current += 1;
+        self.written = 0;
+        Ok(())
+    }
+
+    /// Checks that every declared tensor was written, flushes, and hands back the writer.
+    pub fn finish(mut self) -> std::io::Result<W> {
+        if self.current != self.sizes.len() {
+            let name = &self.sizes[self.current].0;
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("tensor {name} and those after it were not written"),
+            ));
+        }
+        self.out.flush()?;
+        Ok(self.out)
     }
 }

@@ -1,12 +1,13 @@
 //! Reading model files: GGUF (metadata, tensor infos, memory-mapped data), safetensors and
 //! Hugging Face directories, and the block layouts of ggml's quantized types with their
-//! reference dequantization. Nothing here knows what Gemma is.
+//! reference dequantization and quantization. Nothing here knows what Gemma is.
 
 pub mod dtype;
 pub mod error;
 pub mod gguf;
 pub mod hf;
 pub mod quant;
+pub mod quantize;
 pub mod tensor;
 
 pub use dtype::DType;

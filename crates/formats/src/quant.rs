@@ -3,7 +3,6 @@
 //! against, so they favour clarity over speed.
 
 use crate::DType;
-use half::f16;
 
 #[inline(always)]
 pub fn f16_at(b: &[u8], i: usize) -> f32 {
@@ -231,21 +230,6 @@ pub fn dequant_q6_k(b: &[u8], y: &mut [f32]) {
             o[l + 32] = d * (sc[is + 2] as i8) as f32 * q2 as f32;
             o[l + 64] = d * (sc[is + 4] as i8) as f32 * q3 as f32;
             o[l + 96] = d * (sc[is + 6] as i8) as f32 * q4 as f32;
-        }
-    }
-}
-
-/// Quantizes f32 values to Q8_0 blocks (round to nearest, as ggml's reference does).
-/// Used to build test data and for 8-bit activations.
-pub fn quantize_q8_0(x: &[f32], out: &mut Vec<u8>) {
-    for blk in x.chunks(32) {
-        let amax = blk.iter().fold(0f32, |a, v| a.max(v.abs()));
-        let d = amax / 127.0;
-        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-        out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
-        for j in 0..32 {
-            let v = blk.get(j).copied().unwrap_or(0.0);
-            out.push((v * id).round() as i8 as u8);
         }
     }
 }

@@ -101,11 +101,41 @@ impl TensorData {
         })
     }
 
+    /// A tensor over its own bytes (converted or quantized weights).
+    pub fn owned(name: &str, dtype: DType, shape: Vec<usize>, bytes: Vec<u8>) -> Result<Self> {
+        let len = bytes.len();
+        TensorData::new(name.to_string(), dtype, shape, Arc::new(bytes), 0..len)
+    }
+
+    /// The first `n` rows (outermost dimension) of this tensor, sharing its bytes.
+    pub fn first_rows(&self, n: usize) -> Result<Self> {
+        let mut shape = self.shape.clone();
+        let outer = shape.first_mut().ok_or_else(|| FormatError::Tensor {
+            name: self.name.clone(),
+            what: "has no rows".into(),
+        })?;
+        if n > *outer {
+            return Err(FormatError::Tensor {
+                name: self.name.clone(),
+                what: format!("has {outer} rows, fewer than {n}"),
+            });
+        }
+        let per_row = self.range.len() / (*outer).max(1);
+        *outer = n;
+        let start = self.range.start;
+        TensorData::new(
+            self.name.clone(),
+            self.dtype,
+            shape,
+            self.backing.clone(),
+            start..start + n * per_row,
+        )
+    }
+
     /// An owned f32 tensor (tests, small converted weights).
     pub fn from_f32(name: &str, shape: Vec<usize>, values: &[f32]) -> Result<Self> {
         let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        let len = bytes.len();
-        TensorData::new(name.to_string(), DType::F32, shape, Arc::new(bytes), 0..len)
+        TensorData::owned(name, DType::F32, shape, bytes)
     }
 
     /// Hands the pages of bytes `range` of this tensor back to the OS (see

@@ -203,3 +203,44 @@ fn malformed_safetensors() {
     assert!(e.contains("config.json"), "{e}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Declared tensors streamed in pieces of any size give the in-memory file; writing more
+/// or less than the header declared is an error.
+#[test]
+fn streamed_tensors_equal_the_in_memory_file() {
+    let full = sample().to_bytes();
+    let mut w = sample();
+    let m: Vec<u8> = (0..12)
+        .flat_map(|i| (i as f32 * 0.5).to_le_bytes())
+        .collect();
+    let mut q8 = half::f16::from_f32(1.0).to_le_bytes().to_vec();
+    q8.extend((0..32).map(|i| i as u8));
+    let mut plain = GgufWriter::new();
+    plain.meta("general.architecture", MetaValue::String("gemma3".into()));
+    plain.tensor_info("m", &[3, 4], DType::F32);
+    plain.tensor_info("q", &[1, 32], DType::Q8_0);
+    let mut s = plain.start(Vec::new()).unwrap();
+    for piece in m.chunks(5).chain(q8.chunks(7)) {
+        s.write_data(piece).unwrap();
+    }
+    let streamed = s.finish().unwrap();
+    let g = GgufFile::from_bytes("s.gguf", streamed).unwrap();
+    assert_eq!(g.tensor("m").unwrap().bytes(), &m[..]);
+    assert_eq!(g.tensor("q").unwrap().bytes(), &q8[..]);
+    assert_eq!(g.metadata_order, ["general.architecture"]);
+    // set_meta moves a key to the end, as ggml's gguf_set_* does.
+    w.set_meta("u8", MetaValue::U8(8));
+    let g = GgufFile::from_bytes("w.gguf", w.to_bytes()).unwrap();
+    assert_eq!(g.metadata_order.last().map(String::as_str), Some("u8"));
+    assert_eq!(full.len(), w.to_bytes().len());
+
+    let mut s = plain.start(Vec::new()).unwrap();
+    s.write_data(&m).unwrap();
+    let e = s.finish().unwrap_err();
+    assert!(e.to_string().contains("tensor q"), "{e}");
+    let mut s = plain.start(Vec::new()).unwrap();
+    let e = s
+        .write_data(&vec![0u8; m.len() + q8.len() + 1])
+        .unwrap_err();
+    assert!(e.to_string().contains("more tensor data"), "{e}");
+}

@@ -4,6 +4,7 @@
 
 pub mod cache;
 pub mod config;
+pub mod quantize;
 pub mod text;
 pub mod vision;
 pub mod weights;
@@ -11,6 +12,7 @@ pub mod weights;
 pub use cache::{KvCache, KvTypes, MAX_BATCH};
 pub use config::{LayerKind, TextConfig};
 pub use gemma3_kernels::Precision;
+pub use quantize::FileType;
 pub use text::{
     attention_mask, chunk_end, key_range, ImageInputs, Logits, OnLogits, OnStage, SeqChunk, Stage,
     TextModel, Workspace,

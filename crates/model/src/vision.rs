@@ -270,6 +270,109 @@ impl VisionConfig {
     }
 }
 
+/// The tower's and the projector's name prefixes in a Hugging Face checkpoint (the hub's
+/// `vision_tower.vision_model.*` or transformers 5's `vision_tower.*`, either under `model.`).
+pub fn hf_prefixes(dir: &HfDirectory) -> Result<(&'static str, &'static str), ModelError> {
+    let tower = [
+        "vision_tower.vision_model.",
+        "vision_tower.",
+        "model.vision_tower.vision_model.",
+        "model.vision_tower.",
+    ]
+    .into_iter()
+    .find(|p| {
+        dir.tensors
+            .contains_key(&format!("{p}embeddings.patch_embedding.weight"))
+    })
+    .ok_or_else(|| {
+        ModelError::Weights(format!(
+            "{}: config.json has a vision_config but no vision_tower.*embeddings.patch_embedding.weight",
+            dir.dir.display()
+        ))
+    })?;
+    let projector = ["multi_modal_projector.", "model.multi_modal_projector."]
+        .into_iter()
+        .find(|p| {
+            dir.tensors
+                .contains_key(&format!("{p}mm_input_projection_weight"))
+        })
+        .unwrap_or("multi_modal_projector.");
+    Ok((tower, projector))
+}
+
+/// Per-layer tensors of the tower: Hugging Face name under `encoder.layers.N.`, mmproj name
+/// under `v.blk.N.`.
+pub const LAYER_TENSORS: [(&str, &str); 16] = [
+    ("layer_norm1.weight", "ln1.weight"),
+    ("layer_norm1.bias", "ln1.bias"),
+    ("self_attn.q_proj.weight", "attn_q.weight"),
+    ("self_attn.q_proj.bias", "attn_q.bias"),
+    ("self_attn.k_proj.weight", "attn_k.weight"),
+    ("self_attn.k_proj.bias", "attn_k.bias"),
+    ("self_attn.v_proj.weight", "attn_v.weight"),
+    ("self_attn.v_proj.bias", "attn_v.bias"),
+    ("self_attn.out_proj.weight", "attn_out.weight"),
+    ("self_attn.out_proj.bias", "attn_out.bias"),
+    ("layer_norm2.weight", "ln2.weight"),
+    ("layer_norm2.bias", "ln2.bias"),
+    ("mlp.fc1.weight", "ffn_up.weight"),
+    ("mlp.fc1.bias", "ffn_up.bias"),
+    ("mlp.fc2.weight", "ffn_down.weight"),
+    ("mlp.fc2.bias", "ffn_down.bias"),
+];
+
+/// Tensors outside the layers: Hugging Face name (under the tower prefix, or the projector
+/// prefix when it starts with `mm:`), mmproj name.
+pub const GLOBAL_TENSORS: [(&str, &str); 7] = [
+    ("embeddings.patch_embedding.weight", "v.patch_embd.weight"),
+    ("embeddings.patch_embedding.bias", "v.patch_embd.bias"),
+    (
+        "embeddings.position_embedding.weight",
+        "v.position_embd.weight",
+    ),
+    ("post_layernorm.weight", "v.post_ln.weight"),
+    ("post_layernorm.bias", "v.post_ln.bias"),
+    (
+        "mm:mm_input_projection_weight",
+        "mm.input_projection.weight",
+    ),
+    ("mm:mm_soft_emb_norm.weight", "mm.soft_emb_norm.weight"),
+];
+
+/// The mmproj name of a layer tensor given by its Hugging Face name.
+fn mmproj_layer_name(hf: &str) -> &'static str {
+    LAYER_TENSORS
+        .iter()
+        .find(|(h, _)| *h == hf)
+        .map(|(_, g)| *g)
+        .expect("a name listed in LAYER_TENSORS")
+}
+
+/// The projector norm: stored zero-centred by Hugging Face, as `1 + w` in an mmproj file.
+pub const SOFT_NORM_MMPROJ: &str = "mm.soft_emb_norm.weight";
+
+/// Every (Hugging Face name, mmproj name) pair of a tower with `num_layers` layers, with
+/// the checkpoint's prefixes applied.
+pub fn mmproj_names(tower: &str, projector: &str, num_layers: usize) -> Vec<(String, String)> {
+    let resolve = |hf: &str| match hf.strip_prefix("mm:") {
+        Some(rest) => format!("{projector}{rest}"),
+        None => format!("{tower}{hf}"),
+    };
+    let mut out: Vec<(String, String)> = GLOBAL_TENSORS
+        .iter()
+        .map(|(h, g)| (resolve(h), g.to_string()))
+        .collect();
+    for i in 0..num_layers {
+        for (h, g) in LAYER_TENSORS {
+            out.push((
+                format!("{tower}encoder.layers.{i}.{h}"),
+                format!("v.blk.{i}.{g}"),
+            ));
+        }
+    }
+    out
+}
+
 /// One encoder layer.
 pub struct VisionLayer {
     pub ln1_w: Vec<f32>,
@@ -380,25 +483,25 @@ impl VisionWeights {
         for i in 0..cfg.num_layers {
             let hf = |s: &str| format!("encoder.layers.{i}.{s}");
             let gg = |s: &str| format!("v.blk.{i}.{s}");
-            let mat = |h: &str, g: &str, r, c| src.matrix(&hf(h), &gg(g), r, c);
-            let vec = |h: &str, g: &str, n| src.vector(&hf(h), &gg(g), n);
+            let mat = |h: &str, r, c| src.matrix(&hf(h), &gg(mmproj_layer_name(h)), r, c);
+            let vec = |h: &str, n| src.vector(&hf(h), &gg(mmproj_layer_name(h)), n);
             layers.push(VisionLayer {
-                ln1_w: vec("layer_norm1.weight", "ln1.weight", d)?,
-                ln1_b: vec("layer_norm1.bias", "ln1.bias", d)?,
-                q: mat("self_attn.q_proj.weight", "attn_q.weight", d, d)?,
-                q_b: vec("self_attn.q_proj.bias", "attn_q.bias", d)?,
-                k: mat("self_attn.k_proj.weight", "attn_k.weight", d, d)?,
-                k_b: vec("self_attn.k_proj.bias", "attn_k.bias", d)?,
-                v: mat("self_attn.v_proj.weight", "attn_v.weight", d, d)?,
-                v_b: vec("self_attn.v_proj.bias", "attn_v.bias", d)?,
-                o: mat("self_attn.out_proj.weight", "attn_out.weight", d, d)?,
-                o_b: vec("self_attn.out_proj.bias", "attn_out.bias", d)?,
-                ln2_w: vec("layer_norm2.weight", "ln2.weight", d)?,
-                ln2_b: vec("layer_norm2.bias", "ln2.bias", d)?,
-                fc1: mat("mlp.fc1.weight", "ffn_up.weight", f, d)?,
-                fc1_b: vec("mlp.fc1.bias", "ffn_up.bias", f)?,
-                fc2: mat("mlp.fc2.weight", "ffn_down.weight", d, f)?,
-                fc2_b: vec("mlp.fc2.bias", "ffn_down.bias", d)?,
+                ln1_w: vec("layer_norm1.weight", d)?,
+                ln1_b: vec("layer_norm1.bias", d)?,
+                q: mat("self_attn.q_proj.weight", d, d)?,
+                q_b: vec("self_attn.q_proj.bias", d)?,
+                k: mat("self_attn.k_proj.weight", d, d)?,
+                k_b: vec("self_attn.k_proj.bias", d)?,
+                v: mat("self_attn.v_proj.weight", d, d)?,
+                v_b: vec("self_attn.v_proj.bias", d)?,
+                o: mat("self_attn.out_proj.weight", d, d)?,
+                o_b: vec("self_attn.out_proj.bias", d)?,
+                ln2_w: vec("layer_norm2.weight", d)?,
+                ln2_b: vec("layer_norm2.bias", d)?,
+                fc1: mat("mlp.fc1.weight", f, d)?,
+                fc1_b: vec("mlp.fc1.bias", f)?,
+                fc2: mat("mlp.fc2.weight", d, f)?,
+                fc2_b: vec("mlp.fc2.bias", d)?,
             });
         }
         // Hugging Face stores the projector norm zero-centred; llama.cpp's converter adds 1.
@@ -461,30 +564,7 @@ impl VisionTower {
         let Some(cfg) = VisionConfig::from_hf_json(&dir.config)? else {
             return Ok(None);
         };
-        let tower = [
-            "vision_tower.vision_model.",
-            "vision_tower.",
-            "model.vision_tower.vision_model.",
-            "model.vision_tower.",
-        ]
-        .into_iter()
-        .find(|p| {
-            dir.tensors
-                .contains_key(&format!("{p}embeddings.patch_embedding.weight"))
-        })
-        .ok_or_else(|| {
-            ModelError::Weights(format!(
-                "{}: config.json has a vision_config but no vision_tower.*embeddings.patch_embedding.weight",
-                dir.dir.display()
-            ))
-        })?;
-        let projector = ["multi_modal_projector.", "model.multi_modal_projector."]
-            .into_iter()
-            .find(|p| {
-                dir.tensors
-                    .contains_key(&format!("{p}mm_input_projection_weight"))
-            })
-            .unwrap_or("multi_modal_projector.");
+        let (tower, projector) = hf_prefixes(dir)?;
         let src = Src::Hf {
             dir,
             tower,

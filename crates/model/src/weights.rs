@@ -4,12 +4,94 @@
 use crate::{ModelError, TextConfig};
 use gemma3_formats::{GgufFile, HfDirectory, TensorData};
 use gemma3_kernels::Linear;
+use std::collections::BTreeMap;
 
 /// Where weights come from; `norm_offset` is added to RMSNorm weights (Hugging Face stores
 /// `w` and the model uses `1 + w`; GGUF already stores `1 + w`).
 pub enum WeightSource<'a> {
     Gguf(&'a GgufFile),
     Hf(&'a HfDirectory),
+    /// Tensors under GGUF names and conventions, held in memory (a checkpoint converted or
+    /// quantized at load).
+    Tensors(&'a BTreeMap<String, TensorData>),
+}
+
+/// The decoder's per-layer tensors: role, GGUF name (`blk.N.<name>.weight`), Hugging Face
+/// name (`<prefix>layers.N.<name>.weight`).
+pub const LAYER_TENSORS: [(&str, &str, &str); 13] = [
+    ("attn_norm", "attn_norm", "input_layernorm"),
+    ("q", "attn_q", "self_attn.q_proj"),
+    ("k", "attn_k", "self_attn.k_proj"),
+    ("v", "attn_v", "self_attn.v_proj"),
+    ("o", "attn_output", "self_attn.o_proj"),
+    ("q_norm", "attn_q_norm", "self_attn.q_norm"),
+    ("k_norm", "attn_k_norm", "self_attn.k_norm"),
+    (
+        "post_attn_norm",
+        "post_attention_norm",
+        "post_attention_layernorm",
+    ),
+    ("pre_ffn_norm", "ffn_norm", "pre_feedforward_layernorm"),
+    (
+        "post_ffn_norm",
+        "post_ffw_norm",
+        "post_feedforward_layernorm",
+    ),
+    ("gate", "ffn_gate", "mlp.gate_proj"),
+    ("up", "ffn_up", "mlp.up_proj"),
+    ("down", "ffn_down", "mlp.down_proj"),
+];
+
+/// Tensors outside the layers.
+#[derive(Clone, Copy)]
+pub enum GlobalTensor {
+    Embed,
+    FinalNorm,
+    /// A separate output projection (Gemma 3 ties it to the embedding).
+    Output,
+}
+
+impl GlobalTensor {
+    pub fn gguf(self) -> &'static str {
+        match self {
+            GlobalTensor::Embed => "token_embd.weight",
+            GlobalTensor::FinalNorm => "output_norm.weight",
+            GlobalTensor::Output => "output.weight",
+        }
+    }
+}
+
+/// How a source names its tensors: GGUF names, or Hugging Face names under a prefix.
+pub struct TensorNames {
+    hf_prefix: Option<&'static str>,
+}
+
+impl TensorNames {
+    pub fn global(&self, t: GlobalTensor) -> String {
+        match (self.hf_prefix, t) {
+            (None, t) => t.gguf().to_string(),
+            (Some(p), GlobalTensor::Embed) => format!("{p}embed_tokens.weight"),
+            (Some(p), GlobalTensor::FinalNorm) => format!("{p}norm.weight"),
+            (Some(_), GlobalTensor::Output) => "lm_head.weight".to_string(),
+        }
+    }
+
+    /// The name of layer `i`'s tensor `role` (see [`LAYER_TENSORS`]).
+    pub fn layer(&self, i: usize, role: &str) -> String {
+        let (_, gguf, hf) = LAYER_TENSORS
+            .iter()
+            .find(|(r, _, _)| *r == role)
+            .expect("a role listed in LAYER_TENSORS");
+        match self.hf_prefix {
+            None => format!("blk.{i}.{gguf}.weight"),
+            Some(p) => format!("{p}layers.{i}.{hf}.weight"),
+        }
+    }
+}
+
+/// Whether a GGUF text tensor is an RMSNorm weight (stored as `1 + w` in GGUF).
+pub fn is_norm(gguf_name: &str) -> bool {
+    gguf_name.ends_with("norm.weight")
 }
 
 pub struct LayerWeights {
@@ -43,17 +125,32 @@ impl WeightSource<'_> {
         Ok(match self {
             WeightSource::Gguf(g) => g.tensor(name)?,
             WeightSource::Hf(h) => h.tensor(name)?,
+            WeightSource::Tensors(m) => m
+                .get(name)
+                .cloned()
+                .ok_or_else(|| ModelError::Weights(format!("tensor {name} is missing")))?,
         })
     }
     fn has(&self, name: &str) -> bool {
         match self {
             WeightSource::Gguf(g) => g.tensor_info(name).is_some(),
             WeightSource::Hf(h) => h.tensors.contains_key(name),
+            WeightSource::Tensors(m) => m.contains_key(name),
         }
     }
 
+    /// How this source names the decoder's tensors.
+    pub fn names(&self) -> Result<TensorNames, ModelError> {
+        Ok(TensorNames {
+            hf_prefix: match self {
+                WeightSource::Hf(_) => Some(self.hf_prefix()?),
+                _ => None,
+            },
+        })
+    }
+
     /// The prefix of text-decoder tensors in a Hugging Face checkpoint.
-    fn hf_prefix(&self) -> Result<&'static str, ModelError> {
+    pub fn hf_prefix(&self) -> Result<&'static str, ModelError> {
         for p in ["model.", "language_model.model.", "model.language_model."] {
             if self.has(&format!("{p}embed_tokens.weight")) {
                 return Ok(p);
@@ -89,64 +186,14 @@ impl TextWeights {
         let kvd = cfg.num_kv_heads * cfg.head_dim;
         let ff = cfg.intermediate_size;
         let hd = cfg.head_dim;
-        let (embed_name, final_norm_name, head_name, layer_name): (
-            String,
-            String,
-            &str,
-            Box<dyn Fn(usize, &str) -> String>,
-        ) = match src {
-            WeightSource::Gguf(_) => (
-                "token_embd.weight".into(),
-                "output_norm.weight".into(),
-                "output.weight",
-                Box::new(|i, n| {
-                    let g = match n {
-                        "attn_norm" => "attn_norm",
-                        "q" => "attn_q",
-                        "k" => "attn_k",
-                        "v" => "attn_v",
-                        "o" => "attn_output",
-                        "q_norm" => "attn_q_norm",
-                        "k_norm" => "attn_k_norm",
-                        "post_attn_norm" => "post_attention_norm",
-                        "pre_ffn_norm" => "ffn_norm",
-                        "post_ffn_norm" => "post_ffw_norm",
-                        "gate" => "ffn_gate",
-                        "up" => "ffn_up",
-                        "down" => "ffn_down",
-                        _ => unreachable!(),
-                    };
-                    format!("blk.{i}.{g}.weight")
-                }),
-            ),
-            WeightSource::Hf(_) => {
-                let p = src.hf_prefix()?;
-                (
-                    format!("{p}embed_tokens.weight"),
-                    format!("{p}norm.weight"),
-                    "lm_head.weight",
-                    Box::new(move |i, n| {
-                        let g = match n {
-                            "attn_norm" => "input_layernorm",
-                            "q" => "self_attn.q_proj",
-                            "k" => "self_attn.k_proj",
-                            "v" => "self_attn.v_proj",
-                            "o" => "self_attn.o_proj",
-                            "q_norm" => "self_attn.q_norm",
-                            "k_norm" => "self_attn.k_norm",
-                            "post_attn_norm" => "post_attention_layernorm",
-                            "pre_ffn_norm" => "pre_feedforward_layernorm",
-                            "post_ffn_norm" => "post_feedforward_layernorm",
-                            "gate" => "mlp.gate_proj",
-                            "up" => "mlp.up_proj",
-                            "down" => "mlp.down_proj",
-                            _ => unreachable!(),
-                        };
-                        format!("{p}layers.{i}.{g}.weight")
-                    }),
-                )
-            }
-        };
+        let names = src.names()?;
+        let (embed_name, final_norm_name, head_name) = (
+            names.global(GlobalTensor::Embed),
+            names.global(GlobalTensor::FinalNorm),
+            names.global(GlobalTensor::Output),
+        );
+        let head_name = head_name.as_str();
+        let layer_name = |i: usize, role: &str| names.layer(i, role);
         let embed = src.matrix(&embed_name, cfg.vocab_size, h)?;
         let lm_head = Linear::new(if src.has(head_name) {
             src.matrix(head_name, cfg.vocab_size, h)?
