@@ -7,7 +7,7 @@ use clap::Args;
 use gemma3_formats::{DType, TensorData};
 use gemma3_kernels::{matmul_weights, Linear, Precision};
 use gemma3_model::vision::{VisionLayer, VisionWeights};
-use gemma3_model::{KvCache, Logits, VisionConfig, VisionTower, Workspace, MAX_BATCH};
+use gemma3_model::{KvCache, Logits, SeqChunk, VisionConfig, VisionTower, Workspace, MAX_BATCH};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -58,6 +58,10 @@ pub struct BenchArgs {
         default_value = "0"
     )]
     pub depth: Vec<usize>,
+    /// Sequences decoded together in each tg test (as a server's concurrent streams): one
+    /// forward pass per step takes every sequence's next token; t/s counts all of them
+    #[arg(short = 's', long, value_delimiter = ',', default_value = "1")]
+    pub sequences: Vec<usize>,
     /// Repetitions per test
     #[arg(short = 'r', long, default_value_t = 5)]
     pub reps: usize,
@@ -86,6 +90,9 @@ struct Row {
     mean: f64,
     sd: f64,
     reps: usize,
+    /// tg: the tokens/s the measured memory bandwidth allows, reading every weight and the
+    /// keys and values attended once per token.
+    bound: Option<f64>,
 }
 
 fn mean_sd(xs: &[f64]) -> (f64, f64) {
@@ -153,12 +160,14 @@ pub fn run(a: BenchArgs) -> Result<()> {
             .build()
             .context("thread pool")?;
         pool.install(|| -> Result<()> {
+            let mut gbps = 0.0;
             if a.n_gen.iter().any(|&n| n > 0) {
                 // Decoding reads every weight once per token: say what memory allows.
-                let (gbps, bytes) = (stream_read_gbps(), model.text.weights.bytes() as f64);
+                gbps = stream_read_gbps();
+                let bytes = model.text.weights.bytes() as f64;
                 eprintln!(
                     "{t} threads: memory streams {gbps:.1} GB/s; the weights are {:.1} MB, so tg \
-                     is bound near {:.0} t/s",
+                     is bound near {:.0} t/s (less at depth: the keys and values are read too)",
                     bytes / 1e6,
                     gbps * 1e9 / bytes
                 );
@@ -194,41 +203,82 @@ pub fn run(a: BenchArgs) -> Result<()> {
             let tests: Vec<_> = tests.chain(a.n_gen.iter().map(|&n| ("tg", n))).collect();
             for &d in &a.depth {
                 for &(kind, len) in tests.iter().filter(|t| t.1 > 0) {
-                    let mut speeds = vec![];
-                    for _ in 0..a.reps {
-                        fill(&mut cache, &mut ws, d)?;
-                        let batch = if kind == "pp" { len } else { 1 };
-                        let t0 = Instant::now();
-                        for chunk in tokens[d..d + len].chunks(batch) {
-                            model.text.forward(
-                                chunk,
-                                &mut cache,
-                                &mut ws,
-                                Logits::Last,
-                                &mut |_, _| {},
-                            )?;
+                    let seqs: &[usize] = if kind == "tg" { &a.sequences } else { &[1] };
+                    for &n_seq in seqs {
+                        let mut speeds = vec![];
+                        for _ in 0..a.reps {
+                            let t = if n_seq == 1 {
+                                fill(&mut cache, &mut ws, d)?;
+                                let batch = if kind == "pp" { len } else { 1 };
+                                let t0 = Instant::now();
+                                for chunk in tokens[d..d + len].chunks(batch) {
+                                    model.text.forward(
+                                        chunk,
+                                        &mut cache,
+                                        &mut ws,
+                                        Logits::Last,
+                                        &mut |_, _| {},
+                                    )?;
+                                }
+                                t0.elapsed()
+                            } else {
+                                let mut caches: Vec<KvCache> = (0..n_seq)
+                                    .map(|_| model.text.new_cache(ctx, MAX_BATCH))
+                                    .collect();
+                                for c in &mut caches {
+                                    fill(c, &mut ws, d)?;
+                                }
+                                let t0 = Instant::now();
+                                for step in 0..len {
+                                    let tok = [tokens[d + step]];
+                                    let mut chunks: Vec<SeqChunk> = caches
+                                        .iter_mut()
+                                        .map(|c| SeqChunk::new(&tok, c, Logits::Last))
+                                        .collect();
+                                    model.text.forward_batch(
+                                        &mut chunks,
+                                        &mut ws,
+                                        &mut |_, _, _| {},
+                                        None,
+                                    )?;
+                                }
+                                t0.elapsed()
+                            };
+                            speeds.push((n_seq * len) as f64 / t.as_secs_f64());
                         }
-                        speeds.push(len as f64 / t0.elapsed().as_secs_f64());
+                        let (mean, sd) = mean_sd(&speeds);
+                        let bound = (kind == "tg" && gbps > 0.0).then(|| {
+                            // The middle step of the run attends to d + len/2 positions in
+                            // each sequence; the weights are read once for all of them.
+                            let w = model.text.weights.bytes();
+                            let kv = token_bytes(&model.text, d + len / 2) - w;
+                            n_seq as f64 * gbps * 1e9 / (w + n_seq * kv) as f64
+                        });
+                        let name = match n_seq {
+                            1 => format!("{kind}{len}"),
+                            n => format!("{kind}{len} x{n}"),
+                        };
+                        rows.push(Row {
+                            test: label(name, d),
+                            depth: d,
+                            threads: t,
+                            mean,
+                            sd,
+                            reps: a.reps,
+                            bound,
+                        });
                     }
-                    let (mean, sd) = mean_sd(&speeds);
-                    rows.push(Row {
-                        test: label(format!("{kind}{len}"), d),
-                        depth: d,
-                        threads: t,
-                        mean,
-                        sd,
-                        reps: a.reps,
-                    });
                 }
             }
             Ok(())
         })?;
     }
+    let kv = model.text.kv_types().label();
     if a.json {
         let v: Vec<serde_json::Value> = rows
             .iter()
             .map(|r| {
-                serde_json::json!({"test": r.test, "threads": r.threads, "tokens_per_s": r.mean, "sd": r.sd, "reps": r.reps, "depth": r.depth})
+                serde_json::json!({"test": r.test, "threads": r.threads, "tokens_per_s": r.mean, "sd": r.sd, "reps": r.reps, "depth": r.depth, "kv": kv, "bound_tokens_per_s": r.bound})
             })
             .collect();
         println!("{}", serde_json::to_string_pretty(&v)?);
@@ -239,11 +289,14 @@ pub fn run(a: BenchArgs) -> Result<()> {
             .file_name()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
-        println!("| model | size | precision | threads | test | t/s |");
-        println!("| --- | ---: | --- | ---: | ---: | ---: |");
+        println!("| model | size | precision | kv | threads | test | t/s | of bound |");
+        println!("| --- | ---: | --- | --- | ---: | ---: | ---: | ---: |");
         for r in &rows {
+            let of_bound = r.bound.map_or(String::new(), |b| {
+                format!("{:.0}% of {b:.0}", 100.0 * r.mean / b)
+            });
             println!(
-                "| {name} | {:.2} MiB | {:?} | {} | {} | {:.2} ± {:.2} |",
+                "| {name} | {:.2} MiB | {:?} | {kv} | {} | {} | {:.2} ± {:.2} | {of_bound} |",
                 model.text.weights.bytes() as f64 / (1 << 20) as f64,
                 model.text.precision,
                 r.threads,
@@ -355,6 +408,7 @@ fn kernels(a: &BenchArgs) -> Result<()> {
             let layout = if w.packed.is_some() { " (packed)" } else { "" };
             for &(n, precision) in &[
                 (1usize, Precision::Fast),
+                (16, Precision::Fast),
                 (64, Precision::Fast),
                 (1, Precision::Exact),
             ] {
@@ -383,6 +437,22 @@ fn kernels(a: &BenchArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Bytes a decode step reads at `positions` of context: every weight, and the keys and
+/// values each layer attends to (its window in sliding layers).
+fn token_bytes(m: &gemma3_model::TextModel, positions: usize) -> usize {
+    let cfg = &m.cfg;
+    let per_position = m.kv_types().bytes_per_position(cfg);
+    let attended: usize = cfg
+        .layer_kinds
+        .iter()
+        .map(|k| match k {
+            gemma3_model::LayerKind::Full => positions,
+            gemma3_model::LayerKind::Sliding => positions.min(cfg.sliding_window),
+        })
+        .sum();
+    m.weights.bytes() + attended * per_position
 }
 
 /// The memory bandwidth the weight kernels are measured against: the best of five parallel

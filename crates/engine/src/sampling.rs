@@ -138,18 +138,12 @@ impl Sampler {
         }
         let params = &self.params;
         let c = &mut self.candidates;
-        c.clear();
-        c.extend(logits.iter().enumerate().map(|(i, &l)| (i as u32, l)));
-        // top-k: partial selection, then sort only what is kept.
-        let k = if params.top_k == 0 {
-            c.len()
-        } else {
-            params.top_k.min(c.len())
-        };
         let by_logit = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
-        if k < c.len() {
-            c.select_nth_unstable_by(k, by_logit);
-            c.truncate(k);
+        if params.top_k == 0 || params.top_k >= logits.len() {
+            c.clear();
+            c.extend(logits.iter().enumerate().map(|(i, &l)| (i as u32, l)));
+        } else {
+            top_k(logits, params.top_k, c);
         }
         c.sort_unstable_by(by_logit);
         // Probabilities at temperature 1 for top-p / min-p, as llama.cpp filters before
@@ -225,6 +219,42 @@ impl Sampler {
     }
 }
 
+/// The `k` largest logits with their ids (ties to the lower id), in no order: one pass
+/// that keeps the current best `k` in a min-heap, so a large vocabulary is never copied.
+fn top_k(logits: &[f32], k: usize, out: &mut Vec<(u32, f32)>) {
+    use std::cmp::Reverse;
+    use std::collections::BinaryHeap;
+    /// Orders by logit, then by *lower* id as the better: the heap's minimum is the
+    /// candidate to drop.
+    #[derive(PartialEq)]
+    struct Cand(f32, Reverse<u32>);
+    impl Eq for Cand {}
+    impl PartialOrd for Cand {
+        fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+            Some(self.cmp(o))
+        }
+    }
+    impl Ord for Cand {
+        fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+            self.0.total_cmp(&o.0).then(self.1.cmp(&o.1))
+        }
+    }
+    let mut heap: BinaryHeap<Reverse<Cand>> = BinaryHeap::with_capacity(k + 1);
+    for (i, &l) in logits.iter().enumerate() {
+        if heap.len() < k {
+            heap.push(Reverse(Cand(l, Reverse(i as u32))));
+        } else if let Some(Reverse(min)) = heap.peek() {
+            // Later ids lose ties, so only a strictly larger logit gets in.
+            if l.total_cmp(&min.0).is_gt() {
+                heap.pop();
+                heap.push(Reverse(Cand(l, Reverse(i as u32))));
+            }
+        }
+    }
+    out.clear();
+    out.extend(heap.into_iter().map(|Reverse(Cand(l, Reverse(i)))| (i, l)));
+}
+
 /// Index of the largest value (the first one on ties).
 pub fn argmax(x: &[f32]) -> u32 {
     let mut best = 0;
@@ -242,6 +272,21 @@ mod tests {
 
     fn logits() -> Vec<f32> {
         vec![1.0, 3.0, 2.0, -1.0, 2.5, 0.0]
+    }
+
+    #[test]
+    fn top_k_keeps_the_largest_with_ties_to_the_lower_id() {
+        let l: Vec<f32> = (0..1000).map(|i| ((i * 7919) % 97) as f32 / 7.0).collect();
+        for k in [1, 5, 64, 999] {
+            let mut got = vec![];
+            top_k(&l, k, &mut got);
+            let mut want: Vec<(u32, f32)> =
+                l.iter().enumerate().map(|(i, &v)| (i as u32, v)).collect();
+            want.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            want.truncate(k);
+            got.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            assert_eq!(got, want, "k = {k}");
+        }
     }
 
     #[test]

@@ -10,6 +10,7 @@ use crate::sampling::Sampler;
 use crate::tokenizer::StreamDecoder;
 use crate::EngineError;
 use gemma3_model::{chunk_end, ImageInputs, KvCache, Logits, SeqChunk, Workspace, MAX_BATCH};
+use rayon::prelude::*;
 use std::time::Instant;
 
 /// The id a cache records for an image token: what it stands for is not in the ids, so no
@@ -69,6 +70,10 @@ struct State {
     /// Prompt and generated tokens, for the penalties.
     history: Vec<u32>,
     logits: Vec<f32>,
+    /// The logits before penalties, when log-probabilities are asked for.
+    raw_logits: Vec<f32>,
+    /// Logits wait in `logits` for sampling.
+    to_sample: bool,
     stream: StreamDecoder,
     /// Text decoded but held back (it could still become a stop string).
     pending: String,
@@ -154,6 +159,8 @@ impl Sequence {
                 sampler: Sampler::new(opts.sampling.clone(), cfg.vocab_size),
                 history,
                 logits: vec![0.0; cfg.vocab_size],
+                raw_logits: Vec::new(),
+                to_sample: false,
                 stream: StreamDecoder::new(),
                 pending: String::new(),
                 max_stop,
@@ -361,9 +368,10 @@ impl State {
         }
     }
 
-    /// Handles one row's logits: a prompt row's log-probability, or (for the last row) the
-    /// next token.
-    fn on_logits(&mut self, model: &Model, prompt: &[u32], row: usize, logits: &[f32]) {
+    /// Takes one row's logits during a pass: a prompt row's log-probability now; the last
+    /// row's (the next token's) are kept for [`sample`](Self::sample) after the pass, so
+    /// that the sequences of a batch sample in parallel.
+    fn take_logits(&mut self, prompt: &[u32], row: usize, logits: &[f32]) {
         if row + 1 < prompt.len() {
             if self.opts.prompt_logprobs {
                 let lp = token_logprob(logits, prompt[row + 1], self.opts.logprobs.unwrap_or(0));
@@ -371,12 +379,25 @@ impl State {
             }
             return;
         }
+        self.logits.copy_from_slice(logits);
+        if self.opts.logprobs.is_some() {
+            // Penalties change `logits`: keep the model's own for the log-probabilities.
+            self.raw_logits.clear();
+            self.raw_logits.extend_from_slice(logits);
+        }
+        self.to_sample = true;
+    }
+
+    /// Samples the next token from the logits [`take_logits`](Self::take_logits) kept.
+    fn sample(&mut self, model: &Model) {
+        if !std::mem::take(&mut self.to_sample) {
+            return;
+        }
         if self.opts.max_new_tokens == 0 {
             // Only the prompt was wanted (its log-probabilities).
             self.finish(StopReason::MaxTokens);
             return;
         }
-        self.logits.copy_from_slice(logits);
         let next = self.sampler.sample(&mut self.logits, &self.history);
         if self.first_token.is_none() {
             let now = Instant::now();
@@ -388,7 +409,8 @@ impl State {
             return;
         }
         if let Some(top) = self.opts.logprobs {
-            self.logprobs.push(token_logprob(logits, next, top));
+            self.logprobs
+                .push(token_logprob(&self.raw_logits, next, top));
         }
         self.out.tokens.push(next);
         self.history.push(next);
@@ -558,10 +580,17 @@ impl Batch {
                 &mut self.ws,
                 &mut |s, row, logits| {
                     let (state, prompt) = &mut states[s];
-                    state.on_logits(model, prompt, row, logits);
+                    state.take_logits(prompt, row, logits);
                 },
                 None,
             )?;
+            // Sampling (a top-k selection over the vocabulary, penalties, stop strings)
+            // of each sequence, in parallel.
+            if states.len() > 1 {
+                states.par_iter_mut().for_each(|(st, _)| st.sample(model));
+            } else {
+                states.iter_mut().for_each(|(st, _)| st.sample(model));
+            }
         }
         let mut rows = 0;
         for i in which {
