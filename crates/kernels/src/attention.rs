@@ -10,6 +10,7 @@
 //! parallel and are folded in order. Every row meets the same aligned blocks and parts in
 //! the same order however it is batched, so its result does not depend on the batch.
 
+use crate::gemm::RowsB;
 use gemma3_formats::DType;
 use rayon::prelude::*;
 use std::ops::Range;
@@ -90,11 +91,117 @@ pub fn store_row(ty: DType, x: &[f32], page: &mut Page, row: usize, row_bytes: u
     }
 }
 
-crate::dispatch!(fn dequant_rows(ty: DType, bytes: &[u8], out: &mut [f32]) => dequant_rows_body);
+/// Whether keys of `ty` lie transposed in their page (`[kv_head][dim][PAGE]`): a block's
+/// scores then read them in place (f32) or after a plain conversion, with no transposing
+/// copy per block. Block types (q8_0) quantize along a row, so their keys stay one row per
+/// position, like values.
+pub fn keys_transposed(ty: DType) -> bool {
+    ty != DType::Q8_0
+}
+
+/// Stores the key `x` of kv head `head` at slot `slot` of `page` (see [`keys_transposed`]).
+pub fn store_key(
+    ty: DType,
+    x: &[f32],
+    page: &mut Page,
+    head: usize,
+    slot: usize,
+    row_bytes: usize,
+) {
+    if !keys_transposed(ty) {
+        return store_row(ty, x, page, head * PAGE + slot, row_bytes);
+    }
+    let first = head * x.len() * PAGE + slot;
+    match ty {
+        DType::F32 => {
+            for (p, v) in x.iter().enumerate() {
+                page[first + p * PAGE] = *v;
+            }
+        }
+        DType::F16 | DType::BF16 => {
+            let bytes = page_bytes_mut(page);
+            for (p, v) in x.iter().enumerate() {
+                let b = if ty == DType::F16 {
+                    half::f16::from_f32(*v).to_le_bytes()
+                } else {
+                    half::bf16::from_f32(*v).to_le_bytes()
+                };
+                let at = 2 * (first + p * PAGE);
+                bytes[at..at + 2].copy_from_slice(&b);
+            }
+        }
+        other => unreachable!("{other} keys are not transposed"),
+    }
+}
+
+/// Stores the value `x` of kv head `head` at slot `slot` of `page`.
+pub fn store_value(
+    ty: DType,
+    x: &[f32],
+    page: &mut Page,
+    head: usize,
+    slot: usize,
+    row_bytes: usize,
+) {
+    store_row(ty, x, page, head * PAGE + slot, row_bytes)
+}
+
+/// Converts cached values (f16, bf16, q8_0) to f32: f16 with the CPU's conversion
+/// instructions where there are some, the rest with the reference dequantization
+/// vectorised for the level.
+fn dequant_rows(ty: DType, bytes: &[u8], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if ty == DType::F16 && crate::simd::level() >= crate::simd::Level::Avx2 {
+        assert_eq!(bytes.len(), 2 * out.len());
+        // SAFETY: the level says F16C (and AVX-512 F for that level) is there; the lengths
+        // match (checked above).
+        let done = unsafe {
+            if crate::simd::level() == crate::simd::Level::Avx512 {
+                f16c::to_f32_x16(bytes, out)
+            } else {
+                f16c::to_f32_x8(bytes, out)
+            }
+        };
+        if done < out.len() {
+            gemma3_formats::quant::dequantize(ty, &bytes[2 * done..], &mut out[done..]);
+        }
+        return;
+    }
+    dequant_rows_portable(ty, bytes, out)
+}
+
+crate::dispatch!(fn dequant_rows_portable(ty: DType, bytes: &[u8], out: &mut [f32]) => dequant_rows_body);
 
 #[inline(always)]
 fn dequant_rows_body<const FMA: bool>(ty: DType, bytes: &[u8], out: &mut [f32]) {
     gemma3_formats::quant::dequantize(ty, bytes, out)
+}
+
+/// f16 to f32 with `vcvtph2ps`, 16 or 8 at a time; each returns how many leading values it
+/// converted (whole vectors), the caller does the rest.
+#[cfg(target_arch = "x86_64")]
+mod f16c {
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn to_f32_x16(src: &[u8], out: &mut [f32]) -> usize {
+        let n = out.len() / 16 * 16;
+        for i in (0..n).step_by(16) {
+            let h = _mm256_loadu_si256(src.as_ptr().add(2 * i) as *const __m256i);
+            _mm512_storeu_ps(out.as_mut_ptr().add(i), _mm512_cvtph_ps(h));
+        }
+        n
+    }
+
+    #[target_feature(enable = "avx2,f16c")]
+    pub unsafe fn to_f32_x8(src: &[u8], out: &mut [f32]) -> usize {
+        let n = out.len() / 8 * 8;
+        for i in (0..n).step_by(8) {
+            let h = _mm_loadu_si128(src.as_ptr().add(2 * i) as *const __m128i);
+            _mm256_storeu_ps(out.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+        }
+        n
+    }
 }
 
 /// One kv head of a layer's paged cache: position `p` lives in ring slot
@@ -119,29 +226,133 @@ thread_local! {
         const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 
-impl KvView<'_> {
-    /// Rows `k0 .. k0 + nk` of keys (`which` = 0) or values (1) in f32: the page itself for
-    /// an f32 cache, else converted into `buf`. They must lie in one page.
+impl<'a> KvView<'a> {
+    /// Keys of positions `k0 .. k0 + nk` (inside one page) as the `head_dim × nk` matrix
+    /// Kᵀ: in place for an f32 cache, else converted into `buf`.
     #[inline]
-    fn rows<'b>(&'b self, which: usize, k0: usize, nk: usize, buf: &'b mut Vec<f32>) -> &'b [f32] {
+    fn keys_t<'b>(&self, k0: usize, nk: usize, buf: &'b mut Vec<f32>) -> crate::gemm::MatRef<'b>
+    where
+        'a: 'b,
+    {
+        use crate::gemm::MatRef;
         let hd = self.head_dim;
+        let (page, row) = self.page_of(k0, nk);
+        let page = &self.k[page];
+        let ty = self.k_type;
+        if !keys_transposed(ty) {
+            let rb = ty.row_bytes(hd).expect("a cache type holds whole rows");
+            let first = self.head * PAGE + row;
+            buf.resize(nk * hd, 0.0);
+            dequant_rows(
+                ty,
+                page_rows(page, first..first + nk, rb),
+                &mut buf[..nk * hd],
+            );
+            return MatRef::new(&buf[..nk * hd], hd, nk, 1, hd);
+        }
+        let first = self.head * hd * PAGE + row;
+        if ty == DType::F32 {
+            let data: &'a [f32] = &page[first..first + (hd - 1) * PAGE + nk];
+            return MatRef::new(data, hd, nk, PAGE, 1);
+        }
+        buf.resize(nk * hd, 0.0);
+        let bytes = page_bytes(page);
+        for p in 0..hd {
+            let at = 2 * (first + p * PAGE);
+            dequant_rows(ty, &bytes[at..at + 2 * nk], &mut buf[p * nk..(p + 1) * nk]);
+        }
+        MatRef::new(&buf[..nk * hd], hd, nk, nk, 1)
+    }
+
+    /// Values of positions `k0 .. k0 + nk` (inside one page) as an `nk × head_dim` matrix:
+    /// in place for an f32 cache, else converted into `buf`.
+    #[inline]
+    fn values<'b>(&self, k0: usize, nk: usize, buf: &'b mut Vec<f32>) -> crate::gemm::MatRef<'b>
+    where
+        'a: 'b,
+    {
+        use crate::gemm::MatRef;
+        let hd = self.head_dim;
+        let (page, row) = self.page_of(k0, nk);
+        let page = &self.v[page];
+        let first = self.head * PAGE + row;
+        if self.v_type == DType::F32 {
+            let data: &'a [f32] = &page[first * hd..(first + nk) * hd];
+            return MatRef::new(data, nk, hd, hd, 1);
+        }
+        let rb = self
+            .v_type
+            .row_bytes(hd)
+            .expect("a cache type holds whole rows");
+        buf.resize(nk * hd, 0.0);
+        dequant_rows(
+            self.v_type,
+            page_rows(page, first..first + nk, rb),
+            &mut buf[..nk * hd],
+        );
+        MatRef::new(&buf[..nk * hd], nk, hd, hd, 1)
+    }
+
+    /// Kᵀ of positions `k0 .. k0 + nk` read in place (`head_dim` rows `PAGE` elements
+    /// apart), for keys stored transposed in f32, f16 or bf16.
+    fn keys_t_in_place(&self, k0: usize, nk: usize) -> Option<(RowsB<'a>, usize)> {
+        if !keys_transposed(self.k_type) {
+            return None;
+        }
+        let hd = self.head_dim;
+        let (page, row) = self.page_of(k0, nk);
+        let first = self.head * hd * PAGE + row;
+        let end = first + (hd - 1) * PAGE + nk;
+        Some((typed_rows(self.k_type, &self.k[page], first..end)?, PAGE))
+    }
+
+    /// Values of positions `k0 .. k0 + nk` read in place (rows `head_dim` apart), for
+    /// f32, f16 or bf16 values.
+    fn values_in_place(&self, k0: usize, nk: usize) -> Option<(RowsB<'a>, usize)> {
+        let hd = self.head_dim;
+        let (page, row) = self.page_of(k0, nk);
+        let first = (self.head * PAGE + row) * hd;
+        Some((
+            typed_rows(self.v_type, &self.v[page], first..first + nk * hd)?,
+            hd,
+        ))
+    }
+
+    /// Page and row of position `k0`, whose block of `nk` must not cross the page.
+    #[inline]
+    fn page_of(&self, k0: usize, nk: usize) -> (usize, usize) {
         let slot = k0 % self.capacity;
         let (page, row) = (slot / PAGE, slot % PAGE);
         debug_assert!(row + nk <= PAGE, "a key block crosses a page");
-        let (pages, ty) = if which == 0 {
-            (self.k, self.k_type)
-        } else {
-            (self.v, self.v_type)
-        };
-        let first = self.head * PAGE + row;
-        if ty == DType::F32 {
-            return &pages[page][first * hd..(first + nk) * hd];
+        (page, row)
+    }
+
+    /// The key and value stored for position `p` (as the cache holds them), into `k` and
+    /// `v` (`head_dim` each): for checks and tests.
+    pub fn read(&self, p: usize, k: &mut [f32], v: &mut [f32]) {
+        let (mut kb, mut vb) = (Vec::new(), Vec::new());
+        let kt = self.keys_t(p, 1, &mut kb);
+        for (i, x) in k.iter_mut().enumerate() {
+            *x = kt.get(i, 0);
         }
-        let rb = ty.row_bytes(hd).expect("a cache type holds whole rows");
-        let bytes = page_rows(&pages[page], first..first + nk, rb);
-        buf.resize(nk * hd, 0.0);
-        dequant_rows(ty, bytes, &mut buf[..nk * hd]);
-        &buf[..nk * hd]
+        let vv = self.values(p, 1, &mut vb);
+        for (i, x) in v.iter_mut().enumerate() {
+            *x = vv.get(0, i);
+        }
+    }
+}
+
+/// Elements `range` of a page of `ty` as [`RowsB`] (None for block types).
+fn typed_rows(ty: DType, page: &[f32], range: Range<usize>) -> Option<RowsB<'_>> {
+    match ty {
+        DType::F32 => Some(RowsB::F32(&page[range])),
+        DType::F16 => Some(RowsB::F16(
+            &page_bytes(page)[2 * range.start..2 * range.end],
+        )),
+        DType::BF16 => Some(RowsB::BF16(
+            &page_bytes(page)[2 * range.start..2 * range.end],
+        )),
+        _ => None,
     }
 }
 
@@ -206,7 +417,7 @@ pub fn attend_part(
     max: &mut [f32],
     sum: &mut [f32],
 ) {
-    use crate::gemm::{gemm, gemm_into, BOperand, MatMut, MatRef};
+    use crate::gemm::{gemm, gemm_few_rows, gemm_into, BOperand, MatMut, MatRef, FEW_ROWS};
     let hd = kv.head_dim;
     let rows = keys.len();
     assert!(q.len() >= rows * hd && acc.len() >= rows * hd && max.len() >= rows);
@@ -227,9 +438,17 @@ pub fn attend_part(
                 // ring (its capacity is a multiple of the page).
                 let k1 = ((k0 / KEY_BLOCK + 1) * KEY_BLOCK).min(part.end);
                 let nk = k1 - k0;
-                let kt = MatRef::new(kv.rows(0, k0, nk, kbuf), hd, nk, 1, hd);
                 let s = &mut s[..rows * nk];
-                gemm_into(qv, BOperand::F32(kt), MatMut::row_major(s, rows, nk), false);
+                // A decode step's few rows read the cache in place (no conversion or
+                // packing); a prompt tile goes through the blocked product. Both sum the
+                // same terms in the same order.
+                match kv.keys_t_in_place(k0, nk).filter(|_| rows <= FEW_ROWS) {
+                    Some((kt, ld)) => gemm_few_rows(rows, hd, nk, q, hd, kt, ld, s, nk, false),
+                    None => {
+                        let kt = kv.keys_t(k0, nk, kbuf);
+                        gemm_into(qv, BOperand::F32(kt), MatMut::row_major(s, rows, nk), false)
+                    }
+                }
                 for (r, range) in keys.iter().enumerate() {
                     let row = &mut s[r * nk..(r + 1) * nk];
                     let (a, b) = (range.start.clamp(k0, k1) - k0, range.end.clamp(k0, k1) - k0);
@@ -260,13 +479,17 @@ pub fn attend_part(
                     crate::vmath::exp_inplace(live);
                     sum[r] += live.iter().sum::<f32>();
                 }
-                let vb = MatRef::new(kv.rows(1, k0, nk, vbuf), nk, hd, hd, 1);
-                gemm(
-                    MatRef::row_major(s, rows, nk),
-                    BOperand::F32(vb),
-                    MatMut::row_major(&mut acc[..rows * hd], rows, hd),
-                    false,
-                );
+                match kv.values_in_place(k0, nk).filter(|_| rows <= FEW_ROWS) {
+                    Some((vb, ld)) => {
+                        gemm_few_rows(rows, nk, hd, s, nk, vb, ld, &mut acc[..rows * hd], hd, true)
+                    }
+                    None => gemm(
+                        MatRef::row_major(s, rows, nk),
+                        BOperand::F32(kv.values(k0, nk, vbuf)),
+                        MatMut::row_major(&mut acc[..rows * hd], rows, hd),
+                        false,
+                    ),
+                }
                 k0 = k1;
             }
         })

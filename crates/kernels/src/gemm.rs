@@ -71,6 +71,11 @@ impl<'a> MatRef<'a> {
     fn at(&self, i: usize, j: usize) -> f32 {
         self.data[i * self.rs + j * self.cs]
     }
+
+    /// Element `(i, j)`.
+    pub fn get(&self, i: usize, j: usize) -> f32 {
+        self.at(i, j)
+    }
 }
 
 /// A mutable strided view. Only row-major or column-major layouts (with any padding) are
@@ -708,6 +713,308 @@ mod portable {
         for i in 0..MR {
             for j in 0..NR {
                 *out.add(i * NR + j) = c[i][j];
+            }
+        }
+    }
+}
+
+/// B of [`gemm_few_rows`], read where it lies: element `(p, j)` at `p·ldb + j` of f32
+/// values, or of f16 / bf16 values as little-endian bytes.
+#[derive(Clone, Copy)]
+pub enum RowsB<'a> {
+    F32(&'a [f32]),
+    F16(&'a [u8]),
+    BF16(&'a [u8]),
+}
+
+impl RowsB<'_> {
+    fn len(&self) -> usize {
+        match self {
+            RowsB::F32(s) => s.len(),
+            RowsB::F16(b) | RowsB::BF16(b) => b.len() / 2,
+        }
+    }
+
+    /// Element `i` as f32 (exact conversion).
+    #[inline(always)]
+    fn at(&self, i: usize) -> f32 {
+        match self {
+            RowsB::F32(s) => s[i],
+            RowsB::F16(b) => gemma3_formats::quant::f16_at(b, 2 * i),
+            RowsB::BF16(b) => {
+                f32::from_bits((u16::from_le_bytes([b[2 * i], b[2 * i + 1]]) as u32) << 16)
+            }
+        }
+    }
+}
+
+/// The most rows [`gemm_few_rows`] takes (one position's query heads per kv head).
+pub const FEW_ROWS: usize = 4;
+
+/// `C = A·B` (or `C += A·B` with `accumulate`) for at most [`FEW_ROWS`] rows: A row-major
+/// with row stride `lda`, B `k × n` read in place in its stored type, C row-major with row
+/// stride `ldc`. Each element is what the micro-kernels compute (one multiply-add chain
+/// over `p` from zero, fused where the level has FMA, then stored or added to C), so the
+/// result equals [`gemm`]'s on B converted to f32, bit for bit: attention's decode rows
+/// use this without converting or packing B, its prompt tiles use `gemm`.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_few_rows(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: &[f32],
+    lda: usize,
+    b: RowsB<'_>,
+    ldb: usize,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) {
+    assert!(m <= FEW_ROWS, "gemm_few_rows: {m} rows");
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(a.len() >= (m - 1) * lda + k, "gemm_few_rows: A too short");
+    assert!(
+        k == 0 || b.len() >= (k - 1) * ldb + n,
+        "gemm_few_rows: B too short"
+    );
+    assert!(c.len() >= (m - 1) * ldc + n, "gemm_few_rows: C too short");
+    #[cfg(target_arch = "x86_64")]
+    match crate::simd::level() {
+        // SAFETY: the level says the features are there; the slices were checked above to
+        // hold every element the kernels touch.
+        crate::simd::Level::Avx512 => {
+            return unsafe { few_avx512::run(m, k, n, a, lda, b, ldb, c, ldc, accumulate) }
+        }
+        crate::simd::Level::Avx2 => {
+            return unsafe { few_avx2::run(m, k, n, a, lda, b, ldb, c, ldc, accumulate) }
+        }
+        crate::simd::Level::Portable => {}
+    }
+    // The portable micro-kernel: `c += a·b` unfused, from zero.
+    for i in 0..m {
+        for j in 0..n {
+            let mut acc = 0f32;
+            for p in 0..k {
+                acc += a[i * lda + p] * b.at(p * ldb + j);
+            }
+            let o = &mut c[i * ldc + j];
+            *o = if accumulate { *o + acc } else { acc };
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod few_avx512 {
+    use super::RowsB;
+    use std::arch::x86_64::*;
+
+    /// Rows ahead that [`rows`] asks the memory for.
+    const PREFETCH: usize = 8;
+
+    /// Asks for the 64 elements of B at element `i` (two or four cache lines).
+    #[inline(always)]
+    unsafe fn prefetch(b: RowsB<'_>, i: usize) {
+        let (p, bytes) = match b {
+            RowsB::F32(s) => (s.as_ptr().add(i) as *const i8, 256),
+            RowsB::F16(s) | RowsB::BF16(s) => (s.as_ptr().add(2 * i) as *const i8, 128),
+        };
+        let mut off = 0;
+        while off < bytes {
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off));
+            off += 64;
+        }
+    }
+
+    /// 16 elements of B's row at element `i` (the first `mask` lanes), as f32.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn load(b: RowsB<'_>, i: usize, mask: __mmask16) -> __m512 {
+        match b {
+            RowsB::F32(s) => _mm512_maskz_loadu_ps(mask, s.as_ptr().add(i)),
+            RowsB::F16(s) => _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
+                mask,
+                s.as_ptr().add(2 * i) as *const i16,
+            )),
+            RowsB::BF16(s) => {
+                let h = _mm256_maskz_loadu_epi16(mask, s.as_ptr().add(2 * i) as *const i16);
+                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn run(
+        m: usize,
+        k: usize,
+        n: usize,
+        a: &[f32],
+        lda: usize,
+        b: RowsB<'_>,
+        ldb: usize,
+        c: &mut [f32],
+        ldc: usize,
+        accumulate: bool,
+    ) {
+        match m {
+            1 => rows::<1>(k, n, a, lda, b, ldb, c, ldc, accumulate),
+            2 => rows::<2>(k, n, a, lda, b, ldb, c, ldc, accumulate),
+            3 => rows::<3>(k, n, a, lda, b, ldb, c, ldc, accumulate),
+            _ => rows::<4>(k, n, a, lda, b, ldb, c, ldc, accumulate),
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn rows<const R: usize>(
+        k: usize,
+        n: usize,
+        a: &[f32],
+        lda: usize,
+        b: RowsB<'_>,
+        ldb: usize,
+        c: &mut [f32],
+        ldc: usize,
+        accumulate: bool,
+    ) {
+        let lanes = |j: usize| -> __mmask16 {
+            let left = n.saturating_sub(j).min(16);
+            if left == 16 {
+                0xffff
+            } else {
+                ((1u32 << left) - 1) as __mmask16
+            }
+        };
+        // 64 columns at a time (two 64-byte lines of f16 per row of B), four accumulators
+        // per row: B's rows are read in long runs, and 16 chains hide the FMA latency.
+        const V: usize = 4;
+        let mut j = 0;
+        while j < n {
+            let masks: [__mmask16; V] = std::array::from_fn(|v| lanes(j + 16 * v));
+            let mut acc = [[_mm512_setzero_ps(); V]; R];
+            for p in 0..k {
+                let row = p * ldb + j;
+                // B's rows lie `ldb` apart: ask for the ones a few steps ahead.
+                if p + PREFETCH < k {
+                    prefetch(b, row + PREFETCH * ldb);
+                }
+                let bv: [__m512; V] = std::array::from_fn(|v| {
+                    if masks[v] != 0 {
+                        load(b, row + 16 * v, masks[v])
+                    } else {
+                        _mm512_setzero_ps()
+                    }
+                });
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    let ai = _mm512_set1_ps(*a.get_unchecked(i * lda + p));
+                    for v in 0..V {
+                        acc[v] = _mm512_fmadd_ps(ai, bv[v], acc[v]);
+                    }
+                }
+            }
+            for (i, acc) in acc.iter().enumerate() {
+                for v in 0..V {
+                    if masks[v] == 0 {
+                        continue;
+                    }
+                    let o = c.as_mut_ptr().add(i * ldc + j + 16 * v);
+                    let x = if accumulate {
+                        _mm512_add_ps(_mm512_maskz_loadu_ps(masks[v], o), acc[v])
+                    } else {
+                        acc[v]
+                    };
+                    _mm512_mask_storeu_ps(o, masks[v], x);
+                }
+            }
+            j += 16 * V;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod few_avx2 {
+    use super::RowsB;
+    use std::arch::x86_64::*;
+
+    /// 8 elements of B's row at element `i`, as f32.
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn load(b: RowsB<'_>, i: usize) -> __m256 {
+        match b {
+            RowsB::F32(s) => _mm256_loadu_ps(s.as_ptr().add(i)),
+            RowsB::F16(s) => {
+                _mm256_cvtph_ps(_mm_loadu_si128(s.as_ptr().add(2 * i) as *const __m128i))
+            }
+            RowsB::BF16(s) => {
+                let h = _mm_loadu_si128(s.as_ptr().add(2 * i) as *const __m128i);
+                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn run(
+        m: usize,
+        k: usize,
+        n: usize,
+        a: &[f32],
+        lda: usize,
+        b: RowsB<'_>,
+        ldb: usize,
+        c: &mut [f32],
+        ldc: usize,
+        accumulate: bool,
+    ) {
+        // 16 columns at a time (two vectors per row, eight chains), then 8, then the last
+        // few columns one by one, with the same fused multiply-adds.
+        let mut j = 0;
+        while j + 8 <= n {
+            let two = j + 16 <= n;
+            let mut acc = [[_mm256_setzero_ps(); 2]; super::FEW_ROWS];
+            for p in 0..k {
+                let row = p * ldb + j;
+                if p + 8 < k {
+                    let ahead = match b {
+                        RowsB::F32(s) => s.as_ptr().wrapping_add(row + 8 * ldb) as *const i8,
+                        RowsB::F16(s) | RowsB::BF16(s) => {
+                            s.as_ptr().wrapping_add(2 * (row + 8 * ldb)) as *const i8
+                        }
+                    };
+                    _mm_prefetch::<_MM_HINT_T0>(ahead);
+                }
+                let b0 = load(b, row);
+                let b1 = if two { load(b, row + 8) } else { b0 };
+                for (i, acc) in acc.iter_mut().enumerate().take(m) {
+                    let ai = _mm256_broadcast_ss(a.get_unchecked(i * lda + p));
+                    acc[0] = _mm256_fmadd_ps(ai, b0, acc[0]);
+                    acc[1] = _mm256_fmadd_ps(ai, b1, acc[1]);
+                }
+            }
+            for (i, acc) in acc.iter().enumerate().take(m) {
+                for (v, x) in acc.iter().enumerate().take(if two { 2 } else { 1 }) {
+                    let o = c.as_mut_ptr().add(i * ldc + j + 8 * v);
+                    let y = if accumulate {
+                        _mm256_add_ps(_mm256_loadu_ps(o), *x)
+                    } else {
+                        *x
+                    };
+                    _mm256_storeu_ps(o, y);
+                }
+            }
+            j += if two { 16 } else { 8 };
+        }
+        let full = j;
+        for j in full..n {
+            for i in 0..m {
+                let mut acc = 0f32;
+                for p in 0..k {
+                    acc = a[i * lda + p].mul_add(b.at(p * ldb + j), acc);
+                }
+                let o = &mut c[i * ldc + j];
+                *o = if accumulate { *o + acc } else { acc };
             }
         }
     }

@@ -6,7 +6,8 @@
 use gemma3_formats::DType;
 use gemma3_kernels::attention::{
     attend_batch, attend_part, attend_rows, fold_part, key_parts, kv_row_bytes, new_page,
-    normalize, store_row, AttnScratch, Heads, KvView, Page, Scores, KV_TYPES, PAGE,
+    normalize, store_key, store_row, store_value, AttnScratch, Heads, KvView, Page, Scores,
+    KV_TYPES, PAGE,
 };
 
 mod common;
@@ -36,7 +37,8 @@ impl Ring {
         let heads = stride / head_dim;
         let rb = kv_row_bytes(ty, head_dim).unwrap();
         // Store every row, and keep in the flat copy what the type gives back.
-        let paged = |flat: &mut [f32]| -> Vec<Page> {
+        type Store = fn(DType, &[f32], &mut Page, usize, usize, usize);
+        let paged = |flat: &mut [f32], store: Store| -> Vec<Page> {
             (0..capacity / PAGE)
                 .map(|p| {
                     let mut page = new_page(heads * PAGE, rb);
@@ -44,7 +46,7 @@ impl Ring {
                         for r in 0..PAGE {
                             let src = (p * PAGE + r) * stride + h * head_dim;
                             let row = &mut flat[src..src + head_dim];
-                            store_row(ty, row, &mut page, h * PAGE + r, rb);
+                            store(ty, row, &mut page, h, r, rb);
                             // What the type keeps of the row.
                             let mut one = new_page(1, rb);
                             store_row(ty, row, &mut one, 0, rb);
@@ -56,7 +58,7 @@ impl Ring {
                 })
                 .collect()
         };
-        let (k_pages, v_pages) = (paged(&mut k), paged(&mut v));
+        let (k_pages, v_pages) = (paged(&mut k, store_key), paged(&mut v, store_value));
         Ring {
             k,
             v,

@@ -3,7 +3,9 @@
 //! weights of every type as B. Also the vectorised exp, softmax and GELU against libm.
 
 use gemma3_formats::{quant, DType};
-use gemma3_kernels::gemm::{gemm, gemm_into, BOperand, MatMut, MatRef, PackedA, PackedB};
+use gemma3_kernels::gemm::{
+    gemm, gemm_few_rows, gemm_into, BOperand, MatMut, MatRef, PackedA, PackedB, RowsB,
+};
 use gemma3_kernels::simd::{set_level, Level};
 use gemma3_kernels::{ops, vmath, Weights};
 
@@ -77,6 +79,76 @@ fn gemm_matches_f64_on_all_paths() {
 
 /// Operands packed once give the same products as views, across blocking edges (k past
 /// one packing depth, m past one row block, n past one panel).
+/// The few-row product on B in its stored type (f32, f16, bf16, read in place with a row
+/// stride) equals gemm on B converted to f32, bit for bit, on every level: the decode path
+/// of attention relies on it.
+#[test]
+fn few_rows_equal_gemm_bit_for_bit() {
+    let _level = exclusive();
+    let mut rng = Lcg(11);
+    for level in levels() {
+        set_level(level);
+        for &(m, k, n) in &[
+            (1, 7, 5),
+            (2, 256, 256),
+            (3, 33, 100),
+            (4, 256, 77),
+            (4, 5, 32),
+        ] {
+            let ldb = n + 9;
+            let b32: Vec<f32> = rng.vec(k * ldb);
+            for ty in ["f32", "f16", "bf16"] {
+                // The values the type holds, and its bytes.
+                let (vals, bytes): (Vec<f32>, Vec<u8>) = match ty {
+                    "f16" => {
+                        let h: Vec<half::f16> =
+                            b32.iter().map(|&v| half::f16::from_f32(v)).collect();
+                        (
+                            h.iter().map(|v| v.to_f32()).collect(),
+                            h.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                        )
+                    }
+                    "bf16" => {
+                        let h: Vec<half::bf16> =
+                            b32.iter().map(|&v| half::bf16::from_f32(v)).collect();
+                        (
+                            h.iter().map(|v| v.to_f32()).collect(),
+                            h.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                        )
+                    }
+                    _ => (b32.clone(), vec![]),
+                };
+                let b = match ty {
+                    "f16" => RowsB::F16(&bytes),
+                    "bf16" => RowsB::BF16(&bytes),
+                    _ => RowsB::F32(&vals),
+                };
+                let a = rng.vec(m * k);
+                let c0 = rng.vec(m * n);
+                for accumulate in [false, true] {
+                    let mut want = c0.clone();
+                    let (av, bv) = (
+                        MatRef::row_major(&a, m, k),
+                        MatRef::new(&vals, k, n, ldb, 1),
+                    );
+                    let cv = MatMut::row_major(&mut want, m, n);
+                    if accumulate {
+                        gemm(av, BOperand::F32(bv), cv, false);
+                    } else {
+                        gemm_into(av, BOperand::F32(bv), cv, false);
+                    }
+                    let mut got = c0.clone();
+                    gemm_few_rows(m, k, n, &a, k, b, ldb, &mut got, n, accumulate);
+                    assert!(
+                        got == want,
+                        "{level:?} {ty} {m}x{k}x{n} accumulate {accumulate}"
+                    );
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn packed_operands_match_views() {
     let _level = exclusive();

@@ -7,7 +7,7 @@
 use crate::{LayerKind, ModelError, TextConfig};
 use gemma3_formats::DType;
 use gemma3_kernels::attention::{
-    kv_row_bytes, new_page, page_rows, store_row, KvView, Page, KV_TYPES, PAGE,
+    kv_row_bytes, new_page, store_key, store_value, KvView, Page, KV_TYPES, PAGE,
 };
 use gemma3_kernels::Precision;
 
@@ -214,10 +214,9 @@ impl KvCache {
         let slot = pos % l.capacity;
         let (page, row) = (slot / PAGE, slot % PAGE);
         for h in 0..self.kv_heads {
-            let r = h * PAGE + row;
             let (kh, vh) = (&k[h * hd..(h + 1) * hd], &v[h * hd..(h + 1) * hd]);
-            store_row(self.types.k, kh, &mut l.k[page], r, self.k_row);
-            store_row(self.types.v, vh, &mut l.v[page], r, self.v_row);
+            store_key(self.types.k, kh, &mut l.k[page], h, row, self.k_row);
+            store_value(self.types.v, vh, &mut l.v[page], h, row, self.v_row);
         }
     }
 
@@ -291,29 +290,21 @@ impl KvCache {
     /// The largest magnitude among the stored keys and among the values of each layer
     /// (positions still held), as stored: to check a type's range (f16 stops at 65504).
     pub fn max_abs(&self) -> Vec<(f32, f32)> {
-        let held = self.len;
-        self.layers
-            .iter()
-            .map(|l| {
-                let rows = held.min(l.capacity);
-                let scan = |pages: &[Page], ty: DType, rb: usize| {
-                    let mut m = 0f32;
-                    let mut row = vec![0f32; self.head_dim];
-                    for slot in 0..rows {
-                        let (page, r) = (slot / PAGE, slot % PAGE);
-                        for h in 0..self.kv_heads {
-                            let i = h * PAGE + r;
-                            let bytes = page_rows(&pages[page], i..i + 1, rb);
-                            gemma3_formats::quant::dequantize(ty, bytes, &mut row);
-                            m = row.iter().fold(m, |a, v| a.max(v.abs()));
-                        }
+        let (mut k, mut v) = (vec![0f32; self.head_dim], vec![0f32; self.head_dim]);
+        (0..self.layers.len())
+            .map(|li| {
+                let l = &self.layers[li];
+                let first = self.len.saturating_sub(l.capacity);
+                let (mut mk, mut mv) = (0f32, 0f32);
+                for h in 0..self.kv_heads {
+                    let view = self.view(li, h);
+                    for p in first..self.len {
+                        view.read(p, &mut k, &mut v);
+                        mk = k.iter().fold(mk, |a, x| a.max(x.abs()));
+                        mv = v.iter().fold(mv, |a, x| a.max(x.abs()));
                     }
-                    m
-                };
-                (
-                    scan(&l.k, self.types.k, self.k_row),
-                    scan(&l.v, self.types.v, self.v_row),
-                )
+                }
+                (mk, mv)
             })
             .collect()
     }
