@@ -65,6 +65,13 @@ pub(crate) struct ModelArgs {
     pub(crate) quantize: Option<FileType>,
 }
 
+/// What to do with a prompt too long for the context.
+#[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Truncate {
+    /// Drop the prompt's oldest tokens (after BOS)
+    Left,
+}
+
 /// How the KV cache stores keys and values.
 #[derive(Args, Clone, Default)]
 pub(crate) struct CacheArgs {
@@ -240,9 +247,14 @@ enum Command {
         /// Stop before this text is printed (repeatable)
         #[arg(long = "stop")]
         stop: Vec<String>,
-        /// Context size in tokens [default: max(4096, prompt + max tokens), capped at the model's]
+        /// Context size in tokens [default: the model's trained length (32K/128K), capped by
+        /// the memory available; the KV cache grows with use]
         #[arg(short = 'c', long)]
         ctx_size: Option<usize>,
+        /// When the prompt and -n do not fit the context, keep the prompt's end (`left`:
+        /// drop its oldest tokens) instead of failing
+        #[arg(long, value_enum)]
+        truncate: Option<Truncate>,
         /// Treat control tokens like <start_of_turn> in the prompt as plain text
         #[arg(long)]
         no_parse_special: bool,
@@ -292,6 +304,10 @@ enum Command {
         /// Also list every tensor
         #[arg(long)]
         tensors: bool,
+        /// The context to size the KV cache for [default: the context a run gets by
+        /// default]
+        #[arg(short = 'c', long)]
+        ctx_size: Option<usize>,
     },
     /// The models on this machine: the default model, the Hugging Face cache, Ollama's store
     List(models_cmd::ListArgs),
@@ -414,6 +430,7 @@ fn run(cli: Cli) -> Result<()> {
             max_tokens,
             stop,
             ctx_size,
+            truncate,
             no_parse_special,
             no_bos,
             ignore_eos,
@@ -446,6 +463,15 @@ fn run(cli: Cli) -> Result<()> {
             if verbose {
                 eprintln!("model: {}", describe(&m));
                 eprintln!("sampling: {sampling_desc}");
+                let ctx = m.context(ctx_size)?;
+                let kv = m.text.kv_types();
+                eprintln!(
+                    "context: {ctx} tokens{}; KV cache {} ({:.1} KB per token, {:.1} MB when full)",
+                    if ctx_size.is_some() { "" } else { " (default)" },
+                    kv.label(),
+                    (kv.bytes_per_position(&m.text.cfg) * m.text.cfg.num_layers) as f64 / 1e3,
+                    m.text.new_cache(ctx, gemma3_model::MAX_BATCH).bytes_at(ctx) as f64 / 1e6
+                );
             }
             let stop = match stop.is_empty() {
                 true => ollama_stops(&m),
@@ -459,6 +485,7 @@ fn run(cli: Cli) -> Result<()> {
                 add_bos,
                 parse_special: !no_parse_special,
                 context: ctx_size,
+                truncate_left: truncate == Some(Truncate::Left),
                 images,
                 pan_and_scan,
                 ..Default::default()
@@ -516,9 +543,14 @@ fn run(cli: Cli) -> Result<()> {
                 }
             }
         }
-        Command::Info { model, tensors } => {
+        Command::Info {
+            model,
+            tensors,
+            ctx_size,
+        } => {
             let m = setup(&model)?;
-            info(&m, tensors);
+            let ctx = m.context(ctx_size)?;
+            info(&m, tensors, ctx);
         }
         Command::Perplexity {
             file,
@@ -530,9 +562,10 @@ fn run(cli: Cli) -> Result<()> {
                 .with_context(|| format!("reading {}", file.display()))?;
             let ids = m.tokenizer.encode(&text, true, false);
             eprintln!(
-                "{} tokens, {} chunks of {ctx_size}",
+                "{} tokens, {} chunks of {ctx_size} (KV cache {})",
                 ids.len(),
-                ids.len() / ctx_size
+                ids.len().checked_div(ctx_size).unwrap_or(0),
+                m.text.kv_types().label()
             );
             let t0 = std::time::Instant::now();
             let r = perplexity(&m, &ids, ctx_size, |c, n, ppl| {
@@ -735,7 +768,7 @@ fn origin_info(m: &Model) {
     }
 }
 
-fn info(m: &Model, list_tensors: bool) {
+fn info(m: &Model, list_tensors: bool, ctx: usize) {
     let cfg = &m.text.cfg;
     println!("model:          {}", m.source.path().display());
     origin_info(m);
@@ -806,21 +839,11 @@ fn info(m: &Model, list_tensors: bool) {
     for (t, (n, p)) in &by_type {
         println!("  {t:<6} {n:>4} tensors, {:.1} M values", *p as f64 / 1e6);
     }
-    let weights = w.bytes();
-    let kv_per_token = 2 * cfg.num_kv_heads * cfg.head_dim * 4;
-    let full = cfg
-        .layer_kinds
-        .iter()
-        .filter(|k| **k == gemma3_model::LayerKind::Full)
-        .count();
-    let sliding = cfg.num_layers - full;
-    let ctx = 4096usize.min(cfg.max_position_embeddings);
-    let kv = kv_per_token * (full * ctx + sliding * (cfg.sliding_window + 511).min(ctx));
     println!(
-        "memory:         weights {:.1} MB (memory-mapped) + KV cache {:.1} MB at {ctx} context (f32)",
-        weights as f64 / 1e6,
-        kv as f64 / 1e6
+        "memory:         weights {:.1} MB (memory-mapped); the KV cache grows with use",
+        w.bytes() as f64 / 1e6
     );
+    kv_info(m, ctx);
     let packed = w.packed_bytes();
     match gemma3_kernels::packed::kernels_name() {
         Some(isa) if packed > 0 => println!(
@@ -844,6 +867,36 @@ fn info(m: &Model, list_tensors: bool) {
                 println!("  {:<60} {:<6} {:?}", t.name, t.dtype.to_string(), t.shape);
             }
         }
+    }
+}
+
+/// `info`'s KV cache lines: bytes per token and at `ctx` tokens for every cache type. Full
+/// attention layers hold every position; sliding layers at most their ring.
+fn kv_info(m: &Model, ctx: usize) {
+    use gemma3_model::{KvCache, KvTypes, MAX_BATCH};
+    let cfg = &m.text.cfg;
+    let current = m.text.kv_types();
+    let ring = KvCache::new(cfg, ctx, MAX_BATCH).sliding_capacity();
+    println!(
+        "kv cache:       {} in use; per token of every layer, and at {ctx} tokens{}:",
+        current.label(),
+        ring.map_or(String::new(), |r| format!(
+            " (sliding layers hold at most {r})"
+        ))
+    );
+    for ty in gemma3_kernels::attention::KV_TYPES {
+        let t = KvTypes { k: ty, v: ty };
+        if t.check(cfg).is_err() {
+            continue;
+        }
+        let cache = KvCache::with_types(cfg, ctx, MAX_BATCH, t);
+        println!(
+            "  {:<5} {:>7.1} KB per token, {:>9.1} MB at {ctx}{}",
+            t.label(),
+            (t.bytes_per_position(cfg) * cfg.num_layers) as f64 / 1e3,
+            cache.bytes_at(ctx) as f64 / 1e6,
+            if t == current { "  (in use)" } else { "" }
+        );
     }
 }
 

@@ -246,3 +246,60 @@ fn generate_wraps_instruction_tuned_prompts_in_their_template() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("--system needs the chat template"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn context_and_cache_type_errors_name_the_values() {
+    let err = |args: &[&str]| -> String {
+        let o = gemma3(args);
+        let e = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {e}");
+        assert!(!e.contains("panicked"), "{e}");
+        e
+    };
+    let e = err(&["generate", "-c", "0", "hi"]);
+    assert!(e.contains("at least 1 token"), "{e}");
+    let e = err(&["generate", "-c", "40000", "hi"]);
+    assert!(
+        e.contains("40000") && e.contains("trained context of 32768"),
+        "{e}"
+    );
+    let e = err(&["generate", "--cache-type", "q4_0", "hi"]);
+    assert!(e.contains("unknown cache type \"q4_0\""), "{e}");
+    let e = err(&[
+        "generate",
+        "-c",
+        "8",
+        "-n",
+        "4",
+        "one two three four five six seven eight",
+    ]);
+    assert!(e.contains("more than the context of 8 tokens"), "{e}");
+    let e = err(&["perplexity", "-c", "0", "Cargo.toml"]);
+    assert!(e.contains("too small"), "{e}");
+    let e = err(&["perplexity", "-c", "40000", "Cargo.toml"]);
+    assert!(e.contains("trained context of 32768"), "{e}");
+    let e = err(&["info", "-c", "40000"]);
+    assert!(e.contains("40000"), "{e}");
+    // --truncate left keeps the prompt's end instead.
+    let o = gemma3(&[
+        "generate",
+        "-c",
+        "8",
+        "-n",
+        "4",
+        "--truncate",
+        "left",
+        "--greedy",
+        "--verbose",
+        "one two three four five six seven eight",
+    ]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{e}");
+    assert!(e.contains("prompt: 4 tokens"), "{e}");
+    // info sizes the cache for a context, for every type.
+    let out = stdout(&gemma3(&["info", "-c", "32768"]));
+    for t in ["f32", "f16", "bf16", "q8_0"] {
+        assert!(out.contains(&format!("  {t} ")), "{out}");
+    }
+    assert!(out.contains("116.4 MB at 32768"), "f16 at 32K: {out}");
+}

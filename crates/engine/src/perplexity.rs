@@ -31,9 +31,16 @@ pub fn perplexity(
     n_ctx: usize,
     mut on_chunk: impl FnMut(usize, usize, f64),
 ) -> Result<PerplexityResult, EngineError> {
+    let cfg = &model.text.cfg;
     if n_ctx < 4 {
         return Err(EngineError::Input(format!(
-            "context {n_ctx} is too small for perplexity"
+            "a context of {n_ctx} tokens is too small for perplexity (at least 4)"
+        )));
+    }
+    if n_ctx > cfg.max_position_embeddings {
+        return Err(EngineError::Input(format!(
+            "context {n_ctx} is beyond the model's trained context of {} tokens",
+            cfg.max_position_embeddings
         )));
     }
     let n_chunks = tokens.len() / n_ctx;
@@ -41,13 +48,6 @@ pub fn perplexity(
         return Err(EngineError::Input(format!(
             "the text has {} tokens; perplexity needs at least one chunk of {n_ctx}",
             tokens.len()
-        )));
-    }
-    let cfg = &model.text.cfg;
-    if n_ctx > cfg.max_position_embeddings {
-        return Err(EngineError::Input(format!(
-            "context {n_ctx} is beyond the model's trained context of {} tokens",
-            cfg.max_position_embeddings
         )));
     }
     let mut cache = model.text.new_cache(n_ctx, MAX_BATCH);

@@ -213,6 +213,11 @@ fn perplexity_matches_llamacpp() {
     let text = std::fs::read_to_string(shared().join("reference/gpl-3.txt")).unwrap();
     let tokens = m.tokenizer.encode(&text, true, false);
     assert_eq!(tokens.len(), 7563, "llama.cpp counts 7563 tokens with BOS");
+    assert_eq!(
+        m.text.kv_types(),
+        gemma3_model::KvTypes::F16,
+        "the default cache"
+    );
     let r = perplexity(m, &tokens, 512, |_, _, _| {}).unwrap();
     assert_eq!(r.chunks, 14);
     assert_eq!(r.scored_tokens, 3570);
@@ -375,4 +380,60 @@ fn keys_and_values_stay_within_f16_range() {
         k < 65504.0 / 16.0 && v < 65504.0 / 16.0,
         "max |k| {k}, |v| {v}"
     );
+}
+
+#[test]
+fn perplexity_with_each_cache_type_stays_close_to_f32() {
+    // The default f16 cache within 0.1% of an f32 one (in the fast precision keys and values
+    // are f16 values anyway, so they agree exactly), q8_0 within 0.5%.
+    use gemma3_model::KvTypes;
+    let text = std::fs::read_to_string(shared().join("reference/gpl-3.txt")).unwrap();
+    let mut m = open_real_model();
+    // Four 512-token chunks are enough to see the cache type (and keep the suite quick).
+    let mut tokens = m.tokenizer.encode(&text, true, false);
+    tokens.truncate(4 * 512);
+    let ppl = |t: gemma3_formats::DType, m: &mut Model| {
+        m.set_cache_types(KvTypes { k: t, v: t }).unwrap();
+        perplexity(m, &tokens, 512, |_, _, _| {}).unwrap().ppl
+    };
+    let f32_ppl = ppl(gemma3_formats::DType::F32, &mut m);
+    let f16_ppl = ppl(gemma3_formats::DType::F16, &mut m);
+    let q8_ppl = ppl(gemma3_formats::DType::Q8_0, &mut m);
+    let rel = |x: f64| (x - f32_ppl).abs() / f32_ppl;
+    eprintln!("perplexity f32 {f32_ppl:.4}, f16 {f16_ppl:.4}, q8_0 {q8_ppl:.4}");
+    assert!(rel(f16_ppl) < 0.001, "f16 {f16_ppl} vs f32 {f32_ppl}");
+    assert!(rel(q8_ppl) < 0.005, "q8_0 {q8_ppl} vs f32 {f32_ppl}");
+    assert!(q8_ppl != f32_ppl, "q8_0 changed nothing: is the type used?");
+}
+
+#[test]
+fn a_10k_token_prompt_at_32k_context_decodes_alike_with_f16_and_f32() {
+    // A 10K-token prompt (the GPL text, repeated) at a 32K context: it fits, and the
+    // first 16 greedy tokens with the f16 cache equal those with the f32 cache.
+    use gemma3_model::KvTypes;
+    let text = std::fs::read_to_string(shared().join("reference/gpl-3.txt")).unwrap();
+    let mut m = open_real_model();
+    let mut ids = m.tokenizer.encode(&text, true, false);
+    let once = ids[1..].to_vec();
+    while ids.len() < 10_000 {
+        ids.extend_from_slice(&once);
+    }
+    ids.truncate(10_000);
+    let opts = GenerateOptions {
+        max_new_tokens: 16,
+        ignore_eos: true,
+        context: Some(32_768),
+        ..Default::default()
+    };
+    let run = |t: gemma3_formats::DType, m: &mut Model| {
+        m.set_cache_types(KvTypes { k: t, v: t }).unwrap();
+        gemma3_engine::Generator::new(m, 32_768)
+            .generate_ids(&ids, &opts, |_| true)
+            .unwrap()
+    };
+    let a = run(gemma3_formats::DType::F16, &mut m);
+    let b = run(gemma3_formats::DType::F32, &mut m);
+    assert_eq!(a.prompt_tokens, 10_000);
+    assert_eq!(a.tokens.len(), 16);
+    assert_eq!(a.tokens, b.tokens, "f16 and f32 caches decode differently");
 }

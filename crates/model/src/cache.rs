@@ -175,6 +175,14 @@ impl KvCache {
         self.context
     }
 
+    /// Positions a sliding layer's ring holds (None without sliding layers).
+    pub fn sliding_capacity(&self) -> Option<usize> {
+        self.layers
+            .iter()
+            .find(|l| l.window.is_some())
+            .map(|l| l.capacity)
+    }
+
     /// The longest chunk one forward pass may append.
     pub fn max_chunk(&self) -> usize {
         self.max_chunk
