@@ -281,7 +281,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 serde_json::json!({"test": r.test, "threads": r.threads, "tokens_per_s": r.mean, "sd": r.sd, "reps": r.reps, "depth": r.depth, "kv": kv, "bound_tokens_per_s": r.bound})
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        outln!("{}", serde_json::to_string_pretty(&v)?)?;
     } else {
         let name = model
             .source
@@ -289,13 +289,13 @@ pub fn run(a: BenchArgs) -> Result<()> {
             .file_name()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
-        println!("| model | size | precision | kv | threads | test | t/s | of bound |");
-        println!("| --- | ---: | --- | --- | ---: | ---: | ---: | ---: |");
+        outln!("| model | size | precision | kv | threads | test | t/s | of bound |")?;
+        outln!("| --- | ---: | --- | --- | ---: | ---: | ---: | ---: |")?;
         for r in &rows {
             let of_bound = r.bound.map_or(String::new(), |b| {
                 format!("{:.0}% of {b:.0}", 100.0 * r.mean / b)
             });
-            println!(
+            outln!(
                 "| {name} | {:.2} MiB | {:?} | {kv} | {} | {} | {:.2} ± {:.2} | {of_bound} |",
                 model.text.weights.bytes() as f64 / (1 << 20) as f64,
                 model.text.precision,
@@ -303,7 +303,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 r.test,
                 r.mean,
                 r.sd
-            );
+            )?;
         }
     }
     Ok(())
@@ -376,14 +376,14 @@ fn kernels(a: &BenchArgs) -> Result<()> {
         DType::F16,
         DType::F32,
     ];
-    println!(
+    outln!(
         "matrix products, {} threads; this machine streams {:.1} GB/s from memory (read, {} threads)",
         rayon::current_num_threads(),
         stream_read_gbps(),
         rayon::current_num_threads()
-    );
-    println!("| shape | type | batch | precision | time | weights GB/s | GFLOP/s |");
-    println!("| --- | --- | ---: | --- | ---: | ---: | ---: |");
+    )?;
+    outln!("| shape | type | batch | precision | time | weights GB/s | GFLOP/s |")?;
+    outln!("| --- | --- | ---: | --- | ---: | ---: | ---: |")?;
     for &(label, rows, cols) in shapes {
         if a.shape.as_deref().is_some_and(|f| !label.contains(f)) {
             continue;
@@ -426,13 +426,13 @@ fn kernels(a: &BenchArgs) -> Result<()> {
                     matmul_weights(w.weights(), &x, n, &mut out, precision);
                 }
                 let s = t0.elapsed().as_secs_f64() / reps as f64;
-                println!(
+                outln!(
                     "| {label} {rows}x{cols} | {t}{} | {n} | {precision:?} | {:.3} ms | {:.1} | {:.1} |",
                     if precision == Precision::Fast { layout } else { "" },
                     s * 1e3,
                     w.tensor.bytes().len() as f64 / s / 1e9,
                     2.0 * (rows * cols * n) as f64 / s / 1e9
-                );
+                )?;
             }
         }
     }
@@ -601,18 +601,18 @@ fn vision(a: &BenchArgs) -> Result<()> {
                 serde_json::json!({"test": "vision So400m 896x896", "threads": t, "seconds": mean, "sd": sd, "reps": reps, "gflop": flops / 1e9, "gflop_per_s": flops / mean / 1e9, "cores_used": cores})
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        outln!("{}", serde_json::to_string_pretty(&v)?)?;
     } else {
-        println!("| model | threads | test | s/image | GFLOP | GFLOP/s | cores used |");
-        println!("| --- | ---: | --- | ---: | ---: | ---: | ---: |");
+        outln!("| model | threads | test | s/image | GFLOP | GFLOP/s | cores used |")?;
+        outln!("| --- | ---: | --- | ---: | ---: | ---: | ---: |")?;
         for (t, mean, sd, _, cores) in rows {
-            println!(
+            outln!(
                 "| SigLIP So400m (random BF16) + projector | {t} | 896x896, {} patches | {mean:.2} ± {sd:.2} | {:.0} | {:.1} | {} |",
                 cfg.num_patches(),
                 flops / 1e9,
                 flops / mean / 1e9,
                 cores.map_or("?".to_string(), |c| format!("{c:.2}"))
-            );
+            )?;
         }
     }
     Ok(())

@@ -23,6 +23,8 @@ pub struct ChatArgs {
     /// first user message)
     #[arg(long)]
     pub system: Option<String>,
+    #[command(flatten)]
+    pub image_limit: crate::ImageLimitArgs,
     /// Maximum new tokens per reply
     #[arg(short = 'n', long, default_value_t = 1024)]
     pub max_tokens: usize,
@@ -113,15 +115,21 @@ pub fn run(a: ChatArgs) -> Result<()> {
         );
     }
     let mut conv = Conversation::new(a.system.as_deref());
-    let stdin = std::io::stdin();
-    let mut lines = stdin.lock().lines();
+    let mut stdin = std::io::stdin().lock();
     loop {
         if interactive {
             eprint!("> ");
             std::io::stderr().flush()?;
         }
-        let Some(line) = lines.next() else { break };
-        let line = line?;
+        let line = match read_line(&mut stdin)? {
+            Line::End => break,
+            Line::Text(t) => t,
+            Line::Bad(why) => {
+                // One bad line never ends the session.
+                eprintln!("error: {why}; this line was skipped");
+                continue;
+            }
+        };
         let line = line.trim();
         if line.is_empty() {
             continue;
@@ -134,7 +142,12 @@ pub fn run(a: ChatArgs) -> Result<()> {
                     gen.forget();
                     eprintln!("(conversation cleared)");
                 }
-                "image" => match add_image(&model, arg.trim(), &mut conv) {
+                "image" => match add_image(
+                    &model,
+                    arg.trim(),
+                    a.image_limit.max_image_pixels,
+                    &mut conv,
+                ) {
                     Ok(()) => eprintln!("(image added to your next message)"),
                     Err(e) => eprintln!("error: {e}"),
                 },
@@ -197,15 +210,25 @@ pub fn run(a: ChatArgs) -> Result<()> {
         answering.store(true, Ordering::SeqCst);
         let stdout = std::io::stdout();
         let mut out = stdout.lock();
+        let mut write_err = None;
         let result = gen.generate_ids_with(&ids, images, &opts, |piece| {
-            !stop.load(Ordering::SeqCst)
-                && out
-                    .write_all(piece.as_bytes())
-                    .and_then(|_| out.flush())
-                    .is_ok()
+            if stop.load(Ordering::SeqCst) {
+                return false;
+            }
+            match out.write_all(piece.as_bytes()).and_then(|_| out.flush()) {
+                Ok(()) => true,
+                Err(e) => {
+                    write_err = Some(e);
+                    false
+                }
+            }
         });
         answering.store(false, Ordering::SeqCst);
-        let _ = writeln!(out);
+        // stdout gone (a closed pipe, a full disk): the session cannot go on.
+        if let Some(e) = write_err {
+            return Err(crate::stdout_error(e));
+        }
+        writeln!(out).map_err(crate::stdout_error)?;
         match result {
             Ok(g) => {
                 if stop.load(Ordering::SeqCst) {
@@ -224,13 +247,68 @@ pub fn run(a: ChatArgs) -> Result<()> {
     Ok(())
 }
 
+/// The most bytes a message line may have.
+const MAX_LINE_BYTES: u64 = gemma3_formats::MAX_TEXT_BYTES;
+
+enum Line {
+    Text(String),
+    /// A line that cannot be a message (too long, not UTF-8): why.
+    Bad(String),
+    End,
+}
+
+/// The next line of `input`, read with a bounded buffer: a line past [`MAX_LINE_BYTES`] is
+/// skipped to its end without being kept.
+fn read_line(input: &mut impl BufRead) -> Result<Line> {
+    let mut buf = Vec::new();
+    let n = std::io::Read::take(&mut *input, MAX_LINE_BYTES).read_until(b'\n', &mut buf)?;
+    if n == 0 {
+        return Ok(Line::End);
+    }
+    if buf.last() != Some(&b'\n') && n as u64 == MAX_LINE_BYTES {
+        // Skip the rest of the line (chunk by chunk, holding none of it).
+        loop {
+            let chunk = input.fill_buf()?;
+            if chunk.is_empty() {
+                break;
+            }
+            match chunk.iter().position(|&b| b == b'\n') {
+                Some(i) => {
+                    input.consume(i + 1);
+                    break;
+                }
+                None => {
+                    let len = chunk.len();
+                    input.consume(len);
+                }
+            }
+        }
+        return Ok(Line::Bad(format!(
+            "the line is longer than {} MiB",
+            MAX_LINE_BYTES >> 20
+        )));
+    }
+    match String::from_utf8(buf) {
+        Ok(s) => Ok(Line::Text(s)),
+        Err(e) => Ok(Line::Bad(format!(
+            "the line is not UTF-8 text (invalid byte at offset {})",
+            e.utf8_error().valid_up_to()
+        ))),
+    }
+}
+
 /// Reads an image for the next message and encodes it now (once).
-fn add_image(model: &Model, path: &str, conv: &mut Conversation) -> Result<(), EngineError> {
+fn add_image(
+    model: &Model,
+    path: &str,
+    max_pixels: u64,
+    conv: &mut Conversation,
+) -> Result<(), EngineError> {
     if path.is_empty() {
         return Err(EngineError::Input("usage: /image PATH".into()));
     }
     model.vision_tower()?;
-    let img = Image::open(path)?;
+    let img = Image::open_limited(path, max_pixels)?;
     let views = model.image_views(std::slice::from_ref(&img), None)?;
     let rows = model.encode_views(&views)?;
     conv.pending.push(rows);

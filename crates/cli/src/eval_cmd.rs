@@ -286,7 +286,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
     if let (Some(v), Some(se)) = (s.ppl, s.ppl_stderr) {
         line += &format!("  ppl {:.3} ± {:.3}", v, se);
     }
-    println!("{line}");
+    outln!("{line}")?;
     eprintln!(
         "scored {} items in {:.1} s ({:.2} items/s)",
         new.len(),
@@ -302,13 +302,14 @@ pub fn run(a: EvalArgs) -> Result<()> {
         o.insert("data".into(), a.data.display().to_string().into());
         o.insert("seconds".into(), secs.into());
         o.insert("items".into(), serde_json::to_value(&results)?);
-        let f =
-            std::fs::File::create(out).with_context(|| format!("creating {}", out.display()))?;
-        let mut w = std::io::BufWriter::new(f);
-        serde_json::to_writer(&mut w, &v)?;
-        w.write_all(b"\n")?;
-        w.flush()
-            .with_context(|| format!("writing {}", out.display()))?;
+        // Complete or not at all: a failed write leaves no half document.
+        let mut text = serde_json::to_vec(&v)?;
+        text.push(b'\n');
+        gemma3_engine::quantize::write_atomically(out, true, |w| {
+            w.write_all(&text).map_err(|e| {
+                gemma3_engine::EngineError::Load(format!("writing {}: {e}", out.display()))
+            })
+        })?;
         eprintln!("wrote {}", out.display());
     }
     Ok(())

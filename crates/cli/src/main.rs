@@ -8,8 +8,17 @@ use gemma3_engine::{
     FileType, GenerateOptions, Image, Model, ModelSource, PanAndScan, SamplingParams, StopReason,
 };
 use gemma3_model::{ImageInputs, Logits, Workspace, MAX_BATCH};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::PathBuf;
+
+/// `println!` that returns the write error (a closed pipe, a full disk) instead of
+/// panicking; `main` ends quietly on a closed pipe and fails on any other error.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*).map_err($crate::stdout_error)
+    }};
+}
 
 mod bench_cmd;
 mod chat_cmd;
@@ -127,6 +136,17 @@ struct ImageArgs {
     /// Also show elongated images as crops (Gemma3Processor's pan & scan)
     #[arg(long)]
     pan_and_scan: bool,
+    #[command(flatten)]
+    limit: ImageLimitArgs,
+}
+
+/// How large an image may be.
+#[derive(Args, Clone)]
+pub(crate) struct ImageLimitArgs {
+    /// Refuse images of more pixels than this (read from the file's header, before
+    /// decoding)
+    #[arg(long, default_value_t = gemma3_engine::image::DEFAULT_MAX_IMAGE_PIXELS)]
+    pub(crate) max_image_pixels: u64,
 }
 
 impl ImageArgs {
@@ -134,7 +154,7 @@ impl ImageArgs {
         let images = self
             .images
             .iter()
-            .map(Image::open)
+            .map(|p| Image::open_limited(p, self.limit.max_image_pixels))
             .collect::<Result<Vec<_>, _>>()?;
         Ok((images, self.pan_and_scan.then(PanAndScan::default)))
     }
@@ -349,19 +369,44 @@ enum Command {
     },
 }
 
+/// Exit codes: 0 success (also when stdout is a pipe closed early, as by `| head`), 1 an
+/// error (named on stderr), 2 a usage error (clap).
 fn main() {
     let cli = Cli::parse();
-    if let Err(e) = run(cli) {
+    let result = run(cli).and_then(|()| std::io::stdout().flush().map_err(stdout_error));
+    if let Err(e) = result {
+        if is_broken_pipe(&e) {
+            std::process::exit(0);
+        }
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
 }
 
+/// A failed write to stdout, named as such.
+pub(crate) fn stdout_error(e: std::io::Error) -> anyhow::Error {
+    anyhow::Error::new(e).context("writing to stdout")
+}
+
+/// Whether `e` comes from writing to a pipe whose reader has gone.
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
 /// Sizes the global thread pool when `--threads` is given (default: one per core).
 pub(crate) fn start_pool(threads: Option<usize>) -> Result<()> {
-    if let Some(t) = threads {
+    if let Some(mut t) = threads {
         if t == 0 {
             bail!("--threads must be at least 1");
+        }
+        // More threads than cores only make them wait for each other.
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if t > cores {
+            eprintln!("note: --threads {t} is more than the {cores} cores here; using {cores}");
+            t = cores;
         }
         rayon::ThreadPoolBuilder::new()
             .num_threads(t)
@@ -406,12 +451,13 @@ pub(crate) fn init_logging() {
         .try_init();
 }
 
+/// The prompt from stdin (at most [`gemma3_formats::MAX_TEXT_BYTES`]).
 fn read_stdin() -> Result<String> {
-    let mut s = String::new();
-    std::io::stdin()
-        .read_to_string(&mut s)
-        .context("reading stdin")?;
-    Ok(s)
+    Ok(gemma3_formats::read_text_from(
+        std::io::stdin().lock(),
+        "stdin",
+        gemma3_formats::MAX_TEXT_BYTES,
+    )?)
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -479,6 +525,7 @@ fn run(cli: Cli) -> Result<()> {
             };
             let opts = GenerateOptions {
                 max_new_tokens: max_tokens,
+                stop_at_context: true,
                 sampling,
                 stop_strings: stop,
                 ignore_eos,
@@ -492,13 +539,22 @@ fn run(cli: Cli) -> Result<()> {
             };
             let stdout = std::io::stdout();
             let mut out = stdout.lock();
+            // A write error ends generation; `main` is quiet about a closed pipe (`| head`)
+            // and fails on any other (a full disk).
+            let mut write_err = None;
             let g = m.generate(&prompt, &opts, |piece| {
-                // A closed pipe (e.g. `| head`) ends generation quietly.
-                out.write_all(piece.as_bytes())
-                    .and_then(|_| out.flush())
-                    .is_ok()
+                match out.write_all(piece.as_bytes()).and_then(|_| out.flush()) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        write_err = Some(e);
+                        false
+                    }
+                }
             })?;
-            let _ = writeln!(out);
+            if let Some(e) = write_err {
+                return Err(stdout_error(e));
+            }
+            writeln!(out).map_err(stdout_error)?;
             if verbose && !opts.images.is_empty() {
                 eprintln!("images: encoded in {:.3} s", g.image_secs);
             }
@@ -536,10 +592,10 @@ fn run(cli: Cli) -> Result<()> {
                 .map(|&i| tok.id_to_piece(i).unwrap_or("").to_string())
                 .collect();
             if json {
-                println!("{}", serde_json::json!({ "ids": ids, "pieces": pieces }));
+                outln!("{}", serde_json::json!({ "ids": ids, "pieces": pieces }))?;
             } else {
                 for (i, p) in ids.iter().zip(&pieces) {
-                    println!("{i:>7} -> {p:?}");
+                    outln!("{i:>7} -> {p:?}")?;
                 }
             }
         }
@@ -550,7 +606,7 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let m = setup(&model)?;
             let ctx = m.context(ctx_size)?;
-            info(&m, tensors, ctx);
+            info(&m, tensors, ctx)?;
         }
         Command::Perplexity {
             file,
@@ -558,8 +614,7 @@ fn run(cli: Cli) -> Result<()> {
             ctx_size,
         } => {
             let m = setup(&model)?;
-            let text = std::fs::read_to_string(&file)
-                .with_context(|| format!("reading {}", file.display()))?;
+            let text = gemma3_formats::read_text(&file, gemma3_formats::MAX_TEXT_BYTES)?;
             let ids = m.tokenizer.encode(&text, true, false);
             eprintln!(
                 "{} tokens, {} chunks of {ctx_size} (KV cache {})",
@@ -573,14 +628,14 @@ fn run(cli: Cli) -> Result<()> {
                 let _ = std::io::stderr().flush();
             })?;
             eprintln!();
-            println!(
+            outln!(
                 "PPL = {:.4} +/- {:.5} ({} chunks, {} scored tokens, {:.1} s)",
                 r.ppl,
                 r.ppl_stderr,
                 r.chunks,
                 r.scored_tokens,
                 t0.elapsed().as_secs_f64()
-            );
+            )?;
         }
         Command::Logits {
             model,
@@ -626,14 +681,8 @@ fn run(cli: Cli) -> Result<()> {
             }
             let mut cache = m.text.new_cache(ctx, MAX_BATCH);
             let mut ws = Workspace::new(cfg, MAX_BATCH);
-            let stdout = std::io::stdout();
-            let mut out = std::io::BufWriter::new(stdout);
-            write!(
-                out,
-                "{{\"ids\":{},\"positions\":[",
-                serde_json::to_string(&ids)?
-            )?;
-            let mut err = None;
+            // The document is printed only once complete: a failure leaves no half of it.
+            let mut out = format!("{{\"ids\":{},\"positions\":[", serde_json::to_string(&ids)?);
             let mut order: Vec<u32> = Vec::with_capacity(cfg.vocab_size);
             m.text.forward_with(
                 &ids,
@@ -673,16 +722,12 @@ fn run(cli: Cli) -> Result<()> {
                         ));
                     }
                     s.push_str("]}");
-                    if let Err(e) = out.write_all(s.as_bytes()) {
-                        err.get_or_insert(e);
-                    }
+                    out.push_str(&s);
                 },
                 None,
             )?;
-            if let Some(e) = err {
-                return Err(e.into());
-            }
-            writeln!(out, "]}}")?;
+            out.push_str("]}");
+            outln!("{out}")?;
         }
     }
     Ok(())
@@ -733,19 +778,19 @@ fn ollama_stops(m: &Model) -> Vec<String> {
 
 /// `info`'s lines on where the model came from and what it brings (mmproj, Ollama's
 /// template and parameters, default sampling).
-fn origin_info(m: &Model) {
+fn origin_info(m: &Model) -> Result<()> {
     if let Some(r) = &m.origin {
-        println!("source:         {}", r.describe());
+        outln!("source:         {}", r.describe())?;
         if let Some(o) = &r.ollama {
             if let Some(t) = &o.template {
-                println!(
+                outln!(
                     "template:       Ollama Go template, {} lines ({} bytes)",
                     t.lines().count(),
                     t.len()
-                );
+                )?;
             }
             if let Some(s) = &o.system {
-                println!("system:         {s:?}");
+                outln!("system:         {s:?}")?;
             }
             if let Some(p) = &o.params {
                 let json = serde_json::to_string(&serde_json::json!({
@@ -754,46 +799,51 @@ fn origin_info(m: &Model) {
                     "repeat_penalty": p.repeat_penalty, "other": p.other,
                 }))
                 .unwrap_or_default();
-                println!("parameters:     {json}");
+                outln!("parameters:     {json}")?;
             }
         }
     }
     match m.default_sampling(0) {
-        Ok(d) if d.params.temperature > 0.0 => println!(
+        Ok(d) if d.params.temperature > 0.0 => outln!(
             "sampling:       temperature {}, top-k {}, top-p {}, min-p {} (from {})",
-            d.params.temperature, d.params.top_k, d.params.top_p, d.params.min_p, d.source
-        ),
-        Ok(d) => println!("sampling:       greedy (from {})", d.source),
-        Err(e) => println!("sampling:       unreadable defaults: {e}"),
+            d.params.temperature,
+            d.params.top_k,
+            d.params.top_p,
+            d.params.min_p,
+            d.source
+        )?,
+        Ok(d) => outln!("sampling:       greedy (from {})", d.source)?,
+        Err(e) => outln!("sampling:       unreadable defaults: {e}")?,
     }
+    Ok(())
 }
 
-fn info(m: &Model, list_tensors: bool, ctx: usize) {
+fn info(m: &Model, list_tensors: bool, ctx: usize) -> Result<()> {
     let cfg = &m.text.cfg;
-    println!("model:          {}", m.source.path().display());
-    origin_info(m);
+    outln!("model:          {}", m.source.path().display())?;
+    origin_info(m)?;
     match &m.source {
         ModelSource::Gguf(g) => {
-            println!(
+            outln!(
                 "format:         GGUF v{} ({} tensors, {:.1} MB)",
                 g.version,
                 g.tensors.len(),
                 g.file_size() as f64 / 1e6
-            );
+            )?;
             if let Some(n) = g.get_str("general.name") {
-                println!("name:           {n}");
+                outln!("name:           {n}")?;
             }
         }
-        ModelSource::Hf(h) => println!(
+        ModelSource::Hf(h) => outln!(
             "format:         Hugging Face directory ({} tensors)",
             h.tensors.len()
-        ),
+        )?,
     }
-    println!(
+    outln!(
         "architecture:   Gemma 3 text decoder ({} class)",
         cfg.size_label()
-    );
-    println!(
+    )?;
+    outln!(
         "layers:         {} ({} sliding, window {}; {} full)",
         cfg.num_layers,
         cfg.layer_kinds
@@ -805,21 +855,27 @@ fn info(m: &Model, list_tensors: bool, ctx: usize) {
             .iter()
             .filter(|k| **k == gemma3_model::LayerKind::Full)
             .count()
-    );
-    println!(
+    )?;
+    outln!(
         "hidden:         {} (MLP {})",
-        cfg.hidden_size, cfg.intermediate_size
-    );
-    println!(
+        cfg.hidden_size,
+        cfg.intermediate_size
+    )?;
+    outln!(
         "attention:      {} query heads, {} key/value heads, head dim {}, scale 1/sqrt({})",
-        cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.query_pre_attn_scalar
-    );
-    println!(
+        cfg.num_heads,
+        cfg.num_kv_heads,
+        cfg.head_dim,
+        cfg.query_pre_attn_scalar
+    )?;
+    outln!(
         "rope:           local base {}, global base {} (linear factor {})",
-        cfg.rope_local_theta, cfg.rope_theta, cfg.rope_linear_factor
-    );
-    println!("vocabulary:     {}", cfg.vocab_size);
-    println!("max context:    {}", cfg.max_position_embeddings);
+        cfg.rope_local_theta,
+        cfg.rope_theta,
+        cfg.rope_linear_factor
+    )?;
+    outln!("vocabulary:     {}", cfg.vocab_size)?;
+    outln!("max context:    {}", cfg.max_position_embeddings)?;
     // Tensor types and parameter counts.
     let w = &m.text.weights;
     let mut by_type: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
@@ -835,111 +891,119 @@ fn info(m: &Model, list_tensors: bool, ctx: usize) {
         }
     }
     let params: usize = by_type.values().map(|v| v.1).sum();
-    println!("parameters:     {:.1} M in matrices", params as f64 / 1e6);
+    outln!("parameters:     {:.1} M in matrices", params as f64 / 1e6)?;
     for (t, (n, p)) in &by_type {
-        println!("  {t:<6} {n:>4} tensors, {:.1} M values", *p as f64 / 1e6);
+        outln!("  {t:<6} {n:>4} tensors, {:.1} M values", *p as f64 / 1e6)?;
     }
-    println!(
+    outln!(
         "memory:         weights {:.1} MB (memory-mapped); the KV cache grows with use",
         w.bytes() as f64 / 1e6
-    );
-    kv_info(m, ctx);
+    )?;
+    kv_info(m, ctx)?;
     let packed = w.packed_bytes();
     match gemma3_kernels::packed::kernels_name() {
-        Some(isa) if packed > 0 => println!(
+        Some(isa) if packed > 0 => outln!(
             "kernels:        {isa}, on {:.1} MB of weights repacked at load (their file pages released)",
             packed as f64 / 1e6
-        ),
-        _ => println!(
+        )?,
+        _ => outln!(
             "kernels:        {:?} level, weights used as stored",
             gemma3_kernels::simd::level()
-        ),
+        )?,
     }
-    vision_info(m);
+    vision_info(m)?;
     if list_tensors {
         if let ModelSource::Gguf(g) = &m.source {
             for t in &g.tensors {
-                println!("  {:<40} {:<6} {:?}", t.name, t.dtype.to_string(), t.dims);
+                outln!("  {:<40} {:<6} {:?}", t.name, t.dtype.to_string(), t.dims)?;
             }
         }
         if let ModelSource::Hf(h) = &m.source {
             for t in h.tensors.values() {
-                println!("  {:<60} {:<6} {:?}", t.name, t.dtype.to_string(), t.shape);
+                outln!("  {:<60} {:<6} {:?}", t.name, t.dtype.to_string(), t.shape)?;
             }
         }
     }
+    Ok(())
 }
 
 /// `info`'s KV cache lines: bytes per token and at `ctx` tokens for every cache type. Full
 /// attention layers hold every position; sliding layers at most their ring.
-fn kv_info(m: &Model, ctx: usize) {
+fn kv_info(m: &Model, ctx: usize) -> Result<()> {
     use gemma3_model::{KvCache, KvTypes, MAX_BATCH};
     let cfg = &m.text.cfg;
     let current = m.text.kv_types();
     let ring = KvCache::new(cfg, ctx, MAX_BATCH).sliding_capacity();
-    println!(
+    outln!(
         "kv cache:       {} in use; per token of every layer, and at {ctx} tokens{}:",
         current.label(),
         ring.map_or(String::new(), |r| format!(
             " (sliding layers hold at most {r})"
         ))
-    );
+    )?;
     for ty in gemma3_kernels::attention::KV_TYPES {
         let t = KvTypes { k: ty, v: ty };
         if t.check(cfg).is_err() {
             continue;
         }
         let cache = KvCache::with_types(cfg, ctx, MAX_BATCH, t);
-        println!(
+        outln!(
             "  {:<5} {:>7.1} KB per token, {:>9.1} MB at {ctx}{}",
             t.label(),
             (t.bytes_per_position(cfg) * cfg.num_layers) as f64 / 1e3,
             cache.bytes_at(ctx) as f64 / 1e6,
             if t == current { "  (in use)" } else { "" }
-        );
+        )?;
     }
+    Ok(())
 }
 
 /// The vision tower's lines of `info`, when one is loaded.
-fn vision_info(m: &Model) {
+fn vision_info(m: &Model) -> Result<()> {
     let Some(v) = &m.vision else {
         let embedded = matches!(&m.source, ModelSource::Gguf(g)
             if g.tensors.iter().any(|t| t.name.starts_with(gemma3_engine::resolve::VISION_PREFIX)));
         match embedded {
-            true => println!(
+            true => outln!(
                 "vision:         none loaded: the model file holds a vision tower in Ollama's own layout, which is not supported (use a GGUF with llama.cpp's mmproj file)"
-            ),
-            false => println!("vision:         none (text only)"),
+            )?,
+            false => outln!("vision:         none (text only)")?,
         }
-        return;
+        return Ok(());
     };
     let c = &v.cfg;
     let from = match &m.mmproj {
         Some(p) => format!("mmproj {}", p.display()),
         None => "checkpoint".to_string(),
     };
-    println!(
+    outln!(
         "vision:         SigLIP, {} layers, hidden {} (MLP {}), {} heads ({from})",
-        c.num_layers, c.hidden_size, c.intermediate_size, c.num_heads
-    );
-    println!(
+        c.num_layers,
+        c.hidden_size,
+        c.intermediate_size,
+        c.num_heads
+    )?;
+    outln!(
         "image input:    {s}x{s}, {p}x{p} patches ({n}), {t} tokens per image (pool {k}x{k})",
         s = c.image_size,
         p = c.patch_size,
         n = c.num_patches(),
         t = c.mm_tokens_per_image,
         k = c.pool_kernel()
-    );
+    )?;
     if let Ok(t) = m.image_tokens() {
-        println!(
+        outln!(
             "image tokens:   <start_of_image> {}, <image_soft_token> {}, <end_of_image> {}",
-            t.boi, t.soft, t.eoi
-        );
+            t.boi,
+            t.soft,
+            t.eoi
+        )?;
     }
-    println!(
+    outln!(
         "vision weights: {:.1} M parameters, {} ({:.1} MB)",
         v.num_params() as f64 / 1e6,
         v.weight_types().join(", "),
         v.bytes() as f64 / 1e6
-    );
+    )?;
+    Ok(())
 }

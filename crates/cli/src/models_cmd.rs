@@ -106,15 +106,15 @@ pub fn list(a: ListArgs) -> Result<()> {
                 })
             })
             .collect();
-        println!("{}", serde_json::Value::Array(rows));
+        outln!("{}", serde_json::Value::Array(rows))?;
         return Ok(());
     }
     if models.is_empty() {
-        println!(
+        outln!(
             "No models found (the default model is fetched on first use; Hugging Face cache: {}; Ollama store: {}).",
             loc.hub.cache.display(),
             loc.ollama.display()
-        );
+        )?;
         return Ok(());
     }
     let width = models
@@ -123,22 +123,25 @@ pub fn list(a: ListArgs) -> Result<()> {
         .max()
         .unwrap_or(4)
         .max(4);
-    println!(
+    outln!(
         "{:<width$}  {:<22}  {:<11}  {:>9}  VISION",
-        "NAME", "SOURCE", "FORMAT", "SIZE"
-    );
+        "NAME",
+        "SOURCE",
+        "FORMAT",
+        "SIZE"
+    )?;
     for m in &models {
         let vision = match &m.problem {
             Some(p) => format!("unusable: {p}"),
             None => m.vision.to_string(),
         };
-        println!(
+        outln!(
             "{:<width$}  {:<22}  {:<11}  {:>9}  {vision}",
             m.name,
             m.kind.to_string(),
             m.format,
             human(m.size)
-        );
+        )?;
     }
     Ok(())
 }
@@ -155,9 +158,9 @@ pub fn run_pull(a: PullArgs) -> Result<()> {
         },
     )?;
     eprintln!("{}", r.describe());
-    println!("{}", r.path.display());
+    outln!("{}", r.path.display())?;
     if let Some(p) = &r.mmproj {
-        println!("{}", p.display());
+        outln!("{}", p.display())?;
     }
     Ok(())
 }

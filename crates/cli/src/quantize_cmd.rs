@@ -63,12 +63,12 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
     }
     let what = format!("{} -> {}", a.input.display(), a.file_type);
     let s = write_with_progress(&plan, &a.output, a.force, a.quiet, &what)?;
-    report(&a.output, &s);
+    report(&a.output, &s)?;
     if let Some(out) = &a.mmproj {
         let hf = HfDirectory::open(&a.input)?;
         let plan = mmproj_plan(&hf)?;
         let s = write_with_progress(&plan, out, a.force, a.quiet, "vision tower -> F16")?;
-        report(out, &s);
+        report(out, &s)?;
     }
     Ok(())
 }
@@ -118,12 +118,13 @@ fn write_with_progress(
     Ok(s)
 }
 
-fn report(out: &Path, s: &QuantizeSummary) {
+fn report(out: &Path, s: &QuantizeSummary) -> Result<()> {
     let types: Vec<String> = s.types.iter().map(|(t, n)| format!("{n} {t}")).collect();
-    println!(
+    outln!(
         "wrote {} ({:.1} MB of tensor data; {})",
         out.display(),
         s.output_bytes as f64 / 1e6,
         types.join(", ")
-    );
+    )?;
+    Ok(())
 }

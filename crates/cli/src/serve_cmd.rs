@@ -32,6 +32,8 @@ pub struct ServeArgs {
     /// Fetch http(s) image URLs in chat requests (data: URLs are always accepted)
     #[arg(long)]
     pub allow_image_urls: bool,
+    #[command(flatten)]
+    pub image_limit: crate::ImageLimitArgs,
     /// Largest request body in MiB
     #[arg(long, default_value_t = 64)]
     pub max_body_mb: usize,
@@ -69,6 +71,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         model_name: a.alias.clone(),
         api_key: a.api_key.clone().filter(|k| !k.is_empty()),
         allow_image_urls: a.allow_image_urls,
+        max_image_pixels: a.image_limit.max_image_pixels,
         max_body_bytes: a.max_body_mb.max(1) << 20,
         default_sampling: None,
         scheduler: SchedulerConfig {

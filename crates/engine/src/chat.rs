@@ -8,6 +8,7 @@
 //! each image becomes `<start_of_image>`. `serve`, `chat` and `generate --chat` all use this.
 
 use crate::EngineError;
+use gemma3_formats::MAX_TEXT_BYTES;
 use minijinja::{Environment, ErrorKind, Value};
 use serde::Serialize;
 
@@ -233,16 +234,13 @@ impl ChatTemplate {
 pub fn hf_template_source(dir: &std::path::Path) -> Result<Option<String>, EngineError> {
     let jinja = dir.join("chat_template.jinja");
     if jinja.is_file() {
-        return std::fs::read_to_string(&jinja)
-            .map(Some)
-            .map_err(|e| EngineError::Load(format!("reading {}: {e}", jinja.display())));
+        return Ok(Some(gemma3_formats::read_text(&jinja, MAX_TEXT_BYTES)?));
     }
     let cfg = dir.join("tokenizer_config.json");
     if !cfg.is_file() {
         return Ok(None);
     }
-    let text = std::fs::read_to_string(&cfg)
-        .map_err(|e| EngineError::Load(format!("reading {}: {e}", cfg.display())))?;
+    let text = gemma3_formats::read_text(&cfg, MAX_TEXT_BYTES)?;
     let v: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| EngineError::Load(format!("{}: invalid JSON: {e}", cfg.display())))?;
     Ok(match v.get("chat_template") {

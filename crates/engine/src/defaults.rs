@@ -51,8 +51,7 @@ impl Model {
     /// The sampling this model's users expect by default, with `seed`.
     pub fn default_sampling(&self, seed: u64) -> Result<SamplingDefaults, EngineError> {
         if let Some(path) = self.generation_config() {
-            let text = std::fs::read_to_string(&path)
-                .map_err(|e| EngineError::Load(format!("reading {}: {e}", path.display())))?;
+            let text = gemma3_formats::read_text(&path, gemma3_formats::MAX_TEXT_BYTES)?;
             return Ok(SamplingDefaults {
                 params: from_generation_config(&text, seed)
                     .map_err(|e| EngineError::Load(format!("{}: {e}", path.display())))?,

@@ -221,12 +221,8 @@ fn input_err(msg: String) -> EngineError {
 /// unreadable file, invalid JSON, a field missing or of the wrong type, a gold index out of
 /// range, duplicate ids, an id of another task, or no items at all.
 pub fn load_items(task: Task, path: &Path) -> Result<Vec<Item>, EngineError> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        input_err(format!(
-            "cannot read the {task} data file {}: {e}",
-            path.display()
-        ))
-    })?;
+    let text = gemma3_formats::read_text(path, gemma3_formats::MAX_TEXT_BYTES)
+        .map_err(|e| input_err(format!("the {task} data file: {e}")))?;
     parse_items(task, &text, &path.display().to_string())
 }
 

@@ -40,6 +40,9 @@ pub struct GenerateOptions {
     /// When the prompt and `max_new_tokens` do not fit the context, drop the prompt's
     /// oldest tokens (after BOS) instead of failing. Prompts with images cannot be cut.
     pub truncate_left: bool,
+    /// When the prompt and `max_new_tokens` do not fit the context, generate until the
+    /// context is full ([`StopReason::Context`]) instead of failing (llama.cpp's `-n`).
+    pub stop_at_context: bool,
     /// Images for a multimodal model, in the order of the prompt's `<start_of_image>`
     /// markers (missing markers are added in front).
     pub images: Vec<Image>,
@@ -67,6 +70,7 @@ impl Default for GenerateOptions {
             logprobs: None,
             prompt_logprobs: false,
             truncate_left: false,
+            stop_at_context: false,
         }
     }
 }
@@ -208,14 +212,24 @@ impl Model {
         if opts.images.is_empty() {
             let mut ids = self.encode_prompt(prompt, opts.add_bos, opts.parse_special);
             if opts.truncate_left {
-                self.truncate_left(&mut ids, opts.max_new_tokens, ctx)?;
+                // Running to the end of the context, keep at most half of it for the prompt
+                // (as llama.cpp does when it cuts one).
+                let reserve = match opts.stop_at_context {
+                    true => opts.max_new_tokens.min(ctx / 2),
+                    false => opts.max_new_tokens,
+                };
+                self.truncate_left(&mut ids, reserve, ctx)?;
             }
             return Generator::new(self, ctx).generate_ids(&ids, opts, on_text);
         }
         let views = self.image_views(&opts.images, opts.pan_and_scan.as_ref())?;
         let ids = self.image_prompt_ids(prompt, &views, opts.add_bos, opts.parse_special)?;
         // Fail before the (slow) image encoding when the prompt cannot fit.
-        check_fits(self, ids.len(), opts.max_new_tokens, ctx)?;
+        let needed = match opts.stop_at_context {
+            true => 1,
+            false => opts.max_new_tokens,
+        };
+        check_fits(self, ids.len(), needed, ctx)?;
         let t0 = Instant::now();
         let embeds = self.encode_image_views(&ids, &views)?;
         let image_secs = t0.elapsed().as_secs_f64();

@@ -6,6 +6,7 @@
 //! Downloading into this layout is `download.rs`.
 
 use crate::EngineError;
+use gemma3_formats::MAX_TEXT_BYTES;
 use std::path::{Component, Path, PathBuf};
 
 /// The public hub, unless `HF_ENDPOINT` says otherwise.
@@ -516,8 +517,7 @@ fn checkpoint_files(repo: &str, files: &[String]) -> Result<ModelFiles, EngineEr
 
 /// The shards a safetensors index lists (checked to be plain file names).
 pub fn index_shards(index: &Path) -> Result<Vec<String>, EngineError> {
-    let text = std::fs::read_to_string(index)
-        .map_err(|e| EngineError::Load(format!("reading {}: {e}", index.display())))?;
+    let text = gemma3_formats::read_text(index, MAX_TEXT_BYTES)?;
     let v: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| EngineError::Load(format!("{}: invalid JSON: {e}", index.display())))?;
     let map = v
@@ -652,7 +652,7 @@ fn list_snapshot(s: &Snapshot, out: &mut Vec<CachedModel>) {
             if let Ok(shards) = index_shards(&s.dir.join(SAFETENSORS_INDEX)) {
                 all.extend(shards);
             }
-            let vision = std::fs::read_to_string(s.dir.join("config.json"))
+            let vision = gemma3_formats::read_text(&s.dir.join("config.json"), MAX_TEXT_BYTES)
                 .ok()
                 .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
                 .is_some_and(|c| c.get("vision_config").is_some());

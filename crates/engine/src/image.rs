@@ -14,6 +14,16 @@ pub const START_OF_IMAGE: &str = "<start_of_image>";
 pub const END_OF_IMAGE: &str = "<end_of_image>";
 pub const IMAGE_SOFT_TOKEN: &str = "<image_soft_token>";
 
+/// The most pixels an image may have unless the caller says otherwise (PIL warns past
+/// 89 M; 50 M is a 7000x7000 photo). Checked from the file's header, before decoding.
+pub const DEFAULT_MAX_IMAGE_PIXELS: u64 = 50_000_000;
+
+/// The largest image file read from disk.
+pub const MAX_IMAGE_FILE_BYTES: u64 = 64 << 20;
+
+/// Memory a decoder may use beyond the pixels themselves (tables, a row or two).
+const DECODER_SLACK_BYTES: u64 = 16 << 20;
+
 /// An 8-bit RGB image, rows top to bottom, `width · height · 3` bytes.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Image {
@@ -41,20 +51,38 @@ impl Image {
         Ok(Image { width, height, rgb })
     }
 
-    /// Reads and decodes an image file.
+    /// Reads and decodes an image file of at most [`DEFAULT_MAX_IMAGE_PIXELS`].
     pub fn open(path: impl AsRef<Path>) -> Result<Image, EngineError> {
+        Image::open_limited(path, DEFAULT_MAX_IMAGE_PIXELS)
+    }
+
+    /// Reads and decodes an image file of at most `max_pixels` pixels (and
+    /// [`MAX_IMAGE_FILE_BYTES`]).
+    pub fn open_limited(path: impl AsRef<Path>, max_pixels: u64) -> Result<Image, EngineError> {
         let path = path.as_ref();
-        let bytes = std::fs::read(path).map_err(|e| {
-            EngineError::Input(format!("cannot read image {}: {e}", path.display()))
+        let bytes = gemma3_formats::read_bytes(path, MAX_IMAGE_FILE_BYTES).map_err(|e| {
+            EngineError::BadImage(match e {
+                gemma3_formats::FormatError::Io { path, err } => {
+                    format!("cannot read image {}: {err}", path.display())
+                }
+                other => format!("image {other}"),
+            })
         })?;
-        Image::decode(&bytes)
-            .map_err(|e| EngineError::Input(format!("image {}: {e}", path.display())))
+        Image::decode_limited(&bytes, max_pixels)
+            .map_err(|e| EngineError::BadImage(format!("image {}: {e}", path.display())))
+    }
+
+    /// [`decode_limited`](Self::decode_limited) to [`DEFAULT_MAX_IMAGE_PIXELS`].
+    pub fn decode(bytes: &[u8]) -> Result<Image, String> {
+        Image::decode_limited(bytes, DEFAULT_MAX_IMAGE_PIXELS)
     }
 
     /// Decodes PNG, JPEG, WebP, GIF (first frame) or BMP bytes, applying the EXIF
-    /// orientation (as transformers' `load_image` does), then converting to RGB.
-    pub fn decode(bytes: &[u8]) -> Result<Image, String> {
-        use ::image::{DynamicImage, ImageDecoder, ImageReader};
+    /// orientation (as transformers' `load_image` does), then converting to RGB. An image
+    /// whose header claims more than `max_pixels` pixels is refused before decoding, and the
+    /// decoder may allocate no more than such an image needs.
+    pub fn decode_limited(bytes: &[u8], max_pixels: u64) -> Result<Image, String> {
+        use ::image::{DynamicImage, ImageDecoder, ImageReader, Limits};
         let reader = ImageReader::new(std::io::Cursor::new(bytes))
             .with_guessed_format()
             .map_err(|e| format!("cannot read: {e}"))?;
@@ -64,14 +92,33 @@ impl Image {
         let mut decoder = reader
             .into_decoder()
             .map_err(|e| format!("cannot decode: {e}"))?;
+        let (w, h) = decoder.dimensions();
+        let pixels = u64::from(w) * u64::from(h);
+        if pixels > max_pixels {
+            return Err(format!(
+                "{w}x{h} is {:.1} megapixels, more than the limit of {:.1}",
+                pixels as f64 / 1e6,
+                max_pixels as f64 / 1e6
+            ));
+        }
+        if pixels == 0 {
+            return Err(format!("{w}x{h} has no pixels"));
+        }
+        // Up to 16-bit RGBA (8 bytes a pixel), plus the decoder's own buffers.
+        let mut limits = Limits::default();
+        limits.max_alloc = Some(pixels.saturating_mul(8).saturating_add(DECODER_SLACK_BYTES));
+        decoder
+            .set_limits(limits)
+            .map_err(|e| format!("cannot decode: {e}"))?;
         let orientation = decoder.orientation().ok();
         let mut img =
             DynamicImage::from_decoder(decoder).map_err(|e| format!("cannot decode: {e}"))?;
         if let Some(o) = orientation {
             img.apply_orientation(o);
         }
-        // PIL's convert("RGB"): alpha is dropped, not composited; gray is replicated.
-        let rgb = img.to_rgb8();
+        // PIL's convert("RGB"): alpha is dropped, not composited; gray is replicated. An RGB
+        // image is taken as it is (no second copy).
+        let rgb = img.into_rgb8();
         let (w, h) = (rgb.width() as usize, rgb.height() as usize);
         Image::from_rgb(w, h, rgb.into_raw()).map_err(|e| e.to_string())
     }

@@ -11,7 +11,6 @@
 use crate::hub::home_dir;
 use crate::EngineError;
 use std::collections::BTreeMap;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 pub const DEFAULT_HOST: &str = "registry.ollama.ai";
@@ -282,19 +281,7 @@ fn blob_path(root: &Path, manifest: &Path, l: &Layer) -> Result<PathBuf, EngineE
 
 /// A text file of at most `limit` bytes.
 fn read_limited(path: &Path, limit: u64) -> Result<String, EngineError> {
-    let f = std::fs::File::open(path)
-        .map_err(|e| EngineError::Load(format!("reading {}: {e}", path.display())))?;
-    let mut s = String::new();
-    f.take(limit + 1)
-        .read_to_string(&mut s)
-        .map_err(|e| EngineError::Load(format!("reading {}: {e}", path.display())))?;
-    if s.len() as u64 > limit {
-        return Err(EngineError::Load(format!(
-            "{}: larger than {limit} bytes, not an Ollama manifest or text layer",
-            path.display()
-        )));
-    }
-    Ok(s)
+    Ok(gemma3_formats::read_text(path, limit)?)
 }
 
 /// Every model in the store (`manifests/<host>/<namespace>/<model>/<tag>`), with its

@@ -410,7 +410,7 @@ fn gguf_metadata(
     }
     m.push("general.file_type", MetaValue::U32(ftype.ggml_ftype()));
     tokenizer_metadata(&mut m, tok);
-    if let Some(t) = chat_template(&hf.dir)? {
+    if let Some(t) = crate::chat::hf_template_source(&hf.dir)? {
         m.push("tokenizer.chat_template", MetaValue::String(t));
     }
     Ok(m.0)
@@ -471,27 +471,6 @@ fn tokenizer_metadata(m: &mut MetaList, tok: &Tokenizer) {
         "tokenizer.ggml.add_space_prefix",
         MetaValue::Bool(tok.add_space_prefix()),
     );
-}
-
-/// The chat template: `chat_template.jinja`, else `chat_template` in tokenizer_config.json.
-fn chat_template(dir: &Path) -> Result<Option<String>, EngineError> {
-    let read = |p: PathBuf| {
-        std::fs::read_to_string(&p)
-            .map_err(|e| EngineError::Load(format!("cannot read {}: {e}", p.display())))
-    };
-    let jinja = dir.join("chat_template.jinja");
-    if jinja.is_file() {
-        return read(jinja).map(Some);
-    }
-    let cfg = dir.join("tokenizer_config.json");
-    if !cfg.is_file() {
-        return Ok(None);
-    }
-    let v: serde_json::Value = serde_json::from_str(&read(cfg.clone())?)
-        .map_err(|e| EngineError::Load(format!("{}: invalid JSON: {e}", cfg.display())))?;
-    Ok(v.get("chat_template")
-        .and_then(|t| t.as_str())
-        .map(str::to_string))
 }
 
 /// Streams one tensor's output bytes to `sink` in chunks of rows, with the source bytes

@@ -78,6 +78,9 @@ struct State {
     /// Text decoded but held back (it could still become a stop string).
     pending: String,
     max_stop: usize,
+    /// `opts.max_new_tokens` was cut to the room the context has left (reaching it ends
+    /// with [`StopReason::Context`]).
+    capped: bool,
     opts: GenerateOptions,
     eos: Vec<u32>,
     out: Generation,
@@ -109,7 +112,19 @@ impl Sequence {
         if prompt.is_empty() {
             return Err(EngineError::Input("the prompt is empty (no tokens)".into()));
         }
-        check_fits(model, prompt.len(), opts.max_new_tokens, cache.context())?;
+        // With `stop_at_context`, only the prompt and one new token must fit: generation
+        // then ends when the context is full.
+        let room = cache.context().saturating_sub(prompt.len());
+        let capped = opts.stop_at_context && opts.max_new_tokens > room;
+        let needed = match capped {
+            true => 1,
+            false => opts.max_new_tokens,
+        };
+        check_fits(model, prompt.len(), needed, cache.context())?;
+        let mut opts = opts.clone();
+        if capped {
+            opts.max_new_tokens = room;
+        }
         let cfg = &model.text.cfg;
         if let Some(&bad) = prompt.iter().find(|&&t| {
             t as usize >= cfg.vocab_size && images.as_ref().is_none_or(|im| im.image_token != t)
@@ -164,7 +179,8 @@ impl Sequence {
                 stream: StreamDecoder::new(),
                 pending: String::new(),
                 max_stop,
-                opts: opts.clone(),
+                capped,
+                opts,
                 eos: cfg.eos_token_ids.clone(),
                 out,
                 logprobs: Vec::new(),
@@ -439,7 +455,10 @@ impl State {
             self.pending.drain(..emit);
         }
         if self.out.tokens.len() >= self.opts.max_new_tokens {
-            self.finish(StopReason::MaxTokens);
+            self.finish(match self.capped {
+                true => StopReason::Context,
+                false => StopReason::MaxTokens,
+            });
         }
     }
 }
@@ -499,7 +518,7 @@ pub(crate) fn check_fits(
     max_new: usize,
     ctx: usize,
 ) -> Result<(), EngineError> {
-    if len + max_new.max(1) > ctx {
+    if len.saturating_add(max_new.max(1)) > ctx {
         return Err(EngineError::ContextOverflow {
             prompt: len,
             max_new,

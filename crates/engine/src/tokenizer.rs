@@ -32,17 +32,12 @@ pub enum TokenizerError {
         "{file}: tokenizer.ggml.model is {model:?}; only SentencePiece vocabularies (\"llama\") are supported"
     )]
     UnsupportedModel { file: PathBuf, model: String },
-    #[error("cannot read {path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{path}: not valid JSON for a tokenizer: {source}")]
+    #[error(transparent)]
+    Read(#[from] gemma3_formats::FormatError),
+    #[error("{path}: not valid JSON for a tokenizer: {err}")]
     Json {
         path: PathBuf,
-        #[source]
-        source: serde_json::Error,
+        err: serde_json::Error,
     },
     #[error("{path}: {field}: {what}")]
     BadJson {
@@ -519,27 +514,20 @@ impl Tokenizer {
         } else {
             path.to_path_buf()
         };
-        let read = |p: &Path| {
-            std::fs::read_to_string(p).map_err(|source| TokenizerError::Io {
-                path: p.to_path_buf(),
-                source,
-            })
-        };
+        let read = |p: &Path| gemma3_formats::read_text(p, gemma3_formats::MAX_TEXT_BYTES);
         let json: TokenizerJson =
-            serde_json::from_str(&read(&file)?).map_err(|source| TokenizerError::Json {
+            serde_json::from_str(&read(&file)?).map_err(|err| TokenizerError::Json {
                 path: file.clone(),
-                source,
+                err,
             })?;
         let config_path = file.with_file_name("tokenizer_config.json");
         let config: Option<Value> = if config_path.is_file() {
-            Some(
-                serde_json::from_str(&read(&config_path)?).map_err(|source| {
-                    TokenizerError::Json {
-                        path: config_path.clone(),
-                        source,
-                    }
-                })?,
-            )
+            Some(serde_json::from_str(&read(&config_path)?).map_err(|err| {
+                TokenizerError::Json {
+                    path: config_path.clone(),
+                    err,
+                }
+            })?)
         } else {
             None
         };

@@ -739,6 +739,9 @@ mod tokenizer {
         check(r#"{"model": {"type": "BPE", "vocab": {"a": 0}}}"#, "BOS");
         std::fs::remove_dir_all(&dir).ok();
         let missing = Tokenizer::from_tokenizer_json(&dir.join("nope.json"));
-        assert!(matches!(missing, Err(TokenizerError::Io { .. })));
+        assert!(matches!(
+            missing,
+            Err(TokenizerError::Read(gemma3_formats::FormatError::Io { .. }))
+        ));
     }
 }

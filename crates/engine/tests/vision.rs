@@ -354,6 +354,32 @@ fn bad_images_are_clear_errors() {
     std::fs::write(dir.join("short.png"), &real[..real.len() / 2]).unwrap();
     let e = Image::open(dir.join("short.png")).unwrap_err();
     assert!(e.to_string().contains("short.png"), "{e}");
+    // A 100000x100000 PNG header over a few bytes of data: refused from the header, before
+    // any pixel is allocated.
+    let mut huge = b"\x89PNG\r\n\x1a\n".to_vec();
+    let ihdr = [
+        &100_000u32.to_be_bytes()[..],
+        &100_000u32.to_be_bytes(),
+        &[8, 2, 0, 0, 0],
+    ]
+    .concat();
+    huge.extend_from_slice(&(ihdr.len() as u32).to_be_bytes());
+    let crc_input = [&b"IHDR"[..], &ihdr].concat();
+    huge.extend_from_slice(&crc_input);
+    huge.extend_from_slice(&crc32(&crc_input).to_be_bytes());
+    let idat = [&b"IDAT"[..], &[0x78, 0x9c, 0x03, 0x00]].concat();
+    huge.extend_from_slice(&4u32.to_be_bytes());
+    huge.extend_from_slice(&idat);
+    huge.extend_from_slice(&crc32(&idat).to_be_bytes());
+    huge.extend_from_slice(&[0, 0, 0, 0, b'I', b'E', b'N', b'D', 0xae, 0x42, 0x60, 0x82]);
+    let e = Image::decode(&huge).unwrap_err();
+    assert!(e.contains("100000x100000") && e.contains("limit"), "{e}");
+    // The limit is the caller's: one pixel fewer than the real image refuses it.
+    let img = Image::decode(&real).unwrap();
+    let px = (img.width() * img.height()) as u64;
+    assert!(Image::decode_limited(&real, px).is_ok());
+    let e = Image::decode_limited(&real, px - 1).unwrap_err();
+    assert!(e.contains("megapixels"), "{e}");
     std::fs::write(dir.join("text.png"), "not an image").unwrap();
     let e = Image::open(dir.join("text.png")).unwrap_err();
     assert!(e.to_string().contains("not a PNG, JPEG"), "{e}");
@@ -568,4 +594,20 @@ fn write_mmproj(out: &Path) {
         .collect();
     w.tensor("mm.soft_emb_norm.weight", &n.shape, DType::F32, plus_one);
     std::fs::write(out, w.to_bytes()).unwrap();
+}
+
+/// PNG's chunk checksum (CRC-32, ISO 3309), for hand-made test files.
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut c = !0u32;
+    for &b in bytes {
+        c ^= u32::from(b);
+        for _ in 0..8 {
+            c = if c & 1 != 0 {
+                0xedb8_8320 ^ (c >> 1)
+            } else {
+                c >> 1
+            };
+        }
+    }
+    !c
 }

@@ -3,12 +3,8 @@ use std::path::PathBuf;
 /// Everything that can be wrong with a model file. Messages name the file, tensor or field.
 #[derive(Debug, thiserror::Error)]
 pub enum FormatError {
-    #[error("cannot read {path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("cannot read {path}: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
     #[error("{path}: not a GGUF file (magic bytes are {magic:02x?}, expected \"GGUF\")")]
     BadMagic { path: PathBuf, magic: [u8; 4] },
     #[error("{path}: GGUF version {version} is not supported (versions 2 and 3 are)")]
@@ -24,6 +20,8 @@ pub enum FormatError {
     Malformed { path: PathBuf, what: String },
     #[error("tensor {name}: {what}")]
     Tensor { name: String, what: String },
+    #[error("{}: larger than the limit of {}", path.display(), crate::text::show_bytes(*limit))]
+    TooLarge { path: PathBuf, limit: u64 },
     #[error("{0}")]
     Other(String),
 }

@@ -28,6 +28,19 @@ pub enum MetaValue {
 }
 
 impl MetaValue {
+    /// The value for an error message: its type and (short) value; an array only by its
+    /// length.
+    pub fn describe(&self) -> String {
+        match self {
+            MetaValue::String(s) if s.chars().count() > 40 => {
+                format!("the string {:?}...", s.chars().take(40).collect::<String>())
+            }
+            MetaValue::String(s) => format!("the string {s:?}"),
+            MetaValue::Array(a) => format!("an array of {} values", a.len()),
+            other => format!("{other:?}"),
+        }
+    }
+
     /// Any integer type as u64 (negative values refused).
     pub fn as_u64(&self) -> Option<u64> {
         match *self {
@@ -245,9 +258,9 @@ impl GgufFile {
     /// Opens and memory-maps a GGUF file.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let io = |source| FormatError::Io {
+        let io = |err| FormatError::Io {
             path: path.to_path_buf(),
-            source,
+            err,
         };
         let file = std::fs::File::open(path).map_err(io)?;
         // SAFETY: the map is read-only; a model file changed underneath a running process

@@ -17,9 +17,9 @@ impl HfDirectory {
     pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref().to_path_buf();
         let config_path = dir.join("config.json");
-        let text = std::fs::read_to_string(&config_path).map_err(|source| FormatError::Io {
+        let text = std::fs::read_to_string(&config_path).map_err(|err| FormatError::Io {
             path: config_path.clone(),
-            source,
+            err,
         })?;
         let config: serde_json::Value =
             serde_json::from_str(&text).map_err(|e| FormatError::Malformed {
@@ -28,9 +28,9 @@ impl HfDirectory {
             })?;
         let index = dir.join("model.safetensors.index.json");
         let files: Vec<PathBuf> = if index.exists() {
-            let text = std::fs::read_to_string(&index).map_err(|source| FormatError::Io {
+            let text = std::fs::read_to_string(&index).map_err(|err| FormatError::Io {
                 path: index.clone(),
-                source,
+                err,
             })?;
             let v: serde_json::Value =
                 serde_json::from_str(&text).map_err(|e| FormatError::Malformed {
@@ -100,9 +100,9 @@ impl HfDirectory {
 
 /// Memory-maps one safetensors file and lists its tensors (F32, F16 and BF16).
 pub fn read_safetensors(path: &Path) -> Result<Vec<TensorData>> {
-    let io = |source| FormatError::Io {
+    let io = |err| FormatError::Io {
         path: path.to_path_buf(),
-        source,
+        err,
     };
     let file = std::fs::File::open(path).map_err(io)?;
     // SAFETY: read-only map of a model file (see GgufFile::open).

@@ -9,9 +9,11 @@ pub mod hf;
 pub mod quant;
 pub mod quantize;
 pub mod tensor;
+pub mod text;
 
 pub use dtype::DType;
 pub use error::{FormatError, Result};
 pub use gguf::{GgufFile, MetaValue};
 pub use hf::HfDirectory;
 pub use tensor::{Backing, Storage, TensorData};
+pub use text::{read_bytes, read_text, read_text_from, MAX_TEXT_BYTES};

@@ -88,48 +88,33 @@ impl TextConfig {
                 "model_type {mt:?} is not supported: this engine runs Gemma 3 (gemma3, gemma3_text)"
             )));
         }
+        let int = |k: &str| json_int(v, k);
         let req = |k: &str| -> Result<usize, ModelError> {
-            v.get(k)
-                .and_then(Value::as_u64)
-                .map(|x| x as usize)
-                .ok_or_else(|| ModelError::Config(format!("config.json: missing integer {k:?}")))
+            int(k)?.ok_or_else(|| ModelError::Config(format!("config.json: missing integer {k:?}")))
         };
-        let opt_f = |k: &str| v.get(k).and_then(Value::as_f64);
+        let opt_f = |k: &str| json_float(v, k);
         let hidden_size = req("hidden_size")?;
         let num_heads = req("num_attention_heads")?;
         let num_layers = req("num_hidden_layers")?;
-        let head_dim = v
-            .get("head_dim")
-            .and_then(Value::as_u64)
-            .map(|x| x as usize)
-            .unwrap_or(hidden_size / num_heads.max(1));
+        let head_dim = int("head_dim")?.unwrap_or(hidden_size / num_heads.max(1));
         // RoPE: transformers 5 nests per layer type; the hub uses flat legacy keys.
         let (mut rope_theta, mut rope_local_theta, mut factor) = (1_000_000.0, 10_000.0, 1.0);
         if let Some(rp) = v.get("rope_parameters").filter(|x| x.is_object()) {
             if let Some(full) = rp.get("full_attention") {
-                rope_theta = full
-                    .get("rope_theta")
-                    .and_then(Value::as_f64)
-                    .unwrap_or(rope_theta);
+                rope_theta = json_float(full, "rope_theta")?.unwrap_or(rope_theta);
                 factor = linear_factor(full)?;
             }
             if let Some(sl) = rp.get("sliding_attention") {
-                rope_local_theta = sl
-                    .get("rope_theta")
-                    .and_then(Value::as_f64)
-                    .unwrap_or(rope_local_theta);
+                rope_local_theta = json_float(sl, "rope_theta")?.unwrap_or(rope_local_theta);
             }
             if rp.get("full_attention").is_none() {
                 // A single flat rope_parameters applies to full layers.
-                rope_theta = rp
-                    .get("rope_theta")
-                    .and_then(Value::as_f64)
-                    .unwrap_or(rope_theta);
+                rope_theta = json_float(rp, "rope_theta")?.unwrap_or(rope_theta);
                 factor = linear_factor(rp)?;
             }
         } else {
-            rope_theta = opt_f("rope_theta").unwrap_or(rope_theta);
-            rope_local_theta = opt_f("rope_local_base_freq").unwrap_or(rope_local_theta);
+            rope_theta = opt_f("rope_theta")?.unwrap_or(rope_theta);
+            rope_local_theta = opt_f("rope_local_base_freq")?.unwrap_or(rope_local_theta);
             if let Some(rs) = v.get("rope_scaling").filter(|x| x.is_object()) {
                 factor = linear_factor(rs)?;
             }
@@ -146,11 +131,10 @@ impl TextConfig {
                 })
                 .collect::<Result<Vec<_>, _>>()?,
             None => {
-                let pattern = v
-                    .get("sliding_window_pattern")
-                    .or_else(|| v.get("_sliding_window_pattern"))
-                    .and_then(Value::as_u64)
-                    .unwrap_or(6) as usize;
+                let pattern = match int("sliding_window_pattern")? {
+                    Some(p) => p,
+                    None => int("_sliding_window_pattern")?.unwrap_or(DEFAULT_PATTERN),
+                };
                 Self::pattern_kinds(num_layers, pattern)
             }
         };
@@ -163,31 +147,33 @@ impl TextConfig {
         let eos_token_ids = match top.get("eos_token_id").or_else(|| v.get("eos_token_id")) {
             Some(Value::Array(a)) => a
                 .iter()
-                .filter_map(Value::as_u64)
-                .map(|x| x as u32)
-                .collect(),
-            Some(x) => x.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-            None => vec![1],
+                .map(|x| token_id(x, "eos_token_id"))
+                .collect::<Result<_, _>>()?,
+            Some(Value::Null) | None => vec![1],
+            Some(x) => vec![token_id(x, "eos_token_id")?],
         };
         let cfg = TextConfig {
-            vocab_size: req("vocab_size").unwrap_or(262_208),
+            vocab_size: int("vocab_size")?.unwrap_or(262_208),
             hidden_size,
             intermediate_size: req("intermediate_size")?,
             num_layers,
             num_heads,
-            num_kv_heads: req("num_key_value_heads").unwrap_or(num_heads),
+            num_kv_heads: int("num_key_value_heads")?.unwrap_or(num_heads),
             head_dim,
-            rms_norm_eps: opt_f("rms_norm_eps").unwrap_or(1e-6) as f32,
+            rms_norm_eps: opt_f("rms_norm_eps")?.unwrap_or(1e-6) as f32,
             rope_theta,
             rope_local_theta,
             rope_linear_factor: factor,
-            sliding_window: req("sliding_window").unwrap_or(4096),
+            sliding_window: int("sliding_window")?.unwrap_or(4096),
             layer_kinds,
-            query_pre_attn_scalar: opt_f("query_pre_attn_scalar").unwrap_or(head_dim as f64),
-            max_position_embeddings: req("max_position_embeddings").unwrap_or(131_072),
-            final_logit_softcapping: opt_f("final_logit_softcapping").map(|x| x as f32),
-            attn_logit_softcapping: opt_f("attn_logit_softcapping").map(|x| x as f32),
-            bos_token_id: v.get("bos_token_id").and_then(Value::as_u64).unwrap_or(2) as u32,
+            query_pre_attn_scalar: opt_f("query_pre_attn_scalar")?.unwrap_or(head_dim as f64),
+            max_position_embeddings: int("max_position_embeddings")?.unwrap_or(131_072),
+            final_logit_softcapping: opt_f("final_logit_softcapping")?.map(|x| x as f32),
+            attn_logit_softcapping: opt_f("attn_logit_softcapping")?.map(|x| x as f32),
+            bos_token_id: match v.get("bos_token_id") {
+                Some(Value::Null) | None => 2,
+                Some(x) => token_id(x, "bos_token_id")?,
+            },
             eos_token_ids,
         };
         cfg.validate()?;
@@ -203,18 +189,18 @@ impl TextConfig {
                 g.path.display()
             )));
         }
+        let int = |k: &str| gguf_int(g, &format!("gemma3.{k}"));
+        let float = |k: &str| gguf_float(g, &format!("gemma3.{k}"));
         let req = |k: &str| -> Result<usize, ModelError> {
-            g.get_u64(&format!("gemma3.{k}"))
-                .map(|x| x as usize)
-                .ok_or_else(|| {
-                    ModelError::Config(format!("{}: missing gemma3.{k}", g.path.display()))
-                })
+            int(k)?.ok_or_else(|| {
+                ModelError::Config(format!("{}: missing gemma3.{k}", g.path.display()))
+            })
         };
         let hidden_size = req("embedding_length")?;
         let num_heads = req("attention.head_count")?;
         let num_layers = req("block_count")?;
-        let head_dim = req("attention.key_length").unwrap_or(hidden_size / num_heads.max(1));
-        let num_kv_heads = req("attention.head_count_kv").unwrap_or(num_heads);
+        let head_dim = int("attention.key_length")?.unwrap_or(hidden_size / num_heads.max(1));
+        let num_kv_heads = int("attention.head_count_kv")?.unwrap_or(num_heads);
         let vocab_size = match g.tensor_info("token_embd.weight") {
             Some(t) => t.dims.get(1).copied().unwrap_or(0) as usize,
             None => g
@@ -225,7 +211,7 @@ impl TextConfig {
         };
         let size = size_label(num_layers);
         // llama.cpp: 27B scales by hidden/heads (= query_pre_attn_scalar 168), others by head_dim.
-        let query_pre_attn_scalar = match g.get_f64("gemma3.attention.query_pre_attn_scalar") {
+        let query_pre_attn_scalar = match float("attention.query_pre_attn_scalar")? {
             Some(s) => s,
             None if size == "27B" => (hidden_size / num_heads) as f64,
             None => head_dim as f64,
@@ -234,7 +220,7 @@ impl TextConfig {
         // as rope.scaling.*, but older files omit it.
         let rope_linear_factor = match (
             g.get_str("gemma3.rope.scaling.type"),
-            g.get_f64("gemma3.rope.scaling.factor"),
+            float("rope.scaling.factor")?,
         ) {
             (Some("linear"), Some(f)) | (None, Some(f)) => f,
             (Some("none"), _) => 1.0,
@@ -246,10 +232,16 @@ impl TextConfig {
             (None, None) if matches!(size, "4B" | "12B" | "27B") => 8.0,
             _ => 1.0,
         };
-        let pattern = g
-            .get_u64("gemma3.attention.sliding_window_pattern")
-            .unwrap_or(6) as usize;
-        let eos = g.get_u64("tokenizer.ggml.eos_token_id").unwrap_or(1) as u32;
+        let pattern = int("attention.sliding_window_pattern")?.unwrap_or(DEFAULT_PATTERN);
+        let token = |k: &str, default: u32| -> Result<u32, ModelError> {
+            match gguf_int(g, k)? {
+                None => Ok(default),
+                Some(t) => u32::try_from(t).map_err(|_| {
+                    ModelError::Config(format!("{}: {k} {t} is not a token id", g.path.display()))
+                }),
+            }
+        };
+        let eos = token("tokenizer.ggml.eos_token_id", 1)?;
         let cfg = TextConfig {
             vocab_size,
             hidden_size,
@@ -258,13 +250,11 @@ impl TextConfig {
             num_heads,
             num_kv_heads,
             head_dim,
-            rms_norm_eps: g
-                .get_f64("gemma3.attention.layer_norm_rms_epsilon")
-                .unwrap_or(1e-6) as f32,
-            rope_theta: g.get_f64("gemma3.rope.freq_base").unwrap_or(1_000_000.0),
-            rope_local_theta: g.get_f64("gemma3.rope.freq_base_swa").unwrap_or(10_000.0),
+            rms_norm_eps: float("attention.layer_norm_rms_epsilon")?.unwrap_or(1e-6) as f32,
+            rope_theta: float("rope.freq_base")?.unwrap_or(1_000_000.0),
+            rope_local_theta: float("rope.freq_base_swa")?.unwrap_or(10_000.0),
             rope_linear_factor,
-            sliding_window: req("attention.sliding_window").unwrap_or(
+            sliding_window: int("attention.sliding_window")?.unwrap_or(
                 if size == "270M" || size == "1B" {
                     512
                 } else {
@@ -273,12 +263,10 @@ impl TextConfig {
             ),
             layer_kinds: Self::pattern_kinds(num_layers, pattern),
             query_pre_attn_scalar,
-            max_position_embeddings: req("context_length").unwrap_or(131_072),
-            final_logit_softcapping: g
-                .get_f64("gemma3.final_logit_softcapping")
-                .map(|x| x as f32),
-            attn_logit_softcapping: g.get_f64("gemma3.attn_logit_softcapping").map(|x| x as f32),
-            bos_token_id: g.get_u64("tokenizer.ggml.bos_token_id").unwrap_or(2) as u32,
+            max_position_embeddings: int("context_length")?.unwrap_or(131_072),
+            final_logit_softcapping: float("final_logit_softcapping")?.map(|x| x as f32),
+            attn_logit_softcapping: float("attn_logit_softcapping")?.map(|x| x as f32),
+            bos_token_id: token("tokenizer.ggml.bos_token_id", 2)?,
             // <end_of_turn> (106) ends a chat turn as well as <eos>.
             eos_token_ids: if eos == 106 {
                 vec![1, 106]
@@ -290,14 +278,25 @@ impl TextConfig {
         Ok(cfg)
     }
 
+    /// Every size positive and within what a Gemma-like model can have (so that no
+    /// buffer is sized by a lying file), every scale finite and positive, token ids in the
+    /// vocabulary. Errors name the field and its value.
     fn validate(&self) -> Result<(), ModelError> {
         let bad = |m: String| Err(ModelError::Config(m));
-        if self.hidden_size == 0
-            || self.num_heads == 0
-            || self.num_kv_heads == 0
-            || self.head_dim == 0
-        {
-            return bad(format!("zero-sized dimension in {self:?}"));
+        for (name, value, max) in [
+            ("hidden size", self.hidden_size, MAX_HIDDEN),
+            ("attention heads", self.num_heads, MAX_HEADS),
+            ("key/value heads", self.num_kv_heads, MAX_HEADS),
+            ("head dimension", self.head_dim, MAX_HEAD_DIM),
+            ("vocabulary size", self.vocab_size, MAX_VOCAB),
+            ("layer count", self.num_layers, MAX_LAYERS),
+            ("MLP size", self.intermediate_size, MAX_HIDDEN * 16),
+            ("sliding window", self.sliding_window, MAX_CONTEXT),
+            ("context length", self.max_position_embeddings, MAX_CONTEXT),
+        ] {
+            if value == 0 || value > max {
+                return bad(format!("{name} {value} is out of range (1 to {max})"));
+            }
         }
         if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return bad(format!(
@@ -308,13 +307,136 @@ impl TextConfig {
         if !self.head_dim.is_multiple_of(2) {
             return bad(format!("head_dim {} must be even for RoPE", self.head_dim));
         }
-        if self.sliding_window == 0 {
-            return bad("sliding_window is 0".into());
+        let positive = |name: &str, x: f64| match x.is_finite() && x > 0.0 {
+            true => Ok(()),
+            false => bad(format!(
+                "{name} is {x}; it must be a positive finite number"
+            )),
+        };
+        positive("the RMS norm epsilon", f64::from(self.rms_norm_eps))?;
+        positive("the RoPE base (global layers)", self.rope_theta)?;
+        positive("the RoPE base (sliding layers)", self.rope_local_theta)?;
+        positive("the RoPE linear scaling factor", self.rope_linear_factor)?;
+        positive("query_pre_attn_scalar", self.query_pre_attn_scalar)?;
+        if let Some(c) = self.final_logit_softcapping {
+            positive("the final logit softcapping", f64::from(c))?;
         }
-        if self.vocab_size == 0 || self.num_layers == 0 || self.intermediate_size == 0 {
-            return bad("vocabulary, layer count and MLP size must be positive".into());
+        if let Some(c) = self.attn_logit_softcapping {
+            positive("the attention logit softcapping", f64::from(c))?;
+        }
+        for (name, id) in std::iter::once(("bos_token_id", self.bos_token_id))
+            .chain(self.eos_token_ids.iter().map(|&e| ("eos_token_id", e)))
+        {
+            if id as usize >= self.vocab_size {
+                return bad(format!(
+                    "{name} {id} is outside the vocabulary of {}",
+                    self.vocab_size
+                ));
+            }
         }
         Ok(())
+    }
+}
+
+/// Layers per global layer when a file does not say (5 sliding : 1 global).
+const DEFAULT_PATTERN: usize = 6;
+
+/// Bounds on sizes a config may claim: far above Gemma 3 27B (hidden 5376, 62 layers, 32
+/// heads of 128, 262K vocabulary, 128K context), far below what would exhaust memory
+/// before a tensor is even looked at.
+pub(crate) const MAX_HIDDEN: usize = 1 << 16;
+pub(crate) const MAX_HEADS: usize = 1 << 10;
+const MAX_HEAD_DIM: usize = 1 << 12;
+const MAX_VOCAB: usize = 1 << 22;
+pub(crate) const MAX_LAYERS: usize = 1 << 10;
+const MAX_CONTEXT: usize = 1 << 24;
+
+/// An integer field of config.json: None when absent or null, an error naming the field
+/// when it holds anything but a non-negative integer.
+pub(crate) fn json_int(v: &Value, k: &str) -> Result<Option<usize>, ModelError> {
+    match v.get(k) {
+        None | Some(Value::Null) => Ok(None),
+        Some(x) => x
+            .as_u64()
+            .and_then(|n| usize::try_from(n).ok())
+            .map(Some)
+            .ok_or_else(|| {
+                ModelError::Config(format!(
+                    "config.json: {k} is {}, not a non-negative integer",
+                    short_json(x)
+                ))
+            }),
+    }
+}
+
+/// A number field of config.json: None when absent or null, an error naming the field
+/// when it holds anything but a number.
+pub(crate) fn json_float(v: &Value, k: &str) -> Result<Option<f64>, ModelError> {
+    match v.get(k) {
+        None | Some(Value::Null) => Ok(None),
+        Some(x) => x.as_f64().map(Some).ok_or_else(|| {
+            ModelError::Config(format!(
+                "config.json: {k} is {}, not a number",
+                short_json(x)
+            ))
+        }),
+    }
+}
+
+/// A token id of config.json (`bos_token_id`, each `eos_token_id`).
+fn token_id(x: &Value, k: &str) -> Result<u32, ModelError> {
+    x.as_u64()
+        .and_then(|n| u32::try_from(n).ok())
+        .ok_or_else(|| {
+            ModelError::Config(format!(
+                "config.json: {k} is {}, not a token id",
+                short_json(x)
+            ))
+        })
+}
+
+/// A JSON value for an error message, cut short.
+fn short_json(x: &Value) -> String {
+    let s = x.to_string();
+    match s.char_indices().nth(SHOWN_CHARS) {
+        Some((i, _)) => format!("{}...", &s[..i]),
+        None => s,
+    }
+}
+
+/// How much of an unexpected value an error message shows.
+const SHOWN_CHARS: usize = 40;
+
+/// An integer GGUF metadata value: None when absent, an error naming the key and what it
+/// holds otherwise.
+pub(crate) fn gguf_int(g: &GgufFile, key: &str) -> Result<Option<usize>, ModelError> {
+    match g.get(key) {
+        None => Ok(None),
+        Some(v) => v
+            .as_u64()
+            .and_then(|n| usize::try_from(n).ok())
+            .map(Some)
+            .ok_or_else(|| {
+                ModelError::Config(format!(
+                    "{}: {key} is {}, not a non-negative integer",
+                    g.path.display(),
+                    v.describe()
+                ))
+            }),
+    }
+}
+
+/// A numeric GGUF metadata value: None when absent, an error naming the key otherwise.
+pub(crate) fn gguf_float(g: &GgufFile, key: &str) -> Result<Option<f64>, ModelError> {
+    match g.get(key) {
+        None => Ok(None),
+        Some(v) => v.as_f64().map(Some).ok_or_else(|| {
+            ModelError::Config(format!(
+                "{}: {key} is {}, not a number",
+                g.path.display(),
+                v.describe()
+            ))
+        }),
     }
 }
 
@@ -326,9 +448,133 @@ fn linear_factor(rp: &Value) -> Result<f64, ModelError> {
         .unwrap_or("default");
     match ty {
         "default" => Ok(1.0),
-        "linear" => Ok(rp.get("factor").and_then(Value::as_f64).unwrap_or(1.0)),
+        "linear" => Ok(json_float(rp, "factor")?.unwrap_or(1.0)),
         other => Err(ModelError::Config(format!(
             "rope type {other:?} is not supported (Gemma 3 uses default and linear)"
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gemma3_formats::gguf::GgufWriter;
+    use gemma3_formats::MetaValue;
+
+    fn tiny_config() -> Value {
+        let p = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../../shared/fixtures/tiny-text/config.json"
+        );
+        serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
+    }
+
+    /// The error `from_hf_json` gives with `key` set to `value` (in `text_config` when the
+    /// config has one).
+    fn json_error(key: &str, value: Value) -> String {
+        let mut v = tiny_config();
+        let t = match v.get_mut("text_config") {
+            Some(t) => t,
+            None => &mut v,
+        };
+        t[key] = value;
+        TextConfig::from_hf_json(&v).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn the_tiny_config_reads() {
+        TextConfig::from_hf_json(&tiny_config()).unwrap();
+    }
+
+    #[test]
+    fn a_field_of_the_wrong_type_is_named_not_defaulted() {
+        let e = json_error("vocab_size", "lots".into());
+        assert!(e.contains("vocab_size") && e.contains("\"lots\""), "{e}");
+        let e = json_error("rms_norm_eps", "tiny".into());
+        assert!(
+            e.contains("rms_norm_eps") && e.contains("not a number"),
+            "{e}"
+        );
+        let e = json_error("bos_token_id", (-1).into());
+        assert!(e.contains("bos_token_id") && e.contains("-1"), "{e}");
+        let e = json_error("hidden_size", Value::from(vec!["a"; 100]));
+        assert!(
+            e.contains("hidden_size") && e.len() < 200,
+            "the value is cut short: {e}"
+        );
+    }
+
+    #[test]
+    fn scales_must_be_positive_and_sizes_in_range() {
+        let e = json_error("rms_norm_eps", 0.into());
+        assert!(e.contains("epsilon is 0"), "{e}");
+        let rope =
+            serde_json::json!({"full_attention": {"rope_type": "default", "rope_theta": -10000.0}});
+        let e = json_error("rope_parameters", rope);
+        assert!(e.contains("RoPE base") && e.contains("-10000"), "{e}");
+        let e = json_error("query_pre_attn_scalar", 0.into());
+        assert!(e.contains("query_pre_attn_scalar is 0"), "{e}");
+        let e = json_error("num_hidden_layers", 1_000_000_000u64.into());
+        assert!(e.contains("1000000000") && !e.contains("TextConfig"), "{e}");
+        let e = json_error("vocab_size", 2.into());
+        assert!(
+            e.contains("bos_token_id 2 is outside the vocabulary of 2"),
+            "{e}"
+        );
+    }
+
+    /// A GGUF header of a small Gemma 3 with `key` set to `value`.
+    fn gguf_error(key: &str, value: MetaValue) -> String {
+        let mut w = GgufWriter::new();
+        w.meta("general.architecture", MetaValue::String("gemma3".into()))
+            .meta("gemma3.embedding_length", MetaValue::U32(64))
+            .meta("gemma3.attention.head_count", MetaValue::U32(4))
+            .meta("gemma3.attention.head_count_kv", MetaValue::U32(1))
+            .meta("gemma3.attention.key_length", MetaValue::U32(16))
+            .meta("gemma3.block_count", MetaValue::U32(2))
+            .meta("gemma3.feed_forward_length", MetaValue::U32(128))
+            .meta("gemma3.context_length", MetaValue::U32(1024))
+            .meta(
+                "gemma3.attention.layer_norm_rms_epsilon",
+                MetaValue::F32(1e-6),
+            )
+            .set_meta(key, value)
+            .tensor(
+                "token_embd.weight",
+                &[256, 64],
+                gemma3_formats::DType::F32,
+                vec![0; 256 * 64 * 4],
+            );
+        let g = GgufFile::from_bytes("m.gguf", w.to_bytes()).unwrap();
+        TextConfig::from_gguf(&g)
+            .map(|_| String::new())
+            .unwrap_or_else(|e| e.to_string())
+    }
+
+    #[test]
+    fn gguf_metadata_is_checked() {
+        assert_eq!(
+            gguf_error("general.name", MetaValue::String("x".into())),
+            ""
+        );
+        let e = gguf_error(
+            "gemma3.attention.layer_norm_rms_epsilon",
+            MetaValue::F32(f32::NAN),
+        );
+        assert!(e.contains("epsilon is NaN"), "{e}");
+        let e = gguf_error("gemma3.rope.freq_base", MetaValue::F32(f32::INFINITY));
+        assert!(e.contains("RoPE base") && e.contains("inf"), "{e}");
+        let e = gguf_error("gemma3.context_length", MetaValue::F32(1024.0));
+        assert!(
+            e.contains("gemma3.context_length") && e.contains("not a non-negative integer"),
+            "{e}"
+        );
+        let e = gguf_error("gemma3.block_count", MetaValue::String("two".into()));
+        assert!(
+            e.contains("gemma3.block_count is the string \"two\""),
+            "{e}"
+        );
+        let e = gguf_error("tokenizer.ggml.bos_token_id", MetaValue::U32(5000));
+        assert!(e.contains("bos_token_id 5000"), "{e}");
     }
 }

@@ -13,6 +13,9 @@
 //! llama.cpp's mmproj GGUF (`v.*`, `mm.*`). The large products run on the blocked
 //! [`gemm`](gemma3_kernels::gemm), straight from the stored weights of any type.
 
+use crate::config::{
+    gguf_float, gguf_int, json_float, json_int, MAX_HEADS, MAX_HIDDEN, MAX_LAYERS,
+};
 use crate::ModelError;
 use gemma3_formats::{GgufFile, HfDirectory, TensorData};
 use gemma3_kernels::gemm::{gemm, gemm_into, BOperand, MatMut, MatRef, PackedA};
@@ -103,12 +106,7 @@ impl VisionConfig {
         };
         let d = VisionConfig::default();
         let u = |obj: &Value, k: &str, def: usize| -> Result<usize, ModelError> {
-            match obj.get(k) {
-                None | Some(Value::Null) => Ok(def),
-                Some(x) => x.as_u64().map(|x| x as usize).ok_or_else(|| {
-                    ModelError::Config(format!("config.json: {k} is {x}, not an integer"))
-                }),
-            }
+            Ok(json_int(obj, k)?.unwrap_or(def))
         };
         let id = |k: &str, def: u32| u(v, k, def as usize).map(|x| x as u32);
         let text = v.get("text_config").unwrap_or(v);
@@ -127,9 +125,7 @@ impl VisionConfig {
             intermediate_size: u(vc, "intermediate_size", d.intermediate_size)?,
             num_layers: u(vc, "num_hidden_layers", d.num_layers)?,
             num_heads: u(vc, "num_attention_heads", d.num_heads)?,
-            layer_norm_eps: vc
-                .get("layer_norm_eps")
-                .and_then(Value::as_f64)
+            layer_norm_eps: json_float(vc, "layer_norm_eps")?
                 .map_or(d.layer_norm_eps, |x| x as f32),
             mm_tokens_per_image: u(v, "mm_tokens_per_image", d.mm_tokens_per_image)?,
             text_hidden_size: u(text, "hidden_size", d.text_hidden_size)?,
@@ -161,17 +157,15 @@ impl VisionConfig {
             )));
         }
         let req = |k: &str| -> Result<usize, ModelError> {
-            g.get_u64(&format!("clip.vision.{k}"))
-                .map(|x| x as usize)
+            gguf_int(g, &format!("clip.vision.{k}"))?
                 .ok_or_else(|| ModelError::Config(format!("{path}: missing clip.vision.{k}")))
         };
         let d = VisionConfig::default();
         let image_size = req("image_size")?;
         let patch_size = req("patch_size")?;
         // Pooling window; llama.cpp writes it only when it is not Gemma 3's 4.
-        let kernel = g
-            .get_u64("clip.vision.projector.scale_factor")
-            .map_or(4, |x| x as usize)
+        let kernel = gguf_int(g, "clip.vision.projector.scale_factor")?
+            .unwrap_or(4)
             .max(1);
         let side = (image_size / patch_size.max(1)) / kernel;
         let text_hidden_size = match req("projection_dim") {
@@ -202,8 +196,7 @@ impl VisionConfig {
             intermediate_size: req("feed_forward_length")?,
             num_layers: req("block_count")?,
             num_heads: req("attention.head_count")?,
-            layer_norm_eps: g
-                .get_f64("clip.vision.attention.layer_norm_epsilon")
+            layer_norm_eps: gguf_float(g, "clip.vision.attention.layer_norm_epsilon")?
                 .map_or(d.layer_norm_eps, |x| x as f32),
             mm_tokens_per_image: side * side,
             text_hidden_size,
@@ -217,19 +210,29 @@ impl VisionConfig {
 
     fn validate(&self) -> Result<(), ModelError> {
         let bad = |m: String| Err(ModelError::Config(format!("vision: {m}")));
-        if [
-            self.image_size,
-            self.patch_size,
-            self.hidden_size,
-            self.intermediate_size,
-            self.num_layers,
-            self.num_heads,
-            self.mm_tokens_per_image,
-            self.text_hidden_size,
-        ]
-        .contains(&0)
-        {
-            return bad(format!("zero-sized dimension in {self:?}"));
+        for (name, value, max) in [
+            ("image size", self.image_size, MAX_IMAGE_SIZE),
+            ("patch size", self.patch_size, MAX_IMAGE_SIZE),
+            ("hidden size", self.hidden_size, MAX_HIDDEN),
+            ("MLP size", self.intermediate_size, MAX_HIDDEN * 16),
+            ("layer count", self.num_layers, MAX_LAYERS),
+            ("attention heads", self.num_heads, MAX_HEADS),
+            (
+                "tokens per image",
+                self.mm_tokens_per_image,
+                MAX_IMAGE_SIZE * MAX_IMAGE_SIZE,
+            ),
+            ("text hidden size", self.text_hidden_size, MAX_HIDDEN),
+        ] {
+            if value == 0 || value > max {
+                return bad(format!("{name} {value} is out of range (1 to {max})"));
+            }
+        }
+        if !(self.layer_norm_eps.is_finite() && self.layer_norm_eps > 0.0) {
+            return bad(format!(
+                "the layer norm epsilon is {}; it must be a positive finite number",
+                self.layer_norm_eps
+            ));
         }
         if self.num_channels != 3 {
             return bad(format!(
@@ -264,11 +267,17 @@ impl VisionConfig {
             .any(|x| !x.is_finite())
             || self.image_std.contains(&0.0)
         {
-            return bad("bad image mean/std".into());
+            return bad(format!(
+                "image mean {:?} / std {:?}: each must be finite, and std nonzero",
+                self.image_mean, self.image_std
+            ));
         }
         Ok(())
     }
 }
+
+/// The largest image side (pixels) a vision config may claim (Gemma 3's is 896).
+const MAX_IMAGE_SIZE: usize = 1 << 13;
 
 /// The tower's and the projector's name prefixes in a Hugging Face checkpoint (the hub's
 /// `vision_tower.vision_model.*` or transformers 5's `vision_tower.*`, either under `model.`).

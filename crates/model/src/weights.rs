@@ -224,6 +224,14 @@ impl TextWeights {
                 down: Linear::new(src.matrix(&n("down"), h, ff)?),
             });
         }
+        // A file with more layers than its config names would run silently truncated.
+        if src.has(&layer_name(cfg.num_layers, "attn_norm")) {
+            return Err(ModelError::Config(format!(
+                "the file holds weights of a layer {} but its config says {} layers",
+                cfg.num_layers + 1,
+                cfg.num_layers
+            )));
+        }
         Ok(TextWeights {
             embed,
             lm_head,

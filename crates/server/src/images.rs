@@ -17,11 +17,14 @@ pub const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct ImageSource {
     /// A client for `http(s)` URLs, when allowed.
     pub http: Option<reqwest::Client>,
+    /// The most pixels a decoded image may have.
+    pub max_pixels: u64,
 }
 
 impl ImageSource {
-    pub fn new(allow_urls: bool) -> Self {
+    pub fn new(allow_urls: bool, max_pixels: u64) -> Self {
         ImageSource {
+            max_pixels,
             http: allow_urls.then(|| {
                 reqwest::Client::builder()
                     .timeout(FETCH_TIMEOUT)
@@ -30,6 +33,15 @@ impl ImageSource {
                     .expect("building the HTTP client")
             }),
         }
+    }
+
+    /// Decodes fetched image bytes (on a blocking thread: decoding is CPU work).
+    pub async fn decode(&self, bytes: Vec<u8>, index: usize) -> Result<Image, ApiError> {
+        let max_pixels = self.max_pixels;
+        tokio::task::spawn_blocking(move || Image::decode_limited(&bytes, max_pixels))
+            .await
+            .map_err(|e| ApiError::Internal(format!("image decoding stopped: {e}")))?
+            .map_err(|e| ApiError::bad_param("messages", format!("image {}: {e}", index + 1)))
     }
 
     /// The encoded bytes behind an image URL.
@@ -104,12 +116,4 @@ async fn fetch_limited(client: &reqwest::Client, url: &str) -> Result<Vec<u8>, S
         body.extend_from_slice(&chunk);
     }
     Ok(body)
-}
-
-/// Decodes fetched image bytes (on a blocking thread: decoding is CPU work).
-pub async fn decode(bytes: Vec<u8>, index: usize) -> Result<Image, ApiError> {
-    tokio::task::spawn_blocking(move || Image::decode(&bytes))
-        .await
-        .map_err(|e| ApiError::Internal(format!("image decoding stopped: {e}")))?
-        .map_err(|e| ApiError::bad_param("messages", format!("image {}: {e}", index + 1)))
 }

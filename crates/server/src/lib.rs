@@ -36,6 +36,8 @@ pub struct ServerConfig {
     pub api_key: Option<String>,
     /// Fetch `http(s)` image URLs (data: URLs are always read).
     pub allow_image_urls: bool,
+    /// The most pixels an image may have (checked from its header before decoding).
+    pub max_image_pixels: u64,
     pub max_body_bytes: usize,
     /// Sampling for fields a request leaves out; the model's defaults (its
     /// generation_config, Ollama parameters, or Gemma's published settings) when None.
@@ -45,11 +47,8 @@ pub struct ServerConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        addr: String,
-        source: std::io::Error,
-    },
+    #[error("cannot listen on {addr}: {err}")]
+    Bind { addr: String, err: std::io::Error },
     #[error("loading the model failed: {0}")]
     Load(String),
     #[error("{0}")]
@@ -79,9 +78,9 @@ async fn serve(
     let addr = format!("{}:{}", config.host, config.port);
     let listener = tokio::net::TcpListener::bind(&addr)
         .await
-        .map_err(|source| ServerError::Bind {
+        .map_err(|err| ServerError::Bind {
             addr: addr.clone(),
-            source,
+            err,
         })?;
     let local = listener.local_addr()?;
     on_listening(local);

@@ -3,7 +3,7 @@
 
 use crate::api::{self, ChatRequest, CompletionRequest, Defaults, Prompts};
 use crate::error::ApiError;
-use crate::images::{self, ImageSource};
+use crate::images::ImageSource;
 use crate::metrics::Metrics;
 use crate::scheduler::{Event, Job, Scheduler, SubmitError, Summary};
 use crate::ServerConfig;
@@ -49,7 +49,7 @@ pub struct AppState {
 impl AppState {
     pub fn new(config: ServerConfig) -> Self {
         AppState {
-            images: ImageSource::new(config.allow_image_urls),
+            images: ImageSource::new(config.allow_image_urls, config.max_image_pixels),
             config,
             ready: OnceLock::new(),
             scheduler_thread: Mutex::new(None),
@@ -433,7 +433,7 @@ async fn chat(
     let mut imgs = Vec::with_capacity(conv.image_urls.len());
     for (i, url) in conv.image_urls.iter().enumerate() {
         let bytes = st.images.fetch(url).await?;
-        imgs.push(images::decode(bytes, i).await?);
+        imgs.push(st.images.decode(bytes, i).await?);
     }
     let model = r.model.clone();
     let messages = conv.messages;
