@@ -692,5 +692,15 @@ fn image_urls_are_fetched_only_when_allowed() {
         let m = error_message(&v);
         assert!(m.contains(msg), "{url}: {m:?} lacks {msg:?}");
     }
+    // The pixel limit: the same image refused by a server that allows fewer pixels.
+    let strict = Server::start(&[
+        "--model",
+        dir.to_str().unwrap(),
+        "--max-image-pixels",
+        "100",
+    ]);
+    let (st, v) = ask(&strict, &data_url);
+    assert_eq!(st, 400, "{v}");
+    assert!(error_message(&v).contains("megapixels"), "{v}");
     let _ = std::fs::remove_dir_all(&dir);
 }
