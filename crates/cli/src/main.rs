@@ -261,9 +261,10 @@ enum Command {
         model: ModelArgs,
         #[command(flatten)]
         sampling: SamplingArgs,
-        /// Maximum new tokens
-        #[arg(short = 'n', long, default_value_t = 256)]
-        max_tokens: usize,
+        /// Maximum new tokens (generation also stops when the context is full) [default: the
+        /// model's (Ollama's num_predict), else 256]
+        #[arg(short = 'n', long)]
+        max_tokens: Option<usize>,
         /// Stop before this text is printed (repeatable)
         #[arg(long = "stop")]
         stop: Vec<String>,
@@ -368,6 +369,9 @@ enum Command {
         images: ImageArgs,
     },
 }
+
+/// New tokens `generate` makes when neither `-n` nor the model says.
+const DEFAULT_MAX_TOKENS: usize = 256;
 
 /// Exit codes: 0 success (also when stdout is a pipe closed early, as by `| head`), 1 an
 /// error (named on stderr), 2 a usage error (clap).
@@ -524,7 +528,9 @@ fn run(cli: Cli) -> Result<()> {
                 false => stop,
             };
             let opts = GenerateOptions {
-                max_new_tokens: max_tokens,
+                max_new_tokens: max_tokens
+                    .or(m.default_max_tokens())
+                    .unwrap_or(DEFAULT_MAX_TOKENS),
                 stop_at_context: true,
                 sampling,
                 stop_strings: stop,

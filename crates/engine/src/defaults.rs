@@ -78,6 +78,28 @@ impl Model {
         })
     }
 
+    /// The Ollama parameters layer of a model found in Ollama's store.
+    fn ollama_params(&self) -> Option<&crate::ollama::OllamaParams> {
+        self.origin.as_ref()?.ollama.as_ref()?.params.as_ref()
+    }
+
+    /// The context the model's own parameters ask for (Ollama's `num_ctx`), if any.
+    pub fn default_context(&self) -> Option<usize> {
+        self.ollama_params()?
+            .num_ctx
+            .and_then(|n| usize::try_from(n).ok())
+            .filter(|&n| n > 0)
+    }
+
+    /// The new-token limit the model's own parameters set (Ollama's `num_predict`), if
+    /// any: `Some(usize::MAX)` for -1 and -2 (until the context is full).
+    pub fn default_max_tokens(&self) -> Option<usize> {
+        match self.ollama_params()?.num_predict? {
+            n if n < 0 => Some(usize::MAX),
+            n => usize::try_from(n).ok(),
+        }
+    }
+
     /// The generation_config.json of a Hugging Face directory, or of the Hugging Face repo
     /// snapshot a GGUF was found in.
     fn generation_config(&self) -> Option<PathBuf> {

@@ -254,9 +254,9 @@ impl Model {
     }
 
     /// The context of a sequence: `explicit` when given (at least 1 and at most the
-    /// model's trained length), else the trained length (32K for 270M and 1B, 128K for the
-    /// larger models), capped so that a full KV cache takes at most half of the memory
-    /// available now. The cache grows with use, so a long context costs nothing unused.
+    /// model's trained length), else the model's own setting (Ollama's `num_ctx`) or the
+    /// trained length (32K for 270M and 1B, 128K for the larger models), capped so that a
+    /// full KV cache takes at most half of the memory available now. The cache grows with use, so a long context costs nothing unused.
     pub fn context(&self, explicit: Option<usize>) -> Result<usize, EngineError> {
         let trained = self.text.cfg.max_position_embeddings;
         match explicit {
@@ -268,13 +268,15 @@ impl Model {
             ))),
             Some(c) => Ok(c),
             None => {
+                // Ollama's num_ctx, when the model came with one.
+                let wanted = self.default_context().unwrap_or(trained).min(trained);
                 let Some(avail) = available_memory() else {
-                    return Ok(trained);
+                    return Ok(wanted);
                 };
-                let cache = self.text.new_cache(trained, MAX_BATCH);
-                let per_token = cache.bytes_at(trained).div_ceil(trained).max(1);
+                let cache = self.text.new_cache(wanted, MAX_BATCH);
+                let per_token = cache.bytes_at(wanted).div_ceil(wanted).max(1);
                 let fits = (avail / 2 / per_token).max(MIN_DEFAULT_CONTEXT);
-                Ok(trained.min(fits))
+                Ok(wanted.min(fits))
             }
         }
     }

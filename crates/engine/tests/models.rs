@@ -234,7 +234,7 @@ fn fake_ollama(root: &Path) -> PathBuf {
     write_mmproj(&mmproj, 256);
     let q4 = quantize_fixture("model-Q4_K_M.gguf");
     let template = "{{ if .System }}{{ .System }} {{ end }}{{ .Prompt }}";
-    let params = r#"{"stop": ["<end_of_turn>"], "temperature": 1, "top_k": 64, "top_p": 0.95, "num_ctx": 8192}"#;
+    let params = r#"{"stop": ["<end_of_turn>"], "temperature": 1, "top_k": 64, "top_p": 0.95, "num_ctx": 300, "num_predict": 7}"#;
     add_to_ollama(
         &store,
         "registry.ollama.ai/library/tiny/latest",
@@ -296,8 +296,12 @@ fn ollama_store_resolves_names_with_projector_template_and_params() {
     let p = o.params.as_ref().unwrap();
     assert_eq!(
         (p.stop.clone(), p.num_ctx),
-        (vec!["<end_of_turn>".to_string()], Some(8192))
+        (vec!["<end_of_turn>".to_string()], Some(300))
     );
+    // num_ctx and num_predict are the model's defaults (the file says 2048).
+    assert_eq!(m.context(None).unwrap(), 300);
+    assert_eq!(m.context(Some(1000)).unwrap(), 1000);
+    assert_eq!(m.default_max_tokens(), Some(7));
     // The projector layer is the vision tower.
     assert!(m.vision.is_some());
     assert_eq!(m.mmproj.as_ref(), o.projector.as_ref());
