@@ -16,18 +16,12 @@ fn fixture(name: &str) -> PathBuf {
     shared().join("fixtures/quantize").join(name)
 }
 
-const TYPES: [FileType; 10] = [
-    FileType::Q8_0,
-    FileType::Q4_0,
-    FileType::Q4_1,
-    FileType::Q5_0,
-    FileType::Q5_1,
-    FileType::Q6_K,
-    FileType::Q4_K_S,
-    FileType::Q4_K_M,
-    FileType::Q5_K_S,
-    FileType::Q5_K_M,
-];
+/// The quantized types (every file type but F32, F16 and BF16), each with a fixture file.
+fn quantized_types() -> impl Iterator<Item = FileType> {
+    FileType::ALL
+        .into_iter()
+        .filter(|t| !matches!(t, FileType::F32 | FileType::F16 | FileType::BF16))
+}
 
 fn plan_bytes(input: &Path, t: FileType) -> Vec<u8> {
     let plan = Plan::for_model(input, t).unwrap();
@@ -69,7 +63,7 @@ fn tensors(g: &GgufFile) -> Vec<(String, String, Vec<usize>, Vec<u8>)> {
 /// metadata (the model's name aside: the converter takes it from the command line).
 #[test]
 fn quantize_gives_llama_quantize_files() {
-    for t in TYPES {
+    for t in quantized_types() {
         let want_path = fixture(&format!("model-{t}.gguf"));
         let want = std::fs::read(&want_path).unwrap();
         let got = plan_bytes(&fixture("model-F32.gguf"), t);

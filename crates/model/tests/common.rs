@@ -67,3 +67,29 @@ pub fn real_model_path() -> PathBuf {
     );
     p
 }
+
+/// Logits of the prompt's last position and of `steps` greedy steps after it, in `cache`.
+pub fn greedy_logits(
+    model: &gemma3_model::TextModel,
+    ids: &[u32],
+    steps: usize,
+    cache: &mut gemma3_model::KvCache,
+    ws: &mut gemma3_model::Workspace,
+) -> Vec<Vec<f32>> {
+    use gemma3_model::Logits;
+    let mut out: Vec<Vec<f32>> = vec![];
+    model
+        .forward(ids, cache, ws, Logits::Last, &mut |_, l| {
+            out.push(l.to_vec())
+        })
+        .unwrap();
+    for _ in 0..steps {
+        let next = argmax(out.last().unwrap()) as u32;
+        model
+            .forward(&[next], cache, ws, Logits::Last, &mut |_, l| {
+                out.push(l.to_vec())
+            })
+            .unwrap();
+    }
+    out
+}

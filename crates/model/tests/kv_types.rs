@@ -13,21 +13,7 @@ use gemma3_model::{KvTypes, Logits, TextModel, Workspace};
 fn run(model: &TextModel, ids: &[u32], steps: usize) -> Vec<Vec<f32>> {
     let mut cache = model.new_cache(128, 16);
     let mut ws = Workspace::new(&model.cfg, 16);
-    let mut out: Vec<Vec<f32>> = vec![];
-    model
-        .forward(ids, &mut cache, &mut ws, Logits::Last, &mut |_, l| {
-            out.push(l.to_vec())
-        })
-        .unwrap();
-    for _ in 0..steps {
-        let next = argmax(out.last().unwrap()) as u32;
-        model
-            .forward(&[next], &mut cache, &mut ws, Logits::Last, &mut |_, l| {
-                out.push(l.to_vec())
-            })
-            .unwrap();
-    }
-    out
+    greedy_logits(model, ids, steps, &mut cache, &mut ws)
 }
 
 /// Largest logit difference of `ty` against the f32 cache (the same tokens fed: the f32

@@ -251,21 +251,7 @@ fn a_sequence_in_a_batch_gets_its_solo_logits() {
         .iter()
         .map(|p| {
             let mut cache = KvCache::new(&model.cfg, 512, 512);
-            let mut out: Vec<Vec<f32>> = vec![];
-            model
-                .forward(p, &mut cache, &mut ws, Logits::Last, &mut |_, l| {
-                    out.push(l.to_vec())
-                })
-                .unwrap();
-            for _ in 0..STEPS {
-                let next = argmax(out.last().unwrap()) as u32;
-                model
-                    .forward(&[next], &mut cache, &mut ws, Logits::Last, &mut |_, l| {
-                        out.push(l.to_vec())
-                    })
-                    .unwrap();
-            }
-            out
+            greedy_logits(&model, p, STEPS, &mut cache, &mut ws)
         })
         .collect();
     // Together. Each pass lists (sequence, prompt range or None for a decode step), in

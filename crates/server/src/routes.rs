@@ -894,19 +894,23 @@ impl Meta {
 }
 
 impl StreamState {
-    fn chunk(&self, choice: Value) -> SseEvent {
+    /// A stream chunk's envelope around `choices`.
+    fn envelope(&self, choices: Value) -> Value {
         let object = match self.meta.kind {
             Kind::Chat => "chat.completion.chunk",
             Kind::Completion { .. } => "text_completion",
         };
-        let v = json!({
+        json!({
             "id": self.meta.id,
             "object": object,
             "created": self.meta.created,
             "model": self.meta.model,
-            "choices": [choice],
-        });
-        SseEvent::default().data(v.to_string())
+            "choices": choices,
+        })
+    }
+
+    fn chunk(&self, choice: Value) -> SseEvent {
+        SseEvent::default().data(self.envelope(json!([choice])).to_string())
     }
 
     /// Waits for the next event and queues what it means for the client.
@@ -983,18 +987,8 @@ impl StreamState {
             return;
         }
         if self.meta.include_usage {
-            let object = match self.meta.kind {
-                Kind::Chat => "chat.completion.chunk",
-                Kind::Completion { .. } => "text_completion",
-            };
-            let v = json!({
-                "id": self.meta.id,
-                "object": object,
-                "created": self.meta.created,
-                "model": self.meta.model,
-                "choices": [],
-                "usage": usage(&self.choices, self.meta.per_prompt()),
-            });
+            let mut v = self.envelope(json!([]));
+            v["usage"] = usage(&self.choices, self.meta.per_prompt());
             self.queue
                 .push_back(SseEvent::default().data(v.to_string()));
         }
