@@ -95,7 +95,7 @@ impl TextConfig {
         let opt_f = |k: &str| json_float(v, k);
         let hidden_size = req("hidden_size")?;
         let num_heads = req("num_attention_heads")?;
-        let num_layers = req("num_hidden_layers")?;
+        let num_layers = in_range("layer count", req("num_hidden_layers")?, MAX_LAYERS)?;
         let head_dim = int("head_dim")?.unwrap_or(hidden_size / num_heads.max(1));
         // RoPE: transformers 5 nests per layer type; the hub uses flat legacy keys.
         let (mut rope_theta, mut rope_local_theta, mut factor) = (1_000_000.0, 10_000.0, 1.0);
@@ -198,7 +198,7 @@ impl TextConfig {
         };
         let hidden_size = req("embedding_length")?;
         let num_heads = req("attention.head_count")?;
-        let num_layers = req("block_count")?;
+        let num_layers = in_range("layer count", req("block_count")?, MAX_LAYERS)?;
         let head_dim = int("attention.key_length")?.unwrap_or(hidden_size / num_heads.max(1));
         let num_kv_heads = int("attention.head_count_kv")?.unwrap_or(num_heads);
         let vocab_size = match g.tensor_info("token_embd.weight") {
@@ -294,9 +294,7 @@ impl TextConfig {
             ("sliding window", self.sliding_window, MAX_CONTEXT),
             ("context length", self.max_position_embeddings, MAX_CONTEXT),
         ] {
-            if value == 0 || value > max {
-                return bad(format!("{name} {value} is out of range (1 to {max})"));
-            }
+            in_range(name, value, max)?;
         }
         if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return bad(format!(
@@ -335,6 +333,17 @@ impl TextConfig {
             }
         }
         Ok(())
+    }
+}
+
+/// `value` when it is 1 to `max`, else an error naming it. The layer count is checked
+/// this way before the per-layer list is built from it.
+pub(crate) fn in_range(name: &str, value: usize, max: usize) -> Result<usize, ModelError> {
+    match value == 0 || value > max {
+        true => Err(ModelError::Config(format!(
+            "{name} {value} is out of range (1 to {max})"
+        ))),
+        false => Ok(value),
     }
 }
 
@@ -514,6 +523,12 @@ mod tests {
         assert!(e.contains("RoPE base") && e.contains("-10000"), "{e}");
         let e = json_error("query_pre_attn_scalar", 0.into());
         assert!(e.contains("query_pre_attn_scalar is 0"), "{e}");
+        // Checked before anything is sized by it (the fuzzer's 11-trillion-layer config).
+        let e = json_error("num_hidden_layers", 11_111_111_111_116u64.into());
+        assert!(
+            e.contains("11111111111116") && e.contains("out of range"),
+            "{e}"
+        );
         let e = json_error("num_hidden_layers", 1_000_000_000u64.into());
         assert!(e.contains("1000000000") && !e.contains("TextConfig"), "{e}");
         let e = json_error("vocab_size", 2.into());
