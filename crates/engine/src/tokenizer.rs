@@ -525,25 +525,38 @@ impl Tokenizer {
                 source,
             })
         };
-        let json: TokenizerJson =
-            serde_json::from_str(&read(&file)?).map_err(|source| TokenizerError::Json {
-                path: file.clone(),
-                source,
-            })?;
+        let json = read(&file)?;
         let config_path = file.with_file_name("tokenizer_config.json");
-        let config: Option<Value> = if config_path.is_file() {
-            Some(
-                serde_json::from_str(&read(&config_path)?).map_err(|source| {
-                    TokenizerError::Json {
-                        path: config_path.clone(),
-                        source,
-                    }
-                })?,
-            )
+        let config = if config_path.is_file() {
+            Some(read(&config_path)?)
         } else {
             None
         };
-        json.into_tokenizer(&file, config.as_ref())
+        Self::from_tokenizer_json_str(&json, config.as_deref(), &file)
+    }
+
+    /// [`from_tokenizer_json`](Self::from_tokenizer_json) on text already read: `json` is
+    /// tokenizer.json, `config` tokenizer_config.json if there is one; `path` names
+    /// tokenizer.json in errors (tokenizer_config.json is taken to lie beside it).
+    pub fn from_tokenizer_json_str(
+        json: &str,
+        config: Option<&str>,
+        path: &Path,
+    ) -> Result<Self, TokenizerError> {
+        let tokenizer: TokenizerJson =
+            serde_json::from_str(json).map_err(|source| TokenizerError::Json {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        let config: Option<Value> = config
+            .map(|text| {
+                serde_json::from_str(text).map_err(|source| TokenizerError::Json {
+                    path: path.with_file_name("tokenizer_config.json"),
+                    source,
+                })
+            })
+            .transpose()?;
+        tokenizer.into_tokenizer(path, config.as_ref())
     }
 
     /// Token ids for `text`. `parse_special` lets control tokens written in the text (such as
