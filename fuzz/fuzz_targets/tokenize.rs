@@ -8,7 +8,9 @@
 //! - every id `encode` returns is in the vocabulary, BOS first when asked for;
 //! - `decode(encode(s), keep specials) == s` for text without `▁` (decoding turns it into a
 //!   space, as SentencePiece does) when no id is an unknown, unused or undefined token
-//!   (those render as nothing or as `<unk>`) and the tokenizer adds no space prefix;
+//!   (those render as nothing or as `<unk>`) and the tokenizer adds no space prefix. A space
+//!   must have `▁` in the vocabulary: otherwise its escape falls back to the three bytes of
+//!   `▁`, which decode to `▁` (as in llama.cpp; the small fixture vocabularies lack it);
 //! - streaming decode (`StreamDecoder`) gives exactly `decode(ids, skip specials)`.
 #![no_main]
 
@@ -50,6 +52,7 @@ fn check_encode(tok: &Tokenizer, text: &str, add_bos: bool, parse_special: bool)
     let body = if add_bos { &ids[1..] } else { &ids[..] };
     let lossless = !tok.add_space_prefix()
         && !text.contains(SPACE_ESCAPE)
+        && (tok.token_to_id(&SPACE_ESCAPE.to_string()).is_some() || !text.contains(' '))
         && body.iter().all(|&id| {
             !matches!(
                 tok.token_type(id),

@@ -153,3 +153,33 @@ pub fn safetensors_from_backing(path: &Path, backing: Backing) -> Result<Vec<Ten
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shard_names_are_sorted_unique_and_stay_in_the_directory() {
+        let index = Path::new("model.safetensors.index.json");
+        let ok = r#"{"weight_map": {"a": "m-2.safetensors", "b": "m-1.safetensors", "c": "m-2.safetensors"}}"#;
+        assert_eq!(
+            shard_names(ok, index).unwrap(),
+            ["m-1.safetensors", "m-2.safetensors"]
+        );
+        for bad in ["../x.safetensors", "/etc/passwd", "sub\\\\x", ".hidden"] {
+            let text = format!(r#"{{"weight_map": {{"a": "{bad}"}}}}"#);
+            let err = shard_names(&text, index).unwrap_err().to_string();
+            assert!(err.contains("leaves the model directory"), "{bad}: {err}");
+        }
+        let err = shard_names(r#"{"weight_map": []}"#, index).unwrap_err();
+        assert!(
+            err.to_string().contains("no \"weight_map\" object"),
+            "{err}"
+        );
+        let err = parse_config("{", Path::new("config.json")).unwrap_err();
+        assert!(
+            err.to_string().starts_with("config.json: invalid JSON"),
+            "{err}"
+        );
+    }
+}
