@@ -937,6 +937,11 @@ impl StreamDecoder {
 
 // ---- tokenizer.json --------------------------------------------------------------------
 
+/// The largest vocabulary a tokenizer.json may define.
+const MAX_VOCAB: usize = 1 << 24;
+/// How many ids below the largest one may be left unnamed (holes in the vocabulary).
+const MAX_UNNAMED_IDS: usize = 1 << 10;
+
 #[derive(Deserialize)]
 struct TokenizerJson {
     #[serde(default)]
@@ -1086,10 +1091,16 @@ impl TokenizerJson {
         if n == 0 {
             return Err(err("model.vocab", "is empty".into()));
         }
-        if n > (1 << 24) {
+        // Real vocabularies are dense; ids far beyond the tokens named would make a tiny file
+        // allocate a table of millions of empty pieces.
+        let named = m.vocab.len() + self.added_tokens.len();
+        if n > MAX_VOCAB || n > named.saturating_add(MAX_UNNAMED_IDS) {
             return Err(err(
                 "model.vocab",
-                format!("has ids up to {}, too sparse", n - 1),
+                format!(
+                    "has ids up to {} but names only {named} tokens: too sparse",
+                    n - 1
+                ),
             ));
         }
         // Ids that nothing names stay empty and undefined.
