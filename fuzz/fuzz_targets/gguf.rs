@@ -11,6 +11,13 @@ use libfuzzer_sys::fuzz_target;
 /// Tensors up to this many values are dequantized (the rest only get their data view).
 const MAX_DEQUANT_VALUES: usize = 1 << 16;
 
+/// KNOWN OPEN (handed to the lead, who owns crates/model/src/config.rs): `TextConfig`
+/// builds its per-layer list before checking the layer count, so a huge
+/// `gemma3.block_count` aborts on the allocation (the config.json twin of this is
+/// fuzz/regressions/config-huge-layer-count.json). Until the count is checked first,
+/// larger counts skip the config parse so the fuzzer can go on past it.
+const MAX_LAYERS_UNTIL_FIXED: u64 = 1 << 10;
+
 fuzz_target!(|data: &[u8]| {
     let Ok(g) = GgufFile::from_bytes("fuzz.gguf", data.to_vec()) else {
         return;
@@ -31,7 +38,12 @@ fuzz_target!(|data: &[u8]| {
             }
         }
     }
-    let _ = TextConfig::from_gguf(&g);
+    let huge_layer_count = g.metadata.iter().any(|(k, v)| {
+        k.ends_with(".block_count") && v.as_u64().is_some_and(|n| n > MAX_LAYERS_UNTIL_FIXED)
+    });
+    if !huge_layer_count {
+        let _ = TextConfig::from_gguf(&g);
+    }
     let _ = VisionConfig::from_gguf(&g);
     if let Ok(tok) = Tokenizer::from_gguf(&g) {
         let ids = tok.encode("Hello <start_of_turn>world\n", true, true);

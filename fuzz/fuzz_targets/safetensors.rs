@@ -12,6 +12,20 @@ use std::sync::Arc;
 /// Tensors up to this many values are converted to f32.
 const MAX_CONVERT_VALUES: usize = 1 << 16;
 
+/// KNOWN OPEN (handed to the lead, who owns crates/model/src/config.rs): `TextConfig`
+/// builds its per-layer list before checking the layer count, so a config.json with
+/// `"num_hidden_layers": 11111111111116` aborts on an 11 TB allocation
+/// (fuzz/regressions/config-huge-layer-count.json). Until the count is checked first,
+/// larger counts are kept away from the config parse so the fuzzer can go on past it.
+const MAX_LAYERS_UNTIL_FIXED: u64 = 1 << 10;
+
+fn layer_count_fixed_bug(config: &serde_json::Value) -> bool {
+    [config, config.get("text_config").unwrap_or(config)]
+        .iter()
+        .filter_map(|c| c.get("num_hidden_layers")?.as_u64())
+        .any(|n| n > MAX_LAYERS_UNTIL_FIXED)
+}
+
 fuzz_target!(|data: &[u8]| {
     if let Ok(tensors) =
         safetensors_from_backing(Path::new("fuzz.safetensors"), Arc::new(data.to_vec()))
@@ -26,6 +40,9 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     if let Ok(config) = parse_config(text, Path::new("config.json")) {
+        if layer_count_fixed_bug(&config) {
+            return;
+        }
         let _ = TextConfig::from_hf_json(&config);
         let _ = VisionConfig::from_hf_json(&config);
     }
