@@ -12,3 +12,5 @@ if ! "$venv/bin/python" -c "import openai" 2>/dev/null; then
 fi
 export GEMMA3_TEST_PYTHON="$PWD/$venv/bin/python"
 cargo test --release --workspace "$@"
+# A short run of every fuzz target over its seeds (builds them on first use).
+scripts/fuzz-smoke.sh

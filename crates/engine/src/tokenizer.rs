@@ -515,23 +515,38 @@ impl Tokenizer {
             path.to_path_buf()
         };
         let read = |p: &Path| gemma3_formats::read_text(p, gemma3_formats::MAX_TEXT_BYTES);
-        let json: TokenizerJson =
-            serde_json::from_str(&read(&file)?).map_err(|err| TokenizerError::Json {
-                path: file.clone(),
-                err,
-            })?;
+        let json = read(&file)?;
         let config_path = file.with_file_name("tokenizer_config.json");
-        let config: Option<Value> = if config_path.is_file() {
-            Some(serde_json::from_str(&read(&config_path)?).map_err(|err| {
-                TokenizerError::Json {
-                    path: config_path.clone(),
-                    err,
-                }
-            })?)
+        let config = if config_path.is_file() {
+            Some(read(&config_path)?)
         } else {
             None
         };
-        json.into_tokenizer(&file, config.as_ref())
+        Self::from_tokenizer_json_str(&json, config.as_deref(), &file)
+    }
+
+    /// [`from_tokenizer_json`](Self::from_tokenizer_json) on text already read: `json` is
+    /// tokenizer.json, `config` tokenizer_config.json if there is one; `path` names
+    /// tokenizer.json in errors (tokenizer_config.json is taken to lie beside it).
+    pub fn from_tokenizer_json_str(
+        json: &str,
+        config: Option<&str>,
+        path: &Path,
+    ) -> Result<Self, TokenizerError> {
+        let tokenizer: TokenizerJson =
+            serde_json::from_str(json).map_err(|err| TokenizerError::Json {
+                path: path.to_path_buf(),
+                err,
+            })?;
+        let config: Option<Value> = config
+            .map(|text| {
+                serde_json::from_str(text).map_err(|err| TokenizerError::Json {
+                    path: path.with_file_name("tokenizer_config.json"),
+                    err,
+                })
+            })
+            .transpose()?;
+        tokenizer.into_tokenizer(path, config.as_ref())
     }
 
     /// Token ids for `text`. `parse_special` lets control tokens written in the text (such as
@@ -912,6 +927,11 @@ impl StreamDecoder {
 
 // ---- tokenizer.json --------------------------------------------------------------------
 
+/// The largest vocabulary a tokenizer.json may define.
+const MAX_VOCAB: usize = 1 << 24;
+/// How many ids below the largest one may be left unnamed (holes in the vocabulary).
+const MAX_UNNAMED_IDS: usize = 1 << 10;
+
 #[derive(Deserialize)]
 struct TokenizerJson {
     #[serde(default)]
@@ -1061,10 +1081,16 @@ impl TokenizerJson {
         if n == 0 {
             return Err(err("model.vocab", "is empty".into()));
         }
-        if n > (1 << 24) {
+        // Real vocabularies are dense; ids far beyond the tokens named would make a tiny file
+        // allocate a table of millions of empty pieces.
+        let named = m.vocab.len() + self.added_tokens.len();
+        if n > MAX_VOCAB || n > named.saturating_add(MAX_UNNAMED_IDS) {
             return Err(err(
                 "model.vocab",
-                format!("has ids up to {}, too sparse", n - 1),
+                format!(
+                    "has ids up to {} but names only {named} tokens: too sparse",
+                    n - 1
+                ),
             ));
         }
         // Ids that nothing names stay empty and undefined.

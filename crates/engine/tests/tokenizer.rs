@@ -737,6 +737,16 @@ mod tokenizer {
             "normalizer",
         );
         check(r#"{"model": {"type": "BPE", "vocab": {"a": 0}}}"#, "BOS");
+        // Found by the tokenizer_json fuzz target: 48 bytes that made a 16M-entry table
+        // (600 MB, 2 s) and loaded.
+        check(
+            r#"{"model":{"vocab":{"<bos>":16777215,"<eos>":0}}}"#,
+            "too sparse",
+        );
+        check(
+            r#"{"model":{"vocab":{"<bos>":4294967295,"<eos>":0}}}"#,
+            "too sparse",
+        );
         std::fs::remove_dir_all(&dir).ok();
         let missing = Tokenizer::from_tokenizer_json(&dir.join("nope.json"));
         assert!(matches!(

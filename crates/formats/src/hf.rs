@@ -17,48 +17,13 @@ impl HfDirectory {
     pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref().to_path_buf();
         let config_path = dir.join("config.json");
-        let text = std::fs::read_to_string(&config_path).map_err(|err| FormatError::Io {
-            path: config_path.clone(),
-            err,
-        })?;
-        let config: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| FormatError::Malformed {
-                path: config_path.clone(),
-                what: format!("invalid JSON: {e}"),
-            })?;
+        let config = parse_config(&read_text(&config_path)?, &config_path)?;
         let index = dir.join("model.safetensors.index.json");
         let files: Vec<PathBuf> = if index.exists() {
-            let text = std::fs::read_to_string(&index).map_err(|err| FormatError::Io {
-                path: index.clone(),
-                err,
-            })?;
-            let v: serde_json::Value =
-                serde_json::from_str(&text).map_err(|e| FormatError::Malformed {
-                    path: index.clone(),
-                    what: format!("invalid JSON: {e}"),
-                })?;
-            let map = v
-                .get("weight_map")
-                .and_then(|m| m.as_object())
-                .ok_or_else(|| FormatError::Malformed {
-                    path: index.clone(),
-                    what: "no \"weight_map\" object".into(),
-                })?;
-            let mut shards: Vec<String> = map
-                .values()
-                .filter_map(|s| s.as_str().map(str::to_string))
-                .collect();
-            shards.sort();
-            shards.dedup();
-            for s in &shards {
-                if s.contains('/') || s.contains('\\') || s.starts_with('.') {
-                    return Err(FormatError::Malformed {
-                        path: index.clone(),
-                        what: format!("shard name {s:?} leaves the model directory"),
-                    });
-                }
-            }
-            shards.into_iter().map(|s| dir.join(s)).collect()
+            shard_names(&read_text(&index)?, &index)?
+                .into_iter()
+                .map(|s| dir.join(s))
+                .collect()
         } else {
             let single = dir.join("model.safetensors");
             if !single.exists() {
@@ -96,6 +61,50 @@ impl HfDirectory {
                 what: format!("is missing from {}", self.dir.display()),
             })
     }
+}
+
+fn read_text(path: &Path) -> Result<String> {
+    crate::text::read_text(path, crate::text::MAX_TEXT_BYTES)
+}
+
+fn parse_json(text: &str, path: &Path) -> Result<serde_json::Value> {
+    serde_json::from_str(text).map_err(|e| FormatError::Malformed {
+        path: path.to_path_buf(),
+        what: format!("invalid JSON: {e}"),
+    })
+}
+
+/// Parses config.json's text (`path` names it in errors); the keys are the model layer's.
+pub fn parse_config(text: &str, path: &Path) -> Result<serde_json::Value> {
+    parse_json(text, path)
+}
+
+/// The shard file names a `model.safetensors.index.json` text lists in its `weight_map`,
+/// sorted and deduplicated; a name that would leave the model directory is an error.
+pub fn shard_names(text: &str, path: &Path) -> Result<Vec<String>> {
+    let v = parse_json(text, path)?;
+    let map = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| FormatError::Malformed {
+            path: path.to_path_buf(),
+            what: "no \"weight_map\" object".into(),
+        })?;
+    let mut shards: Vec<String> = map
+        .values()
+        .filter_map(|s| s.as_str().map(str::to_string))
+        .collect();
+    shards.sort();
+    shards.dedup();
+    for s in &shards {
+        if s.contains('/') || s.contains('\\') || s.starts_with('.') {
+            return Err(FormatError::Malformed {
+                path: path.to_path_buf(),
+                what: format!("shard name {s:?} leaves the model directory"),
+            });
+        }
+    }
+    Ok(shards)
 }
 
 /// Memory-maps one safetensors file and lists its tensors (F32, F16 and BF16).
@@ -140,4 +149,34 @@ pub fn safetensors_from_backing(path: &Path, backing: Backing) -> Result<Vec<Ten
         out.push(TensorData::new(name, dtype, shape, backing.clone(), range)?);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shard_names_are_sorted_unique_and_stay_in_the_directory() {
+        let index = Path::new("model.safetensors.index.json");
+        let ok = r#"{"weight_map": {"a": "m-2.safetensors", "b": "m-1.safetensors", "c": "m-2.safetensors"}}"#;
+        assert_eq!(
+            shard_names(ok, index).unwrap(),
+            ["m-1.safetensors", "m-2.safetensors"]
+        );
+        for bad in ["../x.safetensors", "/etc/passwd", "sub\\\\x", ".hidden"] {
+            let text = format!(r#"{{"weight_map": {{"a": "{bad}"}}}}"#);
+            let err = shard_names(&text, index).unwrap_err().to_string();
+            assert!(err.contains("leaves the model directory"), "{bad}: {err}");
+        }
+        let err = shard_names(r#"{"weight_map": []}"#, index).unwrap_err();
+        assert!(
+            err.to_string().contains("no \"weight_map\" object"),
+            "{err}"
+        );
+        let err = parse_config("{", Path::new("config.json")).unwrap_err();
+        assert!(
+            err.to_string().starts_with("config.json: invalid JSON"),
+            "{err}"
+        );
+    }
 }

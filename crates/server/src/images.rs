@@ -47,9 +47,14 @@ impl ImageSource {
     /// The encoded bytes behind an image URL.
     pub async fn fetch(&self, url: &str) -> Result<Vec<u8>, ApiError> {
         let bad = |m: String| ApiError::bad_param("messages", m);
-        let scheme = url.split(':').next().unwrap_or("").to_ascii_lowercase();
+        let Some((scheme, rest)) = url.split_once(':') else {
+            return Err(bad(
+                "image_url must be a URL (data:image/png;base64,...), it has no scheme".into(),
+            ));
+        };
+        let scheme = scheme.to_ascii_lowercase();
         match scheme.as_str() {
-            "data" => decode_data_url(url).map_err(bad),
+            "data" => decode_data_url(rest).map_err(bad),
             "http" | "https" => {
                 let Some(client) = &self.http else {
                     return Err(bad(
@@ -70,9 +75,8 @@ impl ImageSource {
     }
 }
 
-/// `data:[<type>][;base64],<payload>`.
-fn decode_data_url(url: &str) -> Result<Vec<u8>, String> {
-    let rest = &url["data:".len()..];
+/// `data:[<type>][;base64],<payload>`, given what follows `data:`.
+fn decode_data_url(rest: &str) -> Result<Vec<u8>, String> {
     let (meta, payload) = rest
         .split_once(',')
         .ok_or("a data: URL needs a ',' before its payload")?;
@@ -116,4 +120,34 @@ async fn fetch_limited(client: &reqwest::Client, url: &str) -> Result<Vec<u8>, S
         body.extend_from_slice(&chunk);
     }
     Ok(body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fetch(url: &str) -> Result<Vec<u8>, String> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(ImageSource::new(false, gemma3_engine::image::DEFAULT_MAX_IMAGE_PIXELS).fetch(url))
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn image_urls_without_a_scheme_or_payload_are_errors() {
+        // Found by the server_request fuzz target: "data" without a colon panicked.
+        for (url, needle) in [
+            ("data", "has no scheme"),
+            ("", "has no scheme"),
+            ("data:", "needs a ','"),
+            ("DATA:image/png,abc", "must be base64"),
+            ("data:image/png;base64,!!", "base64 data is invalid"),
+            ("file:/etc/passwd", "must be a data: URL"),
+        ] {
+            let err = fetch(url).unwrap_err();
+            assert!(err.contains(needle), "{url:?}: {err}");
+        }
+        assert_eq!(fetch("data:image/png;base64,aGk=").unwrap(), b"hi");
+    }
 }

@@ -1,0 +1,39 @@
+//! Image bytes: decode (PNG, JPEG, WebP, GIF, BMP, EXIF orientation, RGB conversion), then
+//! what the vision tower is fed: pan & scan crops and each view resized to 896 and
+//! normalized. Images whose header claims more than `MAX_PIXELS` are skipped here so the
+//! fuzzer explores decoders instead of allocating (the CLI and server enforce their own
+//! limit before decoding).
+#![no_main]
+
+use gemma3_engine::image::image_views;
+use gemma3_engine::{Image, PanAndScan};
+use gemma3_model::VisionConfig;
+use libfuzzer_sys::fuzz_target;
+
+/// 2048 × 2048: large enough for every decoder path, small enough to stay fast.
+const MAX_PIXELS: u64 = 1 << 22;
+
+fn header_pixels(data: &[u8]) -> Option<u64> {
+    let reader = image::ImageReader::new(std::io::Cursor::new(data))
+        .with_guessed_format()
+        .ok()?;
+    let (w, h) = reader.into_dimensions().ok()?;
+    Some(u64::from(w) * u64::from(h))
+}
+
+fuzz_target!(|data: &[u8]| {
+    if header_pixels(data).is_some_and(|n| n > MAX_PIXELS) {
+        return;
+    }
+    let Ok(img) = Image::decode(data) else {
+        return;
+    };
+    assert_eq!(img.rgb().len(), img.width() * img.height() * 3);
+    let cfg = VisionConfig::default();
+    let n = cfg.image_size * cfg.image_size * 3;
+    for view in image_views(&img, Some(&PanAndScan::default())) {
+        let px = view.pixel_values(cfg.image_size, cfg.image_mean, cfg.image_std);
+        assert_eq!(px.len(), n);
+        assert!(px.iter().all(|v| v.is_finite() && v.abs() <= 1.0 + 1e-6));
+    }
+});
