@@ -130,8 +130,10 @@ mod tests {
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
-        rt.block_on(ImageSource::new(false, gemma3_engine::image::DEFAULT_MAX_IMAGE_PIXELS).fetch(url))
-            .map_err(|e| e.to_string())
+        rt.block_on(
+            ImageSource::new(false, gemma3_engine::image::DEFAULT_MAX_IMAGE_PIXELS).fetch(url),
+        )
+        .map_err(|e| e.to_string())
     }
 
     #[test]
