@@ -220,16 +220,19 @@ impl ChatTemplate {
             bos_token => &self.bos,
             eos_token => &self.eos,
         };
+        let render = || tmpl.render(ctx.clone());
         let rendered = std::thread::scope(|scope| {
-            std::thread::Builder::new()
+            match std::thread::Builder::new()
                 .name("chat-template".into())
                 .stack_size(RENDER_STACK_BYTES)
-                .spawn_scoped(scope, || tmpl.render(ctx))
-                .map_err(|e| {
-                    EngineError::Input(format!("cannot start the chat template's thread: {e}"))
-                })?
-                .join()
-                .map_err(|_| EngineError::Input("the chat template's renderer panicked".into()))
+                .spawn_scoped(scope, render)
+            {
+                Ok(thread) => thread.join().map_err(|_| {
+                    EngineError::Input("the chat template's renderer panicked".into())
+                }),
+                // No room for the stack (strict overcommit): render here, as before.
+                Err(_) => Ok(render()),
+            }
         })?;
         rendered.map_err(|e| {
             let msg = match e.kind() {
