@@ -221,30 +221,35 @@ impl ChatTemplate {
             bos_token => &self.bos,
             eos_token => &self.eos,
         };
-        let render = || tmpl.render(ctx.clone());
-        let rendered = std::thread::scope(|scope| {
+        // The error is turned into text on the rendering thread too: minijinja's errors
+        // keep the template's variables (for debugging), deep values included.
+        let render = || {
+            tmpl.render(ctx.clone()).map_err(|e| {
+                let msg = match e.kind() {
+                    ErrorKind::InvalidOperation => {
+                        e.detail().unwrap_or("invalid operation").to_string()
+                    }
+                    _ => e.to_string(),
+                };
+                EngineError::Input(format!(
+                    "the chat template rejected the conversation: {msg}"
+                ))
+            })
+        };
+        std::thread::scope(|scope| {
             match std::thread::Builder::new()
                 .name("chat-template".into())
                 .stack_size(RENDER_STACK_BYTES)
                 .spawn_scoped(scope, render)
             {
-                Ok(thread) => thread.join().map_err(|_| {
-                    EngineError::Input("the chat template's renderer panicked".into())
+                Ok(thread) => thread.join().unwrap_or_else(|_| {
+                    Err(EngineError::Input(
+                        "the chat template's renderer panicked".into(),
+                    ))
                 }),
                 // No room for the stack (strict overcommit): render here, as before.
-                Err(_) => Ok(render()),
+                Err(_) => render(),
             }
-        })?;
-        rendered.map_err(|e| {
-            let msg = match e.kind() {
-                ErrorKind::InvalidOperation => {
-                    e.detail().unwrap_or("invalid operation").to_string()
-                }
-                _ => e.to_string(),
-            };
-            EngineError::Input(format!(
-                "the chat template rejected the conversation: {msg}"
-            ))
         })
     }
 }

@@ -737,8 +737,8 @@ mod tokenizer {
             "normalizer",
         );
         check(r#"{"model": {"type": "BPE", "vocab": {"a": 0}}}"#, "BOS");
-        // Found by the tokenizer_json fuzz target: 48 bytes that made a 16M-entry table
-        // (600 MB, 2 s) and loaded.
+        // Found while writing the tokenizer_json fuzz target (it does not flag 600 MB): 48
+        // bytes that made a 16M-entry table (600 MB, 2 s) and loaded.
         check(
             r#"{"model":{"vocab":{"<bos>":16777215,"<eos>":0}}}"#,
             "too sparse",
