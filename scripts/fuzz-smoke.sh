@@ -3,10 +3,10 @@
 # a regression in any parser of untrusted bytes (a panic, a timeout, runaway memory) fails
 # the test suite. Builds all targets in one cargo invocation (fuzz/target is kept, so later
 # runs are incremental). Long campaigns: see README.md, "Fuzzing".
-#   FUZZ_SECONDS   seconds per target (default 8)
+#   FUZZ_SECONDS   seconds per target (default 5)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-seconds="${FUZZ_SECONDS:-8}"
+seconds="${FUZZ_SECONDS:-5}"
 
 warn() { printf '\n%s\n%s\n%s\n\n' "!!!!!!!!!!!!!!!!!!!!" "fuzz-smoke: $*" "!!!!!!!!!!!!!!!!!!!!" >&2; }
 
