@@ -42,7 +42,7 @@ fuzz_target!(|data: &[u8]| {
             let _ = check_top_logprobs(k, "top_logprobs");
         }
         if let Ok(conv) = conversation(&req.messages) {
-            let images = ImageSource::new(false);
+            let images = ImageSource::new(false, gemma3_engine::image::DEFAULT_MAX_IMAGE_PIXELS);
             for url in &conv.image_urls {
                 let _ = runtime().block_on(images.fetch(url));
             }
