@@ -193,7 +193,7 @@ impl OllamaModel {
     /// Reads a manifest and checks that its blobs are present and whole.
     pub fn open(root: &Path, name: &OllamaName, manifest: &Path) -> Result<Self, EngineError> {
         let bad = |what: String| EngineError::Load(format!("{}: {what}", manifest.display()));
-        let text = read_limited(manifest, MANIFEST_LIMIT)?;
+        let text = gemma3_formats::read_text(manifest, MANIFEST_LIMIT)?;
         let m: Manifest = serde_json::from_str(&text)
             .map_err(|e| bad(format!("not an Ollama manifest ({e})")))?;
         let mut out = OllamaModel {
@@ -224,12 +224,12 @@ impl OllamaModel {
                         "a LoRA adapter layer, which this engine cannot apply (the model would answer without it)".into(),
                     ))
                 }
-                MEDIA_TEMPLATE => out.template = Some(read_limited(&blob()?, TEXT_LIMIT)?),
-                MEDIA_SYSTEM => out.system = Some(read_limited(&blob()?, TEXT_LIMIT)?),
-                MEDIA_LICENSE => out.license = Some(read_limited(&blob()?, TEXT_LIMIT)?),
+                MEDIA_TEMPLATE => out.template = Some(gemma3_formats::read_text(&blob()?, TEXT_LIMIT)?),
+                MEDIA_SYSTEM => out.system = Some(gemma3_formats::read_text(&blob()?, TEXT_LIMIT)?),
+                MEDIA_LICENSE => out.license = Some(gemma3_formats::read_text(&blob()?, TEXT_LIMIT)?),
                 MEDIA_PARAMS => {
                     let p = blob()?;
-                    let text = read_limited(&p, TEXT_LIMIT)?;
+                    let text = gemma3_formats::read_text(&p, TEXT_LIMIT)?;
                     out.params = Some(serde_json::from_str(&text).map_err(|e| {
                         EngineError::Load(format!(
                             "{}: the parameters layer of {} is not valid ({e})",
@@ -277,11 +277,6 @@ fn blob_path(root: &Path, manifest: &Path, l: &Layer) -> Result<PathBuf, EngineE
         )));
     }
     Ok(p)
-}
-
-/// A text file of at most `limit` bytes.
-fn read_limited(path: &Path, limit: u64) -> Result<String, EngineError> {
-    Ok(gemma3_formats::read_text(path, limit)?)
 }
 
 /// Every model in the store (`manifests/<host>/<namespace>/<model>/<tag>`), with its

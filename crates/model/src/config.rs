@@ -305,11 +305,9 @@ impl TextConfig {
         if !self.head_dim.is_multiple_of(2) {
             return bad(format!("head_dim {} must be even for RoPE", self.head_dim));
         }
-        let positive = |name: &str, x: f64| match x.is_finite() && x > 0.0 {
-            true => Ok(()),
-            false => bad(format!(
-                "{name} is {x}; it must be a positive finite number"
-            )),
+        let positive = |name: &str, x: f64| match not_positive(name, x) {
+            None => Ok(()),
+            Some(m) => bad(m),
         };
         positive("the RMS norm epsilon", f64::from(self.rms_norm_eps))?;
         positive("the RoPE base (global layers)", self.rope_theta)?;
@@ -339,12 +337,21 @@ impl TextConfig {
 /// `value` when it is 1 to `max`, else an error naming it. The layer count is checked
 /// this way before the per-layer list is built from it.
 pub(crate) fn in_range(name: &str, value: usize, max: usize) -> Result<usize, ModelError> {
-    match value == 0 || value > max {
-        true => Err(ModelError::Config(format!(
-            "{name} {value} is out of range (1 to {max})"
-        ))),
-        false => Ok(value),
+    match out_of_range(name, value, max) {
+        Some(m) => Err(ModelError::Config(m)),
+        None => Ok(value),
     }
+}
+
+/// Why `value` is not a size from 1 to `max`, if it is not.
+pub(crate) fn out_of_range(name: &str, value: usize, max: usize) -> Option<String> {
+    (value == 0 || value > max).then(|| format!("{name} {value} is out of range (1 to {max})"))
+}
+
+/// Why `x` is not a positive finite number, if it is not.
+pub(crate) fn not_positive(name: &str, x: f64) -> Option<String> {
+    (!(x.is_finite() && x > 0.0))
+        .then(|| format!("{name} is {x}; it must be a positive finite number"))
 }
 
 /// Layers per global layer when a file does not say (5 sliding : 1 global).

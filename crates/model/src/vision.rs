@@ -14,7 +14,8 @@
 //! [`gemm`](gemma3_kernels::gemm), straight from the stored weights of any type.
 
 use crate::config::{
-    gguf_float, gguf_int, json_float, json_int, MAX_HEADS, MAX_HIDDEN, MAX_LAYERS,
+    gguf_float, gguf_int, json_float, json_int, not_positive, out_of_range, MAX_HEADS, MAX_HIDDEN,
+    MAX_LAYERS,
 };
 use crate::ModelError;
 use gemma3_formats::{GgufFile, HfDirectory, TensorData};
@@ -224,15 +225,12 @@ impl VisionConfig {
             ),
             ("text hidden size", self.text_hidden_size, MAX_HIDDEN),
         ] {
-            if value == 0 || value > max {
-                return bad(format!("{name} {value} is out of range (1 to {max})"));
+            if let Some(m) = out_of_range(name, value, max) {
+                return bad(m);
             }
         }
-        if !(self.layer_norm_eps.is_finite() && self.layer_norm_eps > 0.0) {
-            return bad(format!(
-                "the layer norm epsilon is {}; it must be a positive finite number",
-                self.layer_norm_eps
-            ));
+        if let Some(m) = not_positive("the layer norm epsilon", f64::from(self.layer_norm_eps)) {
+            return bad(m);
         }
         if self.num_channels != 3 {
             return bad(format!(
