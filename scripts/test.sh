@@ -3,6 +3,8 @@
 # workspace with optimisations (numeric tests are too slow without them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The layering: each crate depends only on those below it, no module circles.
+python3 scripts/check-layers.py
 scripts/fetch-model.sh >/dev/null
 # The server's tests drive it with the official openai Python client, from a venv.
 venv=target/test-venv

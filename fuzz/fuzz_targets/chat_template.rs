@@ -5,7 +5,7 @@
 //! runs on minijinja fuel, so a looping template ends with an error, never a hang.
 #![no_main]
 
-use gemma3_engine::chat::{ChatMessage, ChatTemplate};
+use gemma3_text::chat::{ChatMessage, ChatTemplate};
 use gemma3_server::api::{conversation, MessageIn};
 use libfuzzer_sys::fuzz_target;
 

@@ -3,7 +3,7 @@
 //! the task and the shot count; the rest is the file's text.
 #![no_main]
 
-use gemma3_engine::eval::{fewshot_prefix, parse_items, shot_indices, Task};
+use gemma3_eval::eval::{fewshot_prefix, parse_items, shot_indices, Task};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

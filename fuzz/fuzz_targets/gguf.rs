@@ -3,7 +3,7 @@
 //! tokenizer). Any input may be rejected; none may panic, hang or allocate without bound.
 #![no_main]
 
-use gemma3_engine::tokenizer::Tokenizer;
+use gemma3_text::tokenizer::Tokenizer;
 use gemma3_formats::GgufFile;
 use gemma3_model::{TextConfig, VisionConfig};
 use libfuzzer_sys::fuzz_target;

@@ -14,7 +14,7 @@
 //! - streaming decode (`StreamDecoder`) gives exactly `decode(ids, skip specials)`.
 #![no_main]
 
-use gemma3_engine::tokenizer::{StreamDecoder, TokenType, Tokenizer};
+use gemma3_text::tokenizer::{StreamDecoder, TokenType, Tokenizer};
 use gemma3_formats::GgufFile;
 use libfuzzer_sys::fuzz_target;
 use std::path::PathBuf;

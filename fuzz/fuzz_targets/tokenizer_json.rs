@@ -3,7 +3,7 @@
 //! tokenizer.json and tokenizer_config.json separated by a NUL byte.
 #![no_main]
 
-use gemma3_engine::tokenizer::Tokenizer;
+use gemma3_text::tokenizer::Tokenizer;
 use libfuzzer_sys::fuzz_target;
 use std::path::Path;
 

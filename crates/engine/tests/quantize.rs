@@ -3,9 +3,11 @@
 //! bytes, and here the whole file), the converter's f32 file from the Hugging Face
 //! directory, and quantization at load giving the logits of the written file.
 
-use gemma3_engine::quantize::{write_gguf, Plan, Progress};
-use gemma3_engine::{EngineError, FileType, Model, OpenOptions};
+use gemma3_convert::quantize::{write_gguf, Plan, Progress};
+use gemma3_convert::ConvertError;
+use gemma3_engine::{Model, OpenOptions};
 use gemma3_formats::{GgufFile, MetaValue};
+use gemma3_model::FileType;
 use gemma3_model::{KvCache, Logits, Precision, Workspace};
 use std::path::{Path, PathBuf};
 
@@ -162,7 +164,7 @@ fn interrupted_runs_leave_nothing_and_outputs_are_not_clobbered() {
         p.index < 10
     })
     .unwrap_err();
-    assert!(matches!(e, EngineError::Cancelled), "{e}");
+    assert!(matches!(e, ConvertError::Cancelled), "{e}");
     assert!(calls > 10);
     let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
     assert!(left.is_empty(), "left behind: {left:?}");
@@ -182,7 +184,7 @@ fn interrupted_runs_leave_nothing_and_outputs_are_not_clobbered() {
 
 #[test]
 fn bad_inputs_are_clear_errors() {
-    let msg = |r: Result<Plan, EngineError>| r.err().unwrap().to_string();
+    let msg = |r: Result<Plan, ConvertError>| r.err().unwrap().to_string();
     let e = msg(Plan::for_model(
         Path::new("/nonexistent/model"),
         FileType::Q8_0,
@@ -204,7 +206,7 @@ fn bad_inputs_are_clear_errors() {
 /// embedding is Q8_0): the rules give every tensor the type llama-quantize gave it.
 #[test]
 fn rules_give_the_real_270m_files_types() {
-    let path = gemma3_engine::load::cached_default_model()
+    let path = gemma3_hub::cached_default_model()
         .expect("the real model is missing: run scripts/fetch-model.sh");
     let g = GgufFile::open(&path).unwrap();
     let plan = Plan::for_gguf(&g, FileType::Q4_K_M).unwrap();

@@ -290,7 +290,7 @@ fn image_logits(m: &Model, input: &[u32], views: &gemma3_engine::ImageViews) -> 
 /// of its own tower, gives the checkpoint's image-conditioned logits within f16 rounding.
 #[test]
 fn written_mmproj_gives_the_checkpoints_logits() {
-    use gemma3_engine::quantize::{mmproj_plan, write_gguf};
+    use gemma3_convert::quantize::{mmproj_plan, write_gguf};
     use gemma3_formats::{DType, GgufFile, HfDirectory};
     let dir = with_tokenizer(&vlm(), "model.hub-layout.safetensors", 600, "mmproj-write");
     let out = dir.join("mmproj-f16.gguf");

@@ -756,21 +756,32 @@ impl TextModel {
                     &mut ws.final_rows[g * h..(g + 1) * h],
                 );
             }
-            matmul_weights(
-                self.weights.lm_head.weights(),
-                &ws.final_rows[..m * h],
-                m,
-                &mut ws.logits[..m * vocab],
-                self.precision,
-            );
+            self.project(&ws.final_rows[..m * h], m, &mut ws.logits[..m * vocab]);
             for g in 0..m {
                 let r = ws.want[c0 + g];
                 let s = ws.segments.partition_point(|seg| seg.end <= r);
                 let l = &mut ws.logits[g * vocab..(g + 1) * vocab];
-                if let Some(c) = self.cfg.final_logit_softcapping {
-                    l.iter_mut().for_each(|v| *v = c * (*v / c).tanh());
-                }
                 on_logits(s, seqs[s].row_base + r - ws.segments[s].start, l);
+            }
+        }
+    }
+
+    /// Logits of `m` rows that have been through the final norm: the output projection,
+    /// then soft-capping. The one place the decoder's last step is computed (the forward
+    /// pass and the eval harness's batched scoring both use it).
+    pub fn project(&self, normed: &[f32], m: usize, logits: &mut [f32]) {
+        matmul_weights(
+            self.weights.lm_head.weights(),
+            normed,
+            m,
+            logits,
+            self.precision,
+        );
+        if let Some(c) = self.cfg.final_logit_softcapping {
+            let softcap = |l: &mut [f32]| l.iter_mut().for_each(|v| *v = c * (*v / c).tanh());
+            match m {
+                1 => softcap(logits),
+                _ => logits.par_chunks_mut(self.cfg.vocab_size).for_each(softcap),
             }
         }
     }

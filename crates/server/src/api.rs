@@ -3,8 +3,8 @@
 //! this server does not offer, are 400s that name the field.
 
 use crate::error::ApiError;
-use gemma3_engine::chat::{ChatContent, ChatMessage, ChatPart};
 use gemma3_engine::{GenerateOptions, SamplingParams};
+use gemma3_text::chat::{ChatContent, ChatMessage, ChatPart};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -99,7 +99,7 @@ pub fn conversation(messages: &[MessageIn]) -> Result<Conversation, ApiError> {
         image_urls: vec![],
     };
     for (i, m) in messages.iter().enumerate() {
-        if !gemma3_engine::chat::ROLES.contains(&m.role.as_str()) {
+        if !gemma3_text::chat::ROLES.contains(&m.role.as_str()) {
             return Err(ApiError::bad_param(
                 "messages",
                 format!(
@@ -131,6 +131,7 @@ pub fn conversation(messages: &[MessageIn]) -> Result<Conversation, ApiError> {
         out.messages.push(ChatMessage {
             role: m.role.clone(),
             content,
+            ..Default::default()
         });
     }
     Ok(out)

@@ -5,6 +5,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use gemma3_engine::EngineError;
 use gemma3_model::ModelError;
+use gemma3_text::TextError;
 
 /// Seconds a client is asked to wait when the queue is full.
 pub const RETRY_AFTER_SECS: u64 = 1;
@@ -107,7 +108,10 @@ impl From<EngineError> for ApiError {
             EngineError::Input(_)
             | EngineError::BadImage(_)
             | EngineError::ContextOverflow { .. }
-            | EngineError::Tokenizer(_) => ApiError::bad(e.to_string()),
+            | EngineError::Tokenizer(_)
+            | EngineError::Text(TextError::Input(_) | TextError::Tokenizer(_)) => {
+                ApiError::bad(e.to_string())
+            }
             EngineError::Model(
                 ModelError::Input(_)
                 | ModelError::ContextOverflow { .. }

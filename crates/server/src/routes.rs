@@ -60,7 +60,7 @@ impl AppState {
     }
 
     /// Starts serving `model`: resolves the context and name, starts the scheduler.
-    pub fn set_ready(&self, model: Model) -> Result<(), String> {
+    pub fn set_ready(&self, mut model: Model) -> Result<(), String> {
         let max = model.text.cfg.max_position_embeddings;
         let context = match self.config.scheduler.context {
             Some(0) => return Err("the context size must be at least 1 token".into()),
@@ -79,6 +79,8 @@ impl AppState {
                 .file_stem()
                 .map_or_else(|| "gemma3".into(), |s| s.to_string_lossy().into_owned())
         });
+        // Messages to clients name the model by its alias, never the server's paths.
+        model.set_name(name.clone());
         let sampling = match &self.config.default_sampling {
             Some(s) => s.clone(),
             None => model.default_sampling(0).map_err(|e| e.to_string())?.params,
@@ -390,7 +392,7 @@ fn max_new_tokens(
 /// A chat request's prompt ids and image rows: the template rendered, images encoded once.
 fn chat_prompt(
     model: &Model,
-    messages: &[gemma3_engine::chat::ChatMessage],
+    messages: &[gemma3_text::chat::ChatMessage],
     images: Vec<Image>,
 ) -> Result<(Vec<u32>, Option<SeqImages>), ApiError> {
     let text = model.chat_prompt(messages, true)?;

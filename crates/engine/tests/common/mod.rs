@@ -1,4 +1,4 @@
-//! Shared by the engine's tests: where `../shared` is, and the real model.
+//! Shared by the engine's and the eval crate's tests: where `../shared` is, and the real model.
 
 #![allow(dead_code)]
 
@@ -11,7 +11,7 @@ pub fn shared() -> PathBuf {
 
 /// The default 270M model, opened fresh (fetched by `scripts/fetch-model.sh`).
 pub fn open_real_model() -> Model {
-    let p = gemma3_engine::load::cached_default_model().unwrap_or_else(|| {
+    let p = gemma3_hub::cached_default_model().unwrap_or_else(|| {
         panic!("the real model is missing: run scripts/fetch-model.sh (or set GEMMA3_MODEL)")
     });
     Model::open(&p)

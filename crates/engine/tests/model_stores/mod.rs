@@ -25,7 +25,7 @@ pub fn quantize_fixture(file: &str) -> PathBuf {
 
 /// The real Gemma 3 270M Q4_K_M (fetched by scripts/fetch-model.sh).
 pub fn real_model() -> PathBuf {
-    gemma3_engine::load::cached_default_model()
+    gemma3_hub::cached_default_model()
         .filter(|p| p.exists())
         .expect("the real model is missing: run scripts/fetch-model.sh")
 }

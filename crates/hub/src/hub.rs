@@ -5,7 +5,7 @@
 //! make a model: a GGUF quant with the mmproj beside it, or a safetensors checkpoint.
 //! Downloading into this layout is `download.rs`.
 
-use crate::EngineError;
+use crate::HubError;
 use gemma3_formats::MAX_TEXT_BYTES;
 use std::path::{Component, Path, PathBuf};
 
@@ -352,11 +352,11 @@ pub fn choose_files(
     repo: &str,
     files: &[String],
     tag: Option<&str>,
-) -> Result<ModelFiles, EngineError> {
+) -> Result<ModelFiles, HubError> {
     let ggufs: Vec<&String> = files.iter().filter(|f| is_gguf(f)).collect();
     if ggufs.is_empty() {
         if let Some(t) = tag {
-            return Err(EngineError::Load(format!(
+            return Err(HubError::Load(format!(
                 "{repo} has no GGUF files, so \":{t}\" names nothing in it (a safetensors repo takes no tag)"
             )));
         }
@@ -364,14 +364,14 @@ pub fn choose_files(
     }
     let model = pick_model(&ggufs, tag).ok_or_else(|| {
         let list: Vec<&str> = ggufs.iter().map(|s| s.as_str()).collect();
-        EngineError::Load(format!(
+        HubError::Load(format!(
             "{repo} has no GGUF model file matching {:?}; its GGUF files: {}",
             tag.unwrap_or(""),
             list.join(", ")
         ))
     })?;
     if let Some((_, n)) = split_part(model) {
-        return Err(EngineError::Load(format!(
+        return Err(HubError::Load(format!(
             "{repo}: {model} is part of a GGUF split into {n} files, which this engine cannot load yet (merge it with llama-gguf-split --merge)"
         )));
     }
@@ -491,10 +491,10 @@ fn pick_mmproj<'a>(ggufs: &[&'a String], model: &str) -> Option<&'a String> {
         .copied()
 }
 
-fn checkpoint_files(repo: &str, files: &[String]) -> Result<ModelFiles, EngineError> {
+fn checkpoint_files(repo: &str, files: &[String]) -> Result<ModelFiles, HubError> {
     let has = |name: &str| files.iter().any(|f| f == name);
     if !has("config.json") {
-        return Err(EngineError::Load(format!(
+        return Err(HubError::Load(format!(
             "{repo} has neither GGUF files nor a config.json: it is not a model this engine can open"
         )));
     }
@@ -508,7 +508,7 @@ fn checkpoint_files(repo: &str, files: &[String]) -> Result<ModelFiles, EngineEr
     } else if has("model.safetensors") {
         out.push("model.safetensors".to_string());
     } else {
-        return Err(EngineError::Load(format!(
+        return Err(HubError::Load(format!(
             "{repo} has no model.safetensors or {SAFETENSORS_INDEX} (other weight formats are not supported)"
         )));
     }
@@ -516,14 +516,14 @@ fn checkpoint_files(repo: &str, files: &[String]) -> Result<ModelFiles, EngineEr
 }
 
 /// The shards a safetensors index lists (checked to be plain file names).
-pub fn index_shards(index: &Path) -> Result<Vec<String>, EngineError> {
+pub fn index_shards(index: &Path) -> Result<Vec<String>, HubError> {
     let text = gemma3_formats::read_text(index, MAX_TEXT_BYTES)?;
     let v: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| EngineError::Load(format!("{}: invalid JSON: {e}", index.display())))?;
+        .map_err(|e| HubError::Load(format!("{}: invalid JSON: {e}", index.display())))?;
     let map = v
         .get("weight_map")
         .and_then(|m| m.as_object())
-        .ok_or_else(|| EngineError::Load(format!("{}: no \"weight_map\"", index.display())))?;
+        .ok_or_else(|| HubError::Load(format!("{}: no \"weight_map\"", index.display())))?;
     let mut shards: Vec<String> = map
         .values()
         .filter_map(|s| s.as_str())
@@ -535,7 +535,7 @@ pub fn index_shards(index: &Path) -> Result<Vec<String>, EngineError> {
         .iter()
         .find(|s| !relative_path_is_safe(s) || s.contains('/') || !s.ends_with(SAFETENSORS_EXT))
     {
-        return Err(EngineError::Load(format!(
+        return Err(HubError::Load(format!(
             "{}: shard {bad:?} is not a safetensors file beside the index",
             index.display()
         )));

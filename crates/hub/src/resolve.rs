@@ -15,7 +15,7 @@
 use crate::download::{Downloader, ProgressFn};
 use crate::hub::{self, HubConfig, RepoRef, Snapshot};
 use crate::ollama::{self, OllamaModel, OllamaName};
-use crate::EngineError;
+use crate::HubError;
 use std::path::{Path, PathBuf};
 
 /// Where models are looked for.
@@ -111,9 +111,9 @@ pub struct ResolveOptions<'a> {
 }
 
 /// Finds the model a name means (see the module doc for the order).
-pub fn resolve(name: Option<&str>, opts: &ResolveOptions) -> Result<Resolved, EngineError> {
+pub fn resolve(name: Option<&str>, opts: &ResolveOptions) -> Result<Resolved, HubError> {
     let Some(name) = name else {
-        let path = crate::load::default_model_path(opts.download)?;
+        let path = crate::default_model::default_model_path(opts.download)?;
         return Ok(plain(None, SourceKind::Default, path));
     };
     let path = Path::new(name);
@@ -123,7 +123,7 @@ pub fn resolve(name: Option<&str>, opts: &ResolveOptions) -> Result<Resolved, En
     let repo = RepoRef::parse(name);
     let ollama_name = OllamaName::parse(name).filter(|_| !RepoRef::is_explicit(name));
     if looks_like_path(name) || (repo.is_none() && ollama_name.is_none()) {
-        return Err(EngineError::Load(format!(
+        return Err(HubError::Load(format!(
             "model path {name} does not exist (give a .gguf file, a Hugging Face model directory, a Hugging Face repo id such as google/gemma-3-4b-it, or an Ollama name such as gemma3:4b)"
         )));
     }
@@ -149,8 +149,8 @@ pub fn resolve(name: Option<&str>, opts: &ResolveOptions) -> Result<Resolved, En
         // Ollama's own namespace is not a Hugging Face organisation worth asking.
         Some(r) if opts.download && !name.starts_with("library/") => {
             download(&loc.hub, &r, name, opts.progress).map_err(|e| match e {
-                EngineError::NotFound(m) => EngineError::NotFound(format!("{m}{not_in_ollama}")),
-                EngineError::Offline { what, cache, .. } => EngineError::Offline {
+                HubError::NotFound(m) => HubError::NotFound(format!("{m}{not_in_ollama}")),
+                HubError::Offline { what, cache, .. } => HubError::Offline {
                     what,
                     cache,
                     note: not_in_ollama,
@@ -158,12 +158,12 @@ pub fn resolve(name: Option<&str>, opts: &ResolveOptions) -> Result<Resolved, En
                 e => e,
             })
         }
-        Some(r) => Err(EngineError::NotFound(format!(
+        Some(r) => Err(HubError::NotFound(format!(
             "{} is not in the Hugging Face cache ({}){not_in_ollama}",
             r.display(),
             loc.hub.cache.display()
         ))),
-        None => Err(EngineError::NotFound(format!(
+        None => Err(HubError::NotFound(format!(
             "no model named {name}: it is not a file{not_in_ollama} (Hugging Face repos are named org/name)"
         ))),
     }
@@ -172,7 +172,7 @@ pub fn resolve(name: Option<&str>, opts: &ResolveOptions) -> Result<Resolved, En
 /// Downloads (or brings up to date) a Hugging Face repo's model files, even when the cache
 /// has them: `gemma3 pull`. An Ollama name that is in the store resolves as it is; with
 /// `HF_HUB_OFFLINE` a cached repo is accepted as it is.
-pub fn pull(name: &str, opts: &ResolveOptions) -> Result<Resolved, EngineError> {
+pub fn pull(name: &str, opts: &ResolveOptions) -> Result<Resolved, HubError> {
     let Some(r) = RepoRef::parse(name).filter(|_| !Path::new(name).exists()) else {
         return resolve(Some(name), opts);
     };
@@ -211,7 +211,7 @@ fn looks_like_path(name: &str) -> bool {
         || (name.to_ascii_lowercase().ends_with(".gguf") && !name.contains(':'))
 }
 
-fn from_cache(hub: &HubConfig, r: &RepoRef, name: &str) -> Result<Option<Resolved>, EngineError> {
+fn from_cache(hub: &HubConfig, r: &RepoRef, name: &str) -> Result<Option<Resolved>, HubError> {
     let Some(snapshot) = hub::find_snapshot(hub, &r.repo, &r.revision) else {
         return Ok(None);
     };
@@ -220,7 +220,7 @@ fn from_cache(hub: &HubConfig, r: &RepoRef, name: &str) -> Result<Option<Resolve
         // Not all of the repo is here: the hub may have what is asked for.
         Err(_) if !hub.offline => return Ok(None),
         Err(e) => {
-            return Err(EngineError::Offline {
+            return Err(HubError::Offline {
                 what: format!("{} (the cached snapshot lacks it: {e})", r.display()),
                 cache: hub.cache.clone(),
                 note: String::new(),
@@ -244,7 +244,7 @@ fn download(
     r: &RepoRef,
     name: &str,
     progress: Option<&ProgressFn>,
-) -> Result<Resolved, EngineError> {
+) -> Result<Resolved, HubError> {
     let (snapshot, files) = Downloader::new(hub, progress).fetch(r)?;
     Ok(snapshot_model(
         name,
@@ -282,7 +282,7 @@ fn from_ollama(
     n: &OllamaName,
     manifest: &Path,
     name: &str,
-) -> Result<Resolved, EngineError> {
+) -> Result<Resolved, HubError> {
     let m = OllamaModel::open(root, n, manifest)?;
     Ok(Resolved {
         name: Some(name.to_string()),
@@ -336,7 +336,7 @@ impl std::fmt::Display for Vision {
 /// The default model, the Hugging Face cache's models and Ollama's, in that order.
 pub fn list_models(loc: &Locations) -> Vec<ListedModel> {
     let mut out = Vec::new();
-    if let Some(p) = crate::load::cached_default_model().filter(|p| p.exists()) {
+    if let Some(p) = crate::default_model::cached_default_model().filter(|p| p.exists()) {
         out.push(ListedModel {
             name: "(default)".into(),
             kind: SourceKind::Default,

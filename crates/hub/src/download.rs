@@ -11,7 +11,7 @@ use crate::hub::{
     choose_files, index_shards, is_blob_id, is_commit, relative_path_is_safe, HubConfig,
     ModelFiles, RepoRef, Snapshot,
 };
-use crate::EngineError;
+use crate::HubError;
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use sha2::{Digest, Sha256};
 use std::fs::File;
@@ -86,9 +86,9 @@ impl<'a> Downloader<'a> {
 
     /// Downloads the files of `r` that make its model (blobs already in the cache are not
     /// fetched again) and returns the snapshot they are in.
-    pub fn fetch(&self, r: &RepoRef) -> Result<(Snapshot, ModelFiles), EngineError> {
+    pub fn fetch(&self, r: &RepoRef) -> Result<(Snapshot, ModelFiles), HubError> {
         if self.cfg.offline {
-            return Err(EngineError::Offline {
+            return Err(HubError::Offline {
                 what: r.display(),
                 cache: self.cfg.cache.clone(),
                 note: String::new(),
@@ -102,7 +102,7 @@ impl<'a> Downloader<'a> {
             if crate::hub::is_index(&f) {
                 for shard in index_shards(&dir.join(&f))? {
                     if !listing.contains(&shard) {
-                        return Err(EngineError::Load(format!(
+                        return Err(HubError::Load(format!(
                             "{}: the index names {shard}, which the repo does not have",
                             r.repo
                         )));
@@ -144,15 +144,15 @@ impl<'a> Downloader<'a> {
         }
     }
 
-    fn unreachable(&self, url: &str, e: ureq::Error) -> EngineError {
-        EngineError::Download(format!(
+    fn unreachable(&self, url: &str, e: ureq::Error) -> HubError {
+        HubError::Download(format!(
             "{url}: {e} (is {} reachable? HF_HUB_OFFLINE=1 uses only the local cache)",
             self.cfg.endpoint
         ))
     }
 
     /// The commit `r.revision` is at, and the repo's file list there.
-    fn revision_info(&self, r: &RepoRef) -> Result<(String, Vec<String>), EngineError> {
+    fn revision_info(&self, r: &RepoRef) -> Result<(String, Vec<String>), HubError> {
         let url = self.url(&format!(
             "api/models/{}/revision/{}",
             r.repo,
@@ -170,7 +170,7 @@ impl<'a> Downloader<'a> {
             .with_config()
             .limit(API_BODY_LIMIT)
             .read_to_vec()
-            .map_err(|e| EngineError::Download(format!("{url}: {e}")))?;
+            .map_err(|e| HubError::Download(format!("{url}: {e}")))?;
         #[derive(serde::Deserialize)]
         struct Sibling {
             rfilename: String,
@@ -182,10 +182,10 @@ impl<'a> Downloader<'a> {
             siblings: Vec<Sibling>,
         }
         let info: Info = serde_json::from_slice(&body).map_err(|e| {
-            EngineError::Download(format!("{url}: not the hub's answer (invalid JSON: {e})"))
+            HubError::Download(format!("{url}: not the hub's answer (invalid JSON: {e})"))
         })?;
         if !is_commit(&info.sha) {
-            return Err(EngineError::Download(format!(
+            return Err(HubError::Download(format!(
                 "{url}: the hub named commit {:?}, not a 40-digit hash",
                 info.sha
             )));
@@ -201,7 +201,7 @@ impl<'a> Downloader<'a> {
 
     /// Blob id and size of a file, from the hub's headers (relative redirects, as for a
     /// renamed repo, are followed; a redirect to the file store is not).
-    fn file_meta(&self, r: &RepoRef, file: &str, url: &str) -> Result<FileMeta, EngineError> {
+    fn file_meta(&self, r: &RepoRef, file: &str, url: &str) -> Result<FileMeta, HubError> {
         let mut url = url.to_string();
         for _ in 0..=MAX_RELATIVE_REDIRECTS {
             let resp = self
@@ -233,18 +233,18 @@ impl<'a> Downloader<'a> {
                     blob: blob.to_ascii_lowercase(),
                     size,
                 }),
-                _ => Err(EngineError::Download(format!(
+                _ => Err(HubError::Download(format!(
                     "{url}: the hub sent no usable ETag and size for {file} (ETag {etag:?})"
                 ))),
             };
         }
-        Err(EngineError::Download(format!(
+        Err(HubError::Download(format!(
             "{url}: more than {MAX_RELATIVE_REDIRECTS} redirects"
         )))
     }
 
     /// One file of the repo at `commit` into the cache; returns its snapshot path.
-    fn fetch_file(&self, repo: &str, commit: &str, file: &str) -> Result<PathBuf, EngineError> {
+    fn fetch_file(&self, repo: &str, commit: &str, file: &str) -> Result<PathBuf, HubError> {
         let r = RepoRef {
             repo: repo.to_string(),
             revision: commit.to_string(),
@@ -288,7 +288,7 @@ impl<'a> Downloader<'a> {
         url: &str,
         blob: &Path,
         meta: &FileMeta,
-    ) -> Result<(), EngineError> {
+    ) -> Result<(), HubError> {
         let part = PathBuf::from(format!("{}{INCOMPLETE}", blob.display()));
         if let Some(parent) = part.parent() {
             std::fs::create_dir_all(parent).map_err(|e| io_error(parent, e))?;
@@ -320,7 +320,7 @@ impl<'a> Downloader<'a> {
                 206 if done > 0 => {
                     let range = header(&resp, "content-range").unwrap_or_default();
                     if !range.starts_with(&format!("bytes {done}-")) {
-                        return Err(EngineError::Download(format!(
+                        return Err(HubError::Download(format!(
                             "{url}: asked to resume at byte {done}, the server sent range {range:?}"
                         )));
                     }
@@ -338,7 +338,7 @@ impl<'a> Downloader<'a> {
         out.flush().map_err(|e| io_error(&part, e))?;
         drop(out);
         if done != meta.size {
-            return Err(EngineError::Download(format!(
+            return Err(HubError::Download(format!(
                 "{url}: the connection ended after {done} of {} bytes; run the same command again to resume",
                 meta.size
             )));
@@ -347,7 +347,7 @@ impl<'a> Downloader<'a> {
             let got = sha256_file(&part)?;
             if got != meta.blob {
                 let _ = std::fs::remove_file(&part);
-                return Err(EngineError::Download(format!(
+                return Err(HubError::Download(format!(
                     "{file} of {} is corrupt: its sha256 is {got}, the hub says {}; the partial file was deleted, run again to download it afresh",
                     r.repo, meta.blob
                 )));
@@ -371,7 +371,7 @@ impl<'a> Downloader<'a> {
         part: &Path,
         mut done: u64,
         total: u64,
-    ) -> Result<u64, EngineError> {
+    ) -> Result<u64, HubError> {
         let mut buf = vec![0u8; CHUNK];
         while done < total {
             let n = match body.read(&mut buf) {
@@ -379,7 +379,7 @@ impl<'a> Downloader<'a> {
                 Ok(n) => n.min((total - done) as usize),
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    return Err(EngineError::Download(format!(
+                    return Err(HubError::Download(format!(
                         "{url}: {e} after {done} of {total} bytes; run the same command again to resume"
                     )))
                 }
@@ -401,16 +401,16 @@ impl<'a> Downloader<'a> {
         file: Option<&str>,
         url: &str,
         resp: &ureq::http::Response<ureq::Body>,
-    ) -> EngineError {
+    ) -> HubError {
         let status = resp.status().as_u16();
         let code = header(resp, "x-error-code").unwrap_or_default();
         let endpoint = &self.cfg.endpoint;
         let repo = &r.repo;
         match (status, code) {
-            (401 | 403 | 404, "RepoNotFound") => EngineError::NotFound(format!(
+            (401 | 403 | 404, "RepoNotFound") => HubError::NotFound(format!(
                 "{repo} was not found on {endpoint} (HTTP {status}; a private repo also needs HF_TOKEN)"
             )),
-            (401 | 403, _) => EngineError::Gated {
+            (401 | 403, _) => HubError::Gated {
                 repo: repo.clone(),
                 status,
                 page: self.cfg.repo_page(repo),
@@ -419,17 +419,17 @@ impl<'a> Downloader<'a> {
                     None => format!("set HF_TOKEN to an access token of that account ({endpoint}/settings/tokens), or save one with `hf auth login`"),
                 },
             },
-            (404, "RevisionNotFound") => EngineError::NotFound(format!(
+            (404, "RevisionNotFound") => HubError::NotFound(format!(
                 "{repo} has no revision {:?} on {endpoint}",
                 r.revision
             )),
-            (404, "EntryNotFound") => EngineError::NotFound(format!(
+            (404, "EntryNotFound") => HubError::NotFound(format!(
                 "{repo} has no file {:?} at {}",
                 file.unwrap_or(""),
                 r.revision
             )),
-            (404, _) => EngineError::NotFound(format!("{repo} was not found on {endpoint} (HTTP 404 for {url})")),
-            _ => EngineError::Download(format!(
+            (404, _) => HubError::NotFound(format!("{repo} was not found on {endpoint} (HTTP 404 for {url})")),
+            _ => HubError::Download(format!(
                 "{url}: HTTP {status}{}",
                 header(resp, "x-error-message")
                     .map(|m| format!(": {m}"))
@@ -443,12 +443,12 @@ fn header<'r>(resp: &'r ureq::http::Response<ureq::Body>, name: &str) -> Option<
     resp.headers().get(name).and_then(|v| v.to_str().ok())
 }
 
-fn io_error(path: &Path, e: std::io::Error) -> EngineError {
-    EngineError::Download(format!("{}: {e}", path.display()))
+fn io_error(path: &Path, e: std::io::Error) -> HubError {
+    HubError::Download(format!("{}: {e}", path.display()))
 }
 
 /// The lowercase hex sha256 of a file.
-fn sha256_file(path: &Path) -> Result<String, EngineError> {
+fn sha256_file(path: &Path) -> Result<String, HubError> {
     let mut f = File::open(path).map_err(|e| io_error(path, e))?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; CHUNK];
@@ -464,7 +464,7 @@ fn sha256_file(path: &Path) -> Result<String, EngineError> {
 }
 
 /// Writes a small file through a temporary name, so readers never see half of it.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), EngineError> {
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), HubError> {
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent).map_err(|e| io_error(parent, e))?;
     }
@@ -475,16 +475,16 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), EngineError> {
 
 /// `snapshots/<commit>/<file>` → the blob, as a relative link (`../../blobs/<id>`, one more
 /// `..` per folder in the file's path), as huggingface_hub makes it.
-fn link(blob: &Path, pointer: &Path) -> Result<(), EngineError> {
+fn link(blob: &Path, pointer: &Path) -> Result<(), HubError> {
     let parent = pointer
         .parent()
-        .ok_or_else(|| EngineError::Download(format!("{}: no parent", pointer.display())))?;
+        .ok_or_else(|| HubError::Download(format!("{}: no parent", pointer.display())))?;
     std::fs::create_dir_all(parent).map_err(|e| io_error(parent, e))?;
     // pointer = <repo>/snapshots/<commit>/<file...>; count the folders up to <repo>.
     let repo_dir = blob
         .parent()
         .and_then(Path::parent)
-        .ok_or_else(|| EngineError::Download(format!("{}: not in a cache", blob.display())))?;
+        .ok_or_else(|| HubError::Download(format!("{}: not in a cache", blob.display())))?;
     let depth = pointer
         .strip_prefix(repo_dir)
         .map(|p| p.components().count() - 1)
@@ -502,13 +502,13 @@ fn link(blob: &Path, pointer: &Path) -> Result<(), EngineError> {
 }
 
 #[cfg(unix)]
-fn make_link(target: &Path, _blob: &Path, pointer: &Path) -> Result<(), EngineError> {
+fn make_link(target: &Path, _blob: &Path, pointer: &Path) -> Result<(), HubError> {
     std::os::unix::fs::symlink(target, pointer).map_err(|e| io_error(pointer, e))
 }
 
 /// Without symlinks the file is copied, as huggingface_hub does where links are not allowed.
 #[cfg(not(unix))]
-fn make_link(_target: &Path, blob: &Path, pointer: &Path) -> Result<(), EngineError> {
+fn make_link(_target: &Path, blob: &Path, pointer: &Path) -> Result<(), HubError> {
     std::fs::copy(blob, pointer)
         .map(|_| ())
         .map_err(|e| io_error(pointer, e))

@@ -3,8 +3,8 @@
 //! and only the second half of each chunk is scored (the NLL of token `j+1` from the
 //! logits at `j`, for `j` in `n_ctx/2 .. n_ctx-1`).
 
-use crate::load::Model;
-use crate::EngineError;
+use crate::EvalError;
+use gemma3_engine::Model;
 use gemma3_model::{Logits, Workspace, MAX_BATCH};
 
 #[derive(Clone, Debug)]
@@ -30,22 +30,22 @@ pub fn perplexity(
     tokens: &[u32],
     n_ctx: usize,
     mut on_chunk: impl FnMut(usize, usize, f64),
-) -> Result<PerplexityResult, EngineError> {
+) -> Result<PerplexityResult, EvalError> {
     let cfg = &model.text.cfg;
     if n_ctx < 4 {
-        return Err(EngineError::Input(format!(
+        return Err(EvalError::Input(format!(
             "a context of {n_ctx} tokens is too small for perplexity (at least 4)"
         )));
     }
     if n_ctx > cfg.max_position_embeddings {
-        return Err(EngineError::Input(format!(
+        return Err(EvalError::Input(format!(
             "context {n_ctx} is beyond the model's trained context of {} tokens",
             cfg.max_position_embeddings
         )));
     }
     let n_chunks = tokens.len() / n_ctx;
     if n_chunks == 0 {
-        return Err(EngineError::Input(format!(
+        return Err(EvalError::Input(format!(
             "the text has {} tokens; perplexity needs at least one chunk of {n_ctx}",
             tokens.len()
         )));

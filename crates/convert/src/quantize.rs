@@ -8,8 +8,7 @@
 //! pool, and streamed to a temporary file renamed into place at the end: memory stays at
 //! a few chunks whatever the model's size, and an interrupted run leaves no output file.
 
-use crate::tokenizer::{TokenType, Tokenizer};
-use crate::EngineError;
+use crate::ConvertError;
 use gemma3_formats::gguf::GgufWriter;
 use gemma3_formats::quant::dequantize;
 use gemma3_formats::quantize::quantize_into;
@@ -18,6 +17,7 @@ use gemma3_model::quantize::{quantize_order, tensor_type, ModelShape};
 use gemma3_model::vision::{self, VisionConfig};
 use gemma3_model::weights::{is_norm, GlobalTensor, WeightSource, LAYER_TENSORS};
 use gemma3_model::{FileType, TextConfig};
+use gemma3_text::{TokenType, Tokenizer};
 use rayon::prelude::*;
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -94,9 +94,9 @@ pub struct Plan {
 
 impl Plan {
     /// Plans `input` (a GGUF file or a Hugging Face directory) as a file of type `ftype`.
-    pub fn for_model(input: &Path, ftype: FileType) -> Result<Plan, EngineError> {
+    pub fn for_model(input: &Path, ftype: FileType) -> Result<Plan, ConvertError> {
         if !input.exists() {
-            return Err(EngineError::Load(format!(
+            return Err(ConvertError::Load(format!(
                 "input {} does not exist (give a .gguf file or a Hugging Face model directory)",
                 input.display()
             )));
@@ -110,7 +110,7 @@ impl Plan {
 
     /// A Hugging Face checkpoint as a file of type `ftype`: converted as llama.cpp's
     /// converter does, then (for quantized types) quantized as llama-quantize does.
-    pub fn for_hf(hf: &HfDirectory, ftype: FileType) -> Result<Plan, EngineError> {
+    pub fn for_hf(hf: &HfDirectory, ftype: FileType) -> Result<Plan, ConvertError> {
         let plan = Plan::converted(hf, ftype)?;
         if ftype.is_quantized() {
             plan.requantized(ftype)
@@ -120,12 +120,12 @@ impl Plan {
     }
 
     /// A GGUF file requantized as llama-quantize (`--allow-requantize`) does.
-    pub fn for_gguf(g: &GgufFile, ftype: FileType) -> Result<Plan, EngineError> {
+    pub fn for_gguf(g: &GgufFile, ftype: FileType) -> Result<Plan, ConvertError> {
         Plan::from_gguf(g)?.requantized(ftype)
     }
 
     /// A GGUF file as it stands, as the input of [`requantized`](Self::requantized).
-    fn from_gguf(g: &GgufFile) -> Result<Plan, EngineError> {
+    fn from_gguf(g: &GgufFile) -> Result<Plan, ConvertError> {
         let config = TextConfig::from_gguf(g)?;
         let metadata = g
             .metadata_order
@@ -145,7 +145,7 @@ impl Plan {
                     add_one: false,
                 })
             })
-            .collect::<Result<_, EngineError>>()?;
+            .collect::<Result<_, ConvertError>>()?;
         Ok(Plan {
             metadata,
             tensors,
@@ -155,7 +155,7 @@ impl Plan {
 
     /// What llama-quantize makes of this file: each tensor's type by its rules, tensors in
     /// its order, `general.quantization_version` and `general.file_type` set last.
-    fn requantized(mut self, ftype: FileType) -> Result<Plan, EngineError> {
+    fn requantized(mut self, ftype: FileType) -> Result<Plan, ConvertError> {
         let model = ModelShape {
             num_layers: self.config.num_layers,
             has_output: self
@@ -183,7 +183,7 @@ impl Plan {
     /// A Hugging Face checkpoint's text model as llama.cpp's converter writes it, with
     /// matrices in `ftype`'s base type when that is a float type (F32 otherwise: the
     /// converter's output that llama-quantize then reads).
-    pub fn converted(hf: &HfDirectory, ftype: FileType) -> Result<Plan, EngineError> {
+    pub fn converted(hf: &HfDirectory, ftype: FileType) -> Result<Plan, ConvertError> {
         let file_type = if ftype.is_quantized() {
             FileType::F32
         } else {
@@ -198,7 +198,7 @@ impl Plan {
             has_output: false,
         };
         let mut tensors = Vec::new();
-        let mut add = |gguf: String, source: TensorData| -> Result<(), EngineError> {
+        let mut add = |gguf: String, source: TensorData| -> Result<(), ConvertError> {
             let target = tensor_type(file_type, &gguf, &source.shape, model)?;
             tensors.push(PlannedTensor {
                 add_one: is_norm(&gguf),
@@ -282,12 +282,12 @@ impl Plan {
     }
 
     /// Writes the plan as a GGUF file to `out`, calling `progress` after each chunk; a
-    /// `false` from it stops the run with [`EngineError::Cancelled`].
+    /// `false` from it stops the run with [`ConvertError::Cancelled`].
     pub fn write(
         &self,
         out: impl Write,
         progress: &mut dyn FnMut(&Progress) -> bool,
-    ) -> Result<QuantizeSummary, EngineError> {
+    ) -> Result<QuantizeSummary, ConvertError> {
         let mut w = GgufWriter::new();
         for (k, v) in &self.metadata {
             w.meta(k, v.clone());
@@ -318,7 +318,7 @@ impl Plan {
                 if progress(&p) {
                     Ok(())
                 } else {
-                    Err(EngineError::Cancelled)
+                    Err(ConvertError::Cancelled)
                 }
             })?;
             summary.output_bytes += t.output_bytes() as u64;
@@ -329,7 +329,7 @@ impl Plan {
     }
 
     /// Converts every tensor into memory (quantization at load), under its GGUF name.
-    pub fn into_tensors(self) -> Result<BTreeMap<String, TensorData>, EngineError> {
+    pub fn into_tensors(self) -> Result<BTreeMap<String, TensorData>, ConvertError> {
         let mut out = BTreeMap::new();
         for t in self.tensors {
             let mut bytes = Vec::with_capacity(t.output_bytes());
@@ -363,7 +363,7 @@ fn gguf_metadata(
     cfg: &TextConfig,
     tok: &Tokenizer,
     ftype: FileType,
-) -> Result<Vec<(String, MetaValue)>, EngineError> {
+) -> Result<Vec<(String, MetaValue)>, ConvertError> {
     let mut m = MetaList(Vec::new());
     let u32v = |x: usize| MetaValue::U32(x as u32);
     let name = hf
@@ -410,7 +410,7 @@ fn gguf_metadata(
     }
     m.push("general.file_type", MetaValue::U32(ftype.ggml_ftype()));
     tokenizer_metadata(&mut m, tok);
-    if let Some(t) = crate::chat::hf_template_source(&hf.dir)? {
+    if let Some(t) = gemma3_text::chat::hf_template_source(&hf.dir)? {
         m.push("tokenizer.chat_template", MetaValue::String(t));
     }
     Ok(m.0)
@@ -478,8 +478,8 @@ fn tokenizer_metadata(m: &mut MetaList, tok: &Tokenizer) {
 /// back after use.
 fn convert_tensor(
     t: &PlannedTensor,
-    sink: &mut dyn FnMut(&[u8], u64) -> Result<(), EngineError>,
-) -> Result<(), EngineError> {
+    sink: &mut dyn FnMut(&[u8], u64) -> Result<(), ConvertError>,
+) -> Result<(), ConvertError> {
     let src = &t.source;
     let cols = t.cols();
     let rows = src.rows();
@@ -496,7 +496,7 @@ fn convert_tensor(
         return Ok(());
     }
     let out_row = t.target.row_bytes(cols).ok_or_else(|| {
-        EngineError::Load(format!(
+        ConvertError::Load(format!(
             "{}: rows of {cols} values are not whole {} blocks",
             t.name, t.target
         ))
@@ -531,8 +531,8 @@ fn convert_tensor(
     Ok(())
 }
 
-fn io_err(e: std::io::Error) -> EngineError {
-    EngineError::Load(format!("writing the GGUF file: {e}"))
+fn io_err(e: std::io::Error) -> ConvertError {
+    ConvertError::Load(format!("writing the GGUF file: {e}"))
 }
 
 /// Writes a file through a temporary file in the same directory, renamed to `path` only
@@ -541,16 +541,16 @@ fn io_err(e: std::io::Error) -> EngineError {
 pub fn write_atomically<T>(
     path: &Path,
     overwrite: bool,
-    write: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> Result<T, EngineError>,
-) -> Result<T, EngineError> {
+    write: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> Result<T, ConvertError>,
+) -> Result<T, ConvertError> {
     if path.exists() && !overwrite {
-        return Err(EngineError::Load(format!(
+        return Err(ConvertError::Load(format!(
             "{} already exists (use --force to overwrite it)",
             path.display()
         )));
     }
     if path.is_dir() {
-        return Err(EngineError::Load(format!(
+        return Err(ConvertError::Load(format!(
             "{} is a directory, not a file name",
             path.display()
         )));
@@ -561,7 +561,7 @@ pub fn write_atomically<T>(
     };
     let file_name = path
         .file_name()
-        .ok_or_else(|| EngineError::Load(format!("{} has no file name", path.display())))?;
+        .ok_or_else(|| ConvertError::Load(format!("{} has no file name", path.display())))?;
     let tmp = dir.join(format!(
         ".{}.tmp-{}",
         file_name.to_string_lossy(),
@@ -569,17 +569,17 @@ pub fn write_atomically<T>(
     ));
     let guard = TempFile(tmp.clone());
     let file = std::fs::File::create(&tmp)
-        .map_err(|e| EngineError::Load(format!("cannot create {}: {e}", tmp.display())))?;
+        .map_err(|e| ConvertError::Load(format!("cannot create {}: {e}", tmp.display())))?;
     let mut buf = std::io::BufWriter::with_capacity(1 << 20, file);
     let value = write(&mut buf)?;
     let file = buf
         .into_inner()
-        .map_err(|e| EngineError::Load(format!("writing {}: {}", tmp.display(), e.error())))?;
+        .map_err(|e| ConvertError::Load(format!("writing {}: {}", tmp.display(), e.error())))?;
     file.sync_all()
-        .map_err(|e| EngineError::Load(format!("writing {}: {e}", tmp.display())))?;
+        .map_err(|e| ConvertError::Load(format!("writing {}: {e}", tmp.display())))?;
     drop(file);
     std::fs::rename(&tmp, path).map_err(|e| {
-        EngineError::Load(format!(
+        ConvertError::Load(format!(
             "cannot move {} to {}: {e}",
             tmp.display(),
             path.display()
@@ -604,16 +604,16 @@ pub fn write_gguf(
     output: &Path,
     overwrite: bool,
     progress: &mut dyn FnMut(&Progress) -> bool,
-) -> Result<QuantizeSummary, EngineError> {
+) -> Result<QuantizeSummary, ConvertError> {
     write_atomically(output, overwrite, |f| plan.write(f, progress))
 }
 
 /// llama.cpp's mmproj GGUF for Gemma 3 from a multimodal checkpoint: `clip.*` metadata,
 /// `v.*` / `mm.*` tensors in f16 (1-D tensors and the embeddings in f32, as the converter
 /// keeps them), the projector norm as `1 + w`.
-pub fn mmproj_plan(hf: &HfDirectory) -> Result<Plan, EngineError> {
+pub fn mmproj_plan(hf: &HfDirectory) -> Result<Plan, ConvertError> {
     let cfg = VisionConfig::from_hf_json(&hf.config)?.ok_or_else(|| {
-        EngineError::Load(format!(
+        ConvertError::Load(format!(
             "{}: config.json has no vision_config; --mmproj needs a multimodal checkpoint",
             hf.dir.display()
         ))

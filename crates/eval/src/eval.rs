@@ -20,8 +20,8 @@
 //! between them; the decoder's rows do not depend on how a sequence is batched, so this
 //! gives the same numbers as running each request alone.
 
-use crate::load::Model;
-use crate::EngineError;
+use crate::EvalError;
+use gemma3_engine::Model;
 use gemma3_model::text::Stage;
 use gemma3_model::{KvCache, Logits, Workspace, MAX_BATCH};
 use rayon::prelude::*;
@@ -76,7 +76,7 @@ impl Task {
     }
 
     /// The task called `name` (lm-eval's names; `lambada` is accepted for `lambada_openai`).
-    pub fn from_name(name: &str) -> Result<Task, EngineError> {
+    pub fn from_name(name: &str) -> Result<Task, EvalError> {
         let n = name.trim().to_ascii_lowercase().replace('-', "_");
         if n == "lambada" {
             return Ok(Task::LambadaOpenai);
@@ -85,7 +85,7 @@ impl Task {
             .into_iter()
             .find(|t| t.name() == n)
             .ok_or_else(|| {
-                EngineError::Input(format!(
+                EvalError::Input(format!(
                     "unknown task {name:?}; known tasks: {}",
                     Task::ALL.map(|t| t.name()).join(", ")
                 ))
@@ -213,21 +213,21 @@ impl Item {
     }
 }
 
-fn input_err(msg: String) -> EngineError {
-    EngineError::Input(msg)
+fn input_err(msg: String) -> EvalError {
+    EvalError::Input(msg)
 }
 
 /// Reads a task's JSON Lines file. Every problem is reported with the file and line:
 /// unreadable file, invalid JSON, a field missing or of the wrong type, a gold index out of
 /// range, duplicate ids, an id of another task, or no items at all.
-pub fn load_items(task: Task, path: &Path) -> Result<Vec<Item>, EngineError> {
+pub fn load_items(task: Task, path: &Path) -> Result<Vec<Item>, EvalError> {
     let text = gemma3_formats::read_text(path, gemma3_formats::MAX_TEXT_BYTES)
         .map_err(|e| input_err(format!("the {task} data file: {e}")))?;
     parse_items(task, &text, &path.display().to_string())
 }
 
 /// [`load_items`] on text already read; `source` names it in messages.
-pub fn parse_items(task: Task, text: &str, source: &str) -> Result<Vec<Item>, EngineError> {
+pub fn parse_items(task: Task, text: &str, source: &str) -> Result<Vec<Item>, EvalError> {
     let mut items = Vec::new();
     let mut seen = std::collections::HashSet::new();
     for (i, raw) in text.lines().enumerate() {
@@ -257,13 +257,13 @@ pub fn parse_items(task: Task, text: &str, source: &str) -> Result<Vec<Item>, En
                 ))
             })
         };
-        let string = |name: &str| -> Result<String, EngineError> {
+        let string = |name: &str| -> Result<String, EvalError> {
             field(name)?
                 .as_str()
                 .map(str::to_string)
                 .ok_or_else(|| at(format!("field {name:?} must be a string")))
         };
-        let strings = |name: &str| -> Result<Vec<String>, EngineError> {
+        let strings = |name: &str| -> Result<Vec<String>, EvalError> {
             let arr = field(name)?
                 .as_array()
                 .ok_or_else(|| at(format!("field {name:?} must be a list of strings")))?;
@@ -278,7 +278,7 @@ pub fn parse_items(task: Task, text: &str, source: &str) -> Result<Vec<Item>, En
             }
             Ok(out)
         };
-        let gold = |n: usize| -> Result<usize, EngineError> {
+        let gold = |n: usize| -> Result<usize, EvalError> {
             let g = field("gold")?
                 .as_u64()
                 .ok_or_else(|| at("field \"gold\" must be a non-negative integer".into()))?;
@@ -435,10 +435,10 @@ impl<'m> Scorer<'m> {
         }
     }
 
-    fn ensure_context(&mut self, needed: usize) -> Result<(), EngineError> {
+    fn ensure_context(&mut self, needed: usize) -> Result<(), EvalError> {
         let max = self.model.text.cfg.max_position_embeddings;
         if needed > max {
-            return Err(EngineError::Input(format!(
+            return Err(EvalError::Input(format!(
                 "a request has {needed} tokens, more than the model's context of {max}"
             )));
         }
@@ -455,7 +455,7 @@ impl<'m> Scorer<'m> {
         &mut self,
         tokens: &[u32],
         owners_of: &(dyn Fn(usize) -> Vec<(usize, u32)> + Sync),
-    ) -> Result<(), EngineError> {
+    ) -> Result<(), EvalError> {
         let h = self.model.text.cfg.hidden_size;
         let (hidden, owners) = (&mut self.hidden, &mut self.owners);
         let mut offset = 0;
@@ -489,7 +489,7 @@ impl<'m> Scorer<'m> {
     /// it with the cache rewound to the prefix; then the rows to score, from all requests,
     /// go through the output projection together. Every row gives the numbers it would
     /// give with each request run alone.
-    pub fn score(&mut self, reqs: &[(Vec<u32>, Vec<u32>)]) -> Result<Vec<LogLik>, EngineError> {
+    pub fn score(&mut self, reqs: &[(Vec<u32>, Vec<u32>)]) -> Result<Vec<LogLik>, EvalError> {
         let mut out = vec![
             LogLik {
                 loglik: 0.0,
@@ -504,7 +504,7 @@ impl<'m> Scorer<'m> {
         let mut live: Vec<usize> = Vec::new();
         for (i, (c, k)) in reqs.iter().enumerate() {
             if c.is_empty() && !k.is_empty() {
-                return Err(EngineError::Input(
+                return Err(EvalError::Input(
                     "a request's context has no tokens (not even BOS)".into(),
                 ));
             }
@@ -588,23 +588,8 @@ impl<'m> Scorer<'m> {
         for g0 in (0..rows).step_by(PROJECT_GROUP) {
             let m = (rows - g0).min(PROJECT_GROUP);
             let logits = &mut self.logits[..m * vocab];
-            gemma3_kernels::matmul_weights(
-                text.weights.lm_head.weights(),
-                &self.hidden[g0 * h..(g0 + m) * h],
-                m,
-                logits,
-                text.precision,
-            );
-            let cap = text.cfg.final_logit_softcapping;
-            let stats: Vec<RowStats> = logits
-                .par_chunks_mut(vocab)
-                .map(|l| {
-                    if let Some(c) = cap {
-                        l.iter_mut().for_each(|v| *v = c * (*v / c).tanh());
-                    }
-                    RowStats::of(l)
-                })
-                .collect();
+            text.project(&self.hidden[g0 * h..(g0 + m) * h], m, logits);
+            let stats: Vec<RowStats> = logits.par_chunks(vocab).map(|l| RowStats::of(l)).collect();
             for (k, st) in stats.iter().enumerate() {
                 let l = &logits[k * vocab..(k + 1) * vocab];
                 for &(i, t) in &self.owners[g0 + k] {
@@ -710,12 +695,12 @@ pub fn score_item(
     index: usize,
     shots: usize,
     seed: u64,
-) -> Result<ItemResult, EngineError> {
+) -> Result<ItemResult, EvalError> {
     let item = &items[index];
     let reqs = item_requests(scorer.model, items, index, shots, seed);
     let lls = scorer
         .score(&reqs)
-        .map_err(|e| EngineError::Input(format!("item {} (line {}): {e}", item.id, item.line)))?;
+        .map_err(|e| EvalError::Input(format!("item {} (line {}): {e}", item.id, item.line)))?;
     Ok(item_result(task, item, &lls))
 }
 
@@ -855,8 +840,8 @@ pub fn evaluate(
     items: &[Item],
     opts: &EvalOptions,
     done: &dyn Fn(&str) -> bool,
-    on_item: &mut dyn FnMut(&ItemResult) -> Result<(), EngineError>,
-) -> Result<Vec<ItemResult>, EngineError> {
+    on_item: &mut dyn FnMut(&ItemResult) -> Result<(), EvalError>,
+) -> Result<Vec<ItemResult>, EvalError> {
     let n = opts.limit.unwrap_or(items.len()).min(items.len());
     let mut scorer = Scorer::new(model);
     let mut out = Vec::new();

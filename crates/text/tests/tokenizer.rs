@@ -4,8 +4,8 @@
 // One module, so that the filter `tokenizer` (`cargo test -p gemma3-engine tokenizer`) selects
 // every test in this file.
 mod tokenizer {
-    use gemma3_engine::tokenizer::{StreamDecoder, TokenType, Tokenizer, TokenizerError};
     use gemma3_formats::gguf::{GgufFile, GgufWriter, MetaValue};
+    use gemma3_text::tokenizer::{StreamDecoder, TokenType, Tokenizer, TokenizerError};
     use serde_json::Value;
     use std::path::PathBuf;
     use std::sync::OnceLock;

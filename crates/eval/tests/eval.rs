@@ -8,12 +8,13 @@
 //! first `GEMMA3_EVAL_ITEMS` items of every task (default 24, LAMBADA twice that; 0 = all
 //! the reference has) to keep the suite within a few minutes on 2 cores.
 
-use gemma3_engine::eval::{self, Item, ItemResult, Task};
 use gemma3_engine::Model;
+use gemma3_eval::eval::{self, Item, ItemResult, Task};
 use gemma3_model::Precision;
 use std::collections::HashMap;
 use std::sync::OnceLock;
 
+#[path = "../../engine/tests/common/mod.rs"]
 mod common;
 use common::{open_real_model, shared};
 

@@ -9,7 +9,7 @@
 //! recognised but its tower is not loaded.
 
 use crate::hub::home_dir;
-use crate::EngineError;
+use crate::HubError;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -191,8 +191,8 @@ struct Layer {
 
 impl OllamaModel {
     /// Reads a manifest and checks that its blobs are present and whole.
-    pub fn open(root: &Path, name: &OllamaName, manifest: &Path) -> Result<Self, EngineError> {
-        let bad = |what: String| EngineError::Load(format!("{}: {what}", manifest.display()));
+    pub fn open(root: &Path, name: &OllamaName, manifest: &Path) -> Result<Self, HubError> {
+        let bad = |what: String| HubError::Load(format!("{}: {what}", manifest.display()));
         let text = gemma3_formats::read_text(manifest, MANIFEST_LIMIT)?;
         let m: Manifest = serde_json::from_str(&text)
             .map_err(|e| bad(format!("not an Ollama manifest ({e})")))?;
@@ -231,7 +231,7 @@ impl OllamaModel {
                     let p = blob()?;
                     let text = gemma3_formats::read_text(&p, TEXT_LIMIT)?;
                     out.params = Some(serde_json::from_str(&text).map_err(|e| {
-                        EngineError::Load(format!(
+                        HubError::Load(format!(
                             "{}: the parameters layer of {} is not valid ({e})",
                             p.display(),
                             out.name
@@ -247,13 +247,13 @@ impl OllamaModel {
 }
 
 /// `blobs/sha256-<hex>` of a layer, checked to exist with the manifest's size.
-fn blob_path(root: &Path, manifest: &Path, l: &Layer) -> Result<PathBuf, EngineError> {
+fn blob_path(root: &Path, manifest: &Path, l: &Layer) -> Result<PathBuf, HubError> {
     let hex = l
         .digest
         .strip_prefix(DIGEST_PREFIX)
         .filter(|h| h.len() == 64 && h.bytes().all(|c| c.is_ascii_hexdigit()))
         .ok_or_else(|| {
-            EngineError::Load(format!(
+            HubError::Load(format!(
                 "{}: layer digest {:?} is not sha256:<64 hex digits>",
                 manifest.display(),
                 l.digest
@@ -261,7 +261,7 @@ fn blob_path(root: &Path, manifest: &Path, l: &Layer) -> Result<PathBuf, EngineE
         })?;
     let p = root.join("blobs").join(format!("sha256-{hex}"));
     let len = std::fs::metadata(&p).map(|m| m.len()).map_err(|_| {
-        EngineError::Load(format!(
+        HubError::Load(format!(
             "{}: blob {} ({}) is missing; pull the model again with `ollama pull`",
             manifest.display(),
             l.digest,
@@ -269,7 +269,7 @@ fn blob_path(root: &Path, manifest: &Path, l: &Layer) -> Result<PathBuf, EngineE
         ))
     })?;
     if l.size != 0 && len != l.size {
-        return Err(EngineError::Load(format!(
+        return Err(HubError::Load(format!(
             "{}: blob {} has {len} bytes, the manifest says {} (an interrupted pull?)",
             manifest.display(),
             p.display(),
@@ -281,7 +281,7 @@ fn blob_path(root: &Path, manifest: &Path, l: &Layer) -> Result<PathBuf, EngineE
 
 /// Every model in the store (`manifests/<host>/<namespace>/<model>/<tag>`), with its
 /// manifest read; unreadable ones are returned as errors so `list` can show them.
-pub fn list(root: &Path) -> Vec<Result<OllamaModel, (String, EngineError)>> {
+pub fn list(root: &Path) -> Vec<Result<OllamaModel, (String, HubError)>> {
     let mut out = Vec::new();
     let dirs = |p: &Path| -> Vec<PathBuf> {
         let mut v: Vec<PathBuf> = std::fs::read_dir(p)
