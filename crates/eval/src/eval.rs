@@ -589,7 +589,7 @@ impl<'m> Scorer<'m> {
             let m = (rows - g0).min(PROJECT_GROUP);
             let logits = &mut self.logits[..m * vocab];
             text.project(&self.hidden[g0 * h..(g0 + m) * h], m, logits);
-            let stats: Vec<RowStats> = logits.par_chunks(vocab).map(|l| RowStats::of(l)).collect();
+            let stats: Vec<RowStats> = logits.par_chunks(vocab).map(RowStats::of).collect();
             for (k, st) in stats.iter().enumerate() {
                 let l = &logits[k * vocab..(k + 1) * vocab];
                 for &(i, t) in &self.owners[g0 + k] {
