@@ -25,6 +25,7 @@
 pub struct ReadmeExample;
 
 pub mod chat;
+pub mod constraint;
 pub mod defaults;
 pub mod generate;
 pub mod image;
@@ -33,7 +34,9 @@ pub mod multimodal;
 pub mod request;
 pub mod sampling;
 pub mod sequence;
+pub mod tools;
 
+pub use constraint::Grammar;
 pub use defaults::{SamplingDefaults, SamplingSource};
 pub use generate::Generator;
 pub use image::{Image, PanAndScan};
@@ -60,6 +63,9 @@ pub enum EngineError {
     /// Quantizing at load (`--quantize`) failed.
     #[error(transparent)]
     Convert(#[from] gemma3_convert::ConvertError),
+    /// A grammar or JSON schema that cannot constrain the output (named, with the reason).
+    #[error("{0}")]
+    Grammar(String),
     #[error("{0}")]
     Load(String),
     #[error("{0}")]

@@ -2,6 +2,7 @@
 //! for a [`StopReason`]): shared by the one-sequence loop (`generate`) and the batched
 //! sequences (`sequence`) that both use them.
 
+use crate::constraint::Grammar;
 use crate::image::{Image, PanAndScan};
 use crate::sampling::SamplingParams;
 
@@ -37,6 +38,9 @@ pub struct GenerateOptions {
     /// Also record the log-probability of every prompt token after the first (no prefix of
     /// the prompt is then reused from a cache).
     pub prompt_logprobs: bool,
+    /// What the reply must follow (a JSON schema, any JSON object, a regex, a grammar);
+    /// the reply ends when it is complete.
+    pub constraint: Option<Grammar>,
 }
 
 impl Default for GenerateOptions {
@@ -55,6 +59,7 @@ impl Default for GenerateOptions {
             prompt_logprobs: false,
             truncate_left: false,
             stop_at_context: false,
+            constraint: None,
         }
     }
 }
@@ -87,6 +92,9 @@ pub struct Generation {
     pub decode_secs: f64,
     /// Time spent encoding images (before the prefill).
     pub image_secs: f64,
+    /// Why the sequence was ended early, when something failed mid-way (e.g. the output
+    /// constraint); it then ends with [`StopReason::Aborted`].
+    pub error: Option<String>,
 }
 
 impl Generation {

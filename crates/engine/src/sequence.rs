@@ -4,9 +4,10 @@
 //! prefilling) and samples each sequence's next token. `generate`, `chat` and the server
 //! all run on these two.
 
+use crate::constraint::Constraint;
 use crate::load::Model;
 use crate::request::{GenerateOptions, Generation, StopReason};
-use crate::sampling::Sampler;
+use crate::sampling::{argmax, Sampler};
 use crate::EngineError;
 use gemma3_model::{chunk_end, ImageInputs, KvCache, Logits, SeqChunk, Workspace, MAX_BATCH};
 use gemma3_text::StreamDecoder;
@@ -70,6 +71,10 @@ struct State {
     /// Prompt and generated tokens, for the penalties.
     history: Vec<u32>,
     logits: Vec<f32>,
+    /// Where the output must go (a compiled grammar), if anywhere.
+    constraint: Option<Constraint>,
+    /// The logits as the model gave them, kept while a constrained sample is checked.
+    unmasked: Vec<f32>,
     /// The logits before penalties, when log-probabilities are asked for.
     raw_logits: Vec<f32>,
     /// Logits wait in `logits` for sampling.
@@ -166,6 +171,11 @@ impl Sequence {
             prefill_secs: 0.0,
             decode_secs: 0.0,
             image_secs: 0.0,
+            error: None,
+        };
+        let constraint = match &opts.constraint {
+            Some(g) => Some(model.constraints()?.matcher(g)?),
+            None => None,
         };
         Ok(Sequence {
             state: State {
@@ -174,6 +184,11 @@ impl Sequence {
                 sampler: Sampler::new(opts.sampling.clone(), cfg.vocab_size),
                 history,
                 logits: vec![0.0; cfg.vocab_size],
+                unmasked: match constraint {
+                    Some(_) => vec![0.0; cfg.vocab_size],
+                    None => Vec::new(),
+                },
+                constraint,
                 raw_logits: Vec::new(),
                 to_sample: false,
                 stream: StreamDecoder::new(),
@@ -404,6 +419,45 @@ impl State {
         self.to_sample = true;
     }
 
+    /// The next token: sampled from the logits, then, under a constraint, checked; a refused
+    /// token is sampled again from the allowed tokens only (the mask is computed only
+    /// then). With log-probabilities asked for, the mask comes first, so that they are
+    /// those of the allowed distribution.
+    fn sample_allowed(&mut self) -> Result<u32, EngineError> {
+        let Some(c) = self.constraint.as_mut() else {
+            return Ok(self.sampler.sample(&mut self.logits, &self.history));
+        };
+        if self.opts.logprobs.is_some() {
+            // The model's own choice, for a grammar that ends where the model leaves it.
+            if let Some(end) = c.end_instead() {
+                if !c.allows(argmax(&self.logits)) {
+                    return Ok(end);
+                }
+            }
+            c.mask(&mut self.logits, &mut self.raw_logits)?;
+        } else {
+            self.unmasked.copy_from_slice(&self.logits);
+            let t = self.sampler.sample(&mut self.logits, &self.history);
+            if c.allows(t) {
+                c.consume(t)?;
+                return Ok(t);
+            }
+            if let Some(end) = c.end_instead() {
+                return Ok(end);
+            }
+            std::mem::swap(&mut self.logits, &mut self.unmasked);
+            c.mask(&mut self.logits, &mut [])?;
+        }
+        let t = self.sampler.sample(&mut self.logits, &self.history);
+        if !c.allows(t) {
+            return Err(EngineError::Grammar(format!(
+                "the output constraint refused token {t}, which its own mask allowed"
+            )));
+        }
+        c.consume(t)?;
+        Ok(t)
+    }
+
     /// Samples the next token from the logits [`take_logits`](Self::take_logits) kept.
     fn sample(&mut self, model: &Model) {
         if !std::mem::take(&mut self.to_sample) {
@@ -414,7 +468,14 @@ impl State {
             self.finish(StopReason::MaxTokens);
             return;
         }
-        let next = self.sampler.sample(&mut self.logits, &self.history);
+        let next = match self.sample_allowed() {
+            Ok(t) => t,
+            Err(e) => {
+                self.out.error = Some(e.to_string());
+                self.finish(StopReason::Aborted);
+                return;
+            }
+        };
         if self.first_token.is_none() {
             let now = Instant::now();
             self.out.prefill_secs = (now - self.started).as_secs_f64();
@@ -432,6 +493,7 @@ impl State {
         self.history.push(next);
         let piece = self.stream.push(&model.tokenizer, next);
         self.pending.push_str(&piece);
+
         // Stop strings: cut at the first match; otherwise hold back only a tail that could
         // still grow into one.
         if let Some(cut) = self
@@ -453,6 +515,11 @@ impl State {
         if emit > 0 {
             self.out.text.push_str(&self.pending[..emit]);
             self.pending.drain(..emit);
+        }
+        if self.constraint.as_ref().is_some_and(|c| c.is_complete()) {
+            // The grammar is complete: nothing may follow.
+            self.finish(StopReason::EndOfSequence);
+            return;
         }
         if self.out.tokens.len() >= self.opts.max_new_tokens {
             self.finish(match self.capped {
