@@ -22,7 +22,8 @@ fn runtime() -> &'static tokio::runtime::Runtime {
 }
 
 fn params(p: &GenParams) {
-    let _ = p.check_supported();
+    let _ = p.constraint();
+    let _ = p.tools();
     let _ = p.n();
     let _ = p.max_tokens();
     let _ = p.stop_strings();

@@ -135,6 +135,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         mmproj: None,
         cache: a.cache.clone(),
         quantize: a.quantize,
+        chat_template: None,
     })?;
     let cfg = &model.text.cfg;
     let max_p = a.n_prompt.iter().copied().max().unwrap_or(0);

@@ -19,6 +19,8 @@ pub struct ChatArgs {
     pub model: crate::ModelArgs,
     #[command(flatten)]
     pub sampling: crate::SamplingArgs,
+    #[command(flatten)]
+    pub constraint: crate::ConstraintArgs,
     /// Instructions for the whole conversation (Gemma's template puts them before the
     /// first user message)
     #[arg(long)]
@@ -91,6 +93,7 @@ pub fn run(a: ChatArgs) -> Result<()> {
     let opts = GenerateOptions {
         max_new_tokens: a.max_tokens.min(ctx.saturating_sub(1)).max(1),
         sampling: a.sampling.params(&model)?.0,
+        constraint: a.constraint.grammar()?,
         ..Default::default()
     };
     let interactive = std::io::stdin().is_terminal();

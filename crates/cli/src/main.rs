@@ -4,7 +4,7 @@
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use gemma3_engine::{
-    GenerateOptions, Image, Model, ModelSource, PanAndScan, SamplingParams, StopReason,
+    GenerateOptions, Grammar, Image, Model, ModelSource, PanAndScan, SamplingParams, StopReason,
 };
 use gemma3_eval::perplexity::perplexity;
 use gemma3_model::FileType;
@@ -73,6 +73,10 @@ pub(crate) struct ModelArgs {
     /// f32/bf16/f16 checkpoint or by requantizing a GGUF
     #[arg(long, value_name = "TYPE", value_parser = parse_file_type)]
     pub(crate) quantize: Option<FileType>,
+    /// Use this Jinja chat template instead of the model's own (as llama.cpp's
+    /// --chat-template-file); a template that reads `tools` decides the tool-call format
+    #[arg(long, value_name = "FILE")]
+    pub(crate) chat_template: Option<PathBuf>,
 }
 
 /// What to do with a prompt too long for the context.
@@ -236,6 +240,52 @@ impl SamplingArgs {
     }
 }
 
+/// What the output must follow (at most one): the reply ends when it is complete.
+#[derive(Args, Clone, Default)]
+#[group(multiple = false)]
+pub(crate) struct ConstraintArgs {
+    /// Output JSON that follows this JSON schema (a file, or the schema's JSON text)
+    #[arg(long, value_name = "FILE|JSON")]
+    json_schema: Option<String>,
+    /// Output one JSON object (any)
+    #[arg(long = "json")]
+    json_object: bool,
+    /// Output text that matches this regular expression
+    #[arg(long, value_name = "REGEX")]
+    regex: Option<String>,
+    /// Output text that follows this Lark grammar (llguidance's dialect: a `start:` rule;
+    /// `%json {…}` embeds a schema)
+    #[arg(long, value_name = "FILE.lark")]
+    grammar: Option<PathBuf>,
+}
+
+impl ConstraintArgs {
+    pub(crate) fn grammar(&self) -> Result<Option<Grammar>> {
+        if let Some(s) = &self.json_schema {
+            let path = std::path::Path::new(s);
+            let text = match path.is_file() {
+                true => gemma3_formats::read_text(path, gemma3_formats::MAX_TEXT_BYTES)?,
+                false => s.clone(),
+            };
+            let schema: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+                anyhow::anyhow!("--json-schema is neither a file nor valid JSON ({e})")
+            })?;
+            return Ok(Some(Grammar::JsonSchema(schema)));
+        }
+        if self.json_object {
+            return Ok(Some(Grammar::JsonObject));
+        }
+        if let Some(r) = &self.regex {
+            return Ok(Some(Grammar::Regex(r.clone())));
+        }
+        if let Some(p) = &self.grammar {
+            let text = gemma3_formats::read_text(p, gemma3_formats::MAX_TEXT_BYTES)?;
+            return Ok(Some(Grammar::Lark(text)));
+        }
+        Ok(None)
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Measure speed like llama-bench: prompt processing (pp) and generation (tg) in tokens/s,
@@ -262,6 +312,8 @@ enum Command {
         model: ModelArgs,
         #[command(flatten)]
         sampling: SamplingArgs,
+        #[command(flatten)]
+        constraint: ConstraintArgs,
         /// Maximum new tokens (generation also stops when the context is full) [default: the
         /// model's (Ollama's num_predict), else 256]
         #[arg(short = 'n', long)]
@@ -443,6 +495,12 @@ pub(crate) fn open_model(m: &ModelArgs) -> Result<Model> {
     if let Some(t) = m.cache.types(&model)? {
         model.set_cache_types(t)?;
     }
+    if let Some(p) = &m.chat_template {
+        let source = gemma3_formats::read_text(p, gemma3_formats::MAX_TEXT_BYTES)?;
+        model
+            .set_chat_template(&source)
+            .with_context(|| format!("the chat template {}", p.display()))?;
+    }
     Ok(model)
 }
 
@@ -478,6 +536,7 @@ fn run(cli: Cli) -> Result<()> {
             prompt,
             model,
             sampling,
+            constraint,
             max_tokens,
             stop,
             ctx_size,
@@ -542,6 +601,7 @@ fn run(cli: Cli) -> Result<()> {
                 truncate_left: truncate == Some(Truncate::Left),
                 images,
                 pan_and_scan,
+                constraint: constraint.grammar()?,
                 ..Default::default()
             };
             let stdout = std::io::stdout();
@@ -562,6 +622,12 @@ fn run(cli: Cli) -> Result<()> {
                 return Err(stdout_error(e));
             }
             writeln!(out).map_err(stdout_error)?;
+            if let Some(e) = &g.error {
+                bail!("generation stopped: {e}");
+            }
+            if opts.constraint.is_some() && g.stop == StopReason::MaxTokens {
+                eprintln!("(stopped at the token limit: the constrained output is incomplete)");
+            }
             if verbose && !opts.images.is_empty() {
                 eprintln!("images: encoded in {:.3} s", g.image_secs);
             }

@@ -3,7 +3,8 @@
 //! this server does not offer, are 400s that name the field.
 
 use crate::error::ApiError;
-use gemma3_engine::{GenerateOptions, SamplingParams};
+use gemma3_engine::tools::{Tool, ToolChoice, Tools};
+use gemma3_engine::{GenerateOptions, Grammar, SamplingParams};
 use gemma3_text::chat::{ChatContent, ChatMessage, ChatPart};
 use serde::Deserialize;
 use serde_json::Value;
@@ -41,6 +42,11 @@ pub struct GenParams {
     pub ignore_eos: bool,
     pub response_format: Option<Value>,
     pub tools: Option<Value>,
+    pub tool_choice: Option<Value>,
+    pub parallel_tool_calls: Option<bool>,
+    /// Extensions (as vLLM's `guided_grammar`/`guided_regex`): a Lark grammar, a regex.
+    pub grammar: Option<String>,
+    pub regex: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -65,6 +71,11 @@ pub struct MessageIn {
     pub role: String,
     #[serde(default)]
     pub content: Value,
+    /// An assistant's earlier function calls.
+    pub tool_calls: Option<Value>,
+    /// A tool message: the call it answers, and (some clients) the function's name.
+    pub tool_call_id: Option<String>,
+    pub name: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -103,14 +114,16 @@ pub fn conversation(messages: &[MessageIn]) -> Result<Conversation, ApiError> {
             return Err(ApiError::bad_param(
                 "messages",
                 format!(
-                    "messages[{i}].role is {:?}; expected system, developer, user or assistant",
+                    "messages[{i}].role is {:?}; expected system, developer, user, assistant or tool",
                     m.role
                 ),
             ));
         }
         let content = match &m.content {
             Value::String(s) => ChatContent::Text(s.clone()),
-            Value::Null if m.role == "assistant" => ChatContent::Text(String::new()),
+            Value::Null if m.role == "assistant" || m.role == "tool" => {
+                ChatContent::Text(String::new())
+            }
             Value::Array(parts) => {
                 let mut ps = Vec::with_capacity(parts.len());
                 for (j, p) in parts.iter().enumerate() {
@@ -128,13 +141,60 @@ pub fn conversation(messages: &[MessageIn]) -> Result<Conversation, ApiError> {
                 ))
             }
         };
+        let tool_calls = match &m.tool_calls {
+            None | Some(Value::Null) => None,
+            Some(v) if m.role == "assistant" => Some(tool_calls_in(v, i)?),
+            Some(_) => {
+                return Err(ApiError::bad_param(
+                    "messages",
+                    format!("messages[{i}] has tool_calls but only assistant messages make calls"),
+                ))
+            }
+        };
         out.messages.push(ChatMessage {
             role: m.role.clone(),
             content,
-            ..Default::default()
+            tool_calls,
+            tool_call_id: m.tool_call_id.clone(),
+            name: m.name.clone(),
         });
     }
     Ok(out)
+}
+
+/// An assistant message's `tool_calls`, in the shape templates read (transformers'):
+/// `arguments` parsed from its JSON text into an object.
+fn tool_calls_in(v: &Value, i: usize) -> Result<Vec<Value>, ApiError> {
+    let bad = |m: String| ApiError::bad_param("messages", format!("messages[{i}].tool_calls{m}"));
+    let list = v.as_array().ok_or_else(|| bad(" must be a list".into()))?;
+    list.iter()
+        .enumerate()
+        .map(|(j, c)| {
+            let f = c
+                .get("function")
+                .ok_or_else(|| bad(format!("[{j}] has no \"function\"")))?;
+            let name = f
+                .get("name")
+                .and_then(Value::as_str)
+                .ok_or_else(|| bad(format!("[{j}].function has no \"name\"")))?;
+            let args = match f.get("arguments") {
+                Some(Value::String(s)) => serde_json::from_str::<Value>(s)
+                    .map_err(|e| bad(format!("[{j}].function.arguments is not JSON ({e})")))?,
+                Some(v @ Value::Object(_)) => v.clone(),
+                None | Some(Value::Null) => Value::Object(Default::default()),
+                Some(_) => {
+                    return Err(bad(format!(
+                        "[{j}].function.arguments must be a JSON object's text"
+                    )))
+                }
+            };
+            Ok(serde_json::json!({
+                "id": c.get("id").cloned().unwrap_or(Value::Null),
+                "type": "function",
+                "function": {"name": name, "arguments": args},
+            }))
+        })
+        .collect()
 }
 
 fn part(p: &Value, i: usize, j: usize, urls: &mut Vec<String>) -> Result<ChatPart, ApiError> {
@@ -246,28 +306,97 @@ pub struct Defaults<'a> {
 }
 
 impl GenParams {
-    /// Rejects what this server does not do.
-    pub fn check_supported(&self) -> Result<(), ApiError> {
-        if let Some(rf) = &self.response_format {
-            let ty = rf.get("type").and_then(Value::as_str).unwrap_or("");
-            if ty != "text" {
-                return Err(ApiError::bad_param(
-                    "response_format",
-                    format!("response_format {ty:?} is not supported; only \"text\" is"),
-                ));
+    /// What the output must follow: `response_format` (`text`, `json_object`,
+    /// `json_schema`), or the `grammar` / `regex` extensions; at most one of them.
+    pub fn constraint(&self) -> Result<Option<Grammar>, ApiError> {
+        let mut found: Vec<(&str, Grammar)> = Vec::new();
+        if let Some(rf) = self.response_format.as_ref().filter(|v| !v.is_null()) {
+            if let Some(g) = response_format(rf)? {
+                found.push(("response_format", g));
             }
         }
-        if self
-            .tools
-            .as_ref()
-            .is_some_and(|t| !t.is_null() && t.as_array().is_none_or(|a| !a.is_empty()))
-        {
-            return Err(ApiError::bad_param(
-                "tools",
-                "tools (function calling) are not supported",
-            ));
+        if let Some(g) = &self.grammar {
+            found.push(("grammar", Grammar::Lark(g.clone())));
         }
-        Ok(())
+        if let Some(r) = &self.regex {
+            found.push(("regex", Grammar::Regex(r.clone())));
+        }
+        match found.len() {
+            0 | 1 => Ok(found.pop().map(|(_, g)| g)),
+            _ => Err(ApiError::bad(format!(
+                "give at most one of response_format, grammar and regex (got {})",
+                found.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+            ))),
+        }
+    }
+
+    /// The request's tools and how they may be used (None without tools).
+    pub fn tools(&self) -> Result<Option<Tools>, ApiError> {
+        let list = match &self.tools {
+            None | Some(Value::Null) => return Ok(None),
+            Some(Value::Array(a)) if a.is_empty() => return Ok(None),
+            Some(Value::Array(a)) => a,
+            Some(_) => return Err(ApiError::bad_param("tools", "tools must be a list")),
+        };
+        let mut tools = Vec::with_capacity(list.len());
+        for (i, t) in list.iter().enumerate() {
+            let bad = |m: &str| ApiError::bad_param("tools", format!("tools[{i}]{m}"));
+            if t.get("type").and_then(Value::as_str).unwrap_or("function") != "function" {
+                return Err(bad(".type must be \"function\""));
+            }
+            let f = t
+                .get("function")
+                .ok_or_else(|| bad(" has no \"function\""))?;
+            let name = f
+                .get("name")
+                .and_then(Value::as_str)
+                .ok_or_else(|| bad(".function has no \"name\""))?;
+            let parameters = match f.get("parameters") {
+                None | Some(Value::Null) => serde_json::json!({"type": "object", "properties": {}}),
+                Some(p) => p.clone(),
+            };
+            tools.push(Tool {
+                name: name.to_string(),
+                description: f
+                    .get("description")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string(),
+                parameters,
+            });
+        }
+        let choice = match &self.tool_choice {
+            None | Some(Value::Null) => ToolChoice::Auto,
+            Some(Value::String(s)) => match s.as_str() {
+                "none" => ToolChoice::None,
+                "auto" => ToolChoice::Auto,
+                "required" => ToolChoice::Required,
+                other => {
+                    return Err(ApiError::bad_param(
+                        "tool_choice",
+                        format!("tool_choice {other:?} is not one of none, auto, required"),
+                    ))
+                }
+            },
+            Some(v) => match v.pointer("/function/name").and_then(Value::as_str) {
+                Some(n) => ToolChoice::Named(n.to_string()),
+                None => {
+                    return Err(ApiError::bad_param(
+                        "tool_choice",
+                        "tool_choice must be none, auto, required or {\"type\": \"function\", \"function\": {\"name\": ...}}",
+                    ))
+                }
+            },
+        };
+        let tools = Tools {
+            tools,
+            choice,
+            parallel: self.parallel_tool_calls.unwrap_or(true),
+        };
+        tools
+            .check()
+            .map_err(|e| ApiError::bad_param("tools", e.to_string()))?;
+        Ok(Some(tools))
     }
 
     /// Choices per prompt.
@@ -375,6 +504,33 @@ impl GenParams {
             logprobs,
             ..Default::default()
         })
+    }
+}
+
+/// OpenAI's `response_format`: `text` (None), `json_object`, or `json_schema`
+/// (`{"json_schema": {"name", "schema", "strict"}}`).
+fn response_format(rf: &Value) -> Result<Option<Grammar>, ApiError> {
+    let bad = |m: String| ApiError::bad_param("response_format", m);
+    match rf.get("type").and_then(Value::as_str) {
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(Grammar::JsonObject)),
+        Some("json_schema") => {
+            let js = rf
+                .get("json_schema")
+                .ok_or_else(|| bad("a json_schema response_format needs \"json_schema\"".into()))?;
+            match js.get("schema") {
+                Some(s @ (Value::Object(_) | Value::Bool(_))) => {
+                    Ok(Some(Grammar::JsonSchema(s.clone())))
+                }
+                // OpenAI: no schema means any JSON.
+                None | Some(Value::Null) => Ok(Some(Grammar::JsonObject)),
+                Some(_) => Err(bad("json_schema.schema must be a JSON schema object".into())),
+            }
+        }
+        Some(other) => Err(bad(format!(
+            "response_format type {other:?} is not one of text, json_object, json_schema"
+        ))),
+        None => Err(bad("response_format needs a \"type\"".into())),
     }
 }
 

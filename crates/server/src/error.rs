@@ -109,6 +109,7 @@ impl From<EngineError> for ApiError {
             | EngineError::BadImage(_)
             | EngineError::ContextOverflow { .. }
             | EngineError::Tokenizer(_)
+            | EngineError::Grammar(_)
             | EngineError::Text(TextError::Input(_) | TextError::Tokenizer(_)) => {
                 ApiError::bad(e.to_string())
             }

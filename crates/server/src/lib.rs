@@ -12,6 +12,7 @@ pub mod images;
 pub mod metrics;
 mod routes;
 pub mod scheduler;
+pub mod toolcalls;
 
 use gemma3_engine::{Model, SamplingParams};
 use scheduler::SchedulerConfig;

@@ -6,6 +6,7 @@ use crate::error::ApiError;
 use crate::images::ImageSource;
 use crate::metrics::Metrics;
 use crate::scheduler::{Event, Job, Scheduler, SubmitError, Summary};
+use crate::toolcalls;
 use crate::ServerConfig;
 use axum::body::Bytes;
 use axum::extract::{FromRequest, MatchedPath, Request, State};
@@ -15,7 +16,8 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use gemma3_engine::{Image, Model, SamplingParams, SeqImages, StopReason, TokenLogprob};
+use gemma3_engine::tools::{CallParser, CallSyntax, Tools};
+use gemma3_engine::{Grammar, Image, Model, SamplingParams, SeqImages, StopReason, TokenLogprob};
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 use std::convert::Infallible;
@@ -394,8 +396,12 @@ fn chat_prompt(
     model: &Model,
     messages: &[gemma3_text::chat::ChatMessage],
     images: Vec<Image>,
+    tools: Option<&Tools>,
 ) -> Result<(Vec<u32>, Option<SeqImages>), ApiError> {
-    let text = model.chat_prompt(messages, true)?;
+    let text = match tools {
+        Some(t) => model.tools_prompt(messages, t, true)?,
+        None => model.chat_prompt(messages, true)?,
+    };
     if images.is_empty() {
         return Ok((model.encode_chat(&text), None));
     }
@@ -419,7 +425,34 @@ async fn chat(
 ) -> Result<Response, ApiError> {
     let r = st.ready()?;
     let p = &req.params;
-    p.check_supported()?;
+    let tools = p.tools()?;
+    let mut constraint = p.constraint()?;
+    let syntax = r.model.call_syntax();
+    let calling = tools.as_ref().filter(|t| t.active());
+    if let Some(t) = calling {
+        if constraint.is_some() {
+            return Err(ApiError::bad(
+                "response_format, grammar and regex cannot be combined with tools the model may call (tool_choice \"none\" allows them)",
+            ));
+        }
+        constraint = t.grammar(syntax, &r.model)?;
+    }
+    let calls = calling.map(|_| syntax);
+    check_constraint(r, constraint.as_ref()).await?;
+    // Earlier calls and results in the history are written out even without tools.
+    let history_has_tools = req
+        .messages
+        .iter()
+        .any(|m| m.role == "tool" || m.tool_calls.as_ref().is_some_and(|c| !c.is_null()));
+    let tools = match (tools, history_has_tools) {
+        (Some(t), _) => Some(t),
+        (None, true) => Some(Tools {
+            tools: vec![],
+            choice: gemma3_engine::tools::ToolChoice::None,
+            parallel: false,
+        }),
+        (None, false) => None,
+    };
     let n = p.n()?;
     let top = match req.logprobs {
         true => Some(api::check_top_logprobs(
@@ -440,7 +473,7 @@ async fn chat(
     let model = r.model.clone();
     let messages = conv.messages;
     let (ids, seq_images) =
-        tokio::task::spawn_blocking(move || chat_prompt(&model, &messages, imgs))
+        tokio::task::spawn_blocking(move || chat_prompt(&model, &messages, imgs, tools.as_ref()))
             .await
             .map_err(|e| ApiError::Internal(format!("building the prompt stopped: {e}")))??;
     let max_new = max_new_tokens(p.max_tokens()?, ids.len(), r.context, false)?;
@@ -452,10 +485,12 @@ async fn chat(
     let arrived = Instant::now();
     let mut jobs = Vec::with_capacity(n);
     for c in 0..n {
+        let mut opts = p.options(&defaults, max_new, top, c)?;
+        opts.constraint = constraint.clone();
         jobs.push(Job {
             prompt: ids.clone(),
             images: seq_images.clone(),
-            opts: p.options(&defaults, max_new, top, c)?,
+            opts,
             choice: c,
             events: tx.clone(),
             arrived,
@@ -469,6 +504,7 @@ async fn chat(
         model: req.model.clone().unwrap_or_else(|| r.name.clone()),
         kind: Kind::Chat,
         choices: n,
+        calls,
         prompts: vec![(ids, String::new())],
         echo: false,
         include_usage: p.stream_options.as_ref().is_some_and(|o| o.include_usage),
@@ -483,7 +519,14 @@ async fn completions(
 ) -> Result<Response, ApiError> {
     let r = st.ready()?;
     let p = &req.params;
-    p.check_supported()?;
+    if p.tools()?.is_some_and(|t| t.active()) {
+        return Err(ApiError::bad_param(
+            "tools",
+            "tools are for /v1/chat/completions",
+        ));
+    }
+    let constraint = p.constraint()?;
+    check_constraint(r, constraint.as_ref()).await?;
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::bad_param(
             "suffix",
@@ -549,6 +592,7 @@ async fn completions(
         for c in 0..n {
             let mut opts = p.options(&defaults, max_new.max(1), top, c)?;
             opts.prompt_logprobs = req.echo && top.is_some();
+            opts.constraint = constraint.clone();
             if max_new == 0 {
                 opts.max_new_tokens = 0;
             }
@@ -571,12 +615,29 @@ async fn completions(
         model: req.model.clone().unwrap_or_else(|| r.name.clone()),
         kind: Kind::Completion { n },
         choices,
+        calls: None,
         prompts,
         echo: req.echo,
         include_usage: p.stream_options.as_ref().is_some_and(|o| o.include_usage),
         arrived,
     };
     Ok(respond(st.clone(), meta, rx, p.stream).await)
+}
+
+/// Compiles a request's grammar once before it is queued: one that cannot be compiled is a
+/// 400 naming the reason, never an unconstrained answer.
+async fn check_constraint(r: &Ready, g: Option<&Grammar>) -> Result<(), ApiError> {
+    let Some(g) = g.cloned() else {
+        return Ok(());
+    };
+    let model = r.model.clone();
+    tokio::task::spawn_blocking(move || {
+        model.constraints()?.matcher(&g)?;
+        Ok::<(), gemma3_engine::EngineError>(())
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("compiling the grammar stopped: {e}")))??;
+    Ok(())
 }
 
 fn submit(r: &Ready, jobs: Vec<Job>) -> Result<(), ApiError> {
@@ -610,6 +671,8 @@ struct Meta {
     model: String,
     kind: Kind,
     choices: usize,
+    /// The syntax of the model's tool calls, when the request lets it call any.
+    calls: Option<CallSyntax>,
     /// Per prompt (one for chat): its ids and its text, for echo.
     prompts: Vec<(Vec<u32>, String)>,
     echo: bool,
@@ -626,6 +689,8 @@ struct ChoiceState {
     summary: Option<Summary>,
     failed: Option<String>,
     started: bool,
+    /// Splits a streamed reply into content and tool calls.
+    parser: Option<CallParser>,
 }
 
 fn finish_reason(s: StopReason) -> &'static str {
@@ -677,12 +742,21 @@ async fn collect_response(st: St, meta: Meta, mut rx: UnboundedReceiver<Event>) 
         .map(|(i, c)| {
             let reason = c.summary.as_ref().map(|s| finish_reason(s.stop));
             match meta.kind {
-                Kind::Chat => json!({
-                    "index": i,
-                    "message": {"role": "assistant", "content": c.text},
-                    "logprobs": tok.as_ref().filter(|_| !c.logprobs.is_empty()).map(|m| json!({"content": chat_logprobs(m, &c.logprobs)})),
-                    "finish_reason": reason,
-                }),
+                Kind::Chat => {
+                    let (message, reason) = match meta.calls {
+                        Some(syntax) => {
+                            let (m, made) = toolcalls::message(syntax, &c.text, &meta.id, i);
+                            (m, reason.map(|r| toolcalls::finish_reason(r, made)))
+                        }
+                        None => (json!({"role": "assistant", "content": c.text}), reason),
+                    };
+                    json!({
+                        "index": i,
+                        "message": message,
+                        "logprobs": tok.as_ref().filter(|_| !c.logprobs.is_empty()).map(|m| json!({"content": chat_logprobs(m, &c.logprobs)})),
+                        "finish_reason": reason,
+                    })
+                }
                 Kind::Completion { n } => {
                     let (text, lp) = completion_text(tok.as_deref(), &meta, i / n, c);
                     json!({"index": i, "text": text, "logprobs": lp, "finish_reason": reason})
@@ -941,7 +1015,13 @@ impl StreamState {
                     },
                     _ => Value::Null,
                 };
-                if !update.text.is_empty() || !lp.is_null() {
+                if let (Some(syntax), Kind::Chat) = (self.meta.calls, self.meta.kind) {
+                    let parser = self.choices[choice]
+                        .parser
+                        .get_or_insert_with(|| CallParser::new(syntax));
+                    let events = parser.push(&update.text);
+                    self.call_deltas(choice, events, lp);
+                } else if !update.text.is_empty() || !lp.is_null() {
                     let c = match self.meta.kind {
                         Kind::Chat => {
                             json!({"index": choice, "delta": {"content": update.text}, "logprobs": lp, "finish_reason": null})
@@ -958,7 +1038,12 @@ impl StreamState {
                 c.logprobs.extend(update.logprobs);
             }
             Event::Done { choice, summary } => {
-                let reason = finish_reason(summary.stop);
+                let mut reason = finish_reason(summary.stop);
+                if let Some(mut parser) = self.choices[choice].parser.take() {
+                    let events = parser.finish();
+                    self.call_deltas(choice, events, Value::Null);
+                    reason = toolcalls::finish_reason(reason, !parser.calls().is_empty());
+                }
                 let c = match self.meta.kind {
                     Kind::Chat => {
                         json!({"index": choice, "delta": {}, "logprobs": null, "finish_reason": reason})
@@ -981,6 +1066,30 @@ impl StreamState {
         }
         if self.open == self.meta.choices {
             self.finish();
+        }
+    }
+
+    /// Queues a chat delta per call event (content, a call's start, a piece of its
+    /// arguments); log-probabilities ride on the first, or on an empty delta.
+    fn call_deltas(
+        &mut self,
+        choice: usize,
+        events: Vec<gemma3_engine::tools::CallEvent>,
+        lp: Value,
+    ) {
+        let mut lp = Some(lp).filter(|l| !l.is_null());
+        let deltas = toolcalls::deltas(events, &self.meta.id, choice);
+        if deltas.is_empty() {
+            if let Some(l) = lp.take() {
+                let c = json!({"index": choice, "delta": {}, "logprobs": l, "finish_reason": null});
+                self.queue.push_back(self.chunk(c));
+            }
+            return;
+        }
+        for d in deltas {
+            let c =
+                json!({"index": choice, "delta": d, "logprobs": lp.take(), "finish_reason": null});
+            self.queue.push_back(self.chunk(c));
         }
     }
 

@@ -370,6 +370,14 @@ impl Engine {
             if let Some(stop) = finished {
                 let r = self.running.swap_remove(i);
                 let g = r.seq.generation();
+                if let Some(message) = g.error.clone() {
+                    // Ended by a failure (the output constraint's): an error, not a reply.
+                    let _ = r.events.send(Event::Failed {
+                        choice: r.choice,
+                        message,
+                    });
+                    continue;
+                }
                 let summary = Summary {
                     prompt_tokens: g.prompt_tokens,
                     cached_tokens: g.reused_tokens,
