@@ -50,6 +50,13 @@ pub struct ServeArgs {
     /// The model name /v1/models reports [default: the model file's name]
     #[arg(long)]
     pub alias: Option<String>,
+    /// Seconds a drain (SIGTERM or Ctrl-C) lets running and queued requests finish before
+    /// ending them with an error; a second signal ends them at once
+    #[arg(long, default_value_t = gemma3_server::DEFAULT_SHUTDOWN_TIMEOUT.as_secs())]
+    pub shutdown_timeout: u64,
+    /// This replica's name, sent back in the X-Replica-Id header [default: the host name]
+    #[arg(long)]
+    pub replica_id: Option<String>,
 }
 
 pub fn run(a: ServeArgs) -> Result<()> {
@@ -82,6 +89,11 @@ pub fn run(a: ServeArgs) -> Result<()> {
             kv_budget,
             prefix_cache_budget: a.prompt_cache_mb << 20,
         },
+        shutdown_timeout: std::time::Duration::from_secs(a.shutdown_timeout),
+        replica_id: a
+            .replica_id
+            .clone()
+            .unwrap_or_else(gemma3_server::host_name),
     };
     // The server listens (answering /health with 503) while the model loads.
     let model_args = a.model.clone();

@@ -251,10 +251,18 @@ fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
         ),
         (
             "/v1/chat/completions",
-            serde_json::to_vec(&json!({"messages":[{"role":"user","content":"hi"}],"response_format":{"type":"json_object"}})).unwrap(),
+            serde_json::to_vec(&json!({"messages":[{"role":"user","content":"hi"}],"response_format":{"type":"yaml"}})).unwrap(),
             Some("sekrit"),
             400,
-            "not supported",
+            "not one of text, json_object, json_schema",
+        ),
+        (
+            "/v1/chat/completions",
+            serde_json::to_vec(&json!({"messages":[{"role":"user","content":"hi"}],"response_format":{"type":"json_schema",
+                "json_schema":{"name":"x","schema":{"type":"object","not":{"required":["a"]}}}}})).unwrap(),
+            Some("sekrit"),
+            400,
+            "cannot be used to constrain the output",
         ),
         (
             "/v1/completions",
@@ -484,43 +492,147 @@ fn a_chats_next_turn_reuses_the_cached_prefix() {
     assert!(s.metric("gemma3_cached_prompt_tokens_total") >= cached as f64);
 }
 
-#[test]
-fn shutdown_ends_streams_with_a_finish_reason() {
-    let s = Server::start(&[]);
-    let r = s
-        .http
-        .post(s.url("/v1/completions"))
-        .json(
-            &json!({"prompt": "Once upon a time", "max_tokens": 4000, "temperature": 0,
-                      "ignore_eos": true, "stream": true}),
-        )
-        .send()
-        .unwrap();
-    let reader = std::thread::spawn(move || read_sse(r));
-    let t0 = Instant::now();
-    while s.metric("gemma3_generated_tokens_total") < 5.0 {
-        assert!(t0.elapsed() < Duration::from_secs(30));
-        std::thread::sleep(Duration::from_millis(20));
+impl Server {
+    /// Waits for the process to exit (within `limit`); its exit status must be success.
+    fn wait_exit(&mut self, limit: Duration) -> Duration {
+        let t0 = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                assert!(st.success(), "exit status {st}");
+                return t0.elapsed();
+            }
+            assert!(t0.elapsed() < limit, "the server did not exit");
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
+
+    /// Streams a long completion on another thread once `tokens` have been generated.
+    fn stream_in_background(&self, body: Value) -> std::thread::JoinHandle<(u16, String)> {
+        let r = self
+            .http
+            .post(self.url("/v1/completions"))
+            .json(&body)
+            .send()
+            .unwrap();
+        std::thread::spawn(move || {
+            let status = r.status().as_u16();
+            (status, r.text().unwrap_or_default())
+        })
+    }
+
+    fn wait_for_tokens(&self, n: f64) {
+        let t0 = Instant::now();
+        while self.metric("gemma3_generated_tokens_total") < n {
+            assert!(t0.elapsed() < Duration::from_secs(30));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// The last finish reason in a raw event stream, and whether it carried an error event.
+fn finish_and_error(raw: &str) -> (Option<String>, bool) {
+    let mut finish = None;
+    let mut error = false;
+    for data in raw.lines().filter_map(|l| l.strip_prefix("data: ")) {
+        let Ok(v) = serde_json::from_str::<Value>(data) else {
+            continue;
+        };
+        error |= v.get("error").is_some();
+        for c in v["choices"].as_array().into_iter().flatten() {
+            if let Some(f) = c["finish_reason"].as_str() {
+                finish = Some(f.to_string());
+            }
+        }
+    }
+    (finish, error)
+}
+
+/// SIGTERM drains: `/health` turns 503 ("draining") and new generation requests 503 with
+/// Retry-After while `/live` stays 200; the running stream finishes normally; then the
+/// process exits 0.
+#[test]
+fn sigterm_drains_running_streams_then_exits() {
+    let mut s = Server::start(&["--replica-id", "replica-a"]);
+    let reader = s.stream_in_background(json!({"prompt": "Once upon a time", "max_tokens": 48,
+        "temperature": 0, "ignore_eos": true, "stream": true}));
+    s.wait_for_tokens(3.0);
     s.sigterm();
-    let (pieces, finish) = reader.join().unwrap();
-    assert!(!pieces.is_empty());
-    assert_eq!(finish.as_deref(), Some("abort"));
-    let mut s = s;
     let t0 = Instant::now();
-    loop {
-        if let Some(st) = s.child.try_wait().unwrap() {
-            assert!(st.success(), "exit status {st}");
-            break;
+    let health = loop {
+        let (status, body) = s.get("/health");
+        if status == 503 {
+            break body;
         }
         assert!(
-            t0.elapsed() < Duration::from_secs(15),
-            "the server did not exit"
+            t0.elapsed() < Duration::from_secs(5),
+            "/health stayed {status}"
         );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(health.contains("draining"), "{health}");
+    let live = s.http.get(s.url("/live")).send().unwrap();
+    assert_eq!(live.status().as_u16(), 200);
+    assert_eq!(live.headers()["x-replica-id"], "replica-a");
+    let (status, body, retry) = s.post_raw(
+        "/v1/chat/completions",
+        serde_json::to_vec(
+            &json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
+        )
+        .unwrap(),
+        None,
+    );
+    assert_eq!(status, 503, "{body}");
+    assert!(retry.is_some(), "no Retry-After");
+    assert!(error_message(&body).contains("shutting down"), "{body}");
+    let (status, raw) = reader.join().unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(
+        finish_and_error(&raw),
+        (Some("length".into()), false),
+        "{raw}"
+    );
+    s.wait_exit(Duration::from_secs(15));
     let log = s.log.lock().unwrap().clone();
-    assert!(log.contains("shutting down"), "{log}");
+    assert!(log.contains("draining") && log.contains("drained"), "{log}");
+}
+
+/// What is still running at the shutdown timeout ends with a finish reason and an error
+/// event, never a silent cut; the process still exits 0.
+#[test]
+fn the_shutdown_timeout_ends_streams_with_an_error() {
+    let mut s = Server::start(&["--shutdown-timeout", "1"]);
+    let reader = s.stream_in_background(json!({"prompt": "Once upon a time", "max_tokens": 4000,
+        "temperature": 0, "ignore_eos": true, "stream": true}));
+    s.wait_for_tokens(3.0);
+    s.sigterm();
+    let (status, raw) = reader.join().unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(
+        finish_and_error(&raw),
+        (Some("abort".into()), true),
+        "{raw}"
+    );
+    assert!(
+        raw.contains("shut down before this request finished"),
+        "{raw}"
+    );
+    assert!(raw.trim_end().ends_with("data: [DONE]"), "{raw}");
+    s.wait_exit(Duration::from_secs(15));
+}
+
+/// A second SIGTERM during a drain ends it at once.
+#[test]
+fn a_second_signal_stops_at_once() {
+    let mut s = Server::start(&["--shutdown-timeout", "600"]);
+    let reader = s.stream_in_background(json!({"prompt": "Once upon a time", "max_tokens": 4000,
+        "temperature": 0, "ignore_eos": true, "stream": true}));
+    s.wait_for_tokens(3.0);
+    s.sigterm();
+    std::thread::sleep(Duration::from_millis(300));
+    s.sigterm();
+    let (_, raw) = reader.join().unwrap();
+    assert_eq!(finish_and_error(&raw).0.as_deref(), Some("abort"), "{raw}");
+    s.wait_exit(Duration::from_secs(15));
 }
 
 /// The tiny-vlm fixture as a servable directory: a tokenizer naming every id (`<tN>`

@@ -3,8 +3,11 @@
 //! Requests become jobs for the [`scheduler`], which runs every active sequence in shared
 //! forward passes on its own thread (continuous batching), so the engine's work never
 //! blocks the async runtime. The server listens before the model is loaded (`/health`
-//! answers 503 until it is) and stops on SIGTERM or Ctrl-C: no new connections, every
-//! stream ends with a finish reason, then the process exits.
+//! answers 503 until it is; `/live` 200 throughout). SIGTERM or Ctrl-C drains: new
+//! generation requests get 503 with Retry-After and `/health` 503, those in flight finish
+//! (up to the shutdown timeout, after which they end with an error event), then the process
+//! exits 0; a second signal ends everything at once. Every response names its replica in
+//! `X-Replica-Id`, and `/metrics` carries vLLM's metric names for fleet tools.
 
 pub mod api;
 pub mod error;
@@ -44,6 +47,27 @@ pub struct ServerConfig {
     /// generation_config, Ollama parameters, or Gemma's published settings) when None.
     pub default_sampling: Option<SamplingParams>,
     pub scheduler: SchedulerConfig,
+    /// How long a drain (the first SIGTERM or Ctrl-C) lets running and queued requests
+    /// finish before ending them with an error.
+    pub shutdown_timeout: Duration,
+    /// This replica's name in `X-Replica-Id` (a fleet's balancer logs and tests read it).
+    pub replica_id: String,
+}
+
+/// The default drain time, as Kubernetes' default grace period leaves room for.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// This machine's host name (Kubernetes' pod name), for the default replica id.
+pub fn host_name() -> String {
+    let from_env = ["HOSTNAME", "COMPUTERNAME"]
+        .iter()
+        .find_map(|k| std::env::var(k).ok().filter(|v| !v.trim().is_empty()));
+    from_env
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "gemma3".into())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +110,7 @@ async fn serve(
     let local = listener.local_addr()?;
     on_listening(local);
     tracing::info!("listening on http://{local}");
+    let config_timeout = config.shutdown_timeout;
     let state = Arc::new(routes::AppState::new(config));
     let app = routes::router(state.clone());
 
@@ -107,12 +132,14 @@ async fn serve(
             }
         });
     }
-    // SIGTERM / Ctrl-C.
+    // SIGTERM / Ctrl-C: drain, then stop; a second signal stops at once.
     {
         let stop_tx = stop_tx.clone();
+        let state = state.clone();
+        let timeout = config_timeout;
         tokio::spawn(async move {
             shutdown_signal().await;
-            tracing::info!("shutting down");
+            drain(&state, timeout).await;
             let _ = stop_tx.send(Some(String::new()));
         });
     }
@@ -142,6 +169,45 @@ async fn serve(
     match reason {
         Some(e) if !e.is_empty() => Err(ServerError::Load(e)),
         _ => Ok(()),
+    }
+}
+
+/// How often a drain looks whether the last request has ended.
+const DRAIN_POLL: Duration = Duration::from_millis(50);
+
+/// Stops admitting work and waits until what was admitted has been answered, the timeout
+/// passes, or a second signal comes.
+async fn drain(state: &routes::AppState, timeout: Duration) {
+    state.start_draining();
+    let t0 = std::time::Instant::now();
+    tracing::info!(
+        "draining: {} requests in flight; up to {:.0} s (a second signal stops at once)",
+        state.inflight(),
+        timeout.as_secs_f64()
+    );
+    let deadline = tokio::time::sleep(timeout);
+    tokio::pin!(deadline);
+    let second = shutdown_signal();
+    tokio::pin!(second);
+    loop {
+        if state.inflight() == 0 {
+            tracing::info!("drained in {:.1} s", t0.elapsed().as_secs_f64());
+            return;
+        }
+        tokio::select! {
+            _ = &mut second => {
+                tracing::warn!("second signal: ending {} requests now", state.inflight());
+                return;
+            }
+            _ = &mut deadline => {
+                tracing::warn!(
+                    "{} requests still running after the shutdown timeout: ending them",
+                    state.inflight()
+                );
+                return;
+            }
+            _ = tokio::time::sleep(DRAIN_POLL) => {}
+        }
     }
 }
 

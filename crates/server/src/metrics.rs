@@ -1,6 +1,8 @@
 //! Prometheus metrics (`GET /metrics`): requests by endpoint and status, prompt and
 //! generated tokens, queue depth, active sequences, KV cache bytes, time to first token and
-//! inter-token latency.
+//! inter-token latency; and the same facts under vLLM's names (`vllm:num_requests_waiting`,
+//! `vllm:kv_cache_usage_perc`, ...), labelled with `model_name`, which fleet tools (HPA and
+//! KEDA rules, the Gateway API inference extension's endpoint picker) read unchanged.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -8,6 +10,46 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+use std::sync::OnceLock;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelLabel {
+    pub model_name: String,
+}
+
+/// Time-to-first-token buckets: 1 ms .. ~65 s.
+fn ttft_buckets() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 17))
+}
+
+/// Request latency buckets: 10 ms .. ~20 min.
+fn latency_buckets() -> Histogram {
+    Histogram::new(exponential_buckets(0.01, 2.0, 17))
+}
+
+/// vLLM's metrics, by model name.
+struct Fleet {
+    waiting: Family<ModelLabel, Gauge>,
+    running: Family<ModelLabel, Gauge>,
+    kv_usage: Family<ModelLabel, Gauge<f64, AtomicU64>>,
+    prompt_tokens: Family<ModelLabel, Counter>,
+    generation_tokens: Family<ModelLabel, Counter>,
+    ttft: Family<ModelLabel, Histogram, fn() -> Histogram>,
+    e2e: Family<ModelLabel, Histogram, fn() -> Histogram>,
+}
+
+/// One model's series of the vLLM metrics (made once the model's name is known).
+#[derive(Clone)]
+struct FleetSeries {
+    waiting: Gauge,
+    running: Gauge,
+    kv_usage: Gauge<f64, AtomicU64>,
+    prompt_tokens: Counter,
+    generation_tokens: Counter,
+    ttft: Histogram,
+    e2e: Histogram,
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
@@ -28,6 +70,8 @@ pub struct Metrics {
     pub prefix_cache_bytes: Gauge,
     pub time_to_first_token: Histogram,
     pub inter_token_latency: Histogram,
+    fleet: Fleet,
+    series: OnceLock<FleetSeries>,
 }
 
 impl Default for Metrics {
@@ -38,7 +82,52 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("gemma3");
+        let mut root = Registry::default();
+        let fleet = Fleet {
+            waiting: Family::default(),
+            running: Family::default(),
+            kv_usage: Family::default(),
+            prompt_tokens: Family::default(),
+            generation_tokens: Family::default(),
+            ttft: Family::new_with_constructor(ttft_buckets),
+            e2e: Family::new_with_constructor(latency_buckets),
+        };
+        root.register(
+            "vllm:num_requests_waiting",
+            "Requests waiting for a slot",
+            fleet.waiting.clone(),
+        );
+        root.register(
+            "vllm:num_requests_running",
+            "Requests being generated",
+            fleet.running.clone(),
+        );
+        root.register(
+            "vllm:kv_cache_usage_perc",
+            "Fraction of the KV cache budget in use (1 = full)",
+            fleet.kv_usage.clone(),
+        );
+        root.register(
+            "vllm:prompt_tokens",
+            "Prompt tokens of admitted requests",
+            fleet.prompt_tokens.clone(),
+        );
+        root.register(
+            "vllm:generation_tokens",
+            "Generated tokens",
+            fleet.generation_tokens.clone(),
+        );
+        root.register(
+            "vllm:time_to_first_token_seconds",
+            "Time from a request's arrival to its first token",
+            fleet.ttft.clone(),
+        );
+        root.register(
+            "vllm:e2e_request_latency_seconds",
+            "Time from a request's arrival to its end",
+            fleet.e2e.clone(),
+        );
+        let registry = root.sub_registry_with_prefix("gemma3");
         let m = Metrics {
             requests: Family::default(),
             prompt_tokens: Counter::default(),
@@ -53,6 +142,8 @@ impl Metrics {
             // 0.5 ms .. ~8 s
             inter_token_latency: Histogram::new(exponential_buckets(0.0005, 2.0, 15)),
             registry: Registry::default(),
+            fleet,
+            series: OnceLock::new(),
         };
         registry.register(
             "requests",
@@ -104,7 +195,73 @@ impl Metrics {
             "Time between consecutive generated tokens of a sequence",
             m.inter_token_latency.clone(),
         );
-        Metrics { registry, ..m }
+        Metrics {
+            registry: root,
+            ..m
+        }
+    }
+
+    /// Names the model the vLLM metrics are labelled with (once; later calls are ignored).
+    pub fn set_model_name(&self, name: &str) {
+        let l = ModelLabel {
+            model_name: name.to_string(),
+        };
+        let f = &self.fleet;
+        let _ = self.series.set(FleetSeries {
+            waiting: f.waiting.get_or_create(&l).clone(),
+            running: f.running.get_or_create(&l).clone(),
+            kv_usage: f.kv_usage.get_or_create(&l).clone(),
+            prompt_tokens: f.prompt_tokens.get_or_create(&l).clone(),
+            generation_tokens: f.generation_tokens.get_or_create(&l).clone(),
+            ttft: f.ttft.get_or_create(&l).clone(),
+            e2e: f.e2e.get_or_create(&l).clone(),
+        });
+    }
+
+    /// A request was admitted with `prompt` tokens, `cached` of them from the prefix cache.
+    pub fn admitted(&self, prompt: usize, cached: usize) {
+        self.prompt_tokens.inc_by(prompt as u64);
+        self.cached_prompt_tokens.inc_by(cached as u64);
+        if let Some(s) = self.series.get() {
+            s.prompt_tokens.inc_by(prompt as u64);
+        }
+    }
+
+    /// `n` tokens were generated; `first` is the time to the first token when these are
+    /// a request's first, `gap` the time since its previous token otherwise.
+    pub fn generated(&self, n: usize, first: Option<f64>, gap: Option<f64>) {
+        self.generated_tokens.inc_by(n as u64);
+        if let Some(t) = first {
+            self.time_to_first_token.observe(t);
+        }
+        if let Some(t) = gap {
+            self.inter_token_latency.observe(t);
+        }
+        if let Some(s) = self.series.get() {
+            s.generation_tokens.inc_by(n as u64);
+            if let Some(t) = first {
+                s.ttft.observe(t);
+            }
+        }
+    }
+
+    /// A request ended `secs` after it arrived.
+    pub fn finished(&self, secs: f64) {
+        if let Some(s) = self.series.get() {
+            s.e2e.observe(secs);
+        }
+    }
+
+    /// The scheduler's load after a pass.
+    pub fn load(&self, waiting: usize, running: usize, kv_bytes: usize, kv_budget: usize) {
+        self.queue_depth.set(waiting as i64);
+        self.active_sequences.set(running as i64);
+        self.kv_cache_bytes.set(kv_bytes as i64);
+        if let Some(s) = self.series.get() {
+            s.waiting.set(waiting as i64);
+            s.running.set(running as i64);
+            s.kv_usage.set(kv_bytes as f64 / kv_budget.max(1) as f64);
+        }
     }
 
     pub fn request(&self, endpoint: &str, status: u16) {

@@ -10,18 +10,19 @@ use crate::toolcalls;
 use crate::ServerConfig;
 use axum::body::Bytes;
 use axum::extract::{FromRequest, MatchedPath, Request, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use futures_util::StreamExt;
 use gemma3_engine::tools::{CallParser, CallSyntax, Tools};
 use gemma3_engine::{Grammar, Image, Model, SamplingParams, SeqImages, StopReason, TokenLogprob};
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
@@ -40,6 +41,12 @@ pub struct Ready {
 
 pub struct AppState {
     pub config: ServerConfig,
+    /// Set on the first SIGTERM: no new generation requests, `/health` 503.
+    draining: AtomicBool,
+    /// Generation requests whose response (or stream) has not ended yet.
+    inflight: Arc<AtomicUsize>,
+    /// Sent back in `X-Replica-Id`.
+    replica: HeaderValue,
     ready: OnceLock<Ready>,
     scheduler_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     pub metrics: Arc<Metrics>,
@@ -50,7 +57,12 @@ pub struct AppState {
 
 impl AppState {
     pub fn new(config: ServerConfig) -> Self {
+        let replica = HeaderValue::from_str(&config.replica_id)
+            .unwrap_or_else(|_| HeaderValue::from_static("gemma3"));
         AppState {
+            draining: AtomicBool::new(false),
+            inflight: Arc::new(AtomicUsize::new(0)),
+            replica,
             images: ImageSource::new(config.allow_image_urls, config.max_image_pixels),
             config,
             ready: OnceLock::new(),
@@ -83,6 +95,7 @@ impl AppState {
         });
         // Messages to clients name the model by its alias, never the server's paths.
         model.set_name(name.clone());
+        self.metrics.set_model_name(&name);
         let sampling = match &self.config.default_sampling {
             Some(s) => s.clone(),
             None => model.default_sampling(0).map_err(|e| e.to_string())?.params,
@@ -109,6 +122,21 @@ impl AppState {
         self.ready.get().ok_or_else(|| {
             ApiError::Unavailable("the model is still loading; try again shortly".into())
         })
+    }
+
+    /// Stops admitting generation requests (503 with Retry-After; `/health` 503) while
+    /// those already in flight go on.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Generation requests still being answered (streams included).
+    pub fn inflight(&self) -> usize {
+        self.inflight.load(Ordering::SeqCst)
     }
 
     /// Ends every sequence (each stream gets its finish) and stops taking work.
@@ -148,9 +176,12 @@ impl AppState {
 type St = Arc<AppState>;
 
 pub fn router(state: St) -> Router {
-    let v1 = Router::new()
+    let generation = Router::new()
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
+        .route_layer(middleware::from_fn_with_state(state.clone(), admit_work));
+    let v1 = Router::new()
+        .merge(generation)
         .route("/v1/models", get(models))
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
@@ -158,6 +189,7 @@ pub fn router(state: St) -> Router {
     Router::new()
         .merge(v1)
         .route("/health", get(health))
+        .route("/live", get(live))
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -165,6 +197,7 @@ pub fn router(state: St) -> Router {
             state.clone(),
             count_requests,
         ))
+        .layer(middleware::from_fn_with_state(state.clone(), name_replica))
         .layer(axum::extract::DefaultBodyLimit::max(
             state.config.max_body_bytes,
         ))
@@ -216,6 +249,61 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// Generation requests: refused while draining (503 + Retry-After, before any work, so a
+/// balancer may send them elsewhere); otherwise counted until their response (or stream)
+/// has ended, so that a drain knows when it is done.
+async fn admit_work(State(st): State<St>, req: Request, next: Next) -> Response {
+    if st.is_draining() {
+        return ApiError::Unavailable(
+            "this server is shutting down and takes no new requests; retry (another replica)"
+                .into(),
+        )
+        .into_response();
+    }
+    let guard = Inflight::new(st.inflight.clone());
+    let r = next.run(req).await;
+    let streamed = r
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    if !streamed {
+        return r;
+    }
+    // The stream outlives the handler: the count drops when its body is done or dropped.
+    let (parts, body) = r.into_parts();
+    let body = body.into_data_stream().map(move |chunk| {
+        let _ = &guard;
+        chunk
+    });
+    Response::from_parts(parts, axum::body::Body::from_stream(body))
+}
+
+/// One generation request in flight.
+struct Inflight(Arc<AtomicUsize>);
+
+impl Inflight {
+    fn new(n: Arc<AtomicUsize>) -> Inflight {
+        n.fetch_add(1, Ordering::SeqCst);
+        Inflight(n)
+    }
+}
+
+impl Drop for Inflight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// `X-Replica-Id` on every response: which replica of a fleet answered.
+async fn name_replica(State(st): State<St>, req: Request, next: Next) -> Response {
+    let mut r = next.run(req).await;
+    r.headers_mut().insert(REPLICA_HEADER, st.replica.clone());
+    r
+}
+
+/// The header naming the replica that answered.
+pub const REPLICA_HEADER: &str = "x-replica-id";
+
 /// Counts every response by route and status.
 async fn count_requests(State(st): State<St>, req: Request, next: Next) -> Response {
     let endpoint = req
@@ -252,15 +340,23 @@ impl<T: DeserializeOwned> FromRequest<St> for ApiJson<T> {
     }
 }
 
+/// Readiness: 200 while serving, 503 while loading or draining.
 async fn health(State(st): State<St>) -> Response {
-    match st.ready() {
-        Ok(_) => Json(json!({"status": "ok"})).into_response(),
-        Err(_) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "loading"})),
-        )
-            .into_response(),
-    }
+    let status = match st.ready() {
+        Ok(_) if st.is_draining() => "draining",
+        Ok(_) => return Json(json!({"status": "ok"})).into_response(),
+        Err(_) => "loading",
+    };
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(json!({"status": status})),
+    )
+        .into_response()
+}
+
+/// Liveness: 200 while the process answers at all (loading and draining included).
+async fn live() -> Json<Value> {
+    Json(json!({"status": "alive"}))
 }
 
 async fn metrics(State(st): State<St>) -> Response {
@@ -1057,6 +1153,16 @@ impl StreamState {
                 self.open += 1;
             }
             Event::Failed { choice, message } => {
+                // The choice ends with a finish reason, then the error.
+                let c = match self.meta.kind {
+                    Kind::Chat => {
+                        json!({"index": choice, "delta": {}, "logprobs": null, "finish_reason": "abort"})
+                    }
+                    Kind::Completion { .. } => {
+                        json!({"index": choice, "text": "", "logprobs": null, "finish_reason": "abort"})
+                    }
+                };
+                self.queue.push_back(self.chunk(c));
                 let e = ApiError::Internal(message.clone()).body();
                 self.queue
                     .push_back(SseEvent::default().data(e.to_string()));

@@ -274,12 +274,8 @@ impl Engine {
                 cached,
             ) {
                 Ok(seq) => {
-                    self.metrics
-                        .prompt_tokens
-                        .inc_by(seq.generation().prompt_tokens as u64);
-                    self.metrics
-                        .cached_prompt_tokens
-                        .inc_by(seq.generation().reused_tokens as u64);
+                    let g = seq.generation();
+                    self.metrics.admitted(g.prompt_tokens, g.reused_tokens);
                     self.running.push(Running {
                         seq,
                         choice: job.choice,
@@ -298,7 +294,6 @@ impl Engine {
                 }
             }
         }
-        self.metrics.queue_depth.set(self.waiting.len() as i64);
     }
 
     fn dequeued(&self, n: usize) {
@@ -345,19 +340,14 @@ impl Engine {
             let r = &mut self.running[i];
             let u = r.seq.take_update();
             if !u.tokens.is_empty() {
-                self.metrics.generated_tokens.inc_by(u.tokens.len() as u64);
-                match r.last_token {
+                let (first, gap) = match r.last_token {
                     None => {
                         r.first_token = Some(now);
-                        self.metrics
-                            .time_to_first_token
-                            .observe((now - r.arrived).as_secs_f64())
+                        (Some((now - r.arrived).as_secs_f64()), None)
                     }
-                    Some(t) => self
-                        .metrics
-                        .inter_token_latency
-                        .observe((now - t).as_secs_f64()),
-                }
+                    Some(t) => (None, Some((now - t).as_secs_f64())),
+                };
+                self.metrics.generated(u.tokens.len(), first, gap);
                 r.last_token = Some(now);
             }
             let finished = u.finished;
@@ -369,6 +359,7 @@ impl Engine {
             }
             if let Some(stop) = finished {
                 let r = self.running.swap_remove(i);
+                self.metrics.finished((now - r.arrived).as_secs_f64());
                 let g = r.seq.generation();
                 if let Some(message) = g.error.clone() {
                     // Ended by a failure (the output constraint's): an error, not a reply.
@@ -397,12 +388,12 @@ impl Engine {
             }
             i += 1;
         }
-        self.metrics.active_sequences.set(self.running.len() as i64);
-        self.metrics.kv_cache_bytes.set(
-            self.running
-                .iter()
-                .map(|r| r.seq.cache_bytes())
-                .sum::<usize>() as i64,
+        let kv_bytes = self.running.iter().map(|r| r.seq.cache_bytes()).sum();
+        self.metrics.load(
+            self.waiting.len(),
+            self.running.len(),
+            kv_bytes,
+            self.config.kv_budget,
         );
         self.metrics
             .prefix_cache_bytes
@@ -411,17 +402,21 @@ impl Engine {
 
     /// Shutdown: every running and waiting choice ends now.
     fn stop(mut self) {
-        for r in &mut self.running {
-            r.seq.finish(StopReason::Aborted);
-        }
+        // What was generated goes out; then each unfinished choice ends with an error.
         self.publish();
+        for r in self.running.drain(..) {
+            let _ = r.events.send(Event::Failed {
+                choice: r.choice,
+                message: "the server shut down before this request finished".into(),
+            });
+        }
         for j in self.waiting.drain(..) {
             let _ = j.events.send(Event::Failed {
                 choice: j.choice,
                 message: "the server is shutting down".into(),
             });
         }
-        self.metrics.queue_depth.set(0);
+        self.metrics.load(0, 0, 0, self.config.kv_budget);
     }
 }
 
