@@ -41,23 +41,28 @@ pub enum Grammar {
 /// How constrained JSON is written: `", "` and `": "` between items and keys, no other
 /// whitespace. Free whitespace lets a small model loop on spaces and newlines until it runs
 /// out of tokens; these separators are the ones models write most.
+///
+/// `oneOf` is read as `anyOf` (llguidance's `coerce_one_of`): real schemas use it for
+/// alternatives that do not overlap, where the two agree.
 pub fn json_format() -> Value {
-    json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "})
+    json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": ",
+           "coerce_one_of": true})
 }
 
 /// The largest integer a JSON reader keeps exactly (2^53 - 1).
 const JSON_SAFE_INTEGER: i64 = (1 << 53) - 1;
 
-/// Bounds every `integer` with no bound of its own to ±(2^53 - 1), what JSON readers keep
-/// exactly: a small model that starts repeating a digit must then close the number,
-/// instead of writing digits until it runs out of tokens. Constants, enums, defaults and
+/// Bounds every `integer` and `number` with no bound of its own to ±(2^53 - 1), the
+/// integers JSON readers keep exactly: a small model that starts repeating a digit must
+/// then close the number, instead of writing digits until it runs out of tokens. Constants, enums, defaults and
 /// examples are data and are left alone.
 pub(crate) fn bound_integers(schema: &mut Value) {
     match schema {
         Value::Object(o) => {
+            let numeric = |t: &Value| t == "integer" || t == "number";
             let integer = match o.get("type") {
-                Some(Value::String(t)) => t == "integer",
-                Some(Value::Array(ts)) => ts.iter().any(|t| t == "integer"),
+                Some(t @ Value::String(_)) => numeric(t),
+                Some(Value::Array(ts)) => ts.iter().any(numeric),
                 _ => false,
             };
             if integer {
