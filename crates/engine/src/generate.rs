@@ -12,12 +12,30 @@ use std::time::Instant;
 /// The smallest default context, however little memory the machine reports.
 const MIN_DEFAULT_CONTEXT: usize = 4096;
 
-/// MemAvailable from /proc/meminfo, in bytes (None where there is no such file).
+/// MemAvailable from /proc/meminfo, or the room left under this process's cgroup memory limit
+/// when that is smaller (a container's limit), in bytes (None where there is no such file).
 pub fn available_memory() -> Option<usize> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kb: usize = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
+    let host = kb * 1024;
+    // In a container the limit is its cgroup's, not the host's free memory.
+    Some(cgroup_room().map_or(host, |room| room.min(host)))
+}
+
+/// What this process's cgroup (v2, else v1) still lets it use: its limit less what it
+/// uses; None without a limit.
+fn cgroup_room() -> Option<usize> {
+    let read = |p: &str| -> Option<usize> { std::fs::read_to_string(p).ok()?.trim().parse().ok() };
+    let (limit, used) = match read("/sys/fs/cgroup/memory.max") {
+        Some(l) => (l, read("/sys/fs/cgroup/memory.current").unwrap_or(0)),
+        None => (
+            read("/sys/fs/cgroup/memory/memory.limit_in_bytes")?,
+            read("/sys/fs/cgroup/memory/memory.usage_in_bytes").unwrap_or(0),
+        ),
+    };
+    // v1 reports "no limit" as a huge number ("max" in v2 does not parse).
+    (limit < 1 << 50).then(|| limit.saturating_sub(used))
 }
 
 /// A model with a cache sized for one context, reusable across requests: a prompt that
