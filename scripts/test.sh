@@ -14,6 +14,17 @@ if ! "$venv/bin/python" -c "import openai, jsonschema" 2>/dev/null; then
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check openai jsonschema
 fi
 export GEMMA3_TEST_PYTHON="$PWD/$venv/bin/python"
+# The fleet test puts replicas behind HAProxy (Debian's package); it skips loudly without.
+if ! command -v haproxy >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    (apt-get install -y -qq haproxy >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq haproxy; }) >/dev/null 2>&1 \
+      || echo "*** haproxy could not be installed: the fleet test will be SKIPPED ***" >&2
+  else
+    echo "*** haproxy is missing and cannot be installed here: the fleet test will be SKIPPED ***" >&2
+  fi
+fi
+# The deployment files: Kubernetes manifests against its schemas, HAProxy's configuration.
+scripts/validate-deploy.sh
 cargo test --release --workspace "$@"
 # A short run of every fuzz target over its seeds (builds them on first use).
 scripts/fuzz-smoke.sh
