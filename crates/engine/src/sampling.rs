@@ -132,7 +132,20 @@ impl Sampler {
     /// Picks a token. `logits` may be modified (penalties are applied in place);
     /// `history` is every token so far (prompt and generated).
     pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
+        self.penalize(logits, history);
+        self.draw(logits)
+    }
+
+    /// Applies the repetition, presence and frequency penalties of `history` to `logits`
+    /// (the first half of [`sample`](Self::sample); once per step).
+    pub fn penalize(&mut self, logits: &mut [f32], history: &[u32]) {
         self.apply_penalties(logits, history);
+    }
+
+    /// Draws a token from penalized logits (the second half of [`sample`](Self::sample)),
+    /// leaving them as they are: a constraint that refuses the token can mask them and
+    /// draw again.
+    pub fn draw(&mut self, logits: &[f32]) -> u32 {
         if self.params.temperature <= 0.0 {
             return argmax(logits);
         }

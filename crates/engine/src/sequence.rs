@@ -73,8 +73,6 @@ struct State {
     logits: Vec<f32>,
     /// Where the output must go (a compiled grammar), if anywhere.
     constraint: Option<Constraint>,
-    /// The logits as the model gave them, kept while a constrained sample is checked.
-    unmasked: Vec<f32>,
     /// The logits before penalties, when log-probabilities are asked for.
     raw_logits: Vec<f32>,
     /// Logits wait in `logits` for sampling.
@@ -184,10 +182,6 @@ impl Sequence {
                 sampler: Sampler::new(opts.sampling.clone(), cfg.vocab_size),
                 history,
                 logits: vec![0.0; cfg.vocab_size],
-                unmasked: match constraint {
-                    Some(_) => vec![0.0; cfg.vocab_size],
-                    None => Vec::new(),
-                },
                 constraint,
                 raw_logits: Vec::new(),
                 to_sample: false,
@@ -435,9 +429,10 @@ impl State {
                 }
             }
             c.mask(&mut self.logits, &mut self.raw_logits)?;
+            self.sampler.penalize(&mut self.logits, &self.history);
         } else {
-            self.unmasked.copy_from_slice(&self.logits);
-            let t = self.sampler.sample(&mut self.logits, &self.history);
+            self.sampler.penalize(&mut self.logits, &self.history);
+            let t = self.sampler.draw(&self.logits);
             if c.allows(t) {
                 c.consume(t)?;
                 return Ok(t);
@@ -445,10 +440,9 @@ impl State {
             if let Some(end) = c.end_instead() {
                 return Ok(end);
             }
-            std::mem::swap(&mut self.logits, &mut self.unmasked);
             c.mask(&mut self.logits, &mut [])?;
         }
-        let t = self.sampler.sample(&mut self.logits, &self.history);
+        let t = self.sampler.draw(&self.logits);
         if !c.allows(t) {
             return Err(EngineError::Grammar(format!(
                 "the output constraint refused token {t}, which its own mask allowed"
