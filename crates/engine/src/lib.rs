@@ -27,6 +27,7 @@ pub struct ReadmeExample;
 pub mod chat;
 pub mod constraint;
 pub mod defaults;
+pub mod draft;
 pub mod generate;
 pub mod image;
 pub mod load;
@@ -38,6 +39,7 @@ pub mod tools;
 
 pub use constraint::Grammar;
 pub use defaults::{SamplingDefaults, SamplingSource};
+pub use draft::Lookup;
 pub use generate::Generator;
 pub use image::{Image, PanAndScan};
 pub use load::{Model, ModelSource, OpenOptions};

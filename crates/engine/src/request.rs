@@ -3,6 +3,7 @@
 //! sequences (`sequence`) that both use them.
 
 use crate::constraint::Grammar;
+use crate::draft::Lookup;
 use crate::image::{Image, PanAndScan};
 use crate::sampling::SamplingParams;
 
@@ -41,6 +42,9 @@ pub struct GenerateOptions {
     /// What the reply must follow (a JSON schema, any JSON object, a regex, a grammar);
     /// the reply ends when it is complete.
     pub constraint: Option<Grammar>,
+    /// Speculative decoding by prompt lookup (None: plain decoding). The output is the
+    /// same either way; only the speed differs.
+    pub lookup: Option<Lookup>,
 }
 
 impl Default for GenerateOptions {
@@ -60,6 +64,7 @@ impl Default for GenerateOptions {
             truncate_left: false,
             stop_at_context: false,
             constraint: None,
+            lookup: None,
         }
     }
 }
@@ -95,6 +100,9 @@ pub struct Generation {
     /// Why the sequence was ended early, when something failed mid-way (e.g. the output
     /// constraint); it then ends with [`StopReason::Aborted`].
     pub error: Option<String>,
+    /// Tokens guessed by speculative decoding, and how many of them were accepted.
+    pub drafted: usize,
+    pub accepted: usize,
 }
 
 impl Generation {

@@ -5,6 +5,7 @@
 //! all run on these two.
 
 use crate::constraint::Constraint;
+use crate::draft::{Drafter, MAX_DRAFT};
 use crate::load::Model;
 use crate::request::{GenerateOptions, Generation, StopReason};
 use crate::sampling::{argmax, Sampler};
@@ -54,8 +55,9 @@ pub struct Sequence {
     prompt: Vec<u32>,
     images: Option<SeqImages>,
     cache: KvCache,
-    /// The token a decode step feeds next (the last one sampled).
-    next: [u32; 1],
+    /// What a decode step feeds next: the last token sampled, then any guesses of the
+    /// tokens after it (speculative decoding) to be checked in the same pass.
+    next: Vec<u32>,
     state: State,
 }
 
@@ -73,6 +75,8 @@ struct State {
     logits: Vec<f32>,
     /// Where the output must go (a compiled grammar), if anywhere.
     constraint: Option<Constraint>,
+    /// Speculative decoding by prompt lookup, when asked for.
+    spec: Option<Spec>,
     /// The logits before penalties, when log-probabilities are asked for.
     raw_logits: Vec<f32>,
     /// Logits wait in `logits` for sampling.
@@ -96,6 +100,23 @@ struct State {
     sent: (usize, usize, usize, bool),
     started: Instant,
     first_token: Option<Instant>,
+}
+
+/// A sequence's speculative decoding: its drafter, the guesses in the current pass, and
+/// the logits of the pass's rows (the last token's and each guess's), checked in order
+/// after the pass.
+struct Spec {
+    drafter: Drafter,
+    /// The guesses fed in this pass (after the last token).
+    drafts: Vec<u32>,
+    /// The position of the pass's first row, and how many rows it has (0: not speculating).
+    base: usize,
+    rows: usize,
+    /// `rows × vocab` logits, allocated on the first guess.
+    logits: Vec<f32>,
+    /// Positions of this pass to keep in the cache once checked (the last token and the
+    /// accepted guesses).
+    keep: usize,
 }
 
 impl Sequence {
@@ -170,6 +191,8 @@ impl Sequence {
             decode_secs: 0.0,
             image_secs: 0.0,
             error: None,
+            drafted: 0,
+            accepted: 0,
         };
         let constraint = match &opts.constraint {
             Some(g) => Some(model.constraints()?.matcher(g)?),
@@ -183,6 +206,14 @@ impl Sequence {
                 history,
                 logits: vec![0.0; cfg.vocab_size],
                 constraint,
+                spec: opts.lookup.clone().map(|cfg| Spec {
+                    drafter: Drafter::new(cfg),
+                    drafts: Vec::with_capacity(MAX_DRAFT),
+                    base: 0,
+                    rows: 0,
+                    logits: Vec::new(),
+                    keep: 1,
+                }),
                 raw_logits: Vec::new(),
                 to_sample: false,
                 stream: StreamDecoder::new(),
@@ -202,7 +233,11 @@ impl Sequence {
             prompt,
             images,
             cache,
-            next: [0],
+            next: {
+                let mut v = Vec::with_capacity(1 + MAX_DRAFT);
+                v.push(0);
+                v
+            },
         })
     }
 
@@ -309,7 +344,14 @@ impl Sequence {
         }
         if state.fed == prompt.len() {
             let pos = cache.len();
-            let mut c = SeqChunk::new(&next[..], cache, Logits::Last);
+            next.truncate(1);
+            let image_token = images.as_ref().map(|im| im.image_token);
+            state.propose(next, budget, cache, image_token);
+            let logits = match next.len() {
+                1 => Logits::Last,
+                _ => Logits::All,
+            };
+            let mut c = SeqChunk::new(&next[..], cache, logits);
             // Rows are numbered by position: the prompt's rows are its positions.
             c.row_base = pos;
             return Ok(Some((c, state, prompt)));
@@ -371,8 +413,20 @@ impl Sequence {
                 }));
             s.fed += n;
         } else {
-            s.cached.push(self.next[0]);
+            // The last token and the guesses the check accepted stay in the cache; the
+            // refused guesses' positions are dropped.
+            let keep = match s.spec.as_mut() {
+                Some(sp) if n > 1 => std::mem::replace(&mut sp.keep, 1).clamp(1, n),
+                _ => 1,
+            };
+            if keep < n {
+                let len = self.cache.len() - (n - keep);
+                let rewound = self.cache.truncate(len);
+                debug_assert!(rewound, "a draft's rows are always within the rings");
+            }
+            s.cached.extend_from_slice(&self.next[..keep]);
         }
+        self.next.truncate(1);
         if let Some(&t) = s.out.tokens.last() {
             self.next[0] = t;
         }
@@ -393,10 +447,62 @@ impl State {
         }
     }
 
+    /// Guesses of the tokens after `next[0]`, appended to `next`: at most what the pass's
+    /// `budget` and the tokens left to generate allow (a guess past either could never be
+    /// used), and what the cache can take back when refused.
+    fn propose(
+        &mut self,
+        next: &mut Vec<u32>,
+        budget: usize,
+        cache: &KvCache,
+        exclude: Option<u32>,
+    ) {
+        let Some(sp) = self.spec.as_mut() else {
+            return;
+        };
+        sp.rows = 0;
+        let left = self
+            .opts
+            .max_new_tokens
+            .saturating_sub(self.out.tokens.len());
+        let room = cache.context().saturating_sub(cache.len() + 1);
+        let limit = budget
+            .saturating_sub(1)
+            .min(left.saturating_sub(1))
+            .min(room)
+            .min(cache.max_chunk().saturating_sub(1));
+        sp.drafts.clear();
+        // The history ends with the prompt and every generated token; `next[0]` is the
+        // last of them.
+        sp.drafter
+            .propose(&self.history, limit, exclude, &mut sp.drafts);
+        if sp.drafts.is_empty() {
+            return;
+        }
+        next.extend_from_slice(&sp.drafts);
+        sp.base = cache.len();
+        sp.rows = next.len();
+        let want = sp.rows * self.logits.len();
+        if sp.logits.len() < want {
+            sp.logits
+                .resize((1 + sp.drafter.cfg.max_draft) * self.logits.len(), 0.0);
+        }
+    }
+
     /// Takes one row's logits during a pass: a prompt row's log-probability now; the last
     /// row's (the next token's) are kept for [`sample`](Self::sample) after the pass, so
-    /// that the sequences of a batch sample in parallel.
+    /// that the sequences of a batch sample in parallel. The rows of a speculative pass
+    /// are all kept, to be checked in order.
     fn take_logits(&mut self, prompt: &[u32], row: usize, logits: &[f32]) {
+        if let Some(sp) = self.spec.as_mut().filter(|sp| sp.rows > 1) {
+            let i = row - sp.base;
+            let v = logits.len();
+            sp.logits[i * v..(i + 1) * v].copy_from_slice(logits);
+            if i + 1 == sp.rows {
+                self.to_sample = true;
+            }
+            return;
+        }
         if row + 1 < prompt.len() {
             if self.opts.prompt_logprobs {
                 let lp = token_logprob(logits, prompt[row + 1], self.opts.logprobs.unwrap_or(0));
@@ -452,11 +558,54 @@ impl State {
         Ok(t)
     }
 
-    /// Samples the next token from the logits [`take_logits`](Self::take_logits) kept.
+    /// Samples the next token from the logits [`take_logits`](Self::take_logits) kept; after
+    /// a speculative pass, row after row while the sampled token is the guess (each row
+    /// sampled as plain decoding would sample it), which keeps the output the same.
     fn sample(&mut self, model: &Model) {
         if !std::mem::take(&mut self.to_sample) {
             return;
         }
+        let rows = self.spec.as_ref().map_or(0, |sp| sp.rows);
+        if rows <= 1 {
+            return self.sample_one(model);
+        }
+        let before = self.out.tokens.len();
+        let mut sp = self.spec.take().expect("a speculative pass has its state");
+        let v = self.logits.len();
+        for i in 0..rows {
+            let row = &sp.logits[i * v..(i + 1) * v];
+            self.logits.copy_from_slice(row);
+            if self.opts.logprobs.is_some() {
+                self.raw_logits.clear();
+                self.raw_logits.extend_from_slice(row);
+            }
+            self.sample_one(model);
+            let appended = self.out.tokens.len() - before;
+            let guessed = sp.drafts.get(i).copied();
+            if self.finished.is_some()
+                || appended != i + 1
+                || self.out.tokens.last().copied() != guessed
+            {
+                break;
+            }
+        }
+        // Guesses accepted: the leading sampled tokens that equal them.
+        let accepted = self.out.tokens[before..]
+            .iter()
+            .zip(&sp.drafts)
+            .take_while(|(t, d)| t == d)
+            .count();
+        sp.drafter.record(sp.drafts.len(), accepted);
+        self.out.drafted = sp.drafter.drafted;
+        self.out.accepted = sp.drafter.accepted;
+        sp.keep = 1 + accepted;
+        sp.rows = 0;
+        self.spec = Some(sp);
+    }
+
+    /// Samples one token from `logits` and takes it through the stops: end of sequence,
+    /// stop strings, the grammar's end, the token limit.
+    fn sample_one(&mut self, model: &Model) {
         if self.opts.max_new_tokens == 0 {
             // Only the prompt was wanted (its log-probabilities).
             self.finish(StopReason::MaxTokens);
@@ -635,10 +784,11 @@ impl Batch {
             for &i in &order {
                 let s = slots[i].take().expect("each sequence once");
                 let prefill = s.is_prefilling();
+                // A decoding sequence's token and its guesses, if it drafts.
                 let budget = if prefill {
                     room.min(prefill_room)
                 } else {
-                    room.min(1)
+                    room.min(1 + MAX_DRAFT)
                 };
                 if let Some((chunk, state, prompt)) = s.chunk(budget, room)? {
                     let n = chunk.tokens.len();

@@ -1,0 +1,189 @@
+//! Speculative decoding by prompt lookup never changes the output: on the real Gemma 3
+//! 270M, greedy and seeded (temperature 1) generations with lookup equal those without,
+//! token for token and in their ends, over plain, repetitive and window-wrapping prompts,
+//! with stop strings, token limits, penalties, log-probabilities and a JSON schema; and a
+//! batch of speculating sequences equals their solo plain runs. The repetitive prompts must
+//! accept guesses, so the check is not vacuous.
+
+use gemma3_engine::{Batch, GenerateOptions, Grammar, Lookup, Model, SamplingParams, Sequence};
+use gemma3_model::KvCache;
+use serde_json::json;
+use std::sync::OnceLock;
+
+mod common;
+use common::open_real_model;
+
+fn model() -> &'static Model {
+    static M: OnceLock<Model> = OnceLock::new();
+    M.get_or_init(open_real_model)
+}
+
+/// A text that repeats itself (prompt lookup's best case).
+fn repetitive(i: usize) -> String {
+    let line =
+        format!("Item {i}: the quick brown fox jumps over the lazy dog near the river bank.\n");
+    format!("Copy the list exactly.\n{}{}", line.repeat(6), &line[..20])
+}
+
+/// A prompt long enough that prompt + generation wraps the 512-token sliding window.
+fn long_document() -> String {
+    let mut s = String::from("Here is a long log file. Repeat its last lines.\n");
+    for i in 0..25 {
+        s.push_str(&format!(
+            "2026-12-04 12:{:02}:00 INFO worker {} finished job {} in 3 seconds\n",
+            i % 60,
+            i % 4,
+            1000 + i
+        ));
+    }
+    s.push_str("2026-12-04 13:00:00 INFO worker");
+    s
+}
+
+fn prompts() -> Vec<String> {
+    let mut p: Vec<String> = vec![
+        "Once upon a time".into(),
+        "The capital of France is".into(),
+        "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n\ndef fibonacci(n):".into(),
+        "one two three four five one two three four five one two three".into(),
+        "<html><body><ul><li>a</li><li>b</li><li>c</li><li>".into(),
+        long_document(),
+    ];
+    p.extend((0..4).map(repetitive));
+    p
+}
+
+fn with_lookup(o: &GenerateOptions) -> GenerateOptions {
+    GenerateOptions {
+        lookup: Some(Lookup::default()),
+        ..o.clone()
+    }
+}
+
+fn cases() -> Vec<(String, GenerateOptions)> {
+    let mut out = vec![];
+    for (i, p) in prompts().into_iter().enumerate() {
+        for seeded in [false, true] {
+            let sampling = match seeded {
+                false => SamplingParams::greedy(),
+                true => SamplingParams {
+                    temperature: 1.0,
+                    seed: 7 + i as u64,
+                    ..SamplingParams::gemma_default(7 + i as u64)
+                },
+            };
+            out.push((
+                p.clone(),
+                GenerateOptions {
+                    max_new_tokens: 48 + 5 * i,
+                    sampling,
+                    ..Default::default()
+                },
+            ));
+        }
+    }
+    out
+}
+
+#[test]
+fn lookup_gives_the_same_tokens_greedy_and_seeded() {
+    let m = model();
+    let (mut drafted, mut accepted) = (0, 0);
+    let mut all = cases();
+    // Stops, penalties and log-probabilities on some.
+    all[0].1.stop_strings = vec![".".into()];
+    all[3].1.sampling.repetition_penalty = 1.3;
+    all[7].1.logprobs = Some(3);
+    all[8].1.max_new_tokens = 3;
+    all.push((
+        repetitive(9),
+        GenerateOptions {
+            max_new_tokens: 40,
+            constraint: Some(Grammar::JsonSchema(json!({"type": "object", "properties": {
+                "items": {"type": "array", "items": {"type": "string", "maxLength": 80}, "maxItems": 3}},
+                "required": ["items"]}))),
+            ..Default::default()
+        },
+    ));
+    assert!(all.len() >= 20);
+    for (i, (p, o)) in all.iter().enumerate() {
+        let plain = m.generate(p, o, |_| true).unwrap();
+        let spec = m.generate(p, &with_lookup(o), |_| true).unwrap();
+        assert_eq!(spec.tokens, plain.tokens, "case {i}: {p:?}");
+        assert_eq!(spec.text, plain.text, "case {i}");
+        assert_eq!(spec.stop, plain.stop, "case {i}");
+        if o.logprobs.is_some() {
+            assert!(spec.tokens.len() > 3);
+        }
+        drafted += spec.drafted;
+        accepted += spec.accepted;
+    }
+    eprintln!("drafted {drafted}, accepted {accepted}");
+    assert!(
+        accepted > 100,
+        "lookup accepted only {accepted} of {drafted} guesses"
+    );
+}
+
+#[test]
+fn logprobs_are_the_same_with_lookup() {
+    let m = model();
+    let o = GenerateOptions {
+        max_new_tokens: 30,
+        logprobs: Some(2),
+        sampling: SamplingParams::greedy(),
+        ..Default::default()
+    };
+    let ids = m.encode_prompt(&repetitive(1), None, true);
+    let run = |o: &GenerateOptions| {
+        let cache = KvCache::new(&m.text.cfg, 512, gemma3_model::MAX_BATCH);
+        let mut s = Sequence::new(m, ids.clone(), None, o, cache, vec![]).unwrap();
+        let mut b = Batch::new(m, 64);
+        while !s.is_finished() {
+            b.step(m, &mut [&mut s]).unwrap();
+        }
+        (
+            s.generation().tokens.clone(),
+            s.logprobs().to_vec(),
+            s.generation().accepted,
+        )
+    };
+    let (t0, l0, _) = run(&o);
+    let (t1, l1, accepted) = run(&with_lookup(&o));
+    assert_eq!(t0, t1);
+    assert_eq!(l0, l1);
+    assert!(accepted > 0);
+}
+
+#[test]
+fn speculating_sequences_batched_together_give_their_solo_plain_tokens() {
+    let m = model();
+    let all = cases();
+    let solo: Vec<_> = all
+        .iter()
+        .map(|(p, o)| m.generate(p, o, |_| true).unwrap())
+        .collect();
+    let mut seqs: Vec<Sequence> = all
+        .iter()
+        .map(|(p, o)| {
+            let ids = m.encode_prompt(p, None, true);
+            let cache = KvCache::new(&m.text.cfg, 2048, gemma3_model::MAX_BATCH);
+            Sequence::new(m, ids, None, &with_lookup(o), cache, vec![]).unwrap()
+        })
+        .collect();
+    let mut batch = Batch::new(m, 96);
+    loop {
+        let mut live: Vec<&mut Sequence> = seqs.iter_mut().filter(|s| !s.is_finished()).collect();
+        if live.is_empty() {
+            break;
+        }
+        batch.step(m, &mut live).unwrap();
+    }
+    let mut accepted = 0;
+    for (i, (s, want)) in seqs.iter().zip(&solo).enumerate() {
+        assert_eq!(s.generation().tokens, want.tokens, "case {i}");
+        assert_eq!(s.generation().stop, want.stop, "case {i}");
+        accepted += s.generation().accepted;
+    }
+    assert!(accepted > 100, "accepted {accepted}");
+}
