@@ -29,6 +29,7 @@ fn params(p: &GenParams) {
     let _ = p.stop_strings();
     let sampling = SamplingParams::default();
     let d = Defaults {
+        lookup: None,
         sampling: &sampling,
         seed: 7,
     };

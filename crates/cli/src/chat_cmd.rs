@@ -21,6 +21,8 @@ pub struct ChatArgs {
     pub sampling: crate::SamplingArgs,
     #[command(flatten)]
     pub constraint: crate::ConstraintArgs,
+    #[command(flatten)]
+    pub spec: crate::SpecArgs,
     /// Instructions for the whole conversation (Gemma's template puts them before the
     /// first user message)
     #[arg(long)]
@@ -94,6 +96,7 @@ pub fn run(a: ChatArgs) -> Result<()> {
         max_new_tokens: a.max_tokens.min(ctx.saturating_sub(1)).max(1),
         sampling: a.sampling.params(&model)?.0,
         constraint: a.constraint.grammar()?,
+        lookup: a.spec.lookup(),
         ..Default::default()
     };
     let interactive = std::io::stdin().is_terminal();

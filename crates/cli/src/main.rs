@@ -4,7 +4,8 @@
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use gemma3_engine::{
-    GenerateOptions, Grammar, Image, Model, ModelSource, PanAndScan, SamplingParams, StopReason,
+    GenerateOptions, Grammar, Image, Lookup, Model, ModelSource, PanAndScan, SamplingParams,
+    StopReason,
 };
 use gemma3_eval::perplexity::perplexity;
 use gemma3_model::FileType;
@@ -286,6 +287,45 @@ impl ConstraintArgs {
     }
 }
 
+/// Speculative decoding by prompt lookup (on unless --no-spec): guesses of the next tokens
+/// copied from the prompt and the text so far, checked in one pass; the output is the same.
+#[derive(Args, Clone)]
+pub(crate) struct SpecArgs {
+    /// Decode plainly: no speculative decoding by prompt lookup
+    #[arg(long)]
+    no_spec: bool,
+    /// The most tokens guessed per step (prompt lookup)
+    #[arg(long, default_value_t = Lookup::default().max_draft as u16, value_parser = clap::value_parser!(u16).range(1..=gemma3_engine::draft::MAX_DRAFT as i64))]
+    draft_max: u16,
+    /// The shortest n-gram of the text so far that prompt lookup matches
+    #[arg(long, default_value_t = Lookup::default().min_ngram as u16, value_parser = clap::value_parser!(u16).range(1..=8))]
+    draft_ngram_min: u16,
+}
+
+impl SpecArgs {
+    pub(crate) fn lookup(&self) -> Option<Lookup> {
+        (!self.no_spec).then(|| Lookup {
+            max_draft: self.draft_max as usize,
+            min_ngram: self.draft_ngram_min as usize,
+            max_ngram: Lookup::default()
+                .max_ngram
+                .max(self.draft_ngram_min as usize),
+        })
+    }
+}
+
+/// What speculative decoding achieved, for --verbose.
+pub(crate) fn describe_speculation(g: &gemma3_engine::Generation) -> Option<String> {
+    (g.drafted > 0).then(|| {
+        format!(
+            "speculation: {} of {} guessed tokens accepted ({:.0}%)",
+            g.accepted,
+            g.drafted,
+            100.0 * g.accepted as f64 / g.drafted as f64
+        )
+    })
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Measure speed like llama-bench: prompt processing (pp) and generation (tg) in tokens/s,
@@ -314,6 +354,8 @@ enum Command {
         sampling: SamplingArgs,
         #[command(flatten)]
         constraint: ConstraintArgs,
+        #[command(flatten)]
+        spec: SpecArgs,
         /// Maximum new tokens (generation also stops when the context is full) [default: the
         /// model's (Ollama's num_predict), else 256]
         #[arg(short = 'n', long)]
@@ -537,6 +579,7 @@ fn run(cli: Cli) -> Result<()> {
             model,
             sampling,
             constraint,
+            spec,
             max_tokens,
             stop,
             ctx_size,
@@ -602,6 +645,7 @@ fn run(cli: Cli) -> Result<()> {
                 images,
                 pan_and_scan,
                 constraint: constraint.grammar()?,
+                lookup: spec.lookup(),
                 ..Default::default()
             };
             let stdout = std::io::stdout();
@@ -641,6 +685,9 @@ fn run(cli: Cli) -> Result<()> {
                     g.decode_tokens_per_s(),
                     g.stop
                 );
+                if let Some(d) = describe_speculation(&g) {
+                    eprintln!("{d}");
+                }
             } else if g.stop == StopReason::Context {
                 eprintln!("(stopped: the context is full)");
             }

@@ -57,6 +57,8 @@ pub struct ServeArgs {
     /// This replica's name, sent back in the X-Replica-Id header [default: the host name]
     #[arg(long)]
     pub replica_id: Option<String>,
+    #[command(flatten)]
+    pub spec: crate::SpecArgs,
 }
 
 pub fn run(a: ServeArgs) -> Result<()> {
@@ -94,6 +96,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
             .replica_id
             .clone()
             .unwrap_or_else(gemma3_server::host_name),
+        lookup: a.spec.lookup(),
     };
     // The server listens (answering /health with 503) while the model loads.
     let model_args = a.model.clone();

@@ -121,6 +121,16 @@ impl Server {
             .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
     }
 
+    /// A labelled metric's value (the first series of that name).
+    fn metric_total(&self, name: &str) -> f64 {
+        let (_, text) = self.get("/metrics");
+        text.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
+    }
+
     /// A streamed completion: its text pieces and finish reason.
     fn stream(&self, path: &str, body: &Value) -> (Vec<String>, Option<String>) {
         let r = self.http.post(self.url(path)).json(body).send().unwrap();
@@ -364,6 +374,50 @@ fn a_full_queue_answers_503_with_retry_after() {
 /// Distinct prompts, as ../shared/tools/serve_load.py sends.
 fn load_prompt(i: usize) -> String {
     format!("Here is a long story about the number {i}, told slowly and in great detail. Once upon a time")
+}
+
+/// Speculative decoding (prompt lookup, on by default) does not change a token: 16
+/// concurrent streams of repetitive prompts, greedy and seeded, equal their solo runs
+/// without it; the vLLM-named counters show guesses were made and accepted.
+#[test]
+fn sixteen_concurrent_speculative_streams_equal_their_solo_plain_runs() {
+    let s = Server::start(&["--parallel", "16"]);
+    const N: usize = 16;
+    let body = |i: usize, spec: bool| {
+        let line = format!("Row {i}: alpha beta gamma delta epsilon zeta eta theta.\n");
+        json!({"prompt": format!("{}{}", line.repeat(4), &line[..12]), "max_tokens": 32,
+               "temperature": if i % 2 == 0 { 0.0 } else { 1.0 }, "seed": i,
+               "ignore_eos": true, "stream": true, "speculative": spec})
+    };
+    let solo: Vec<String> = (0..N)
+        .map(|i| s.stream("/v1/completions", &body(i, false)).0.concat())
+        .collect();
+    assert_eq!(
+        s.metric_total("vllm:spec_decode_num_draft_tokens_total"),
+        0.0
+    );
+    let s = Arc::new(s);
+    let handles: Vec<_> = (0..N)
+        .map(|i| {
+            let s = s.clone();
+            std::thread::spawn(move || s.stream("/v1/completions", &body(i, true)))
+        })
+        .collect();
+    for (i, h) in handles.into_iter().enumerate() {
+        let (pieces, finish) = h.join().unwrap();
+        assert_eq!(finish.as_deref(), Some("length"));
+        assert_eq!(
+            pieces.concat(),
+            solo[i],
+            "stream {i} differs from its solo run"
+        );
+    }
+    let drafted = s.metric_total("vllm:spec_decode_num_draft_tokens_total");
+    let accepted = s.metric_total("vllm:spec_decode_num_accepted_tokens_total");
+    assert!(
+        accepted > 0.0 && accepted <= drafted,
+        "{accepted} of {drafted}"
+    );
 }
 
 #[test]

@@ -4,7 +4,7 @@
 
 use crate::error::ApiError;
 use gemma3_engine::tools::{Tool, ToolChoice, Tools};
-use gemma3_engine::{GenerateOptions, Grammar, SamplingParams};
+use gemma3_engine::{GenerateOptions, Grammar, Lookup, SamplingParams};
 use gemma3_text::chat::{ChatContent, ChatMessage, ChatPart};
 use serde::Deserialize;
 use serde_json::Value;
@@ -47,6 +47,9 @@ pub struct GenParams {
     /// Extensions (as vLLM's `guided_grammar`/`guided_regex`): a Lark grammar, a regex.
     pub grammar: Option<String>,
     pub regex: Option<String>,
+    /// Extension: `false` turns speculative decoding off for this request (the output is
+    /// the same either way).
+    pub speculative: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -301,6 +304,8 @@ fn kind(v: &Value) -> &'static str {
 /// What the server's configuration brings to each request.
 pub struct Defaults<'a> {
     pub sampling: &'a SamplingParams,
+    /// The server's speculative decoding (None: off).
+    pub lookup: Option<&'a Lookup>,
     /// A fresh seed for requests that give none.
     pub seed: u64,
 }
@@ -502,6 +507,10 @@ impl GenParams {
             stop_strings: self.stop_strings()?,
             ignore_eos: self.ignore_eos,
             logprobs,
+            lookup: match self.speculative {
+                Some(false) => None,
+                _ => d.lookup.cloned(),
+            },
             ..Default::default()
         })
     }

@@ -52,6 +52,9 @@ pub struct ServerConfig {
     pub shutdown_timeout: Duration,
     /// This replica's name in `X-Replica-Id` (a fleet's balancer logs and tests read it).
     pub replica_id: String,
+    /// Speculative decoding by prompt lookup for every request that does not opt out
+    /// (None: off).
+    pub lookup: Option<gemma3_engine::Lookup>,
 }
 
 /// The default drain time, as Kubernetes' default grace period leaves room for.

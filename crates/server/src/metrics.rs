@@ -35,6 +35,8 @@ struct Fleet {
     kv_usage: Family<ModelLabel, Gauge<f64, AtomicU64>>,
     prompt_tokens: Family<ModelLabel, Counter>,
     generation_tokens: Family<ModelLabel, Counter>,
+    draft_tokens: Family<ModelLabel, Counter>,
+    accepted_tokens: Family<ModelLabel, Counter>,
     ttft: Family<ModelLabel, Histogram, fn() -> Histogram>,
     e2e: Family<ModelLabel, Histogram, fn() -> Histogram>,
 }
@@ -47,6 +49,8 @@ struct FleetSeries {
     kv_usage: Gauge<f64, AtomicU64>,
     prompt_tokens: Counter,
     generation_tokens: Counter,
+    draft_tokens: Counter,
+    accepted_tokens: Counter,
     ttft: Histogram,
     e2e: Histogram,
 }
@@ -89,6 +93,8 @@ impl Metrics {
             kv_usage: Family::default(),
             prompt_tokens: Family::default(),
             generation_tokens: Family::default(),
+            draft_tokens: Family::default(),
+            accepted_tokens: Family::default(),
             ttft: Family::new_with_constructor(ttft_buckets),
             e2e: Family::new_with_constructor(latency_buckets),
         };
@@ -116,6 +122,16 @@ impl Metrics {
             "vllm:generation_tokens",
             "Generated tokens",
             fleet.generation_tokens.clone(),
+        );
+        root.register(
+            "vllm:spec_decode_num_draft_tokens",
+            "Tokens guessed by speculative decoding",
+            fleet.draft_tokens.clone(),
+        );
+        root.register(
+            "vllm:spec_decode_num_accepted_tokens",
+            "Guessed tokens the model accepted",
+            fleet.accepted_tokens.clone(),
         );
         root.register(
             "vllm:time_to_first_token_seconds",
@@ -213,6 +229,8 @@ impl Metrics {
             kv_usage: f.kv_usage.get_or_create(&l).clone(),
             prompt_tokens: f.prompt_tokens.get_or_create(&l).clone(),
             generation_tokens: f.generation_tokens.get_or_create(&l).clone(),
+            draft_tokens: f.draft_tokens.get_or_create(&l).clone(),
+            accepted_tokens: f.accepted_tokens.get_or_create(&l).clone(),
             ttft: f.ttft.get_or_create(&l).clone(),
             e2e: f.e2e.get_or_create(&l).clone(),
         });
@@ -245,10 +263,13 @@ impl Metrics {
         }
     }
 
-    /// A request ended `secs` after it arrived.
-    pub fn finished(&self, secs: f64) {
+    /// A request ended `secs` after it arrived, with `drafted` tokens guessed by
+    /// speculative decoding and `accepted` of them kept.
+    pub fn finished(&self, secs: f64, drafted: usize, accepted: usize) {
         if let Some(s) = self.series.get() {
             s.e2e.observe(secs);
+            s.draft_tokens.inc_by(drafted as u64);
+            s.accepted_tokens.inc_by(accepted as u64);
         }
     }
 

@@ -575,6 +575,7 @@ async fn chat(
     let max_new = max_new_tokens(p.max_tokens()?, ids.len(), r.context, false)?;
     let defaults = Defaults {
         sampling: &r.sampling,
+        lookup: st.config.lookup.as_ref(),
         seed: st.fresh_seed(),
     };
     let (tx, rx) = unbounded_channel();
@@ -668,6 +669,7 @@ async fn completions(
     let asked = p.max_tokens()?;
     let defaults = Defaults {
         sampling: &r.sampling,
+        lookup: st.config.lookup.as_ref(),
         seed: st.fresh_seed(),
     };
     let (tx, rx) = unbounded_channel();

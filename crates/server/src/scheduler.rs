@@ -359,8 +359,9 @@ impl Engine {
             }
             if let Some(stop) = finished {
                 let r = self.running.swap_remove(i);
-                self.metrics.finished((now - r.arrived).as_secs_f64());
                 let g = r.seq.generation();
+                self.metrics
+                    .finished((now - r.arrived).as_secs_f64(), g.drafted, g.accepted);
                 if let Some(message) = g.error.clone() {
                     // Ended by a failure (the output constraint's): an error, not a reply.
                     let _ = r.events.send(Event::Failed {
