@@ -386,7 +386,7 @@ fn sixteen_concurrent_speculative_streams_equal_their_solo_plain_runs() {
     let body = |i: usize, spec: bool| {
         let line = format!("Row {i}: alpha beta gamma delta epsilon zeta eta theta.\n");
         json!({"prompt": format!("{}{}", line.repeat(4), &line[..12]), "max_tokens": 32,
-               "temperature": if i % 2 == 0 { 0.0 } else { 1.0 }, "seed": i,
+               "temperature": if i.is_multiple_of(2) { 0.0 } else { 1.0 }, "seed": i,
                "ignore_eos": true, "stream": true, "speculative": spec})
     };
     let solo: Vec<String> = (0..N)
