@@ -7,7 +7,7 @@
 //!
 //! The guess: the longest n-gram (`max_ngram` down to `min_ngram` tokens) that ends the
 //! history and occurred before, and the tokens that followed its latest earlier occurrence.
-//! The draft length adapts: it grows while guesses are accepted whole and halves when one is
+//! The draft length adapts: it grows by two while guesses are accepted whole, halves when one is
 //! refused at its first token; after [`MISSES_BEFORE_PAUSE`] refusals in a row drafting
 //! pauses for [`PAUSE_TOKENS`] tokens, so a text with nothing to copy costs almost nothing.
 
@@ -32,7 +32,7 @@ pub const PAUSE_TOKENS: usize = 16;
 impl Default for Lookup {
     fn default() -> Self {
         Lookup {
-            max_draft: 6,
+            max_draft: 10,
             min_ngram: 2,
             max_ngram: 4,
         }
@@ -103,7 +103,7 @@ impl Drafter {
         self.drafted += drafted;
         self.accepted += accepted;
         if accepted == drafted {
-            self.k = (self.k + 1).min(self.cfg.max_draft);
+            self.k = (self.k + 2).min(self.cfg.max_draft);
             self.misses = 0;
         } else if accepted == 0 {
             self.k = (self.k / 2).max(1);
