@@ -81,6 +81,11 @@ pub struct BenchArgs {
     /// with random BF16 weights encoding one 896x896 image, with the projector
     #[arg(long)]
     pub vision: bool,
+    /// Instead, time speculative decoding's check: one pass over the last token and k
+    /// guesses (k + 1 rows, logits for each) against a one-row decode pass, for each k
+    /// given (e.g. 1,2,4,8,16), at the depth of the first -d
+    #[arg(long, value_delimiter = ',', value_name = "K,...")]
+    pub spec_rows: Vec<usize>,
 }
 
 struct Row {
@@ -137,6 +142,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
         quantize: a.quantize,
         chat_template: None,
     })?;
+    if !a.spec_rows.is_empty() {
+        return spec_rows(&a, &model);
+    }
     let cfg = &model.text.cfg;
     let max_p = a.n_prompt.iter().copied().max().unwrap_or(0);
     let max_n = a.n_gen.iter().copied().max().unwrap_or(0);
@@ -627,4 +635,79 @@ fn process_cpu_seconds() -> Option<f64> {
     let f: Vec<&str> = rest.split(' ').collect();
     let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
     Some(ticks / 100.0)
+}
+
+/// What checking k guesses costs: a pass of k + 1 rows (logits for each, as speculative
+/// decoding needs) against a one-row decode pass, after `-d` tokens of context. A pass of
+/// k + 1 rows that costs `c` one-row passes pays when more than `c - 1` guesses are
+/// accepted per pass on average.
+fn spec_rows(a: &BenchArgs, model: &gemma3_engine::Model) -> Result<()> {
+    let depth = a.depth.first().copied().unwrap_or(0).max(1);
+    let max_k = a.spec_rows.iter().copied().max().unwrap_or(1);
+    if max_k + 1 > MAX_BATCH {
+        bail!("--spec-rows: at most {} guesses per pass", MAX_BATCH - 1);
+    }
+    let cfg = &model.text.cfg;
+    let ctx = depth + max_k + 1;
+    if ctx > cfg.max_position_embeddings {
+        bail!(
+            "--spec-rows needs {ctx} positions; the model allows {}",
+            cfg.max_position_embeddings
+        );
+    }
+    let tokens: Vec<u32> = (0..ctx as u64)
+        .map(|i| (2 + (i.wrapping_mul(2_654_435_761) % (cfg.vocab_size as u64 - 2))) as u32)
+        .collect();
+    println!(
+        "| threads | rows (1 + k) | ms per pass | x one row | guesses accepted per pass to pay |"
+    );
+    println!("|---|---|---|---|---|");
+    for &t in &a.threads {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(t)
+            .build()
+            .context("thread pool")?;
+        pool.install(|| -> Result<()> {
+            let mut cache = model.text.new_cache(ctx, MAX_BATCH);
+            let mut ws = Workspace::new(cfg, MAX_BATCH);
+            for chunk in tokens[..depth].chunks(512) {
+                model
+                    .text
+                    .forward(chunk, &mut cache, &mut ws, Logits::None, &mut |_, _| {})?;
+            }
+            let mut time = |rows: usize| -> Result<f64> {
+                let reps = a.reps * 4;
+                let mut best = f64::MAX;
+                for _ in 0..reps {
+                    let t0 = Instant::now();
+                    let logits = if rows == 1 { Logits::Last } else { Logits::All };
+                    model.text.forward(
+                        &tokens[depth..depth + rows],
+                        &mut cache,
+                        &mut ws,
+                        logits,
+                        &mut |_, _| {},
+                    )?;
+                    best = best.min(t0.elapsed().as_secs_f64());
+                    if !cache.truncate(depth) {
+                        bail!("the cache could not rewind {rows} positions");
+                    }
+                }
+                Ok(best * 1e3)
+            };
+            let one = time(1)?;
+            println!("| {t} | 1 | {one:.2} | 1.00 | - |");
+            for &k in &a.spec_rows {
+                let ms = time(k + 1)?;
+                println!(
+                    "| {t} | {} | {ms:.2} | {:.2} | {:.2} |",
+                    k + 1,
+                    ms / one,
+                    ms / one - 1.0
+                );
+            }
+            Ok(())
+        })?;
+    }
+    Ok(())
 }

@@ -4,7 +4,9 @@
 //! that depends only on the row length, so `R = 1` and `R = 4` give identical results and a
 //! row's output never depends on its neighbours.
 
-use crate::simd::{level, Level};
+use crate::simd::level;
+#[cfg(target_arch = "x86_64")]
+use crate::simd::Level;
 
 /// `R` dot products sharing `x`; every row must be at least `x.len()` long.
 pub type DotRows<const R: usize> = fn(&[&[f32]; R], &[f32]) -> [f32; R];

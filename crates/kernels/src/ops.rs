@@ -105,6 +105,8 @@ pub fn gelu_gate_f16(gate: &mut [f32], up: &[f32]) {
             .collect()
     });
     let n = gate.len().min(up.len());
+    // Written only where an x86 path exists.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
     if crate::simd::level() == crate::simd::Level::Avx512 {
@@ -118,6 +120,8 @@ pub fn gelu_gate_f16(gate: &mut [f32], up: &[f32]) {
 
 /// Rounds every value to the nearest f16 (what an f16 KV cache stores).
 pub fn round_to_f16(x: &mut [f32]) {
+    // Written only where an x86 path exists.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
     if crate::simd::level() == crate::simd::Level::Avx512 {

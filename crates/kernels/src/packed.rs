@@ -64,8 +64,11 @@ pub struct PackedMatrix {
     pub rows: usize,
     pub cols: usize,
     groups: usize,
-    /// Bytes of a group's metadata (rounded up to 64) and of the whole group.
+    /// Bytes of a group's metadata (rounded up to 64) and of the whole group (read by the
+    /// x86 tiles only so far).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     meta_bytes: usize,
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     group_bytes: usize,
     data: Vec<Line>,
 }
@@ -161,6 +164,7 @@ impl PackedMatrix {
         crate::qdot::ActBlock::for_weights(self.dtype)
     }
 
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     fn group_ptr(&self, g: usize) -> *const u8 {
         debug_assert!(g < self.groups);
         // SAFETY: g < groups, so the offset is inside `data`.

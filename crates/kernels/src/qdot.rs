@@ -12,7 +12,9 @@
 //! This is the path for every CPU and type; on AVX-512 VNNI the common GGUF types are
 //! repacked at load instead ([`crate::packed`]), which is several times faster.
 
-use crate::simd::{level, Level};
+use crate::simd::level;
+#[cfg(target_arch = "x86_64")]
+use crate::simd::Level;
 use gemma3_formats::quant::{f16_at, k_scale_min};
 use gemma3_formats::DType;
 

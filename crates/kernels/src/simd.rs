@@ -63,6 +63,7 @@ pub fn level() -> Level {
 /// 8-bit dot-product instructions in use: 0 = not decided yet, 1 = off, 2 = on.
 static VNNI: AtomicU8 = AtomicU8::new(0);
 
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 fn vnni_enabled() -> bool {
     match VNNI.load(Ordering::Relaxed) {
         1 => false,
