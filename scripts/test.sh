@@ -28,3 +28,5 @@ scripts/validate-deploy.sh
 cargo test --release --workspace "$@"
 # A short run of every fuzz target over its seeds (builds them on first use).
 scripts/fuzz-smoke.sh
+# The workspace type-checks for Windows and macOS.
+scripts/cross-check.sh
