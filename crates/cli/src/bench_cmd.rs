@@ -158,10 +158,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     let mut cache = model.text.new_cache(ctx, MAX_BATCH);
     let mut ws = Workspace::new(cfg, MAX_BATCH);
-    // Tokens as llama-bench uses them: arbitrary ids, here a fixed pseudo-random sequence.
-    let tokens: Vec<u32> = (0..ctx as u64)
-        .map(|i| (2 + (i.wrapping_mul(2_654_435_761) % (cfg.vocab_size as u64 - 2))) as u32)
-        .collect();
+    let tokens = bench_tokens(cfg.vocab_size, ctx);
     let mut rows = Vec::new();
     for &t in &a.threads {
         let pool = rayon::ThreadPoolBuilder::new()
@@ -655,9 +652,7 @@ fn spec_rows(a: &BenchArgs, model: &gemma3_engine::Model) -> Result<()> {
             cfg.max_position_embeddings
         );
     }
-    let tokens: Vec<u32> = (0..ctx as u64)
-        .map(|i| (2 + (i.wrapping_mul(2_654_435_761) % (cfg.vocab_size as u64 - 2))) as u32)
-        .collect();
+    let tokens = bench_tokens(cfg.vocab_size, ctx);
     println!(
         "| threads | rows (1 + k) | ms per pass | x one row | guesses accepted per pass to pay |"
     );
@@ -710,4 +705,12 @@ fn spec_rows(a: &BenchArgs, model: &gemma3_engine::Model) -> Result<()> {
         })?;
     }
     Ok(())
+}
+
+/// Tokens as llama-bench uses them: arbitrary ids, here a fixed pseudo-random sequence of
+/// `n` ids below `vocab` (never the first two, padding and end of sequence).
+fn bench_tokens(vocab: usize, n: usize) -> Vec<u32> {
+    (0..n as u64)
+        .map(|i| (2 + (i.wrapping_mul(2_654_435_761) % (vocab as u64 - 2))) as u32)
+        .collect()
 }

@@ -111,18 +111,8 @@ impl Server {
         (r.status().as_u16(), r.text().unwrap())
     }
 
-    /// A metric's value from /metrics.
+    /// A metric's value from /metrics (its first series, labelled or not).
     fn metric(&self, name: &str) -> f64 {
-        let (_, text) = self.get("/metrics");
-        text.lines()
-            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
-    }
-
-    /// A labelled metric's value (the first series of that name).
-    fn metric_total(&self, name: &str) -> f64 {
         let (_, text) = self.get("/metrics");
         text.lines()
             .find(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
@@ -392,10 +382,7 @@ fn sixteen_concurrent_speculative_streams_equal_their_solo_plain_runs() {
     let solo: Vec<String> = (0..N)
         .map(|i| s.stream("/v1/completions", &body(i, false)).0.concat())
         .collect();
-    assert_eq!(
-        s.metric_total("vllm:spec_decode_num_draft_tokens_total"),
-        0.0
-    );
+    assert_eq!(s.metric("vllm:spec_decode_num_draft_tokens_total"), 0.0);
     let s = Arc::new(s);
     let handles: Vec<_> = (0..N)
         .map(|i| {
@@ -412,8 +399,8 @@ fn sixteen_concurrent_speculative_streams_equal_their_solo_plain_runs() {
             "stream {i} differs from its solo run"
         );
     }
-    let drafted = s.metric_total("vllm:spec_decode_num_draft_tokens_total");
-    let accepted = s.metric_total("vllm:spec_decode_num_accepted_tokens_total");
+    let drafted = s.metric("vllm:spec_decode_num_draft_tokens_total");
+    let accepted = s.metric("vllm:spec_decode_num_accepted_tokens_total");
     assert!(
         accepted > 0.0 && accepted <= drafted,
         "{accepted} of {drafted}"

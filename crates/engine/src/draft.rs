@@ -160,15 +160,22 @@ mod tests {
 
     #[test]
     fn the_draft_length_adapts_and_pauses() {
-        let mut d = Drafter::new(Lookup::default());
+        let cfg = Lookup {
+            max_draft: 6,
+            ..Lookup::default()
+        };
+        let mut d = Drafter::new(cfg.clone());
         let h = [1, 2, 3, 4, 5, 6, 7, 8, 1, 2];
         let mut out = vec![];
         d.propose(&h, 16, None, &mut out);
-        assert_eq!(out, vec![3, 4, 5]);
+        assert_eq!(out, vec![3, 4, 5], "starts at half the most");
         d.record(3, 3);
         out.clear();
         d.propose(&h, 16, None, &mut out);
-        assert_eq!(out.len(), 4, "grows after a whole acceptance");
+        assert_eq!(out.len(), 5, "grows by two after a whole acceptance");
+        out.clear();
+        d.propose(&h, 2, None, &mut out);
+        assert_eq!(out.len(), 2, "never past the limit");
         for _ in 0..MISSES_BEFORE_PAUSE {
             d.record(2, 0);
         }
@@ -178,7 +185,7 @@ mod tests {
         out.clear();
         d.propose(&h, 16, Some(4), &mut out);
         assert!(out.is_empty());
-        let mut d = Drafter::new(Lookup::default());
+        let mut d = Drafter::new(cfg);
         d.propose(&h, 16, Some(4), &mut out);
         assert_eq!(out, vec![3], "stops before an excluded token");
     }
