@@ -101,6 +101,16 @@ impl AppState {
             None => model.default_sampling(0).map_err(|e| e.to_string())?.params,
         };
         let model = Arc::new(model);
+        // The grammar engine's token trie (about a second for Gemma's 262K tokens) is built
+        // beside the serving, so the first constrained request does not wait for it.
+        {
+            let model = model.clone();
+            std::thread::spawn(move || {
+                if let Err(e) = model.constraints() {
+                    tracing::warn!("constrained decoding is unavailable: {e}");
+                }
+            });
+        }
         let mut config = self.config.scheduler.clone();
         config.context = Some(context);
         let (scheduler, thread) = Scheduler::start(model.clone(), config, self.metrics.clone());
