@@ -595,3 +595,46 @@ fn write_mmproj(out: &Path) {
     w.tensor("mm.soft_emb_norm.weight", &n.shape, DType::F32, plus_one);
     std::fs::write(out, w.to_bytes()).unwrap();
 }
+
+/// Speculative decoding with an image in the prompt: the same tokens as plain decoding,
+/// greedy and seeded, and transformers' 8 greedy tokens still; image placeholders are never
+/// guessed (the guesses are checked without image rows).
+#[test]
+fn prompt_lookup_with_an_image_changes_no_token() {
+    let exp = expected();
+    let m = tiny_vlm("lookup", "model.safetensors");
+    let img = Image::open(vlm().join("image.png")).unwrap();
+    let mut drafted = 0;
+    for (n, sampling) in [
+        (8, gemma3_engine::SamplingParams::greedy()),
+        (64, gemma3_engine::SamplingParams::greedy()),
+        (
+            64,
+            gemma3_engine::SamplingParams {
+                temperature: 1.0,
+                seed: 5,
+                ..Default::default()
+            },
+        ),
+    ] {
+        let plain = GenerateOptions {
+            max_new_tokens: n,
+            ignore_eos: true,
+            images: vec![img.clone()],
+            sampling,
+            ..Default::default()
+        };
+        let spec = GenerateOptions {
+            lookup: Some(gemma3_engine::Lookup::default()),
+            ..plain.clone()
+        };
+        let a = m.generate(PROMPT, &plain, |_| true).unwrap();
+        let b = m.generate(PROMPT, &spec, |_| true).unwrap();
+        assert_eq!(a.tokens, b.tokens, "{n} tokens");
+        if n == 8 && plain.sampling.temperature == 0.0 {
+            assert_eq!(b.tokens, ids(&exp["generated_ids"]));
+        }
+        drafted += b.drafted;
+    }
+    assert!(drafted > 0, "nothing was guessed: the check did not run");
+}
