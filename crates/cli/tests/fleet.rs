@@ -11,13 +11,14 @@
 
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashSet};
-use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+mod common;
 
 /// Streams the load keeps going.
 const STREAMS: usize = 8;
@@ -91,15 +92,7 @@ impl Replica {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let id = self.id.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if !line.starts_with("gemma3 serve: listening") {
-                    eprintln!("[{id}] {line}");
-                }
-            }
-        });
+        common::read_log(child.stderr.take().unwrap(), Some(self.id.clone()));
         self.child = Some(child);
         let t0 = Instant::now();
         let c = http();

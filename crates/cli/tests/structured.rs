@@ -4,11 +4,11 @@
 //! `jsonschema` (tests/structured_client.py; scripts/test.sh installs both into a venv and
 //! names its python in GEMMA3_TEST_PYTHON).
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
+
+mod common;
 
 /// A `gemma3 serve` child on a free port; killed when dropped.
 struct Server {
@@ -26,16 +26,7 @@ impl Server {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if let Some(addr) = line.strip_prefix("gemma3 serve: listening on ") {
-                    let _ = tx.send(addr.to_string());
-                }
-            }
-        });
+        let (_, rx) = common::read_log(child.stderr.take().unwrap(), None);
         let base = rx
             .recv_timeout(Duration::from_secs(60))
             .expect("the server did not start");
