@@ -3,10 +3,7 @@
 //! error naming the reason; constrained sequences batched with others give their solo
 //! tokens; the first mask is computed quickly.
 
-use gemma3_engine::{
-    Batch, EngineError, GenerateOptions, Grammar, Model, SamplingParams, Sequence,
-};
-use gemma3_model::KvCache;
+use gemma3_engine::{EngineError, GenerateOptions, Grammar, Model, SamplingParams};
 use serde_json::{json, Value};
 use std::sync::OnceLock;
 use std::time::Instant;
@@ -191,22 +188,7 @@ fn constrained_sequences_batched_together_give_their_solo_tokens() {
         .iter()
         .map(|(p, o)| m.generate(p, o, |_| true).unwrap())
         .collect();
-    let mut seqs: Vec<Sequence> = cases
-        .iter()
-        .map(|(p, o)| {
-            let ids = m.encode_prompt(p, None, true);
-            let cache = KvCache::new(&m.text.cfg, 256, gemma3_model::MAX_BATCH);
-            Sequence::new(m, ids, None, o, cache, vec![]).unwrap()
-        })
-        .collect();
-    let mut batch = Batch::new(m, 5);
-    loop {
-        let mut live: Vec<&mut Sequence> = seqs.iter_mut().filter(|s| !s.is_finished()).collect();
-        if live.is_empty() {
-            break;
-        }
-        batch.step(m, &mut live).unwrap();
-    }
+    let seqs = common::run_batched(m, &cases, 256, 5);
     for (i, (s, want)) in seqs.iter().zip(&solo).enumerate() {
         assert_eq!(s.generation().tokens, want.tokens, "case {i}");
         assert_eq!(s.generation().stop, want.stop, "case {i}");

@@ -242,7 +242,7 @@ fn a_shared_prefix_is_reused_and_gives_the_same_tokens() {
 fn sequences_batched_together_give_their_solo_tokens() {
     // Greedy and seeded sampling, stop strings and prompts of different lengths: each
     // sequence stepped among the others gives exactly what it gives alone.
-    use gemma3_engine::{Batch, SamplingParams, Sequence};
+    use gemma3_engine::SamplingParams;
     let m = model();
     let cases: Vec<(&str, GenerateOptions)> = vec![
         (
@@ -282,23 +282,8 @@ fn sequences_batched_together_give_their_solo_tokens() {
         .iter()
         .map(|(p, o)| m.generate(p, o, |_| true).unwrap())
         .collect();
-    let mut seqs: Vec<Sequence> = cases
-        .iter()
-        .map(|(p, o)| {
-            let ids = m.encode_prompt(p, None, true);
-            let cache = KvCache::new(&m.text.cfg, 256, gemma3_model::MAX_BATCH);
-            Sequence::new(m, ids, None, o, cache, vec![]).unwrap()
-        })
-        .collect();
     // A small prefill budget, so prompts advance in chunks beside the others' decodes.
-    let mut batch = Batch::new(m, 7);
-    loop {
-        let mut live: Vec<&mut Sequence> = seqs.iter_mut().filter(|s| !s.is_finished()).collect();
-        if live.is_empty() {
-            break;
-        }
-        batch.step(m, &mut live).unwrap();
-    }
+    let seqs = common::run_batched(m, &cases, 256, 7);
     for (i, (s, want)) in seqs.iter().zip(&solo).enumerate() {
         let g = s.generation();
         assert_eq!(g.tokens, want.tokens, "case {i}");

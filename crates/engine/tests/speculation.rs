@@ -163,22 +163,8 @@ fn speculating_sequences_batched_together_give_their_solo_plain_tokens() {
         .iter()
         .map(|(p, o)| m.generate(p, o, |_| true).unwrap())
         .collect();
-    let mut seqs: Vec<Sequence> = all
-        .iter()
-        .map(|(p, o)| {
-            let ids = m.encode_prompt(p, None, true);
-            let cache = KvCache::new(&m.text.cfg, 2048, gemma3_model::MAX_BATCH);
-            Sequence::new(m, ids, None, &with_lookup(o), cache, vec![]).unwrap()
-        })
-        .collect();
-    let mut batch = Batch::new(m, 96);
-    loop {
-        let mut live: Vec<&mut Sequence> = seqs.iter_mut().filter(|s| !s.is_finished()).collect();
-        if live.is_empty() {
-            break;
-        }
-        batch.step(m, &mut live).unwrap();
-    }
+    let speculating: Vec<_> = all.iter().map(|(p, o)| (p, with_lookup(o))).collect();
+    let seqs = common::run_batched(m, &speculating, 2048, 96);
     let mut accepted = 0;
     for (i, (s, want)) in seqs.iter().zip(&solo).enumerate() {
         assert_eq!(s.generation().tokens, want.tokens, "case {i}");
