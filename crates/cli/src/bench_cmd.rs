@@ -122,10 +122,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         // In the pool, as the model runs them: a call from outside would time the
         // hand-off to the pool's threads too.
         for &t in &a.threads {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(t)
-                .build()
-                .context("thread pool")?;
+            let pool = pool(t)?;
             pool.install(|| kernels(&a))?;
         }
         return Ok(());
@@ -161,10 +158,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let tokens = bench_tokens(cfg.vocab_size, ctx);
     let mut rows = Vec::new();
     for &t in &a.threads {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(t)
-            .build()
-            .context("thread pool")?;
+        let pool = pool(t)?;
         pool.install(|| -> Result<()> {
             let mut gbps = 0.0;
             if a.n_gen.iter().any(|&n| n > 0) {
@@ -573,10 +567,7 @@ fn vision(a: &BenchArgs) -> Result<()> {
     let flops = vision_flops(&cfg);
     let mut rows = Vec::new();
     for &t in &a.threads {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(t)
-            .build()
-            .context("thread pool")?;
+        let pool = pool(t)?;
         let times = pool.install(|| -> Result<(Vec<f64>, Option<f64>)> {
             // Warm up: thread-local buffers, page faults.
             let out = tower.encode(&pixels)?;
@@ -658,10 +649,7 @@ fn spec_rows(a: &BenchArgs, model: &gemma3_engine::Model) -> Result<()> {
     );
     println!("|---|---|---|---|---|");
     for &t in &a.threads {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(t)
-            .build()
-            .context("thread pool")?;
+        let pool = pool(t)?;
         pool.install(|| -> Result<()> {
             let mut cache = model.text.new_cache(ctx, MAX_BATCH);
             let mut ws = Workspace::new(cfg, MAX_BATCH);
@@ -713,4 +701,13 @@ fn bench_tokens(vocab: usize, n: usize) -> Vec<u32> {
     (0..n as u64)
         .map(|i| (2 + (i.wrapping_mul(2_654_435_761) % (vocab as u64 - 2))) as u32)
         .collect()
+}
+
+/// A pool of `t` threads to run a test in (as the model runs its work: a call from outside
+/// a pool would time the hand-off to its threads too).
+fn pool(t: usize) -> Result<rayon::ThreadPool> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(t)
+        .build()
+        .context("thread pool")
 }
