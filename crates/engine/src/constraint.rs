@@ -15,9 +15,14 @@ use crate::EngineError;
 use gemma3_text::{TokenType, Tokenizer};
 use llguidance::api::TopLevelGrammar;
 use llguidance::toktrie::{SimpleVob, TokEnv, TokRxInfo, TokTrie, TokenId, TokenizerEnv};
-use llguidance::{Matcher, ParserFactory};
+use llguidance::{Matcher, ParserFactory, TokenParser};
 use serde_json::{json, Value};
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+/// Grammars kept compiled, most recent first: a request's choices, the server's check
+/// before queuing and an agent that sends the same schema every time compile it once.
+const COMPILED_KEPT: usize = 32;
 
 /// What a reply must follow.
 #[derive(Clone, Debug, PartialEq)]
@@ -129,6 +134,8 @@ impl TokenizerEnv for TokenBytes {
 /// Compiles grammars for one model (shared by all its sequences).
 pub struct Constraints {
     factory: ParserFactory,
+    /// Recently compiled grammars, each a fresh parser to clone.
+    compiled: Mutex<VecDeque<(Grammar, TokenParser)>>,
     /// Tokens the grammar knows (the tokenizer's); logits beyond are never allowed.
     vocab: usize,
     eos: Vec<u32>,
@@ -174,6 +181,7 @@ impl Constraints {
         factory.quiet();
         Ok(Constraints {
             factory,
+            compiled: Mutex::new(VecDeque::new()),
             vocab,
             eos,
         })
@@ -182,11 +190,7 @@ impl Constraints {
     /// Compiles `g` for one sequence; a grammar or schema that cannot be compiled is an
     /// error naming llguidance's reason.
     pub fn matcher(&self, g: &Grammar) -> Result<Constraint, EngineError> {
-        let parser = self
-            .factory
-            .create_parser(g.top_level())
-            .map_err(|e| EngineError::Grammar(grammar_error(g, &e.to_string())))?;
-        let matcher = Matcher::new(Ok(parser));
+        let matcher = Matcher::new(Ok(self.parser(g)?));
         if let Some(e) = matcher.get_error() {
             return Err(EngineError::Grammar(grammar_error(g, &e)));
         }
@@ -197,6 +201,31 @@ impl Constraints {
             masks: 0,
             end_when_refused: matches!(g, Grammar::ToolCalls(_)),
         })
+    }
+}
+
+impl Constraints {
+    /// A fresh parser for `g`: a copy of the compiled one kept, or compiled now (outside
+    /// the lock, so other sequences do not wait for it) and kept.
+    fn parser(&self, g: &Grammar) -> Result<TokenParser, EngineError> {
+        let lock = || self.compiled.lock().unwrap_or_else(|e| e.into_inner());
+        {
+            let mut kept = lock();
+            if let Some(i) = kept.iter().position(|(k, _)| k == g) {
+                let entry = kept.remove(i).expect("the position is inside");
+                let parser = entry.1.deep_clone();
+                kept.push_front(entry);
+                return Ok(parser);
+            }
+        }
+        let parser = self
+            .factory
+            .create_parser(g.top_level())
+            .map_err(|e| EngineError::Grammar(grammar_error(g, &e.to_string())))?;
+        let mut kept = lock();
+        kept.push_front((g.clone(), parser.deep_clone()));
+        kept.truncate(COMPILED_KEPT);
+        Ok(parser)
     }
 }
 

@@ -732,8 +732,9 @@ async fn completions(
     Ok(respond(st.clone(), meta, rx, p.stream).await)
 }
 
-/// Compiles a request's grammar once before it is queued: one that cannot be compiled is a
-/// 400 naming the reason, never an unconstrained answer.
+/// Compiles a request's grammar before it is queued (on a blocking thread: the scheduler's
+/// sequences then take copies of the compiled grammar, never compiling on its thread): one
+/// that cannot be compiled is a 400 naming the reason, never an unconstrained answer.
 async fn check_constraint(r: &Ready, g: Option<&Grammar>) -> Result<(), ApiError> {
     let Some(g) = g.cloned() else {
         return Ok(());
