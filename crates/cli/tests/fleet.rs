@@ -147,14 +147,6 @@ impl Drop for Replica {
     }
 }
 
-/// A metric's value (the first series of that name) from /metrics text.
-fn metric(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
 struct Balancer {
     child: Child,
     port: u16,
@@ -424,7 +416,7 @@ fn a_fleet_behind_haproxy_restarts_loses_a_replica_and_keeps_sessions() {
     load.wait_for(STREAMS);
     let victim = &replicas[1];
     let t0 = Instant::now();
-    while metric(&victim.metrics(), "vllm:num_requests_running").unwrap_or(0.0) < 1.0 {
+    while common::metric(&victim.metrics(), "vllm:num_requests_running").unwrap_or(0.0) < 1.0 {
         assert!(
             t0.elapsed() < Duration::from_secs(30),
             "the victim never had a stream"
@@ -533,7 +525,9 @@ fn a_fleet_behind_haproxy_restarts_loses_a_replica_and_keeps_sessions() {
     }
     let moved = replicas
         .iter()
-        .filter(|r| metric(&r.metrics(), "vllm:generation_tokens_total").unwrap_or(0.0) > 0.0)
+        .filter(|r| {
+            common::metric(&r.metrics(), "vllm:generation_tokens_total").unwrap_or(0.0) > 0.0
+        })
         .count();
     assert!(moved >= 2, "generation counters did not move");
 }

@@ -102,11 +102,7 @@ impl Server {
     /// A metric's value from /metrics (its first series, labelled or not).
     fn metric(&self, name: &str) -> f64 {
         let (_, text) = self.get("/metrics");
-        text.lines()
-            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
+        common::metric(&text, name).unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
     }
 
     /// A streamed completion: its text pieces and finish reason.
@@ -354,6 +350,18 @@ fn load_prompt(i: usize) -> String {
     format!("Here is a long story about the number {i}, told slowly and in great detail. Once upon a time")
 }
 
+/// Streamed completions of `bodies`, all sent at once: each one's pieces and finish reason.
+fn streams_together(s: &Arc<Server>, bodies: Vec<Value>) -> Vec<(Vec<String>, Option<String>)> {
+    let handles: Vec<_> = bodies
+        .into_iter()
+        .map(|b| {
+            let s = s.clone();
+            std::thread::spawn(move || s.stream("/v1/completions", &b))
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
 /// Speculative decoding (prompt lookup, on by default) does not change a token: 16
 /// concurrent streams of repetitive prompts, greedy and seeded, equal their solo runs
 /// without it; the vLLM-named counters show guesses were made and accepted.
@@ -372,14 +380,8 @@ fn sixteen_concurrent_speculative_streams_equal_their_solo_plain_runs() {
         .collect();
     assert_eq!(s.metric("vllm:spec_decode_num_draft_tokens_total"), 0.0);
     let s = Arc::new(s);
-    let handles: Vec<_> = (0..N)
-        .map(|i| {
-            let s = s.clone();
-            std::thread::spawn(move || s.stream("/v1/completions", &body(i, true)))
-        })
-        .collect();
-    for (i, h) in handles.into_iter().enumerate() {
-        let (pieces, finish) = h.join().unwrap();
+    let together = streams_together(&s, (0..N).map(|i| body(i, true)).collect());
+    for (i, (pieces, finish)) in together.into_iter().enumerate() {
         assert_eq!(finish.as_deref(), Some("length"));
         assert_eq!(
             pieces.concat(),
@@ -408,14 +410,8 @@ fn sixteen_concurrent_greedy_streams_equal_their_solo_runs() {
         .map(|i| s.stream("/v1/completions", &body(i)).0.concat())
         .collect();
     let s = Arc::new(s);
-    let handles: Vec<_> = (0..N)
-        .map(|i| {
-            let s = s.clone();
-            std::thread::spawn(move || s.stream("/v1/completions", &body(i)))
-        })
-        .collect();
-    for (i, h) in handles.into_iter().enumerate() {
-        let (pieces, finish) = h.join().unwrap();
+    let together = streams_together(&s, (0..N).map(body).collect());
+    for (i, (pieces, finish)) in together.into_iter().enumerate() {
         assert_eq!(finish.as_deref(), Some("length"));
         assert_eq!(
             pieces.concat(),

@@ -1,4 +1,5 @@
-//! Shared by the tests that run `gemma3 serve`: reading a server's log as it runs.
+//! Shared by the tests that run `gemma3 serve`: reading a server's log as it runs, and a
+//! metric's value from its /metrics text.
 
 #![allow(dead_code)]
 
@@ -29,4 +30,12 @@ pub fn read_log(
         }
     });
     (log, rx)
+}
+
+/// A metric's value in /metrics text: its first series, labelled or not.
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
 }
