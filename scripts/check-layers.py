@@ -8,7 +8,7 @@ import re
 import sys
 
 # Lowest first. A crate may depend on any crate before it in this list, never after.
-ORDER = ["formats", "kernels", "model", "text", "hub", "convert", "engine", "eval", "server",
+ORDER = ["formats", "kernels", "model", "text", "hub", "convert", "engine", "eval", "openai", "server",
          "python", "cli"]
 
 root = pathlib.Path(__file__).resolve().parent.parent

@@ -9,7 +9,7 @@ use gemma3_engine::{
 };
 use gemma3_eval::perplexity::perplexity;
 use gemma3_model::FileType;
-use gemma3_model::{ImageInputs, Logits, Workspace, MAX_BATCH};
+use gemma3_model::ImageInputs;
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -791,61 +791,44 @@ fn run(cli: Cli) -> Result<()> {
                 }),
                 None => None,
             };
-            if ids.is_empty() {
-                bail!("no tokens to run");
-            }
             let cfg = &m.text.cfg;
-            let ctx = m.context(None)?;
-            if ids.len() > ctx {
-                bail!("{} tokens exceed the context of {ctx}", ids.len());
-            }
-            let mut cache = m.text.new_cache(ctx, MAX_BATCH);
-            let mut ws = Workspace::new(cfg, MAX_BATCH);
             // The document is printed only once complete: a failure leaves no half of it.
             let mut out = format!("{{\"ids\":{},\"positions\":[", serde_json::to_string(&ids)?);
             let mut order: Vec<u32> = Vec::with_capacity(cfg.vocab_size);
-            m.text.forward_with(
-                &ids,
-                image_inputs,
-                &mut cache,
-                &mut ws,
-                Logits::All,
-                &mut |row, l| {
-                    order.clear();
-                    order.extend(0..l.len() as u32);
-                    let k = if top_k == 0 {
-                        l.len()
-                    } else {
-                        top_k.min(l.len())
-                    };
-                    let cmp =
-                        |a: &u32, b: &u32| l[*b as usize].total_cmp(&l[*a as usize]).then(a.cmp(b));
-                    if k < order.len() {
-                        order.select_nth_unstable_by(k, cmp);
-                        order.truncate(k);
+            m.logits(&ids, image_inputs, &mut |row, l| {
+                order.clear();
+                order.extend(0..l.len() as u32);
+                let k = if top_k == 0 {
+                    l.len()
+                } else {
+                    top_k.min(l.len())
+                };
+                let cmp =
+                    |a: &u32, b: &u32| l[*b as usize].total_cmp(&l[*a as usize]).then(a.cmp(b));
+                if k < order.len() {
+                    order.select_nth_unstable_by(k, cmp);
+                    order.truncate(k);
+                }
+                order.sort_unstable_by(cmp);
+                let mut s = String::with_capacity(k * 24);
+                s.push_str(if row == 0 {
+                    "{\"top\":["
+                } else {
+                    ",{\"top\":["
+                });
+                for (n, &i) in order.iter().enumerate() {
+                    if n > 0 {
+                        s.push(',');
                     }
-                    order.sort_unstable_by(cmp);
-                    let mut s = String::with_capacity(k * 24);
-                    s.push_str(if row == 0 {
-                        "{\"top\":["
-                    } else {
-                        ",{\"top\":["
-                    });
-                    for (n, &i) in order.iter().enumerate() {
-                        if n > 0 {
-                            s.push(',');
-                        }
-                        // serde_json prints the shortest form that reads back as the same f32.
-                        s.push_str(&format!(
-                            "[{i},{}]",
-                            serde_json::to_string(&l[i as usize]).unwrap_or_else(|_| "null".into())
-                        ));
-                    }
-                    s.push_str("]}");
-                    out.push_str(&s);
-                },
-                None,
-            )?;
+                    // serde_json prints the shortest form that reads back as the same f32.
+                    s.push_str(&format!(
+                        "[{i},{}]",
+                        serde_json::to_string(&l[i as usize]).unwrap_or_else(|_| "null".into())
+                    ));
+                }
+                s.push_str("]}");
+                out.push_str(&s);
+            })?;
             out.push_str("]}");
             outln!("{out}")?;
         }

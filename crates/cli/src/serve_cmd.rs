@@ -2,9 +2,9 @@
 
 use anyhow::{bail, Result};
 use clap::Args;
+use gemma3_engine::scheduler::{self, SchedulerConfig};
 use gemma3_engine::Model;
 use gemma3_model::MAX_BATCH;
-use gemma3_server::scheduler::SchedulerConfig;
 use gemma3_server::ServerConfig;
 
 #[derive(Args)]
@@ -18,7 +18,7 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 8080)]
     pub port: u16,
     /// Sequences generated at once (continuous batching)
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = scheduler::DEFAULT_PARALLEL)]
     pub parallel: usize,
     /// Context of each sequence in tokens [default: the model's trained length]
     #[arg(short = 'c', long)]
@@ -27,7 +27,7 @@ pub struct ServeArgs {
     #[arg(long, env = "GEMMA3_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
     /// Requests (choices) that may wait for a slot; more get 503 with Retry-After
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = scheduler::DEFAULT_MAX_QUEUE)]
     pub max_queue: usize,
     /// Fetch http(s) image URLs in chat requests (data: URLs are always accepted)
     #[arg(long)]
@@ -39,13 +39,13 @@ pub struct ServeArgs {
     pub max_body_mb: usize,
     /// Prompt tokens per forward pass: a new prompt delays running streams by at most one
     /// such chunk per step
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = scheduler::DEFAULT_PREFILL_CHUNK)]
     pub prefill_chunk: usize,
     /// KV cache the running sequences may use, in MiB [default: half the available memory]
     #[arg(long)]
     pub kv_budget_mb: Option<usize>,
     /// KV cache kept for reusing finished requests' prefixes, in MiB
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = scheduler::DEFAULT_PREFIX_CACHE_BYTES >> 20)]
     pub prompt_cache_mb: usize,
     /// The model name /v1/models reports [default: the model file's name]
     #[arg(long)]
@@ -72,7 +72,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
     }
     let kv_budget = match a.kv_budget_mb {
         Some(mb) => mb << 20,
-        None => gemma3_engine::generate::available_memory().map_or(8 << 30, |m| m / 2),
+        None => SchedulerConfig::default_kv_budget(),
     };
     let config = ServerConfig {
         host: a.host.clone(),

@@ -4,10 +4,9 @@
 
 use crate::load::Model;
 use crate::request::{GenerateOptions, Generation};
-use crate::sequence::{check_fits, Batch, SeqImages, Sequence};
+use crate::sequence::{Batch, SeqImages, Sequence};
 use crate::EngineError;
 use gemma3_model::{ImageInputs, KvCache, MAX_BATCH};
-use std::time::Instant;
 
 /// The smallest default context, however little memory the machine reports.
 const MIN_DEFAULT_CONTEXT: usize = 4096;
@@ -145,25 +144,60 @@ impl Model {
             }
             return Generator::new(self, ctx).generate_ids(&ids, opts, on_text);
         }
-        let views = self.image_views(&opts.images, opts.pan_and_scan.as_ref())?;
-        let ids = self.image_prompt_ids(prompt, &views, opts.add_bos, opts.parse_special)?;
         // Fail before the (slow) image encoding when the prompt cannot fit.
         let needed = match opts.stop_at_context {
             true => 1,
             false => opts.max_new_tokens,
         };
-        check_fits(self, ids.len(), needed, ctx)?;
-        let t0 = Instant::now();
-        let embeds = self.encode_image_views(&ids, &views)?;
-        let image_secs = t0.elapsed().as_secs_f64();
-        let inputs = ImageInputs {
-            image_token: self.image_tokens()?.soft,
-            embeds: &embeds,
-        };
-        let mut g =
-            Generator::new(self, ctx).generate_ids_with(&ids, Some(inputs), opts, on_text)?;
+        let p = self.prompt_inputs(
+            prompt,
+            &opts.images,
+            opts.pan_and_scan.as_ref(),
+            opts.add_bos,
+            opts.parse_special,
+            Some((needed, ctx)),
+        )?;
+        let image_secs = p.image_secs;
+        let inputs = p.images.as_ref().map(|im| ImageInputs {
+            image_token: im.image_token,
+            embeds: &im.embeds,
+        });
+        let mut g = Generator::new(self, ctx).generate_ids_with(&p.ids, inputs, opts, on_text)?;
         g.image_secs = image_secs;
         Ok(g)
+    }
+
+    /// Runs `ids` (with the rows of their image soft tokens) through the model in one go
+    /// and hands every position's logits, in order, to `on_row`: `gemma3 logits` and the
+    /// Python module's `logits`.
+    pub fn logits(
+        &self,
+        ids: &[u32],
+        images: Option<ImageInputs<'_>>,
+        on_row: &mut (dyn FnMut(usize, &[f32]) + Send),
+    ) -> Result<(), EngineError> {
+        if ids.is_empty() {
+            return Err(EngineError::Input("no tokens to run".into()));
+        }
+        let ctx = self.context(None)?;
+        if ids.len() > ctx {
+            return Err(EngineError::Input(format!(
+                "{} tokens exceed the context of {ctx}",
+                ids.len()
+            )));
+        }
+        let mut cache = self.text.new_cache(ctx, MAX_BATCH);
+        let mut ws = gemma3_model::Workspace::new(&self.text.cfg, MAX_BATCH);
+        self.text.forward_with(
+            ids,
+            images,
+            &mut cache,
+            &mut ws,
+            gemma3_model::Logits::All,
+            on_row,
+            None,
+        )?;
+        Ok(())
     }
 
     pub fn encode_prompt(

@@ -1,6 +1,7 @@
 //! Running a model: opening it (composing the hub, the model, the text crate and, for
 //! `--quantize`, the converter), sequences and batched steps, the generation loop,
-//! sampling, images into soft tokens, and the defaults a model comes with. This is the
+//! sampling, images into soft tokens, the defaults a model comes with, and the
+//! [`scheduler`] that batches many callers' sequences together. This is the
 //! library API:
 //!
 //! ```no_run
@@ -34,6 +35,7 @@ pub mod load;
 pub mod multimodal;
 pub mod request;
 pub mod sampling;
+pub mod scheduler;
 pub mod sequence;
 pub mod tools;
 
@@ -43,7 +45,7 @@ pub use draft::Lookup;
 pub use generate::Generator;
 pub use image::{Image, PanAndScan};
 pub use load::{Model, ModelSource, OpenOptions};
-pub use multimodal::{ImageTokens, ImageViews};
+pub use multimodal::{ImageTokens, ImageViews, PromptInputs};
 pub use request::{GenerateOptions, Generation, StopReason};
 pub use sampling::{Sampler, SamplingParams};
 pub use sequence::{Batch, SeqImages, Sequence, TokenLogprob, Update};

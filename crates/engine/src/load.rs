@@ -280,3 +280,59 @@ fn quantized_text(plan: Plan) -> Result<TextModel, EngineError> {
     let weights = TextWeights::load(&WeightSource::Tensors(&tensors), &cfg)?;
     Ok(TextModel::new(cfg, weights))
 }
+
+impl Model {
+    /// What the model is, as data (JSON): its file, shape, context, cache type, kernels and
+    /// vision tower, for front ends that show it (the Python module's `info()`).
+    pub fn summary(&self, context: usize) -> serde_json::Value {
+        let cfg = &self.text.cfg;
+        let count =
+            |kind: gemma3_model::LayerKind| cfg.layer_kinds.iter().filter(|k| **k == kind).count();
+        let (format, file_name) = match &self.source {
+            ModelSource::Gguf(g) => ("gguf", g.get_str("general.name")),
+            ModelSource::Hf(_) => ("hf", None),
+        };
+        let w = &self.text.weights;
+        let kernels = match gemma3_kernels::packed::kernels_name() {
+            Some(isa) if w.packed_bytes() > 0 => isa.to_string(),
+            _ => format!("{:?}", gemma3_kernels::simd::level()),
+        };
+        let vision = self.vision.as_ref().map(|v| {
+            serde_json::json!({
+                "layers": v.cfg.num_layers,
+                "hidden_size": v.cfg.hidden_size,
+                "image_size": v.cfg.image_size,
+                "tokens_per_image": v.cfg.mm_tokens_per_image,
+                "bytes": v.bytes(),
+            })
+        });
+        serde_json::json!({
+            "name": self.name(),
+            "path": self.source.path().display().to_string(),
+            "format": format,
+            "general_name": file_name,
+            "size": cfg.size_label(),
+            "layers": cfg.num_layers,
+            "sliding_layers": count(gemma3_model::LayerKind::Sliding),
+            "full_layers": count(gemma3_model::LayerKind::Full),
+            "sliding_window": cfg.sliding_window,
+            "hidden_size": cfg.hidden_size,
+            "intermediate_size": cfg.intermediate_size,
+            "num_heads": cfg.num_heads,
+            "num_kv_heads": cfg.num_kv_heads,
+            "head_dim": cfg.head_dim,
+            "query_pre_attn_scalar": cfg.query_pre_attn_scalar,
+            "rope_local_base": cfg.rope_local_theta,
+            "rope_global_base": cfg.rope_theta,
+            "rope_linear_factor": cfg.rope_linear_factor,
+            "vocab_size": cfg.vocab_size,
+            "max_context": cfg.max_position_embeddings,
+            "context": context,
+            "kv_cache": self.text.kv_types().label(),
+            "weight_bytes": w.bytes(),
+            "kernels": kernels,
+            "instruction_tuned": self.is_instruction_tuned(),
+            "vision": vision,
+        })
+    }
+}

@@ -177,3 +177,52 @@ fn soft_token_runs(ids: &[u32], soft: u32) -> Vec<usize> {
     }
     runs
 }
+
+/// A prompt made ready for a sequence: its ids and, with images, the rows that replace
+/// their soft tokens.
+#[derive(Clone, Debug)]
+pub struct PromptInputs {
+    pub ids: Vec<u32>,
+    pub images: Option<crate::SeqImages>,
+    /// Seconds the vision tower took.
+    pub image_secs: f64,
+}
+
+impl Model {
+    /// Tokenizes `prompt` with `images` shown at its `<start_of_image>` markers (added in
+    /// front when missing) and encodes the images. `fits` = (new tokens, context): the
+    /// prompt is checked to leave that room before the (slow) image encoding. Every front
+    /// end builds its prompts with images here.
+    pub fn prompt_inputs(
+        &self,
+        prompt: &str,
+        images: &[Image],
+        pan_and_scan: Option<&PanAndScan>,
+        add_bos: Option<bool>,
+        parse_special: bool,
+        fits: Option<(usize, usize)>,
+    ) -> Result<PromptInputs, EngineError> {
+        if images.is_empty() {
+            return Ok(PromptInputs {
+                ids: self.encode_prompt(prompt, add_bos, parse_special),
+                images: None,
+                image_secs: 0.0,
+            });
+        }
+        let views = self.image_views(images, pan_and_scan)?;
+        let ids = self.image_prompt_ids(prompt, &views, add_bos, parse_special)?;
+        if let Some((max_new, ctx)) = fits {
+            crate::sequence::check_fits(self, ids.len(), max_new, ctx)?;
+        }
+        let t0 = std::time::Instant::now();
+        let embeds = self.encode_image_views(&ids, &views)?;
+        Ok(PromptInputs {
+            images: Some(crate::SeqImages {
+                image_token: self.image_tokens()?.soft,
+                embeds,
+            }),
+            ids,
+            image_secs: t0.elapsed().as_secs_f64(),
+        })
+    }
+}

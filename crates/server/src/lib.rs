@@ -1,24 +1,21 @@
 //! gemma3's OpenAI-compatible HTTP server: `/v1/chat/completions`, `/v1/completions`,
 //! `/v1/models`, `/tokenize`, `/detokenize`, `/health` and `/metrics`, on axum and tokio.
-//! Requests become jobs for the [`scheduler`], which runs every active sequence in shared
-//! forward passes on its own thread (continuous batching), so the engine's work never
-//! blocks the async runtime. The server listens before the model is loaded (`/health`
+//! Generation requests go to `gemma3_openai`'s service, whose replies it sends as JSON or
+//! server-sent events; the engine's scheduler runs every active sequence in shared forward
+//! passes on its own thread (continuous batching), so the engine's work never blocks the
+//! async runtime. The server listens before the model is loaded (`/health`
 //! answers 503 until it is; `/live` 200 throughout). SIGTERM or Ctrl-C drains: new
 //! generation requests get 503 with Retry-After and `/health` 503, those in flight finish
 //! (up to the shutdown timeout, after which they end with an error event), then the process
 //! exits 0; a second signal ends everything at once. Every response names its replica in
 //! `X-Replica-Id`, and `/metrics` carries vLLM's metric names for fleet tools.
 
-pub mod api;
 pub mod error;
-pub mod images;
 pub mod metrics;
 mod routes;
-pub mod scheduler;
-pub mod toolcalls;
 
+use gemma3_engine::scheduler::SchedulerConfig;
 use gemma3_engine::{Model, SamplingParams};
-use scheduler::SchedulerConfig;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;

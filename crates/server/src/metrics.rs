@@ -4,6 +4,7 @@
 //! `vllm:kv_cache_usage_perc`, ...), labelled with `model_name`, which fleet tools (HPA and
 //! KEDA rules, the Gateway API inference extension's endpoint picker) read unchanged.
 
+use gemma3_engine::scheduler::Observer;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -236,8 +237,28 @@ impl Metrics {
         });
     }
 
+    pub fn request(&self, endpoint: &str, status: u16) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                endpoint: endpoint.to_string(),
+                status,
+            })
+            .inc();
+    }
+
+    /// The exposition text.
+    pub fn encode(&self) -> String {
+        let mut s = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut s, &self.registry);
+        s
+    }
+}
+
+/// The scheduler reports into these metrics.
+impl Observer for Metrics {
     /// A request was admitted with `prompt` tokens, `cached` of them from the prefix cache.
-    pub fn admitted(&self, prompt: usize, cached: usize) {
+    fn admitted(&self, prompt: usize, cached: usize) {
         self.prompt_tokens.inc_by(prompt as u64);
         self.cached_prompt_tokens.inc_by(cached as u64);
         if let Some(s) = self.series.get() {
@@ -247,7 +268,7 @@ impl Metrics {
 
     /// `n` tokens were generated; `first` is the time to the first token when these are
     /// a request's first, `gap` the time since its previous token otherwise.
-    pub fn generated(&self, n: usize, first: Option<f64>, gap: Option<f64>) {
+    fn generated(&self, n: usize, first: Option<f64>, gap: Option<f64>) {
         self.generated_tokens.inc_by(n as u64);
         if let Some(t) = first {
             self.time_to_first_token.observe(t);
@@ -265,7 +286,7 @@ impl Metrics {
 
     /// A request ended `secs` after it arrived, with `drafted` tokens guessed by
     /// speculative decoding and `accepted` of them kept.
-    pub fn finished(&self, secs: f64, drafted: usize, accepted: usize) {
+    fn finished(&self, secs: f64, drafted: usize, accepted: usize) {
         if let Some(s) = self.series.get() {
             s.e2e.observe(secs);
             s.draft_tokens.inc_by(drafted as u64);
@@ -274,7 +295,7 @@ impl Metrics {
     }
 
     /// The scheduler's load after a pass.
-    pub fn load(&self, waiting: usize, running: usize, kv_bytes: usize, kv_budget: usize) {
+    fn load(&self, waiting: usize, running: usize, kv_bytes: usize, kv_budget: usize) {
         self.queue_depth.set(waiting as i64);
         self.active_sequences.set(running as i64);
         self.kv_cache_bytes.set(kv_bytes as i64);
@@ -285,20 +306,7 @@ impl Metrics {
         }
     }
 
-    pub fn request(&self, endpoint: &str, status: u16) {
-        self.requests
-            .get_or_create(&RequestLabels {
-                endpoint: endpoint.to_string(),
-                status,
-            })
-            .inc();
-    }
-
-    /// The exposition text.
-    pub fn encode(&self) -> String {
-        let mut s = String::new();
-        // Writing into a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut s, &self.registry);
-        s
+    fn prefix_cache(&self, bytes: usize) {
+        self.prefix_cache_bytes.set(bytes as i64);
     }
 }

@@ -5,17 +5,38 @@
 //! cancelled and its slot freed. Finished sequences leave their KV cache in a prefix cache
 //! (LRU within a byte budget), so a request that starts with an earlier one's tokens (the
 //! next turn of a chat) computes only its new tokens.
+//!
+//! Every front end that serves many callers at once (the HTTP server, the Python module's
+//! threads) submits [`Job`]s here and reads [`Event`]s back; what it counts goes to an
+//! [`Observer`] (the server's Prometheus metrics).
 
-use crate::metrics::Metrics;
-use gemma3_engine::{
-    Batch, GenerateOptions, Model, SeqImages, Sequence, StopReason, TokenLogprob, Update,
-};
+use crate::{Batch, GenerateOptions, Model, SeqImages, Sequence, StopReason, TokenLogprob, Update};
 use gemma3_model::{KvCache, MAX_BATCH};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Instant;
 use tokio::sync::mpsc::UnboundedSender;
+
+/// What the scheduler reports as it works (a front end's metrics); every method does
+/// nothing by default.
+pub trait Observer: Send + Sync {
+    /// A sequence started, with `prompt` tokens of which `cached` came from the prefix cache.
+    fn admitted(&self, _prompt: usize, _cached: usize) {}
+    /// A sequence produced `n` tokens; `first` is its time to first token (seconds) when
+    /// these are its first, `gap` the time since its previous tokens otherwise.
+    fn generated(&self, _n: usize, _first: Option<f64>, _gap: Option<f64>) {}
+    /// A sequence ended after `secs`, having drafted and accepted these many guesses.
+    fn finished(&self, _secs: f64, _drafted: usize, _accepted: usize) {}
+    /// After each pass: queue and batch sizes, KV bytes held and the budget.
+    fn load(&self, _waiting: usize, _running: usize, _kv_bytes: usize, _kv_budget: usize) {}
+    /// Bytes held by the prefix cache.
+    fn prefix_cache(&self, _bytes: usize) {}
+}
+
+/// An observer that counts nothing.
+pub struct Unobserved;
+impl Observer for Unobserved {}
 
 /// How the scheduler runs.
 #[derive(Clone, Debug)]
@@ -33,6 +54,38 @@ pub struct SchedulerConfig {
     pub kv_budget: usize,
     /// Bytes of KV cache kept for prefix reuse after sequences finish.
     pub prefix_cache_budget: usize,
+}
+
+/// Sequences generated at once unless a front end says otherwise.
+pub const DEFAULT_PARALLEL: usize = 16;
+/// Choices that may wait for a slot by default.
+pub const DEFAULT_MAX_QUEUE: usize = 256;
+/// Prompt tokens per forward pass by default: a new prompt delays running sequences by at
+/// most one such chunk per step.
+pub const DEFAULT_PREFILL_CHUNK: usize = 256;
+/// Bytes of finished sequences' KV cache kept for prefix reuse by default.
+pub const DEFAULT_PREFIX_CACHE_BYTES: usize = 1 << 30;
+/// The KV budget where the available memory cannot be read.
+const FALLBACK_KV_BUDGET: usize = 8 << 30;
+
+impl SchedulerConfig {
+    /// The default KV budget: half the memory available now.
+    pub fn default_kv_budget() -> usize {
+        crate::generate::available_memory().map_or(FALLBACK_KV_BUDGET, |m| m / 2)
+    }
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig {
+            parallel: DEFAULT_PARALLEL,
+            max_queue: DEFAULT_MAX_QUEUE,
+            context: None,
+            prefill_chunk: DEFAULT_PREFILL_CHUNK,
+            kv_budget: Self::default_kv_budget(),
+            prefix_cache_budget: DEFAULT_PREFIX_CACHE_BYTES,
+        }
+    }
 }
 
 /// One choice of a request.
@@ -98,7 +151,7 @@ impl Scheduler {
     pub fn start(
         model: Arc<Model>,
         config: SchedulerConfig,
-        metrics: Arc<Metrics>,
+        observer: Arc<dyn Observer>,
     ) -> (Scheduler, std::thread::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel();
         let queued = Arc::new(AtomicUsize::new(0));
@@ -113,7 +166,7 @@ impl Scheduler {
             config: config.clone(),
             rx,
             queued: queued.clone(),
-            metrics,
+            observer,
             waiting: VecDeque::new(),
             running: Vec::new(),
         };
@@ -186,7 +239,7 @@ struct Engine {
     config: SchedulerConfig,
     rx: mpsc::Receiver<Msg>,
     queued: Arc<AtomicUsize>,
-    metrics: Arc<Metrics>,
+    observer: Arc<dyn Observer>,
     batch: Batch,
     prefix: PrefixCache,
     waiting: VecDeque<Job>,
@@ -275,7 +328,7 @@ impl Engine {
             ) {
                 Ok(seq) => {
                     let g = seq.generation();
-                    self.metrics.admitted(g.prompt_tokens, g.reused_tokens);
+                    self.observer.admitted(g.prompt_tokens, g.reused_tokens);
                     self.running.push(Running {
                         seq,
                         choice: job.choice,
@@ -347,7 +400,7 @@ impl Engine {
                     }
                     Some(t) => (None, Some((now - t).as_secs_f64())),
                 };
-                self.metrics.generated(u.tokens.len(), first, gap);
+                self.observer.generated(u.tokens.len(), first, gap);
                 r.last_token = Some(now);
             }
             let finished = u.finished;
@@ -360,7 +413,7 @@ impl Engine {
             if let Some(stop) = finished {
                 let r = self.running.swap_remove(i);
                 let g = r.seq.generation();
-                self.metrics
+                self.observer
                     .finished((now - r.arrived).as_secs_f64(), g.drafted, g.accepted);
                 if let Some(message) = g.error.clone() {
                     // Ended by a failure (the output constraint's): an error, not a reply.
@@ -390,15 +443,13 @@ impl Engine {
             i += 1;
         }
         let kv_bytes = self.running.iter().map(|r| r.seq.cache_bytes()).sum();
-        self.metrics.load(
+        self.observer.load(
             self.waiting.len(),
             self.running.len(),
             kv_bytes,
             self.config.kv_budget,
         );
-        self.metrics
-            .prefix_cache_bytes
-            .set(self.prefix.bytes() as i64);
+        self.observer.prefix_cache(self.prefix.bytes());
     }
 
     /// Shutdown: every running and waiting choice ends now.
@@ -408,16 +459,16 @@ impl Engine {
         for r in self.running.drain(..) {
             let _ = r.events.send(Event::Failed {
                 choice: r.choice,
-                message: "the server shut down before this request finished".into(),
+                message: "the engine shut down before this request finished".into(),
             });
         }
         for j in self.waiting.drain(..) {
             let _ = j.events.send(Event::Failed {
                 choice: j.choice,
-                message: "the server is shutting down".into(),
+                message: "the engine is shutting down".into(),
             });
         }
-        self.metrics.load(0, 0, 0, self.config.kv_budget);
+        self.observer.load(0, 0, 0, self.config.kv_budget);
     }
 }
 
