@@ -7,11 +7,12 @@ cd "$(dirname "$0")/.."
 python3 scripts/check-layers.py
 scripts/fetch-model.sh >/dev/null
 # The server's tests drive it with the official openai Python client (and check structured
-# output with jsonschema), from a venv.
+# output with jsonschema), from a venv; the Python module is built into it by maturin.
 venv=target/test-venv
-if ! "$venv/bin/python" -c "import openai, jsonschema" 2>/dev/null; then
+if ! "$venv/bin/python" -c "import openai, jsonschema, numpy, pytest, PIL, maturin" 2>/dev/null; then
   python3 -m venv "$venv"
-  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check openai jsonschema
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
+    openai jsonschema numpy pytest pillow maturin
 fi
 export GEMMA3_TEST_PYTHON="$PWD/$venv/bin/python"
 # The fleet test puts replicas behind HAProxy (Debian's package); it skips loudly without.
@@ -26,6 +27,14 @@ fi
 # The deployment files: Kubernetes manifests against its schemas, HAProxy's configuration.
 scripts/validate-deploy.sh
 cargo test --release --workspace "$@"
+# The Python module: its wheel built, installed into the venv (and into a fresh one by a
+# test), then pytest against the fixtures, the CLI and OpenAI's types.
+rm -rf target/wheels
+"$venv/bin/maturin" build --release --quiet -m crates/python/Cargo.toml -o target/wheels
+wheel=$(ls target/wheels/gemma3-*.whl)
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check --force-reinstall --no-deps "$wheel"
+GEMMA3_TEST_MODEL=$(scripts/fetch-model.sh) GEMMA3_BIN="$PWD/target/release/gemma3" \
+  GEMMA3_TEST_WHEEL="$PWD/$wheel" "$venv/bin/python" -m pytest -q crates/python/tests
 # A short run of every fuzz target over its seeds (builds them on first use).
 scripts/fuzz-smoke.sh
 # The workspace type-checks for Windows and macOS.

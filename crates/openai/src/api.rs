@@ -239,7 +239,7 @@ fn part(p: &Value, i: usize, j: usize, urls: &mut Vec<String>) -> Result<ChatPar
         other => Err(ApiError::bad_param(
             "messages",
             format!(
-                "{} has type {other:?}; this server reads \"text\" and \"image_url\" parts",
+                "{} has type {other:?}; gemma3 reads \"text\" and \"image_url\" parts",
                 at()
             ),
         )),
@@ -423,9 +423,7 @@ impl GenParams {
             Some(n) if n as usize > MAX_NEW_TOKENS || n > usize::MAX as u64 => {
                 Err(ApiError::bad_param(
                     "max_tokens",
-                    format!(
-                        "max_tokens is {n}; the most this server generates is {MAX_NEW_TOKENS}"
-                    ),
+                    format!("max_tokens is {n}; the most gemma3 generates is {MAX_NEW_TOKENS}"),
                 ))
             }
             Some(n) => Ok(Some(n as usize)),

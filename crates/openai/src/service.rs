@@ -387,10 +387,10 @@ impl Service {
         let r = self;
         r.scheduler.submit(&r.model, jobs).map_err(|e| match e {
             SubmitError::QueueFull => ApiError::Unavailable(format!(
-                "the server is busy: {} requests are already waiting; retry later",
+                "busy: {} requests are already waiting; retry later",
                 r.scheduler.config.max_queue
             )),
-            SubmitError::Stopped => ApiError::Unavailable("the server is shutting down".into()),
+            SubmitError::Stopped => ApiError::Unavailable("shutting down: no new requests are taken".into()),
             SubmitError::TooLarge { needed, budget } => ApiError::bad(format!(
                 "this request needs up to {:.1} MB of KV cache, more than the server's budget of {:.1} MB; ask for fewer tokens",
                 needed as f64 / 1e6,
