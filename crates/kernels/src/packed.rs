@@ -107,7 +107,10 @@ impl PackedMatrix {
         let meta_bytes = (nb * lay.meta).div_ceil(64) * 64;
         let group_bytes = meta_bytes + nb * lay.quants;
         let groups = rows.div_ceil(16);
-        let mut data = vec![Line([0; 64]); groups * group_bytes / 64];
+        let lines = groups * group_bytes / 64;
+        let mut data: Vec<Line> = Vec::with_capacity(lines);
+        huge_pages(data.as_ptr() as usize, lines * 64);
+        data.resize(lines, Line([0; 64]));
         let bb = dtype.block_bytes();
         let pack_group = |g: usize, lines: &mut [Line]| {
             // SAFETY: Line is 64 plain bytes.
@@ -173,6 +176,29 @@ impl PackedMatrix {
 }
 
 /// Writes row `r` (0..16) of one block into its group's metadata `m` and quants `q`.
+/// Asks Linux to back a packed matrix with 2 MB pages before its pages are first written.
+/// Decode streams every weight once per token: with 4 KB pages a core misses the TLB every
+/// 64 lines of each stream, and the page walks cap what one core pulls from memory. Where
+/// transparent huge pages are off (or this is not Linux) nothing changes.
+fn huge_pages(start: usize, bytes: usize) {
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let end = start + bytes;
+        // Whole 2 MB pages inside the buffer only: the advice covers nothing else.
+        let (a, b) = (start.next_multiple_of(HUGE), end / HUGE * HUGE);
+        if b > a {
+            // SAFETY: madvise only advises on pages of an allocation we own (its capacity);
+            // it changes neither their contents nor their validity; a failure is harmless.
+            unsafe {
+                libc::madvise(a as *mut libc::c_void, b - a, libc::MADV_HUGEPAGE);
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (start, bytes);
+}
+
 fn pack_block(dtype: DType, r: usize, blk: &[u8], m: &mut [u8], q: &mut [u8]) {
     // 4 bytes of row r in a 64-byte line.
     let put4 = |q: &mut [u8], line: usize, src: &[u8], xor: u8| {
