@@ -5,8 +5,8 @@
 //! runs on minijinja fuel, so a looping template ends with an error, never a hang.
 #![no_main]
 
+use gemma3_openai::api::{conversation, MessageIn};
 use gemma3_text::chat::{ChatMessage, ChatTemplate};
-use gemma3_server::api::{conversation, MessageIn};
 use libfuzzer_sys::fuzz_target;
 
 fn messages(json: &[u8]) -> Vec<ChatMessage> {

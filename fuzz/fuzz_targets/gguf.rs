@@ -3,9 +3,9 @@
 //! tokenizer). Any input may be rejected; none may panic, hang or allocate without bound.
 #![no_main]
 
-use gemma3_text::tokenizer::Tokenizer;
 use gemma3_formats::GgufFile;
 use gemma3_model::{TextConfig, VisionConfig};
+use gemma3_text::tokenizer::Tokenizer;
 use libfuzzer_sys::fuzz_target;
 
 /// Tensors up to this many values are dequantized (the rest only get their data view).

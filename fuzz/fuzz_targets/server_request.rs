@@ -5,10 +5,10 @@
 #![no_main]
 
 use gemma3_engine::SamplingParams;
-use gemma3_server::api::{
+use gemma3_openai::api::{
     check_top_logprobs, conversation, prompts, ChatRequest, CompletionRequest, Defaults, GenParams,
 };
-use gemma3_server::images::ImageSource;
+use gemma3_openai::images::ImageSource;
 use libfuzzer_sys::fuzz_target;
 use std::sync::OnceLock;
 

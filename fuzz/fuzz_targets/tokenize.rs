@@ -14,8 +14,8 @@
 //! - streaming decode (`StreamDecoder`) gives exactly `decode(ids, skip specials)`.
 #![no_main]
 
-use gemma3_text::tokenizer::{StreamDecoder, TokenType, Tokenizer};
 use gemma3_formats::GgufFile;
+use gemma3_text::tokenizer::{StreamDecoder, TokenType, Tokenizer};
 use libfuzzer_sys::fuzz_target;
 use std::path::PathBuf;
 use std::sync::OnceLock;
