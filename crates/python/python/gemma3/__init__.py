@@ -310,6 +310,14 @@ class Model:
             "completion", json.dumps(body), [_image_bytes(i) for i in images or []]
         )
 
+    def _completion_kw(self, prompt: str, stream: bool, kwargs: Dict[str, Any]) -> Any:
+        """`_completion` from `generate`'s keyword arguments (the asyncio forms)."""
+        return self._completion(
+            prompt, stream, kwargs.pop("images", None), kwargs.pop("max_tokens", None),
+            kwargs.pop("json_schema", None), kwargs.pop("grammar", None),
+            kwargs.pop("regex", None), _sampling(**kwargs),
+        )
+
     def generate(
         self,
         prompt: str,
@@ -374,20 +382,12 @@ class Model:
 
     async def agenerate(self, prompt: str, **kwargs: Any) -> str:
         """`generate` for asyncio: awaits without blocking the event loop."""
-        handle = self._completion(
-            prompt, False, kwargs.pop("images", None), kwargs.pop("max_tokens", None),
-            kwargs.pop("json_schema", None), kwargs.pop("grammar", None),
-            kwargs.pop("regex", None), _sampling(**kwargs),
-        )
+        handle = self._completion_kw(prompt, False, kwargs)
         return json.loads(await _await_result(handle))["choices"][0]["text"]
 
     async def astream(self, prompt: str, **kwargs: Any) -> AsyncIterator[str]:
         """`stream` for asyncio (`async for piece in model.astream(...)`)."""
-        handle = self._completion(
-            prompt, True, kwargs.pop("images", None), kwargs.pop("max_tokens", None),
-            kwargs.pop("json_schema", None), kwargs.pop("grammar", None),
-            kwargs.pop("regex", None), _sampling(**kwargs),
-        )
+        handle = self._completion_kw(prompt, True, kwargs)
         async for chunk in _achunks(handle):
             text = chunk["choices"][0]["text"] if chunk.get("choices") else ""
             if text:
