@@ -39,3 +39,5 @@ GEMMA3_TEST_MODEL=$(scripts/fetch-model.sh) GEMMA3_BIN="$PWD/target/release/gemm
 scripts/fuzz-smoke.sh
 # The workspace type-checks for Windows and macOS.
 scripts/cross-check.sh
+# The kernels and the model fixtures on aarch64 under qemu, every level forced in turn.
+scripts/test-aarch64.sh

@@ -1011,8 +1011,8 @@ fn info(m: &Model, list_tensors: bool, ctx: usize) -> Result<()> {
             packed as f64 / 1e6
         )?,
         _ => outln!(
-            "kernels:        {:?} level, weights used as stored",
-            gemma3_kernels::simd::level()
+            "kernels:        level {}, weights used as stored",
+            gemma3_kernels::simd::level().name()
         )?,
     }
     vision_info(m)?;

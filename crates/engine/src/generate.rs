@@ -11,30 +11,22 @@ use gemma3_model::{ImageInputs, KvCache, MAX_BATCH};
 /// The smallest default context, however little memory the machine reports.
 const MIN_DEFAULT_CONTEXT: usize = 4096;
 
-/// MemAvailable from /proc/meminfo, or the room left under this process's cgroup memory limit
-/// when that is smaller (a container's limit), in bytes (None where there is no such file).
+/// The memory this process could still take, in bytes: what the OS reports available
+/// (Linux's MemAvailable, macOS's and Windows' own counters, through `sysinfo`), or the
+/// room left under this process's cgroup memory limit when that is smaller (a container's
+/// limit). None where the OS reports nothing.
 pub fn available_memory() -> Option<usize> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kb: usize = line.split_whitespace().nth(1)?.parse().ok()?;
-    let host = kb * 1024;
-    // In a container the limit is its cgroup's, not the host's free memory.
-    Some(cgroup_room().map_or(host, |room| room.min(host)))
-}
-
-/// What this process's cgroup (v2, else v1) still lets it use: its limit less what it
-/// uses; None without a limit.
-fn cgroup_room() -> Option<usize> {
-    let read = |p: &str| -> Option<usize> { std::fs::read_to_string(p).ok()?.trim().parse().ok() };
-    let (limit, used) = match read("/sys/fs/cgroup/memory.max") {
-        Some(l) => (l, read("/sys/fs/cgroup/memory.current").unwrap_or(0)),
-        None => (
-            read("/sys/fs/cgroup/memory/memory.limit_in_bytes")?,
-            read("/sys/fs/cgroup/memory/memory.usage_in_bytes").unwrap_or(0),
-        ),
-    };
-    // v1 reports "no limit" as a huge number ("max" in v2 does not parse).
-    (limit < 1 << 50).then(|| limit.saturating_sub(used))
+    let mut sys = sysinfo::System::new().ok()?;
+    sys.refresh_memory_specifics(sysinfo::MemoryRefreshKind::nothing().with_ram());
+    let host = usize::try_from(sys.available_memory()).ok()?;
+    if host == 0 {
+        return None;
+    }
+    // In a container the limit is its cgroup's, not the host's free memory (Linux only).
+    let room = sys
+        .cgroup_limits()
+        .and_then(|c| usize::try_from(c.free_memory).ok());
+    Some(room.map_or(host, |room| room.min(host)))
 }
 
 /// A model with a cache sized for one context, reusable across requests: a prompt that

@@ -295,7 +295,7 @@ impl Model {
         let w = &self.text.weights;
         let kernels = match gemma3_kernels::packed::kernels_name() {
             Some(isa) if w.packed_bytes() > 0 => isa.to_string(),
-            _ => format!("{:?}", gemma3_kernels::simd::level()),
+            _ => format!("level {}", gemma3_kernels::simd::level().name()),
         };
         let vision = self.vision.as_ref().map(|v| {
             serde_json::json!({

@@ -16,8 +16,8 @@ pub fn cached_default_model() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("GEMMA3_MODEL") {
         return Some(PathBuf::from(p));
     }
-    let home = std::env::var_os("HOME")?;
-    let p = PathBuf::from(home)
+    // The user's home on every OS (`HOME`, or the profile folder on Windows).
+    let p = std::env::home_dir()?
         .join(".cache")
         .join(DEFAULT_MODEL_MODULE)
         .join(DEFAULT_MODEL_FILE);

@@ -151,7 +151,12 @@ pub fn store_value(
 /// vectorised for the level.
 fn dequant_rows(ty: DType, bytes: &[u8], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if ty == DType::F16 && crate::simd::level() >= crate::simd::Level::Avx2 {
+    let x86 = matches!(
+        crate::simd::level(),
+        crate::simd::Level::Avx2 | crate::simd::Level::Avx512
+    );
+    #[cfg(target_arch = "x86_64")]
+    if ty == DType::F16 && x86 {
         assert_eq!(bytes.len(), 2 * out.len());
         // SAFETY: the level says F16C (and AVX-512 F for that level) is there; the lengths
         // match (checked above).
@@ -168,7 +173,7 @@ fn dequant_rows(ty: DType, bytes: &[u8], out: &mut [f32]) {
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if ty == DType::Q8_0 && crate::simd::level() >= crate::simd::Level::Avx2 {
+    if ty == DType::Q8_0 && x86 {
         assert_eq!(
             bytes.len() * 32,
             out.len() * 34,
@@ -185,7 +190,61 @@ fn dequant_rows(ty: DType, bytes: &[u8], out: &mut [f32]) {
         };
         return;
     }
+    #[cfg(target_arch = "aarch64")]
+    if crate::simd::level() == crate::simd::Level::Neon && matches!(ty, DType::F16 | DType::Q8_0) {
+        // SAFETY: NEON is part of every aarch64 CPU; the lengths are checked inside.
+        unsafe { neon_kv::to_f32(ty, bytes, out) };
+        return;
+    }
     dequant_rows_portable(ty, bytes, out)
+}
+
+/// Cached f16 and q8_0 rows to f32 with NEON: `fcvtl` for f16, and for q8_0 the
+/// reference's products (`scale × q` in f32), so the same values.
+#[cfg(target_arch = "aarch64")]
+mod neon_kv {
+    use crate::neon::load_f16x4;
+    use gemma3_formats::DType;
+    use std::arch::aarch64::*;
+
+    /// # Safety
+    /// Only NEON is needed; `bytes` must hold `out.len()` values of `ty` (asserted).
+    pub unsafe fn to_f32(ty: DType, bytes: &[u8], out: &mut [f32]) {
+        if ty == DType::F16 {
+            assert_eq!(bytes.len(), 2 * out.len());
+            let n = out.len() / 4 * 4;
+            for i in (0..n).step_by(4) {
+                vst1q_f32(
+                    out.as_mut_ptr().add(i),
+                    load_f16x4(bytes.as_ptr().add(2 * i)),
+                );
+            }
+            gemma3_formats::quant::dequantize(ty, &bytes[2 * n..], &mut out[n..]);
+            return;
+        }
+        assert_eq!(
+            bytes.len() * 32,
+            out.len() * 34,
+            "q8_0: 34 bytes per 32 values"
+        );
+        for (b, o) in bytes.chunks_exact(34).zip(out.chunks_exact_mut(32)) {
+            let d = gemma3_formats::quant::f16_at(b, 0);
+            for half in 0..2 {
+                let q = vld1q_s8(b.as_ptr().add(2 + 16 * half) as *const i8);
+                let (lo, hi) = (vmovl_s8(vget_low_s8(q)), vmovl_high_s8(q));
+                let w = [
+                    vmovl_s16(vget_low_s16(lo)),
+                    vmovl_high_s16(lo),
+                    vmovl_s16(vget_low_s16(hi)),
+                    vmovl_high_s16(hi),
+                ];
+                for (v, w) in w.iter().enumerate() {
+                    let f = vmulq_n_f32(vcvtq_f32_s32(*w), d);
+                    vst1q_f32(o.as_mut_ptr().add(16 * half + 4 * v), f);
+                }
+            }
+        }
+    }
 }
 
 crate::dispatch!(fn dequant_rows_portable(ty: DType, bytes: &[u8], out: &mut [f32]) => dequant_rows_body);

@@ -1,11 +1,11 @@
 //! f32 dot products of R weight rows against one input row, the inner loop of every float
-//! matrix product. Explicit AVX-512 and AVX2 code (LLVM does not keep R×lanes accumulators
+//! matrix product. Explicit AVX-512, AVX2 and NEON code (LLVM does not keep R×lanes accumulators
 //! in registers on its own) and a portable version. Each path sums a row in a fixed order
 //! that depends only on the row length, so `R = 1` and `R = 4` give identical results and a
 //! row's output never depends on its neighbours.
 
 use crate::simd::level;
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 use crate::simd::Level;
 
 /// `R` dot products sharing `x`; every row must be at least `x.len()` long.
@@ -18,6 +18,9 @@ pub fn dot_rows<const R: usize>() -> DotRows<R> {
         Level::Avx512 => |rows, x| unsafe { avx512::dot_rows(rows, x) },
         #[cfg(target_arch = "x86_64")]
         Level::Avx2 => |rows, x| unsafe { avx2::dot_rows(rows, x) },
+        // SAFETY: NEON is part of every aarch64 CPU.
+        #[cfg(target_arch = "aarch64")]
+        Level::Neon => |rows, x| unsafe { neon::dot_rows(rows, x) },
         _ => portable_dot_rows,
     }
 }
@@ -144,6 +147,46 @@ mod avx2 {
                 tail += rows[r][kk] * x[kk];
             }
             out[r] = hsum(_mm256_add_ps(a0[r], a1[r])) + tail;
+        }
+        out
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+mod neon {
+    use std::arch::aarch64::*;
+
+    /// Four accumulators of 4 lanes per row, fused multiply-adds, summed pairwise at the end.
+    ///
+    /// # Safety
+    /// Rows must hold `x.len()` values.
+    pub unsafe fn dot_rows<const R: usize>(rows: &[&[f32]; R], x: &[f32]) -> [f32; R] {
+        let n = x.len();
+        for r in rows {
+            assert!(r.len() >= n);
+        }
+        let xp = x.as_ptr();
+        let mut acc = [[vdupq_n_f32(0.0); 4]; R];
+        let mut k = 0;
+        while k + 16 <= n {
+            let xv: [float32x4_t; 4] = std::array::from_fn(|v| vld1q_f32(xp.add(k + 4 * v)));
+            for r in 0..R {
+                let p = rows[r].as_ptr().add(k);
+                for v in 0..4 {
+                    acc[r][v] = vfmaq_f32(acc[r][v], vld1q_f32(p.add(4 * v)), xv[v]);
+                }
+            }
+            k += 16;
+        }
+        let mut out = [0f32; R];
+        for r in 0..R {
+            let mut tail = 0f32;
+            for kk in k..n {
+                tail += rows[r][kk] * x[kk];
+            }
+            let a = &acc[r];
+            let s = vaddq_f32(vaddq_f32(a[0], a[1]), vaddq_f32(a[2], a[3]));
+            out[r] = vaddvq_f32(s) + tail;
         }
         out
     }

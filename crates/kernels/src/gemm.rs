@@ -262,6 +262,12 @@ fn kernel() -> Kernel {
             nr: avx2::NR,
             f: avx2::kernel,
         },
+        #[cfg(target_arch = "aarch64")]
+        crate::simd::Level::Neon => Kernel {
+            mr: neon::MR,
+            nr: neon::NR,
+            f: neon::kernel,
+        },
         _ => Kernel {
             mr: portable::MR,
             nr: portable::NR,
@@ -290,6 +296,12 @@ fn kernel_for(m: usize) -> Kernel {
             mr: 4,
             nr: avx2::NR,
             f: avx2::kernel_rows::<4>,
+        },
+        #[cfg(target_arch = "aarch64")]
+        crate::simd::Level::Neon => Kernel {
+            mr: 4,
+            nr: neon::NR,
+            f: neon::kernel_rows::<4>,
         },
         _ => k,
     }
@@ -693,6 +705,53 @@ mod avx2 {
     }
 }
 
+#[cfg(target_arch = "aarch64")]
+mod neon {
+    use std::arch::aarch64::*;
+    pub const MR: usize = 6;
+    pub const NR: usize = 16;
+
+    /// 6×16 tile in 24 of the 32 vector registers: four B loads and six scalar-times-vector
+    /// fused multiply-adds per row and step.
+    ///
+    /// # Safety
+    /// `a` holds `kc·MR`, `b` `kc` rows of `NR` values `ldb` apart, `out` `MR·NR` values.
+    pub unsafe fn kernel(kc: usize, a: *const f32, b: *const f32, ldb: usize, out: *mut f32) {
+        kernel_rows::<MR>(kc, a, b, ldb, out)
+    }
+
+    /// The same for an `R`-row A panel.
+    ///
+    /// # Safety
+    /// As for [`kernel`], with `R` rows.
+    pub unsafe fn kernel_rows<const R: usize>(
+        kc: usize,
+        a: *const f32,
+        b: *const f32,
+        ldb: usize,
+        out: *mut f32,
+    ) {
+        let mut c = [[vdupq_n_f32(0.0); 4]; R];
+        let (mut a, mut b) = (a, b);
+        for _ in 0..kc {
+            let bv: [float32x4_t; 4] = std::array::from_fn(|v| vld1q_f32(b.add(4 * v)));
+            for (i, c) in c.iter_mut().enumerate() {
+                let ai = *a.add(i);
+                for v in 0..4 {
+                    c[v] = vfmaq_n_f32(c[v], bv[v], ai);
+                }
+            }
+            a = a.add(R);
+            b = b.add(ldb);
+        }
+        for (i, c) in c.iter().enumerate() {
+            for (v, c) in c.iter().enumerate() {
+                vst1q_f32(out.add(i * NR + 4 * v), *c);
+            }
+        }
+    }
+}
+
 mod portable {
     pub const MR: usize = 4;
     pub const NR: usize = 8;
@@ -790,7 +849,13 @@ pub fn gemm_few_rows(
         crate::simd::Level::Avx2 => {
             return unsafe { few_avx2::run(m, k, n, a, lda, b, ldb, c, ldc, accumulate) }
         }
-        crate::simd::Level::Portable => {}
+        _ => {}
+    }
+    #[cfg(target_arch = "aarch64")]
+    if crate::simd::level() == crate::simd::Level::Neon {
+        // SAFETY: NEON is part of every aarch64 CPU; the slices were checked above to hold
+        // every element the kernel touches.
+        return unsafe { few_neon::run(m, k, n, a, lda, b, ldb, c, ldc, accumulate) };
     }
     // The portable micro-kernel: `c += a·b` unfused, from zero.
     for i in 0..m {
@@ -1008,6 +1073,86 @@ mod few_avx2 {
         }
         let full = j;
         for j in full..n {
+            for i in 0..m {
+                let mut acc = 0f32;
+                for p in 0..k {
+                    acc = a[i * lda + p].mul_add(b.at(p * ldb + j), acc);
+                }
+                let o = &mut c[i * ldc + j];
+                *o = if accumulate { *o + acc } else { acc };
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+mod few_neon {
+    use super::RowsB;
+    use crate::neon::{load_bf16x4, load_f16x4};
+    use std::arch::aarch64::*;
+
+    /// 4 elements of B's row at element `i`, as f32.
+    #[inline(always)]
+    unsafe fn load(b: RowsB<'_>, i: usize) -> float32x4_t {
+        match b {
+            RowsB::F32(s) => vld1q_f32(s.as_ptr().add(i)),
+            RowsB::F16(s) => load_f16x4(s.as_ptr().add(2 * i)),
+            RowsB::BF16(s) => load_bf16x4(s.as_ptr().add(2 * i)),
+        }
+    }
+
+    /// 16 columns at a time (four vectors per row), then 4, then the last few columns one
+    /// by one, with the same fused multiply-adds.
+    ///
+    /// # Safety
+    /// The slices must hold every element `gemm_few_rows` checked for.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn run(
+        m: usize,
+        k: usize,
+        n: usize,
+        a: &[f32],
+        lda: usize,
+        b: RowsB<'_>,
+        ldb: usize,
+        c: &mut [f32],
+        ldc: usize,
+        accumulate: bool,
+    ) {
+        let mut j = 0;
+        while j + 4 <= n {
+            let vs = if j + 16 <= n { 4 } else { 1 };
+            let mut acc = [[vdupq_n_f32(0.0); 4]; super::FEW_ROWS];
+            for p in 0..k {
+                let row = p * ldb + j;
+                let bv: [float32x4_t; 4] = std::array::from_fn(|v| {
+                    if v < vs {
+                        load(b, row + 4 * v)
+                    } else {
+                        vdupq_n_f32(0.0)
+                    }
+                });
+                for (i, acc) in acc.iter_mut().enumerate().take(m) {
+                    let ai = *a.get_unchecked(i * lda + p);
+                    for v in 0..4 {
+                        acc[v] = vfmaq_n_f32(acc[v], bv[v], ai);
+                    }
+                }
+            }
+            for (i, acc) in acc.iter().enumerate().take(m) {
+                for (v, x) in acc.iter().enumerate().take(vs) {
+                    let o = c.as_mut_ptr().add(i * ldc + j + 4 * v);
+                    let y = if accumulate {
+                        vaddq_f32(vld1q_f32(o), *x)
+                    } else {
+                        *x
+                    };
+                    vst1q_f32(o, y);
+                }
+            }
+            j += 4 * vs;
+        }
+        for j in j..n {
             for i in 0..m {
                 let mut acc = 0f32;
                 for p in 0..k {

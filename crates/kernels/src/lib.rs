@@ -7,6 +7,8 @@ pub mod attention;
 pub mod dot;
 pub mod gemm;
 pub mod matmul;
+#[cfg(target_arch = "aarch64")]
+mod neon;
 pub mod ops;
 pub mod packed;
 pub mod qdot;

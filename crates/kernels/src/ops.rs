@@ -105,13 +105,21 @@ pub fn gelu_gate_f16(gate: &mut [f32], up: &[f32]) {
             .collect()
     });
     let n = gate.len().min(up.len());
-    // Written only where an x86 path exists.
-    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
+    // Written only where a vector path exists.
+    #[cfg_attr(
+        not(any(target_arch = "x86_64", target_arch = "aarch64")),
+        allow(unused_mut)
+    )]
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
     if crate::simd::level() == crate::simd::Level::Avx512 {
         // SAFETY: the level says AVX-512 F is there; the table covers every u16.
         done = unsafe { f16x::gelu_gate(table, &mut gate[..n], &up[..n]) };
+    }
+    #[cfg(target_arch = "aarch64")]
+    if crate::simd::level() == crate::simd::Level::Neon {
+        // SAFETY: NEON is part of every aarch64 CPU; the table covers every u16.
+        done = unsafe { f16_neon::gelu_gate(table, &mut gate[..n], &up[..n]) };
     }
     for (g, u) in gate[done..n].iter_mut().zip(&up[done..n]) {
         *g = table[half::f16::from_f32(*g).to_bits() as usize] * *u;
@@ -120,13 +128,21 @@ pub fn gelu_gate_f16(gate: &mut [f32], up: &[f32]) {
 
 /// Rounds every value to the nearest f16 (what an f16 KV cache stores).
 pub fn round_to_f16(x: &mut [f32]) {
-    // Written only where an x86 path exists.
-    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
+    // Written only where a vector path exists.
+    #[cfg_attr(
+        not(any(target_arch = "x86_64", target_arch = "aarch64")),
+        allow(unused_mut)
+    )]
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
     if crate::simd::level() == crate::simd::Level::Avx512 {
         // SAFETY: the level says AVX-512 F is there.
         done = unsafe { f16x::round(x) };
+    }
+    #[cfg(target_arch = "aarch64")]
+    if crate::simd::level() == crate::simd::Level::Neon {
+        // SAFETY: NEON is part of every aarch64 CPU.
+        done = unsafe { f16_neon::round(x) };
     }
     for v in &mut x[done..] {
         *v = half::f16::from_f32(*v).to_f32();
@@ -160,6 +176,40 @@ mod f16x {
             let bits = _mm512_cvtepu16_epi32(_mm512_cvtps_ph::<NEAREST>(_mm512_loadu_ps(p)));
             let g = _mm512_i32gather_ps::<4>(bits, table.as_ptr());
             _mm512_storeu_ps(p, _mm512_mul_ps(g, _mm512_loadu_ps(up.as_ptr().add(i))));
+        }
+        n
+    }
+}
+
+/// f16 conversions 4 at a time with NEON's `fcvtn` (nearest even) and `fcvtl`; the GELU
+/// table is read one value at a time (NEON has no gather). Each returns how many leading
+/// values it handled.
+#[cfg(target_arch = "aarch64")]
+mod f16_neon {
+    use crate::neon::{f16x4_to_f32, f32x4_to_f16};
+    use std::arch::aarch64::*;
+
+    pub unsafe fn round(x: &mut [f32]) -> usize {
+        let n = x.len() / 4 * 4;
+        for i in (0..n).step_by(4) {
+            let p = x.as_mut_ptr().add(i);
+            vst1q_f32(p, f16x4_to_f32(f32x4_to_f16(vld1q_f32(p))));
+        }
+        n
+    }
+
+    pub unsafe fn gelu_gate(table: &[f32], gate: &mut [f32], up: &[f32]) -> usize {
+        assert!(table.len() > u16::MAX as usize && up.len() >= gate.len());
+        let n = gate.len() / 4 * 4;
+        let mut bits = [0u16; 4];
+        for i in (0..n).step_by(4) {
+            let p = gate.as_mut_ptr().add(i);
+            vst1_u16(bits.as_mut_ptr(), f32x4_to_f16(vld1q_f32(p)));
+            let g: [f32; 4] = bits.map(|b| *table.get_unchecked(b as usize));
+            vst1q_f32(
+                p,
+                vmulq_f32(vld1q_f32(g.as_ptr()), vld1q_f32(up.as_ptr().add(i))),
+            );
         }
         n
     }

@@ -1,9 +1,10 @@
 //! Quantized weight matrices repacked at load time for 8-bit integer dot products
-//! (AVX-512 VNNI, AVX-VNNI, or AVX2's 16-bit multiply-adds).
+//! (AVX-512 VNNI, AVX-VNNI, or AVX2's 16-bit multiply-adds on x86-64; NEON's `sdot`, or
+//! its widening multiplies, on aarch64).
 //!
 //! Rows are taken 16 at a time (a *group*) and interleaved 4 bytes at a time: one 64-byte
-//! load holds 4 consecutive values of each of the 16 rows, so `vpdpbusd` against 4
-//! activation bytes broadcast to every lane gives one partial dot product per row. Lanes
+//! load holds 4 consecutive values of each of the 16 rows, so `vpdpbusd` (or `sdot`)
+//! against 4 activation bytes broadcast to every lane gives one partial dot product per row. Lanes
 //! are rows and never need summing across; a block's weight scales are one vector of 16
 //! rows; an integer sum stays in integers for a whole block (32 values, or a K-quant
 //! sub-block), then one conversion and two fused multiply-adds finish it. A tile of `G`
@@ -17,6 +18,7 @@
 //! tile shape, so a row's result does not depend on the batch it is in.
 
 use crate::qdot::QuantActs;
+use crate::simd::Level;
 use gemma3_formats::quant::k_scale_min;
 use gemma3_formats::{DType, TensorData};
 use rayon::prelude::*;
@@ -64,11 +66,16 @@ pub struct PackedMatrix {
     pub rows: usize,
     pub cols: usize,
     groups: usize,
-    /// Bytes of a group's metadata (rounded up to 64) and of the whole group (read by the
-    /// x86 tiles only so far).
-    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    /// Bytes of a group's metadata (rounded up to 64) and of the whole group.
+    #[cfg_attr(
+        not(any(target_arch = "x86_64", target_arch = "aarch64")),
+        allow(dead_code)
+    )]
     meta_bytes: usize,
-    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    #[cfg_attr(
+        not(any(target_arch = "x86_64", target_arch = "aarch64")),
+        allow(dead_code)
+    )]
     group_bytes: usize,
     data: Vec<Line>,
 }
@@ -167,7 +174,10 @@ impl PackedMatrix {
         crate::qdot::ActBlock::for_weights(self.dtype)
     }
 
-    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    #[cfg_attr(
+        not(any(target_arch = "x86_64", target_arch = "aarch64")),
+        allow(dead_code)
+    )]
     fn group_ptr(&self, g: usize) -> *const u8 {
         debug_assert!(g < self.groups);
         // SAFETY: g < groups, so the offset is inside `data`.
@@ -175,7 +185,6 @@ impl PackedMatrix {
     }
 }
 
-/// Writes row `r` (0..16) of one block into its group's metadata `m` and quants `q`.
 /// Asks Linux to back a packed matrix with 2 MB pages before its pages are first written.
 /// Decode streams every weight once per token: with 4 KB pages a core misses the TLB every
 /// 64 lines of each stream, and the page walks cap what one core pulls from memory. Where
@@ -199,6 +208,7 @@ fn huge_pages(start: usize, bytes: usize) {
     let _ = (start, bytes);
 }
 
+/// Writes row `r` (0..16) of one block into its group's metadata `m` and quants `q`.
 fn pack_block(dtype: DType, r: usize, blk: &[u8], m: &mut [u8], q: &mut [u8]) {
     // 4 bytes of row r in a 64-byte line.
     let put4 = |q: &mut [u8], line: usize, src: &[u8], xor: u8| {
@@ -287,8 +297,14 @@ pub fn kernels_name() -> Option<&'static str> {
     if !available() {
         return None;
     }
-    let avx512 = crate::simd::level() == crate::simd::Level::Avx512;
-    Some(if avx512 && crate::simd::has_vnni() {
+    let level = crate::simd::level();
+    Some(if level == Level::Neon {
+        if crate::simd::has_dotprod() {
+            "NEON + dot product"
+        } else {
+            "NEON"
+        }
+    } else if level == Level::Avx512 && crate::simd::has_vnni() {
         "AVX-512 VNNI"
     } else if crate::simd::has_avx_vnni() {
         "AVX2 + AVX-VNNI"
@@ -297,14 +313,13 @@ pub fn kernels_name() -> Option<&'static str> {
     })
 }
 
-/// Whether the packed kernels can run here: AVX-512 VNNI, AVX-VNNI or plain AVX2.
+/// Whether the packed kernels can run here: AVX-512 (VNNI), AVX2 (AVX-VNNI), or NEON
+/// (dot product).
 pub fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        crate::simd::level() >= crate::simd::Level::Avx2
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
+    matches!(
+        crate::simd::level(),
+        Level::Avx2 | Level::Avx512 | Level::Neon
+    )
 }
 
 /// `out[i][rows]` for inputs `0..n` and the rows of groups `groups`: `out` points at input
@@ -322,7 +337,7 @@ pub unsafe fn matmul_packed(
 ) {
     assert!(available() && acts.cols == p.cols && acts.q.len() >= n * p.cols);
     assert!(groups.end <= p.groups);
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
     {
         let k = isa::kernels(p.dtype);
         let mut g = groups.start;
@@ -350,18 +365,22 @@ pub unsafe fn matmul_packed(
             g += 1;
         }
     }
-    #[cfg(not(target_arch = "x86_64"))]
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
     let _ = (p, acts, n, groups, out);
 }
 
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 mod isa {
     //! The kernels, written once over [`Isa`]: AVX-512 with VNNI (one register per line),
-    //! and AVX2 with AVX-VNNI or with 16-bit multiply-adds (two registers per line).
+    //! AVX2 with AVX-VNNI or with 16-bit multiply-adds (two registers per line), and NEON
+    //! with `sdot` or with widening multiplies (four registers per line).
 
     use super::PackedMatrix;
     use crate::qdot::QuantActs;
     use gemma3_formats::DType;
+    #[cfg(target_arch = "aarch64")]
+    use std::arch::aarch64::*;
+    #[cfg(target_arch = "x86_64")]
     use std::arch::x86_64::*;
 
     type Tile = unsafe fn(&PackedMatrix, usize, &QuantActs, usize, *mut f32);
@@ -389,6 +408,10 @@ mod isa {
                 }
             };
         }
+        // Tile shapes (groups per decode step, inputs per prompt tile) that keep a tile's
+        // accumulators in registers: x86 has 16 or 32 of them, one or two per row vector;
+        // NEON 32, four per row vector. The shape never changes a result.
+        #[cfg(target_arch = "x86_64")]
         macro_rules! for_isa {
             ($m:ident) => {
                 match dtype {
@@ -402,13 +425,38 @@ mod isa {
                 }
             };
         }
-        let avx512 = crate::simd::level() == crate::simd::Level::Avx512;
-        if avx512 && crate::simd::has_vnni() {
-            for_isa!(avx512_vnni)
-        } else if crate::simd::has_avx_vnni() {
-            for_isa!(avx2_vnni)
-        } else {
-            for_isa!(avx2_madd)
+        #[cfg(target_arch = "aarch64")]
+        macro_rules! for_isa {
+            ($m:ident) => {
+                match dtype {
+                    DType::Q8_0 => k!($m, 0, 2, 2),
+                    DType::Q4_0 => k!($m, 1, 2, 2),
+                    DType::Q5_0 => k!($m, 2, 2, 2),
+                    DType::Q4_K => k!($m, 3, 1, 2),
+                    DType::Q5_K => k!($m, 4, 1, 2),
+                    DType::Q6_K => k!($m, 5, 1, 2),
+                    _ => unreachable!("no packed kernel for {dtype}"),
+                }
+            };
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            let avx512 = crate::simd::level() == crate::simd::Level::Avx512;
+            if avx512 && crate::simd::has_vnni() {
+                for_isa!(avx512_vnni)
+            } else if crate::simd::has_avx_vnni() {
+                for_isa!(avx2_vnni)
+            } else {
+                for_isa!(avx2_madd)
+            }
+        }
+        #[cfg(target_arch = "aarch64")]
+        {
+            if crate::simd::has_dotprod() {
+                for_isa!(neon_dot)
+            } else {
+                for_isa!(neon_widen)
+            }
         }
     }
 
@@ -421,6 +469,10 @@ mod isa {
         /// Whether `dot` would overflow on Q8_0's unsigned bytes (`q + 128`), so Q8_0 goes
         /// through `dot_signed` on the signed values and has no offset term.
         const SIGNED_Q8: bool;
+        /// Whether tiles of few inputs split each integer sum over two accumulators, to
+        /// shorten dependent chains (x86, one or two registers per row vector); NEON's four
+        /// registers per vector are four chains already. Integer sums: same results.
+        const SPLIT_CHAINS: bool;
         unsafe fn load(p: *const u8) -> Self::L;
         unsafe fn splat8(v: i8) -> Self::L;
         unsafe fn and(a: Self::L, b: Self::L) -> Self::L;
@@ -459,13 +511,16 @@ mod isa {
         (x as *const i32).read_unaligned()
     }
 
+    #[cfg(target_arch = "x86_64")]
     pub struct Avx512;
 
+    #[cfg(target_arch = "x86_64")]
     impl Isa for Avx512 {
         type L = __m512i;
         type I = __m512i;
         type F = __m512;
         const SIGNED_Q8: bool = false;
+        const SPLIT_CHAINS: bool = true;
         #[inline(always)]
         unsafe fn load(p: *const u8) -> __m512i {
             _mm512_load_si512(p as *const _)
@@ -580,11 +635,14 @@ mod isa {
     /// AVX2: a line is two 256-bit halves (rows 0-7, 8-15). `VNNI` picks AVX-VNNI's
     /// `vpdpbusd`; without it `vpmaddubsw` + `vpmaddwd` do the same sums (exact for weights
     /// below 64; Q8_0 uses the sign trick on its signed bytes).
+    #[cfg(target_arch = "x86_64")]
     pub struct Avx2<const VNNI: bool>;
 
+    #[cfg(target_arch = "x86_64")]
     #[derive(Clone, Copy)]
     pub struct Two<T>(T, T);
 
+    #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     unsafe fn bytes_of_mask(mask: u32) -> __m256i {
         // Byte k gets 0xff when bit k of `mask` is set.
@@ -602,6 +660,7 @@ mod isa {
         _mm256_cmpeq_epi8(_mm256_and_si256(spread, bits), bits)
     }
 
+    #[cfg(target_arch = "x86_64")]
     impl<const VNNI: bool> Avx2<VNNI> {
         #[inline(always)]
         unsafe fn dot_half(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {
@@ -614,11 +673,13 @@ mod isa {
         }
     }
 
+    #[cfg(target_arch = "x86_64")]
     impl<const VNNI: bool> Isa for Avx2<VNNI> {
         type L = Two<__m256i>;
         type I = Two<__m256i>;
         type F = Two<__m256>;
         const SIGNED_Q8: bool = !VNNI;
+        const SPLIT_CHAINS: bool = true;
         #[inline(always)]
         unsafe fn load(p: *const u8) -> Self::L {
             Two(
@@ -805,7 +866,7 @@ mod isa {
         };
         // Two integer accumulators per pair when there are few inputs, so the chains of
         // dependent dot products are short (integer sums are exact: same result).
-        let two = N < 4;
+        let two = S::SPLIT_CHAINS && N < 4;
         let base: [*const u8; G] = std::array::from_fn(|g| p.group_ptr(g0 + g));
         let x: [*const i8; N] = std::array::from_fn(|i| acts.q.as_ptr().add((i0 + i) * cols));
         let dg: [*const f32; N] =
@@ -892,7 +953,7 @@ mod isa {
     ) {
         let cols = p.cols;
         let ns = cols / 256;
-        let two = N < 4;
+        let two = S::SPLIT_CHAINS && N < 4;
         let base: [*const u8; G] = std::array::from_fn(|g| p.group_ptr(g0 + g));
         let x: [*const i8; N] = std::array::from_fn(|i| acts.q.as_ptr().add((i0 + i) * cols));
         let dg: [*const f32; N] =
@@ -1094,11 +1155,233 @@ mod isa {
             }
         };
     }
+    #[cfg(target_arch = "x86_64")]
     entry!(
         avx512_vnni,
         Avx512,
         "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c"
     );
+    #[cfg(target_arch = "x86_64")]
     entry!(avx2_vnni, Avx2<true>, "avx2,fma,f16c,avxvnni");
+    #[cfg(target_arch = "x86_64")]
     entry!(avx2_madd, Avx2<false>, "avx2,fma,f16c");
+    #[cfg(target_arch = "aarch64")]
+    entry!(neon_dot, Neon<true>, "neon,dotprod");
+    #[cfg(target_arch = "aarch64")]
+    entry!(neon_widen, Neon<false>, "neon");
+
+    /// NEON: a line is four 128-bit registers (rows 0-3, 4-7, 8-11, 12-15). `DOT` picks
+    /// `sdot` (signed × signed bytes, four products summed per 32-bit lane); without it
+    /// `smull` + pairwise widening adds make the same sums. Weights are read as signed
+    /// bytes: every packed value but Q8_0's is below 64, and Q8_0 flips its stored
+    /// `q + 128` back to `q` (`SIGNED_Q8`).
+    #[cfg(target_arch = "aarch64")]
+    pub struct Neon<const DOT: bool>;
+
+    #[cfg(target_arch = "aarch64")]
+    impl<const DOT: bool> Neon<DOT> {
+        /// `acc + Σ₄ w·x` per 32-bit lane.
+        #[inline(always)]
+        unsafe fn dot4(acc: int32x4_t, w: int8x16_t, x: int8x16_t) -> int32x4_t {
+            if DOT {
+                let mut acc = acc;
+                // SAFETY: `sdot` only computes on registers; the entry points that use
+                // `DOT = true` are compiled with (and only run on CPUs that have) dotprod.
+                std::arch::asm!(
+                    "sdot {acc:v}.4s, {w:v}.16b, {x:v}.16b",
+                    acc = inout(vreg) acc,
+                    w = in(vreg) w,
+                    x = in(vreg) x,
+                    options(pure, nomem, nostack)
+                );
+                acc
+            } else {
+                // Products of two bytes fit 16 bits (|−128·−128| = 16384); pairs are summed
+                // into 32 bits, then pairs of pairs.
+                let lo = vmull_s8(vget_low_s8(w), vget_low_s8(x));
+                let hi = vmull_high_s8(w, x);
+                vaddq_s32(acc, vpaddq_s32(vpaddlq_s16(lo), vpaddlq_s16(hi)))
+            }
+        }
+
+        #[inline(always)]
+        unsafe fn xdup(x: *const i8) -> int8x16_t {
+            vreinterpretq_s8_s32(vdupq_n_s32(read4(x)))
+        }
+    }
+
+    #[cfg(target_arch = "aarch64")]
+    impl<const DOT: bool> Isa for Neon<DOT> {
+        type L = [uint8x16_t; 4];
+        type I = [int32x4_t; 4];
+        type F = [float32x4_t; 4];
+        const SIGNED_Q8: bool = true;
+        const SPLIT_CHAINS: bool = false;
+        #[inline(always)]
+        unsafe fn load(p: *const u8) -> Self::L {
+            std::array::from_fn(|j| vld1q_u8(p.add(16 * j)))
+        }
+        #[inline(always)]
+        unsafe fn splat8(v: i8) -> Self::L {
+            [vdupq_n_u8(v as u8); 4]
+        }
+        #[inline(always)]
+        unsafe fn and(a: Self::L, b: Self::L) -> Self::L {
+            std::array::from_fn(|j| vandq_u8(a[j], b[j]))
+        }
+        #[inline(always)]
+        unsafe fn or(a: Self::L, b: Self::L) -> Self::L {
+            std::array::from_fn(|j| vorrq_u8(a[j], b[j]))
+        }
+        // Shifts per byte: the x86 forms shift 16-bit lanes, but every use masks the bits
+        // that crossed bytes away, so both give the same values.
+        #[inline(always)]
+        unsafe fn srl2(a: Self::L) -> Self::L {
+            a.map(|v| vshrq_n_u8::<2>(v))
+        }
+        #[inline(always)]
+        unsafe fn srl4(a: Self::L) -> Self::L {
+            a.map(|v| vshrq_n_u8::<4>(v))
+        }
+        #[inline(always)]
+        unsafe fn sll2(a: Self::L) -> Self::L {
+            a.map(|v| vshlq_n_u8::<2>(v))
+        }
+        #[inline(always)]
+        unsafe fn sll4(a: Self::L) -> Self::L {
+            a.map(|v| vshlq_n_u8::<4>(v))
+        }
+        #[inline(always)]
+        unsafe fn add16_where(a: Self::L, mask: u64) -> Self::L {
+            // Byte k of the line gets 16 where bit k is set: each 8 bits of the mask spread
+            // over 8 bytes, tested against one bit per byte.
+            const BITS: [u8; 16] = [1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128];
+            let bits = vld1q_u8(BITS.as_ptr());
+            let b16 = vdupq_n_u8(0x10);
+            std::array::from_fn(|j| {
+                let m = (mask >> (16 * j)) as u16;
+                let spread = vcombine_u8(vdup_n_u8(m as u8), vdup_n_u8((m >> 8) as u8));
+                vaddq_u8(a[j], vandq_u8(vtstq_u8(spread, bits), b16))
+            })
+        }
+        #[inline(always)]
+        unsafe fn dot(acc: Self::I, w: Self::L, x: *const i8) -> Self::I {
+            // Plain loops, not closures: `sdot` must be inlined straight into the entry
+            // point compiled with dotprod.
+            let xv = Self::xdup(x);
+            let mut acc = acc;
+            for j in 0..4 {
+                acc[j] = Self::dot4(acc[j], vreinterpretq_s8_u8(w[j]), xv);
+            }
+            acc
+        }
+        #[inline(always)]
+        unsafe fn dot_signed(acc: Self::I, w: Self::L, x: *const i8) -> Self::I {
+            let xv = Self::xdup(x);
+            let flip = vdupq_n_u8(0x80);
+            let mut acc = acc;
+            for j in 0..4 {
+                acc[j] = Self::dot4(acc[j], vreinterpretq_s8_u8(veorq_u8(w[j], flip)), xv);
+            }
+            acc
+        }
+        #[inline(always)]
+        unsafe fn izero() -> Self::I {
+            [vdupq_n_s32(0); 4]
+        }
+        #[inline(always)]
+        unsafe fn iset(v: i32) -> Self::I {
+            [vdupq_n_s32(v); 4]
+        }
+        #[inline(always)]
+        unsafe fn iadd(a: Self::I, b: Self::I) -> Self::I {
+            std::array::from_fn(|j| vaddq_s32(a[j], b[j]))
+        }
+        #[inline(always)]
+        unsafe fn imul(a: Self::I, b: Self::I) -> Self::I {
+            std::array::from_fn(|j| vmulq_s32(a[j], b[j]))
+        }
+        #[inline(always)]
+        unsafe fn u8x16(p: *const u8) -> Self::I {
+            let b = vld1q_u8(p);
+            let (lo, hi) = (vmovl_u8(vget_low_u8(b)), vmovl_high_u8(b));
+            [
+                vreinterpretq_s32_u32(vmovl_u16(vget_low_u16(lo))),
+                vreinterpretq_s32_u32(vmovl_high_u16(lo)),
+                vreinterpretq_s32_u32(vmovl_u16(vget_low_u16(hi))),
+                vreinterpretq_s32_u32(vmovl_high_u16(hi)),
+            ]
+        }
+        #[inline(always)]
+        unsafe fn i8x16(p: *const u8) -> Self::I {
+            let b = vld1q_s8(p as *const i8);
+            let (lo, hi) = (vmovl_s8(vget_low_s8(b)), vmovl_high_s8(b));
+            [
+                vmovl_s16(vget_low_s16(lo)),
+                vmovl_high_s16(lo),
+                vmovl_s16(vget_low_s16(hi)),
+                vmovl_high_s16(hi),
+            ]
+        }
+        #[inline(always)]
+        unsafe fn dot_pairs(acc: Self::I, p: *const u8, x: i32) -> Self::I {
+            // Row r's pair (m[2r], m[2r+1]) against (lo16(x), hi16(x)), in 32 bits.
+            let xv = vreinterpretq_s16_s32(vdupq_n_s32(x));
+            let (b0, b1) = (vld1q_u8(p), vld1q_u8(p.add(16)));
+            let m: [uint16x8_t; 4] = [
+                vmovl_u8(vget_low_u8(b0)),
+                vmovl_high_u8(b0),
+                vmovl_u8(vget_low_u8(b1)),
+                vmovl_high_u8(b1),
+            ];
+            std::array::from_fn(|j| {
+                let m = vreinterpretq_s16_u16(m[j]);
+                let lo = vmull_s16(vget_low_s16(m), vget_low_s16(xv));
+                let hi = vmull_high_s16(m, xv);
+                vaddq_s32(acc[j], vpaddq_s32(lo, hi))
+            })
+        }
+        #[inline(always)]
+        unsafe fn cvt(a: Self::I) -> Self::F {
+            a.map(|v| vcvtq_f32_s32(v))
+        }
+        #[inline(always)]
+        unsafe fn fzero() -> Self::F {
+            [vdupq_n_f32(0.0); 4]
+        }
+        #[inline(always)]
+        unsafe fn fset(v: f32) -> Self::F {
+            [vdupq_n_f32(v); 4]
+        }
+        #[inline(always)]
+        unsafe fn f16x16(p: *const u8) -> Self::F {
+            std::array::from_fn(|j| crate::neon::load_f16x4(p.add(8 * j)))
+        }
+        #[inline(always)]
+        unsafe fn mul(a: Self::F, b: Self::F) -> Self::F {
+            std::array::from_fn(|j| vmulq_f32(a[j], b[j]))
+        }
+        #[inline(always)]
+        unsafe fn fmadd(a: Self::F, b: Self::F, c: Self::F) -> Self::F {
+            std::array::from_fn(|j| vfmaq_f32(c[j], a[j], b[j]))
+        }
+        #[inline(always)]
+        unsafe fn fnmadd(a: Self::F, b: Self::F, c: Self::F) -> Self::F {
+            std::array::from_fn(|j| vfmsq_f32(c[j], a[j], b[j]))
+        }
+        #[inline(always)]
+        unsafe fn store(p: *mut f32, v: Self::F, n: usize) {
+            if n >= 16 {
+                for (j, v) in v.iter().enumerate() {
+                    vst1q_f32(p.add(4 * j), *v);
+                }
+            } else {
+                let mut tmp = [0f32; 16];
+                for (j, v) in v.iter().enumerate() {
+                    vst1q_f32(tmp.as_mut_ptr().add(4 * j), *v);
+                }
+                std::ptr::copy_nonoverlapping(tmp.as_ptr(), p, n);
+            }
+        }
+    }
 }

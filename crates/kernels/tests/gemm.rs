@@ -20,14 +20,13 @@ fn exclusive() -> std::sync::MutexGuard<'static, ()> {
     LEVEL_LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The level detection picks (what the other tests run at).
+fn best() -> Level {
+    *levels().last().unwrap()
+}
+
 fn levels() -> Vec<Level> {
-    let mut v = vec![Level::Portable];
-    for l in [Level::Avx2, Level::Avx512] {
-        if set_level(l) == l {
-            v.push(l);
-        }
-    }
-    v
+    gemma3_kernels::simd::levels()
 }
 
 /// Every level, every shape: C starts non-zero to check accumulation.
@@ -74,7 +73,7 @@ fn gemm_matches_f64_on_all_paths() {
             }
         }
     }
-    set_level(Level::Avx512);
+    set_level(best());
 }
 
 /// Operands packed once give the same products as views, across blocking edges (k past
@@ -193,7 +192,7 @@ fn packed_operands_match_views() {
             }
         }
     }
-    set_level(Level::Avx512);
+    set_level(best());
 }
 
 /// `x · Wᵀ` with W stored in every weight type, including k that is not a multiple of the
@@ -256,7 +255,7 @@ fn gemm_with_stored_weights() {
             }
         }
     }
-    set_level(Level::Avx512);
+    set_level(best());
 }
 
 /// Random blocks with finite f16 scales (the first two bytes of Q8_0/Q4_0 blocks, the last
@@ -331,7 +330,7 @@ fn vector_math_matches_libm() {
             assert!((a - b).abs() < 1e-7, "{level:?} softmax {a} vs {b}");
         }
     }
-    set_level(Level::Avx512);
+    set_level(best());
 }
 
 /// Throughput at SigLIP So400m shapes: `cargo test --release -p gemma3-kernels --test gemm

@@ -149,7 +149,9 @@ fn check_product(
                 (got - want).abs() <= 1e-5 * scale + 1e-6,
                 "{t} {label} {precision:?} {:?} vnni {} {rows}x{cols} n={n}: out[{i}][{r}] = {got}, want {want}",
                 gemma3_kernels::simd::level(),
-                gemma3_kernels::simd::has_vnni() || gemma3_kernels::simd::has_avx_vnni()
+                gemma3_kernels::simd::has_vnni()
+                    || gemma3_kernels::simd::has_avx_vnni()
+                    || gemma3_kernels::simd::has_dotprod()
             );
         }
     }
@@ -168,11 +170,11 @@ fn check_product(
 #[test]
 fn every_type_every_path_odd_shapes() {
     // Each level this CPU has, with and without its 8-bit dot-product instructions (AVX-512
-    // VNNI / AVX-VNNI): the packed kernels then use AVX2's 16-bit multiply-adds, the
-    // unpacked ones their AVX2 kernel.
+    // VNNI / AVX-VNNI / Arm's sdot): the packed kernels then use AVX2's 16-bit
+    // multiply-adds or NEON's widening multiplies, the unpacked ones their AVX2 kernel.
     let mut paths = vec![(Level::Portable, false)];
-    for l in [Level::Avx2, Level::Avx512] {
-        if set_level(l) == l {
+    for l in gemma3_kernels::simd::levels() {
+        if l != Level::Portable && set_level(l) == l {
             paths.push((l, false));
             if set_vnni(true) {
                 paths.push((l, true));
@@ -211,7 +213,7 @@ fn every_type_every_path_odd_shapes() {
         }
     }
     set_vnni(true);
-    set_level(Level::Avx512);
+    set_level(*gemma3_kernels::simd::levels().last().unwrap());
 }
 
 #[test]

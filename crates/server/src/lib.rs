@@ -227,7 +227,31 @@ async fn shutdown_signal() {
             } => {}
         }
     }
-    #[cfg(not(unix))]
+    // Windows: Ctrl-C, Ctrl-Break, the console closing, or the system shutting down. A
+    // handler that cannot be installed never fires.
+    #[cfg(windows)]
+    {
+        use tokio::signal::windows::{ctrl_break, ctrl_close, ctrl_shutdown};
+        macro_rules! fired {
+            ($signal:expr) => {
+                async {
+                    match $signal {
+                        Ok(mut s) => {
+                            s.recv().await;
+                        }
+                        Err(_) => std::future::pending::<()>().await,
+                    }
+                }
+            };
+        }
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = fired!(ctrl_break()) => {}
+            _ = fired!(ctrl_close()) => {}
+            _ = fired!(ctrl_shutdown()) => {}
+        }
+    }
+    #[cfg(not(any(unix, windows)))]
     {
         let _ = ctrl_c.await;
     }
