@@ -118,7 +118,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if a.threads.contains(&0) {
         bail!("thread counts must be at least 1");
     }
-    eprintln!("kernels: {}", gemma3_kernels::simd::describe());
+    eprintln!("kernels: {}", gemma3_kernels::describe());
     if a.kernels {
         // In the pool, as the model runs them: a call from outside would time the
         // hand-off to the pool's threads too.

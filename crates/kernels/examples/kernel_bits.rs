@@ -4,6 +4,10 @@
 //! the bit, the NEON ones give those bits too.
 //!
 //! Inputs are fixed (a seeded generator), so the hashes depend only on the kernels.
+//!
+//! `kernel_bits decode TYPE` instead runs one decode product (one input, 256 × 4096
+//! weights of TYPE) at the current level, for counting the tile's instructions under
+//! valgrind or qemu (`scripts/tile-instructions.sh`).
 
 use gemma3_formats::{DType, TensorData};
 use gemma3_kernels::gemm::{gemm_few_rows, RowsB};
@@ -67,7 +71,30 @@ fn tensor(t: DType, rows: usize, cols: usize, rng: &mut Lcg) -> TensorData {
     TensorData::new("w".into(), t, vec![rows, cols], Arc::new(bytes), 0..len).unwrap()
 }
 
+/// One decode product on 256 × 4096 weights of `name`; prints the packed bytes.
+fn decode_once(name: &str) {
+    let t = DType::ALL
+        .into_iter()
+        .find(|t| t.to_string() == name)
+        .unwrap_or_else(|| panic!("unknown type {name}"));
+    let (rows, cols) = (256, 4096);
+    let mut rng = Lcg(42);
+    let w = Linear::new(tensor(t, rows, cols, &mut rng));
+    let x: Vec<f32> = (0..cols).map(|_| rng.f()).collect();
+    let mut out = vec![0f32; rows];
+    matmul_weights(w.weights(), &x, 1, &mut out, Precision::Fast);
+    let bytes = w.packed.as_ref().map_or(0, |p| p.bytes());
+    println!(
+        "{t} {rows}x{cols}: {bytes} packed bytes, {}",
+        gemma3_kernels::describe()
+    );
+}
+
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.len() == 3 && args[1] == "decode" {
+        return decode_once(&args[2]);
+    }
     let mut paths = vec![];
     for l in simd::levels() {
         simd::set_level(l);

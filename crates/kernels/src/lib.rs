@@ -16,3 +16,14 @@ pub mod simd;
 pub mod vmath;
 
 pub use matmul::{matmul, matmul_multi, matmul_weights, Linear, Precision, Weights};
+
+/// The kernels in use, in words: the level and, where the quantized weights are repacked,
+/// the instructions of those kernels (for `info`, `bench` and logs). Lives here, above both
+/// [`simd`] and [`packed`], so neither module needs the other's view of the machine.
+pub fn describe() -> String {
+    let level = simd::level().name();
+    match packed::kernels_name() {
+        Some(isa) => format!("{isa} (level {level})"),
+        None => format!("level {level}"),
+    }
+}

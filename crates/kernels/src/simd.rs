@@ -44,15 +44,6 @@ impl Level {
 
 static LEVEL: AtomicU8 = AtomicU8::new(0);
 
-/// The kernels in use, in words: the level and, where the quantized weights are repacked,
-/// the instructions of those kernels (for `info`, `bench` and logs).
-pub fn describe() -> String {
-    match crate::packed::kernels_name() {
-        Some(isa) => format!("{isa} (level {})", level().name()),
-        None => format!("level {}", level().name()),
-    }
-}
-
 /// Whether this CPU runs level `l`'s code.
 fn supported(l: Level) -> bool {
     match l {
