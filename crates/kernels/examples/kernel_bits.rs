@@ -84,8 +84,9 @@ fn decode_once(name: &str) {
     let mut out = vec![0f32; rows];
     matmul_weights(w.weights(), &x, 1, &mut out, Precision::Fast);
     let bytes = w.packed.as_ref().map_or(0, |p| p.bytes());
+    let file_bytes = rows * t.row_bytes(cols).unwrap_or(0);
     println!(
-        "{t} {rows}x{cols}: {bytes} packed bytes, {}",
+        "{t} {rows}x{cols}: {file_bytes} weight bytes, {bytes} packed bytes, {}",
         gemma3_kernels::describe()
     );
 }

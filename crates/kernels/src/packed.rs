@@ -1253,14 +1253,24 @@ mod isa {
         }
         #[inline(always)]
         unsafe fn add16_where(a: Self::L, mask: u64) -> Self::L {
-            // Byte k of the line gets 16 where bit k is set: each 8 bits of the mask spread
-            // over 8 bytes, tested against one bit per byte.
+            // Byte k of the line gets 16 where bit k is set: the mask goes into a register
+            // once, a table lookup spreads each of its bytes over 8 bytes, each tested
+            // against one bit.
             const BITS: [u8; 16] = [1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128];
+            const SPREAD: [[u8; 16]; 4] = {
+                let mut t = [[0u8; 16]; 4];
+                let mut k = 0;
+                while k < 64 {
+                    t[k / 16][k % 16] = (k / 8) as u8;
+                    k += 1;
+                }
+                t
+            };
             let bits = vld1q_u8(BITS.as_ptr());
             let b16 = vdupq_n_u8(0x10);
+            let m = vreinterpretq_u8_u64(vdupq_n_u64(mask));
             std::array::from_fn(|j| {
-                let m = (mask >> (16 * j)) as u16;
-                let spread = vcombine_u8(vdup_n_u8(m as u8), vdup_n_u8((m >> 8) as u8));
+                let spread = vqtbl1q_u8(m, vld1q_u8(SPREAD[j].as_ptr()));
                 vaddq_u8(a[j], vandq_u8(vtstq_u8(spread, bits), b16))
             })
         }
