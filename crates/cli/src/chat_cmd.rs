@@ -97,6 +97,7 @@ pub fn run(a: ChatArgs) -> Result<()> {
         sampling: a.sampling.params(&model)?.0,
         constraint: a.constraint.grammar()?,
         lookup: a.spec.lookup(),
+        draft: a.spec.draft(&model)?,
         ..Default::default()
     };
     let interactive = std::io::stdin().is_terminal();

@@ -4,7 +4,7 @@
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use gemma3_engine::{
-    GenerateOptions, Grammar, Image, Lookup, Model, ModelSource, PanAndScan, SamplingParams,
+    DraftParams, GenerateOptions, Grammar, Image, Lookup, Model, ModelSource, PanAndScan, SamplingParams,
     StopReason,
 };
 use gemma3_eval::perplexity::perplexity;
@@ -287,30 +287,73 @@ impl ConstraintArgs {
     }
 }
 
-/// Speculative decoding by prompt lookup (on unless --no-spec): guesses of the next tokens
-/// copied from the prompt and the text so far, checked in one pass; the output is the same.
+/// Speculative decoding (on unless --no-spec): guesses of the next tokens, copied from the
+/// prompt and the text so far (prompt lookup) or made by a smaller draft model, checked in
+/// one pass of the model; the output is the same.
 #[derive(Args, Clone)]
 pub(crate) struct SpecArgs {
-    /// Decode plainly: no speculative decoding by prompt lookup
+    /// Decode plainly: no speculative decoding
     #[arg(long)]
     no_spec: bool,
-    /// The most tokens guessed per step (prompt lookup)
-    #[arg(long, default_value_t = Lookup::default().max_draft as u16, value_parser = clap::value_parser!(u16).range(1..=gemma3_engine::draft::MAX_DRAFT as i64))]
-    draft_max: u16,
+    /// A draft model that guesses the next tokens instead of prompt lookup (any form
+    /// --model takes; the same vocabulary as the model, e.g. the 270M for a 4B-27B)
+    #[arg(long, value_name = "MODEL")]
+    draft: Option<String>,
+    /// The most tokens guessed per step [default: 10 for prompt lookup, 16 for a draft model]
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=gemma3_engine::draft::MAX_DRAFT as i64))]
+    draft_max: Option<u16>,
+    /// Fewer guesses than this are not checked: the step decodes plainly (draft model)
+    #[arg(long, default_value_t = DraftParams::default().min_draft as u16, value_parser = clap::value_parser!(u16).range(1..=gemma3_engine::draft::MAX_DRAFT as i64))]
+    draft_min: u16,
+    /// The draft model stops guessing at a token it gives less than this probability
+    #[arg(long, default_value_t = DraftParams::default().p_min, value_parser = parse_probability)]
+    draft_p_min: f32,
     /// The shortest n-gram of the text so far that prompt lookup matches
     #[arg(long, default_value_t = Lookup::default().min_ngram as u16, value_parser = clap::value_parser!(u16).range(1..=8))]
     draft_ngram_min: u16,
 }
 
+fn parse_probability(s: &str) -> std::result::Result<f32, String> {
+    match s.parse::<f32>() {
+        Ok(p) if (0.0..=1.0).contains(&p) => Ok(p),
+        _ => Err(format!("{s:?} is not a probability between 0 and 1")),
+    }
+}
+
 impl SpecArgs {
+    /// Prompt lookup, unless turned off or a draft model is named.
     pub(crate) fn lookup(&self) -> Option<Lookup> {
-        (!self.no_spec).then(|| Lookup {
-            max_draft: self.draft_max as usize,
+        (!self.no_spec && self.draft.is_none()).then(|| Lookup {
+            max_draft: self
+                .draft_max
+                .map_or(Lookup::default().max_draft, |m| m as usize),
             min_ngram: self.draft_ngram_min as usize,
             max_ngram: Lookup::default()
                 .max_ngram
                 .max(self.draft_ngram_min as usize),
         })
+    }
+
+    /// The draft model `--draft` names, opened and checked against `target`.
+    pub(crate) fn draft(&self, target: &Model) -> Result<Option<gemma3_engine::Draft>> {
+        let Some(name) = self.draft.as_deref().filter(|_| !self.no_spec) else {
+            return Ok(None);
+        };
+        let opts = models_cmd::open_options(None);
+        let model = Model::open_with(Some(name), &opts)
+            .with_context(|| format!("the draft model {name}"))?;
+        let params = DraftParams {
+            max_draft: self
+                .draft_max
+                .map_or(DraftParams::default().max_draft, |m| m as usize),
+            min_draft: self.draft_min as usize,
+            p_min: self.draft_p_min,
+        };
+        Ok(Some(gemma3_engine::Draft::new(
+            target,
+            std::sync::Arc::new(model),
+            params,
+        )?))
     }
 }
 
@@ -646,6 +689,7 @@ fn run(cli: Cli) -> Result<()> {
                 pan_and_scan,
                 constraint: constraint.grammar()?,
                 lookup: spec.lookup(),
+                draft: spec.draft(&m)?,
                 ..Default::default()
             };
             let stdout = std::io::stdout();

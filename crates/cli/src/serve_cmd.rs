@@ -100,8 +100,11 @@ pub fn run(a: ServeArgs) -> Result<()> {
     };
     // The server listens (answering /health with 503) while the model loads.
     let model_args = a.model.clone();
-    let load = move || -> Result<Model, String> {
-        crate::open_model(&model_args).map_err(|e| format!("{e:#}"))
+    let spec = a.spec.clone();
+    let load = move || -> Result<(Model, Option<gemma3_engine::Draft>), String> {
+        let model = crate::open_model(&model_args).map_err(|e| format!("{e:#}"))?;
+        let draft = spec.draft(&model).map_err(|e| format!("{e:#}"))?;
+        Ok((model, draft))
     };
     gemma3_server::run(config, load, |addr| {
         eprintln!("gemma3 serve: listening on http://{addr}");

@@ -69,6 +69,16 @@ impl Drafter {
         }
     }
 
+    /// How many tokens to guess this step: the adapted length within `limit`, 0 while
+    /// paused (each call counts one plain step of a pause).
+    pub fn budget(&mut self, limit: usize) -> usize {
+        if self.paused > 0 {
+            self.paused -= 1;
+            return 0;
+        }
+        self.k.min(limit)
+    }
+
     /// Appends up to `limit` guessed tokens that would follow `history` to `out` (none
     /// while paused, none without a match); never `exclude` (an image placeholder).
     pub fn propose(
@@ -78,11 +88,7 @@ impl Drafter {
         exclude: Option<u32>,
         out: &mut Vec<u32>,
     ) {
-        if self.paused > 0 {
-            self.paused -= 1;
-            return;
-        }
-        let k = self.k.min(limit);
+        let k = self.budget(limit);
         if k == 0 {
             return;
         }

@@ -29,6 +29,7 @@ pub mod chat;
 pub mod constraint;
 pub mod defaults;
 pub mod draft;
+pub mod draft_model;
 pub mod generate;
 pub mod image;
 pub mod load;
@@ -42,6 +43,7 @@ pub mod tools;
 pub use constraint::Grammar;
 pub use defaults::{SamplingDefaults, SamplingSource};
 pub use draft::Lookup;
+pub use draft_model::{Draft, DraftParams};
 pub use generate::Generator;
 pub use image::{Image, PanAndScan};
 pub use load::{Model, ModelSource, OpenOptions};
@@ -72,6 +74,9 @@ pub enum EngineError {
     Grammar(String),
     #[error("{0}")]
     Load(String),
+    /// A draft model whose tokens are not the target's (named, with the first difference).
+    #[error("{0}")]
+    DraftIncompatible(String),
     #[error("{0}")]
     Input(String),
     /// An image that cannot be read or decoded.

@@ -4,6 +4,7 @@
 
 use crate::constraint::Grammar;
 use crate::draft::Lookup;
+use crate::draft_model::Draft;
 use crate::image::{Image, PanAndScan};
 use crate::sampling::SamplingParams;
 
@@ -45,6 +46,9 @@ pub struct GenerateOptions {
     /// Speculative decoding by prompt lookup (None: plain decoding). The output is the
     /// same either way; only the speed differs.
     pub lookup: Option<Lookup>,
+    /// Speculative decoding with a draft model (used instead of prompt lookup). The output
+    /// is the same either way.
+    pub draft: Option<Draft>,
 }
 
 impl Default for GenerateOptions {
@@ -65,6 +69,7 @@ impl Default for GenerateOptions {
             stop_at_context: false,
             constraint: None,
             lookup: None,
+            draft: None,
         }
     }
 }

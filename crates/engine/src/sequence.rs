@@ -5,7 +5,8 @@
 //! all run on these two.
 
 use crate::constraint::Constraint;
-use crate::draft::{Drafter, MAX_DRAFT};
+use crate::draft::{Drafter, Lookup, MAX_DRAFT};
+use crate::draft_model::{draft_batch, DraftWorkspace, ModelDrafter};
 use crate::load::Model;
 use crate::request::{GenerateOptions, Generation, StopReason};
 use crate::sampling::{argmax, Sampler};
@@ -13,6 +14,7 @@ use crate::EngineError;
 use gemma3_model::{chunk_end, ImageInputs, KvCache, Logits, SeqChunk, Workspace, MAX_BATCH};
 use gemma3_text::StreamDecoder;
 use rayon::prelude::*;
+use std::sync::Arc;
 use std::time::Instant;
 
 /// The id a cache records for an image token: what it stands for is not in the ids, so no
@@ -106,7 +108,10 @@ struct State {
 /// the logits of the pass's rows (the last token's and each guess's), checked in order
 /// after the pass.
 struct Spec {
+    /// The draft length, its adaptation and pauses, and the counts.
     drafter: Drafter,
+    /// The draft model and its cache, when one guesses (prompt lookup otherwise).
+    model: Option<ModelDrafter>,
     /// The guesses fed in this pass (after the last token).
     drafts: Vec<u32>,
     /// The position of the pass's first row, and how many rows it has (0: not speculating).
@@ -206,14 +211,17 @@ impl Sequence {
                 history,
                 logits: vec![0.0; cfg.vocab_size],
                 constraint,
-                spec: opts.lookup.clone().map(|cfg| Spec {
+                spec: speculation(&opts, images.as_ref().map(|im| im.image_token)).map(
+                    |(cfg, model)| Spec {
                     drafter: Drafter::new(cfg),
+                    model,
                     drafts: Vec::with_capacity(MAX_DRAFT),
                     base: 0,
                     rows: 0,
                     logits: Vec::new(),
                     keep: 1,
-                }),
+                },
+                ),
                 raw_logits: Vec::new(),
                 to_sample: false,
                 stream: StreamDecoder::new(),
@@ -315,6 +323,31 @@ impl Sequence {
             s.finished.is_some(),
         );
         u
+    }
+
+    /// Starts this step's draft-model guesses, when the sequence decodes with a draft model
+    /// and drafts this step: its drafter and history, for [`draft_batch`].
+    fn draft_begin(&mut self) -> Option<(&mut ModelDrafter, &[u32])> {
+        if self.is_finished() || self.is_prefilling() {
+            return None;
+        }
+        let State {
+            spec,
+            history,
+            opts,
+            out,
+            ..
+        } = &mut self.state;
+        let sp = spec.as_mut()?;
+        let md = sp.model.as_mut()?;
+        let limit = guess_limit(opts, out.tokens.len(), 1 + MAX_DRAFT, &self.cache);
+        let want = sp.drafter.budget(limit);
+        if want == 0 || want < md.draft.params().min_draft {
+            md.guesses.clear();
+            return None;
+        }
+        md.begin(history, want, self.cache.context());
+        Some((md, history))
     }
 
     /// The cache and the tokens it holds, for a later request to reuse.
@@ -461,21 +494,22 @@ impl State {
             return;
         };
         sp.rows = 0;
-        let left = self
-            .opts
-            .max_new_tokens
-            .saturating_sub(self.out.tokens.len());
-        let room = cache.context().saturating_sub(cache.len() + 1);
-        let limit = budget
-            .saturating_sub(1)
-            .min(left.saturating_sub(1))
-            .min(room)
-            .min(cache.max_chunk().saturating_sub(1));
+        let limit = guess_limit(&self.opts, self.out.tokens.len(), budget, cache);
         sp.drafts.clear();
-        // The history ends with the prompt and every generated token; `next[0]` is the
-        // last of them.
-        sp.drafter
-            .propose(&self.history, limit, exclude, &mut sp.drafts);
+        match &sp.model {
+            // The draft model guessed before the pass (`Batch::step`).
+            Some(md) => {
+                let take = md.guesses.len().min(limit);
+                if take >= md.draft.params().min_draft {
+                    sp.drafts.extend_from_slice(&md.guesses[..take]);
+                }
+            }
+            // The history ends with the prompt and every generated token; `next[0]` is
+            // the last of them.
+            None => sp
+                .drafter
+                .propose(&self.history, limit, exclude, &mut sp.drafts),
+        }
         if sp.drafts.is_empty() {
             return;
         }
@@ -720,6 +754,35 @@ pub(crate) fn held_back(text: &str, stops: &[String], max_stop: usize) -> usize 
     hold
 }
 
+/// The drafter and draft model a request speculates with, if any: a draft model when it
+/// names one (never guessing `image_token`), else prompt lookup.
+fn speculation(
+    opts: &GenerateOptions,
+    image_token: Option<u32>,
+) -> Option<(Lookup, Option<ModelDrafter>)> {
+    if let Some(d) = &opts.draft {
+        let cfg = Lookup {
+            max_draft: d.params().max_draft,
+            ..Lookup::default()
+        };
+        return Some((cfg, Some(ModelDrafter::new(d.clone(), image_token))));
+    }
+    opts.lookup.clone().map(|cfg| (cfg, None))
+}
+
+/// The most tokens a sequence may guess after its next token: what a pass's `budget` of
+/// rows, the tokens left to generate (a guess past either could never be used), and what
+/// the cache can take back when refused allow.
+fn guess_limit(opts: &GenerateOptions, generated: usize, budget: usize, cache: &KvCache) -> usize {
+    let left = opts.max_new_tokens.saturating_sub(generated);
+    let room = cache.context().saturating_sub(cache.len() + 1);
+    budget
+        .saturating_sub(1)
+        .min(left.saturating_sub(1))
+        .min(room)
+        .min(cache.max_chunk().saturating_sub(1))
+}
+
 /// A prompt of `len` tokens plus `max_new` new ones must fit a context of `ctx`; at least
 /// the prompt and one new token must.
 pub(crate) fn check_fits(
@@ -743,6 +806,8 @@ pub(crate) fn check_fits(
 /// tokens a pass may take.
 pub struct Batch {
     ws: Workspace,
+    /// The draft model's workspace, made when a sequence first drafts with one.
+    draft: Option<DraftWorkspace>,
     /// Prompt tokens per pass (over all prefilling sequences), so that a long new prompt
     /// delays the running decodes by one chunk at a time.
     prefill_chunk: usize,
@@ -753,6 +818,7 @@ impl Batch {
     pub fn new(model: &Model, prefill_chunk: usize) -> Batch {
         Batch {
             ws: Workspace::new(&model.text.cfg, MAX_BATCH),
+            draft: None,
             prefill_chunk: prefill_chunk.clamp(1, MAX_BATCH),
         }
     }
@@ -766,6 +832,7 @@ impl Batch {
         model: &Model,
         seqs: &mut [&mut Sequence],
     ) -> Result<usize, EngineError> {
+        self.draft(seqs);
         let mut room = self.ws.max_batch;
         let mut prefill_room = self.prefill_chunk;
         // Decode rows first, so they never wait behind prompts.
@@ -828,6 +895,39 @@ impl Batch {
             rows += ran[i];
         }
         Ok(rows)
+    }
+
+    /// The draft model's guesses for every decoding sequence that drafts with one, made in
+    /// passes shared by all of them (sequences of a second draft model decode plainly this
+    /// step). A failed draft pass only costs the guesses.
+    fn draft(&mut self, seqs: &mut [&mut Sequence]) {
+        let mut drafters = Vec::new();
+        let mut model: Option<Arc<Model>> = None;
+        for s in seqs.iter_mut() {
+            let Some((d, history)) = s.draft_begin() else {
+                continue;
+            };
+            let m = d.draft.model();
+            match &model {
+                None => model = Some(m.clone()),
+                Some(x) if Arc::ptr_eq(x, m) => {}
+                Some(_) => continue,
+            }
+            drafters.push((d, history));
+        }
+        let Some(model) = model else {
+            return;
+        };
+        if self
+            .draft
+            .as_ref()
+            .is_none_or(|w| !Arc::ptr_eq(&w.model, &model))
+        {
+            self.draft = Some(DraftWorkspace::new(model.clone()));
+        }
+        if let Some(ws) = self.draft.as_mut() {
+            draft_batch(&model, ws, &mut drafters);
+        }
     }
 }
 

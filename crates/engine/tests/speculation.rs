@@ -1,14 +1,19 @@
-//! Speculative decoding by prompt lookup never changes the output: on the real Gemma 3
-//! 270M, greedy and seeded (temperature 1) generations with lookup equal those without,
+//! Speculative decoding by prompt lookup or by a draft model never changes the output: on
+//! the real Gemma 3 270M, greedy and seeded (temperature 1) generations with lookup, and
+//! drafted by the same model quantized to Q4_0 at load (other weights, so some guesses are
+//! refused), equal those without,
 //! token for token and in their ends, over plain, repetitive and window-wrapping prompts,
 //! with stop strings, token limits, penalties, log-probabilities and a JSON schema; and a
 //! batch of speculating sequences equals their solo plain runs. The repetitive prompts must
-//! accept guesses, so the check is not vacuous.
+//! accept guesses (and the draft model refuse some), so the check is not vacuous.
 
-use gemma3_engine::{Batch, GenerateOptions, Grammar, Lookup, Model, SamplingParams, Sequence};
-use gemma3_model::KvCache;
+use gemma3_engine::{
+    Batch, Draft, DraftParams, GenerateOptions, Grammar, Lookup, Model, OpenOptions,
+    SamplingParams, Sequence,
+};
+use gemma3_model::{FileType, KvCache};
 use serde_json::json;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 mod common;
 use common::open_real_model;
@@ -53,6 +58,28 @@ fn prompts() -> Vec<String> {
     p
 }
 
+/// The real model quantized to Q4_0 at load, drafting for the Q4_K_M file.
+fn draft() -> &'static Draft {
+    static D: OnceLock<Draft> = OnceLock::new();
+    D.get_or_init(|| {
+        let path = gemma3_hub::cached_default_model().expect("the real model");
+        let opts = OpenOptions {
+            quantize: Some(FileType::Q4_0),
+            offline: true,
+            ..Default::default()
+        };
+        let d = Model::open_with(Some(path.to_str().unwrap()), &opts).unwrap();
+        Draft::new(model(), Arc::new(d), DraftParams::default()).unwrap()
+    })
+}
+
+fn with_draft(o: &GenerateOptions) -> GenerateOptions {
+    GenerateOptions {
+        draft: Some(draft().clone()),
+        ..o.clone()
+    }
+}
+
 fn with_lookup(o: &GenerateOptions) -> GenerateOptions {
     GenerateOptions {
         lookup: Some(Lookup::default()),
@@ -85,10 +112,9 @@ fn cases() -> Vec<(String, GenerateOptions)> {
     out
 }
 
-#[test]
-fn lookup_gives_the_same_tokens_greedy_and_seeded() {
-    let m = model();
-    let (mut drafted, mut accepted) = (0, 0);
+/// Every case, with stops, penalties, log-probabilities, a token limit of 3 and a JSON
+/// schema on some.
+fn all_cases() -> Vec<(String, GenerateOptions)> {
     let mut all = cases();
     // Stops, penalties and log-probabilities on some.
     all[0].1.stop_strings = vec![".".into()];
@@ -106,9 +132,17 @@ fn lookup_gives_the_same_tokens_greedy_and_seeded() {
         },
     ));
     assert!(all.len() >= 20);
-    for (i, (p, o)) in all.iter().enumerate() {
+    all
+}
+
+/// Each case generated plainly and speculating (`spec` sets how): the same tokens, text and
+/// end. Returns the guesses drafted and accepted.
+fn same_as_plain(spec: fn(&GenerateOptions) -> GenerateOptions) -> (usize, usize) {
+    let m = model();
+    let (mut drafted, mut accepted) = (0, 0);
+    for (i, (p, o)) in all_cases().iter().enumerate() {
         let plain = m.generate(p, o, |_| true).unwrap();
-        let spec = m.generate(p, &with_lookup(o), |_| true).unwrap();
+        let spec = m.generate(p, &spec(o), |_| true).unwrap();
         assert_eq!(spec.tokens, plain.tokens, "case {i}: {p:?}");
         assert_eq!(spec.text, plain.text, "case {i}");
         assert_eq!(spec.stop, plain.stop, "case {i}");
@@ -119,9 +153,24 @@ fn lookup_gives_the_same_tokens_greedy_and_seeded() {
         accepted += spec.accepted;
     }
     eprintln!("drafted {drafted}, accepted {accepted}");
+    (drafted, accepted)
+}
+
+#[test]
+fn lookup_gives_the_same_tokens_greedy_and_seeded() {
+    let (drafted, accepted) = same_as_plain(with_lookup);
     assert!(
         accepted > 100,
         "lookup accepted only {accepted} of {drafted} guesses"
+    );
+}
+
+#[test]
+fn a_draft_model_gives_the_same_tokens_greedy_and_seeded() {
+    let (drafted, accepted) = same_as_plain(with_draft);
+    assert!(
+        accepted > 200 && accepted < drafted,
+        "the draft had {accepted} of {drafted} guesses accepted: both some and not all must be"
     );
 }
 
@@ -163,13 +212,30 @@ fn speculating_sequences_batched_together_give_their_solo_plain_tokens() {
         .iter()
         .map(|(p, o)| m.generate(p, o, |_| true).unwrap())
         .collect();
-    let speculating: Vec<_> = all.iter().map(|(p, o)| (p, with_lookup(o))).collect();
+    // Half the sequences by prompt lookup, half by the draft model, some plain: the draft
+    // passes run all drafting sequences together beside the others.
+    let speculating: Vec<_> = all
+        .iter()
+        .enumerate()
+        .map(|(i, (p, o))| {
+            let o = match i % 3 {
+                0 => with_lookup(o),
+                1 => with_draft(o),
+                _ => o.clone(),
+            };
+            (p, o)
+        })
+        .collect();
     let seqs = common::run_batched(m, &speculating, 2048, 96);
-    let mut accepted = 0;
+    let (mut by_lookup, mut by_draft) = (0, 0);
     for (i, (s, want)) in seqs.iter().zip(&solo).enumerate() {
         assert_eq!(s.generation().tokens, want.tokens, "case {i}");
         assert_eq!(s.generation().stop, want.stop, "case {i}");
-        accepted += s.generation().accepted;
+        match i % 3 {
+            0 => by_lookup += s.generation().accepted,
+            1 => by_draft += s.generation().accepted,
+            _ => assert_eq!(s.generation().drafted, 0),
+        }
     }
-    assert!(accepted > 100, "accepted {accepted}");
+    assert!(by_lookup > 20 && by_draft > 50, "accepted {by_lookup} by lookup, {by_draft} by the draft");
 }

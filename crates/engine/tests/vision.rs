@@ -638,3 +638,61 @@ fn prompt_lookup_with_an_image_changes_no_token() {
     }
     assert!(drafted > 0, "nothing was guessed: the check did not run");
 }
+
+/// A draft model with an image in the prompt: the draft (a second copy of the text model,
+/// which sees the image's placeholders as padding) guesses, the target checks with the
+/// image rows; the tokens are plain decoding's, greedy and seeded.
+#[test]
+fn a_draft_model_with_an_image_changes_no_token() {
+    let m = tiny_vlm("draft-target", "model.safetensors");
+    let d = tiny_vlm("draft-draft", "model.safetensors");
+    let draft = gemma3_engine::Draft::new(
+        &m,
+        std::sync::Arc::new(d),
+        gemma3_engine::DraftParams {
+            p_min: 0.0,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let img = Image::open(vlm().join("image.png")).unwrap();
+    let mut drafted = 0;
+    for sampling in [
+        gemma3_engine::SamplingParams::greedy(),
+        gemma3_engine::SamplingParams {
+            temperature: 1.0,
+            seed: 5,
+            ..Default::default()
+        },
+    ] {
+        let plain = GenerateOptions {
+            max_new_tokens: 48,
+            ignore_eos: true,
+            images: vec![img.clone()],
+            sampling,
+            ..Default::default()
+        };
+        let spec = GenerateOptions {
+            draft: Some(draft.clone()),
+            ..plain.clone()
+        };
+        let a = m.generate(PROMPT, &plain, |_| true).unwrap();
+        let b = m.generate(PROMPT, &spec, |_| true).unwrap();
+        assert_eq!(a.tokens, b.tokens);
+        drafted += b.drafted;
+    }
+    assert!(drafted > 0, "nothing was guessed: the check did not run");
+}
+
+/// A draft model of another vocabulary is refused, naming both models and the difference.
+#[test]
+fn a_draft_of_another_vocabulary_is_refused() {
+    let m = tiny_vlm("draft-bad", "model.safetensors");
+    let real = common::open_real_model();
+    let e = gemma3_engine::Draft::new(&m, std::sync::Arc::new(real), Default::default())
+        .err()
+        .expect("an incompatible draft must be refused");
+    assert!(matches!(e, gemma3_engine::EngineError::DraftIncompatible(_)));
+    let msg = e.to_string();
+    assert!(msg.contains("cannot draft for") && msg.contains("vocabulary"), "{msg}");
+}

@@ -4,7 +4,7 @@
 
 use crate::error::ApiError;
 use gemma3_engine::tools::{Tool, ToolChoice, Tools};
-use gemma3_engine::{GenerateOptions, Grammar, Lookup, SamplingParams};
+use gemma3_engine::{Draft, GenerateOptions, Grammar, Lookup, SamplingParams};
 use gemma3_text::chat::{ChatContent, ChatMessage, ChatPart};
 use serde::Deserialize;
 use serde_json::Value;
@@ -306,6 +306,8 @@ pub struct Defaults<'a> {
     pub sampling: &'a SamplingParams,
     /// The server's speculative decoding (None: off).
     pub lookup: Option<&'a Lookup>,
+    /// The server's draft model (None: none; prompt lookup if `lookup`).
+    pub draft: Option<&'a Draft>,
     /// A fresh seed for requests that give none.
     pub seed: u64,
 }
@@ -508,6 +510,10 @@ impl GenParams {
             lookup: match self.speculative {
                 Some(false) => None,
                 _ => d.lookup.cloned(),
+            },
+            draft: match self.speculative {
+                Some(false) => None,
+                _ => d.draft.cloned(),
             },
             ..Default::default()
         })

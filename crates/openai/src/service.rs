@@ -9,7 +9,7 @@ use crate::images::ImageSource;
 use crate::reply::{Kind, Meta, Pending};
 use gemma3_engine::scheduler::{Event, Job, Observer, Scheduler, SchedulerConfig, SubmitError};
 use gemma3_engine::tools::Tools;
-use gemma3_engine::{Grammar, Image, Lookup, Model, PromptInputs, SamplingParams};
+use gemma3_engine::{Draft, Grammar, Image, Lookup, Model, PromptInputs, SamplingParams};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -25,6 +25,9 @@ pub struct ServiceConfig {
     pub scheduler: SchedulerConfig,
     /// Speculative decoding by prompt lookup for every request that does not opt out.
     pub lookup: Option<Lookup>,
+    /// Speculative decoding with this draft model (instead of prompt lookup) for every
+    /// request that does not opt out.
+    pub draft: Option<Draft>,
     /// Fetch `http(s)` image URLs (data: URLs are always read).
     pub allow_image_urls: bool,
     /// The most pixels an image may have (checked from its header before decoding).
@@ -42,6 +45,7 @@ pub struct Service {
     /// Sampling for fields a request leaves out.
     pub sampling: SamplingParams,
     lookup: Option<Lookup>,
+    draft: Option<Draft>,
     images: ImageSource,
     next_id: AtomicU64,
 }
@@ -99,6 +103,7 @@ impl Service {
             context,
             sampling,
             lookup: config.lookup,
+            draft: config.draft,
             images: ImageSource::new(config.allow_image_urls, config.max_image_pixels),
             next_id: AtomicU64::new(1),
         };
@@ -126,6 +131,7 @@ impl Service {
         Defaults {
             sampling: &self.sampling,
             lookup: self.lookup.as_ref(),
+            draft: self.draft.as_ref(),
             seed: t ^ self.next_id.fetch_add(1, Ordering::Relaxed).rotate_left(32),
         }
     }

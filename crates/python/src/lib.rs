@@ -76,7 +76,10 @@ fn api_error(e: ApiError) -> PyErr {
 fn engine_error(e: EngineError) -> PyErr {
     match e {
         EngineError::Hub(_) => ModelNotFoundError::new_err(e.to_string()),
-        EngineError::Load(_) | EngineError::Format(_) | EngineError::Convert(_) => {
+        EngineError::Load(_)
+        | EngineError::Format(_)
+        | EngineError::Convert(_)
+        | EngineError::DraftIncompatible(_) => {
             Error::new_err(e.to_string())
         }
         other => api_error(other.into()),

@@ -15,7 +15,7 @@ pub mod metrics;
 mod routes;
 
 use gemma3_engine::scheduler::SchedulerConfig;
-use gemma3_engine::{Model, SamplingParams};
+use gemma3_engine::{Draft, Model, SamplingParams};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -80,12 +80,13 @@ pub enum ServerError {
     Io(#[from] std::io::Error),
 }
 
-/// Runs the server until SIGTERM or Ctrl-C. `load` opens the model (on a blocking thread,
-/// while the server already answers `/health` with 503); `on_listening` is told the
-/// address once bound (port 0 picks a free one).
+/// Runs the server until SIGTERM or Ctrl-C. `load` opens the model and, for speculative
+/// decoding, a draft model checked against it (on a blocking thread, while the server
+/// already answers `/health` with 503); `on_listening` is told the address once bound
+/// (port 0 picks a free one).
 pub fn run(
     config: ServerConfig,
-    load: impl FnOnce() -> Result<Model, String> + Send + 'static,
+    load: impl FnOnce() -> Result<(Model, Option<Draft>), String> + Send + 'static,
     on_listening: impl FnOnce(SocketAddr),
 ) -> Result<(), ServerError> {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -97,7 +98,7 @@ pub fn run(
 
 async fn serve(
     config: ServerConfig,
-    load: impl FnOnce() -> Result<Model, String> + Send + 'static,
+    load: impl FnOnce() -> Result<(Model, Option<Draft>), String> + Send + 'static,
     on_listening: impl FnOnce(SocketAddr),
 ) -> Result<(), ServerError> {
     let addr = format!("{}:{}", config.host, config.port);
@@ -121,7 +122,7 @@ async fn serve(
         let stop_tx = stop_tx.clone();
         tokio::task::spawn_blocking(move || {
             let t0 = std::time::Instant::now();
-            match load().and_then(|model| state.set_ready(model)) {
+            match load().and_then(|(model, draft)| state.set_ready(model, draft)) {
                 Ok(()) => {
                     tracing::info!("model loaded in {:.1} s", t0.elapsed().as_secs_f64());
                 }

@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::StreamExt;
-use gemma3_engine::Model;
+use gemma3_engine::{Draft, Model};
 use gemma3_openai::api::{self, ChatRequest, CompletionRequest};
 use gemma3_openai::service::unix_now;
 use gemma3_openai::{Pending, Service, ServiceConfig};
@@ -53,15 +53,16 @@ impl AppState {
         }
     }
 
-    /// Starts serving `model` (the service resolves the context and name and starts the
-    /// scheduler).
-    pub fn set_ready(&self, model: Model) -> Result<(), String> {
+    /// Starts serving `model`, drafting with `draft` (the service resolves the context and
+    /// name and starts the scheduler).
+    pub fn set_ready(&self, model: Model, draft: Option<Draft>) -> Result<(), String> {
         let c = &self.config;
         let config = ServiceConfig {
             model_name: c.model_name.clone(),
             default_sampling: c.default_sampling.clone(),
             scheduler: c.scheduler.clone(),
             lookup: c.lookup.clone(),
+            draft,
             allow_image_urls: c.allow_image_urls,
             max_image_pixels: c.max_image_pixels,
         };
