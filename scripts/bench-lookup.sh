@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# Speculative decoding by prompt lookup against plain decoding, single stream, same model
-# and threads: an input-grounded prompt (repeat a ~1K-token document) and one with nothing
-# to copy (a story). Prints decode tokens/s of each mode (best of ROUNDS) and the ratio.
-#   scripts/bench-lookup.sh [MODEL] [THREADS] [ROUNDS]
+# Speculative decoding by prompt lookup (and, given DRAFT, by that draft model) against
+# plain decoding, single stream, same model and threads: an input-grounded prompt (repeat
+# a ~1K-token document) and one with nothing to copy (a story). Prints decode tokens/s of
+# each mode (best of ROUNDS) and the ratios.
+#   scripts/bench-lookup.sh [MODEL] [THREADS] [ROUNDS] [DRAFT]
+# e.g. the 270M in F32 (gemma3 quantize MODEL f32.gguf F32) drafted by its Q4_K_M file.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 model=${1:-}
 threads=${2:-2}
 rounds=${3:-3}
+draft=${4:-}
 bin=target/release/gemma3
 [ -x "$bin" ] || cargo build --release -p gemma3-cli >/dev/null
 args=(--threads "$threads" -n 256 --verbose --raw)
@@ -46,4 +49,10 @@ for case in "grounded --greedy" "story --greedy" "story --temperature 1 --seed 3
   s=${spec%% *}
   printf '%-32s plain %6.1f tok/s   lookup %6.1f tok/s   %.2fx   %s\n' "$case" "$p" "$s" \
     "$(python3 -c "print($s / $p)")" "${spec#* }"
+  if [ -n "$draft" ]; then
+    drafted=$(rate "$prompt" --draft "$draft" "${extra[@]}")
+    d=${drafted%% *}
+    printf '%-32s plain %6.1f tok/s   draft  %6.1f tok/s   %.2fx   %s\n' "$case" "$p" "$d" \
+      "$(python3 -c "print($d / $p)")" "${drafted#* }"
+  fi
 done

@@ -30,6 +30,7 @@ fn params(p: &GenParams) {
     let sampling = SamplingParams::default();
     let d = Defaults {
         lookup: None,
+        draft: None,
         sampling: &sampling,
         seed: 7,
     };

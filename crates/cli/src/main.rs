@@ -4,8 +4,8 @@
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use gemma3_engine::{
-    DraftParams, GenerateOptions, Grammar, Image, Lookup, Model, ModelSource, PanAndScan, SamplingParams,
-    StopReason,
+    DraftParams, GenerateOptions, Grammar, Image, Lookup, Model, ModelSource, PanAndScan,
+    SamplingParams, StopReason,
 };
 use gemma3_eval::perplexity::perplexity;
 use gemma3_model::FileType;

@@ -367,7 +367,19 @@ fn streams_together(s: &Arc<Server>, bodies: Vec<Value>) -> Vec<(Vec<String>, Op
 /// without it; the vLLM-named counters show guesses were made and accepted.
 #[test]
 fn sixteen_concurrent_speculative_streams_equal_their_solo_plain_runs() {
-    let s = Server::start(&["--parallel", "16"]);
+    sixteen_speculative_streams(&["--parallel", "16"]);
+}
+
+/// The same with a draft model (the default model drafting for itself; seeded streams
+/// refuse many of its greedy guesses).
+#[test]
+fn sixteen_concurrent_streams_drafted_by_a_model_equal_their_solo_plain_runs() {
+    let draft = gemma3_hub::cached_default_model().expect("the real model");
+    sixteen_speculative_streams(&["--parallel", "16", "--draft", draft.to_str().unwrap()]);
+}
+
+fn sixteen_speculative_streams(args: &[&str]) {
+    let s = Server::start(args);
     const N: usize = 16;
     let body = |i: usize, spec: bool| {
         let line = format!("Row {i}: alpha beta gamma delta epsilon zeta eta theta.\n");

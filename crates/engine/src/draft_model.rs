@@ -70,7 +70,11 @@ impl Draft {
     /// `draft` drafting for `target`: an error naming the difference unless both read and
     /// write the same token ids (same BOS and EOS, the same piece for every id both have,
     /// vocabularies within [`MAX_VOCAB_DIFFERENCE`] of each other).
-    pub fn new(target: &Model, draft: Arc<Model>, params: DraftParams) -> Result<Draft, EngineError> {
+    pub fn new(
+        target: &Model,
+        draft: Arc<Model>,
+        params: DraftParams,
+    ) -> Result<Draft, EngineError> {
         let (t, d) = (&target.tokenizer, &draft.tokenizer);
         let bad = |what: String| {
             EngineError::DraftIncompatible(format!(
@@ -244,7 +248,11 @@ impl ModelDrafter {
         let Some(logits) = logits else {
             return true;
         };
-        let (token, p) = top(&logits[..self.draft.vocab.min(logits.len())], logits, self.exclude);
+        let (token, p) = top(
+            &logits[..self.draft.vocab.min(logits.len())],
+            logits,
+            self.exclude,
+        );
         if p < self.draft.params.p_min {
             return false;
         }

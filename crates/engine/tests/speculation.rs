@@ -237,5 +237,8 @@ fn speculating_sequences_batched_together_give_their_solo_plain_tokens() {
             _ => assert_eq!(s.generation().drafted, 0),
         }
     }
-    assert!(by_lookup > 20 && by_draft > 50, "accepted {by_lookup} by lookup, {by_draft} by the draft");
+    assert!(
+        by_lookup > 20 && by_draft > 50,
+        "accepted {by_lookup} by lookup, {by_draft} by the draft"
+    );
 }

@@ -690,9 +690,14 @@ fn a_draft_of_another_vocabulary_is_refused() {
     let m = tiny_vlm("draft-bad", "model.safetensors");
     let real = common::open_real_model();
     let e = gemma3_engine::Draft::new(&m, std::sync::Arc::new(real), Default::default())
-        .err()
-        .expect("an incompatible draft must be refused");
-    assert!(matches!(e, gemma3_engine::EngineError::DraftIncompatible(_)));
+        .expect_err("an incompatible draft must be refused");
+    assert!(matches!(
+        e,
+        gemma3_engine::EngineError::DraftIncompatible(_)
+    ));
     let msg = e.to_string();
-    assert!(msg.contains("cannot draft for") && msg.contains("vocabulary"), "{msg}");
+    assert!(
+        msg.contains("cannot draft for") && msg.contains("vocabulary"),
+        "{msg}"
+    );
 }

@@ -79,9 +79,7 @@ fn engine_error(e: EngineError) -> PyErr {
         EngineError::Load(_)
         | EngineError::Format(_)
         | EngineError::Convert(_)
-        | EngineError::DraftIncompatible(_) => {
-            Error::new_err(e.to_string())
-        }
+        | EngineError::DraftIncompatible(_) => Error::new_err(e.to_string()),
         other => api_error(other.into()),
     }
 }
@@ -154,6 +152,7 @@ struct Open {
     parallel: usize,
     max_queue: usize,
     speculative: bool,
+    draft: Option<String>,
 }
 
 fn open_model(o: &Open) -> Result<Model, PyErr> {
@@ -185,6 +184,20 @@ fn open_model(o: &Open) -> Result<Model, PyErr> {
     Ok(model)
 }
 
+/// The draft model `name` (any form `model` takes), checked against `target`.
+fn open_draft(target: &Model, name: &str) -> Result<gemma3_engine::Draft, PyErr> {
+    let named = |e: EngineError| {
+        let msg = format!("the draft model {name}: {e}");
+        match e {
+            EngineError::Hub(_) => ModelNotFoundError::new_err(msg),
+            EngineError::DraftIncompatible(_) => BadRequestError::new_err(msg),
+            _ => Error::new_err(msg),
+        }
+    };
+    let draft = Model::open_with(Some(name), &OpenOptions::default()).map_err(named)?;
+    gemma3_engine::Draft::new(target, Arc::new(draft), Default::default()).map_err(named)
+}
+
 /// The engine behind one `gemma3.Model`.
 #[pyclass(frozen, module = "gemma3._gemma3")]
 struct Engine {
@@ -194,7 +207,7 @@ struct Engine {
 #[pymethods]
 impl Engine {
     #[new]
-    #[pyo3(signature = (model=None, *, mmproj=None, ctx_size=None, threads=None, cache_type=None, quantize=None, exact=false, chat_template=None, parallel=gemma3_engine::scheduler::DEFAULT_PARALLEL, max_queue=gemma3_engine::scheduler::DEFAULT_MAX_QUEUE, speculative=true))]
+    #[pyo3(signature = (model=None, *, mmproj=None, ctx_size=None, threads=None, cache_type=None, quantize=None, exact=false, chat_template=None, parallel=gemma3_engine::scheduler::DEFAULT_PARALLEL, max_queue=gemma3_engine::scheduler::DEFAULT_MAX_QUEUE, speculative=true, draft=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -209,6 +222,7 @@ impl Engine {
         parallel: usize,
         max_queue: usize,
         speculative: bool,
+        draft: Option<String>,
     ) -> PyResult<Engine> {
         shielded(|| {
             start_pool(threads)?;
@@ -226,6 +240,7 @@ impl Engine {
                 parallel,
                 max_queue,
                 speculative,
+                draft,
             };
             py.detach(|| start(&o)).map(|inner| Engine {
                 inner: Arc::new(inner),
@@ -360,7 +375,11 @@ fn start(o: &Open) -> PyResult<Inner> {
             context: Some(context),
             ..Default::default()
         },
-        lookup: o.speculative.then(gemma3_engine::Lookup::default),
+        lookup: (o.speculative && o.draft.is_none()).then(gemma3_engine::Lookup::default),
+        draft: match (&o.draft, o.speculative) {
+            (Some(name), true) => Some(open_draft(&model, name)?),
+            _ => None,
+        },
         allow_image_urls: true,
         max_image_pixels: gemma3_engine::image::DEFAULT_MAX_IMAGE_PIXELS,
     };

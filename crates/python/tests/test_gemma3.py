@@ -76,6 +76,17 @@ def test_greedy_generate_equals_the_cli(model, model_path, cli):
         assert model.generate(p, max_tokens=32, temperature=0) + "\n" == want
 
 
+def test_a_draft_model_changes_no_token(model, model_path, tiny_text):
+    drafted = gemma3.Model(model_path, draft=model_path, parallel=2)
+    for p in PROMPTS[:3]:
+        for seed in (None, 3):
+            kw = dict(max_tokens=24, temperature=0) if seed is None else dict(
+                max_tokens=24, temperature=1.0, seed=seed)
+            assert drafted.generate(p, **kw) == model.generate(p, **kw)
+    with pytest.raises(gemma3.BadRequestError, match="cannot draft"):
+        gemma3.Model(model_path, draft=str(tiny_text))
+
+
 def test_stream_pieces_join_to_generate(model):
     for p in PROMPTS:
         pieces = list(model.stream(p, max_tokens=40, temperature=0))
@@ -317,8 +328,8 @@ def test_every_error_class(model, model_path, tmp_path):
         model.create_chat_completion([{"role": "wizard", "content": "x"}])
     with pytest.raises(gemma3.BadRequestError, match="vocabulary"):
         model.detokenize([10**7])
-    with pytest.raises(gemma3.BadRequestError, match="draft"):
-        gemma3.Model(model_path, draft="other.gguf")
+    with pytest.raises(gemma3.ModelNotFoundError, match="draft"):
+        gemma3.Model(model_path, draft=str(tmp_path / "other.gguf"))
     small = gemma3.Model(model_path, ctx_size=64, parallel=1, max_queue=1)
     with pytest.raises(gemma3.ContextOverflowError, match="context"):
         small.generate("word " * 100, max_tokens=8)

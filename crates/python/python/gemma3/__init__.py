@@ -192,11 +192,12 @@ class Model:
             the first model sets it.
         cache_type: KV cache type, "f32", "f16", "bf16" or "q8_0".
         quantize: quantize the weights at load ("Q4_K_M", "Q8_0", ...).
-        draft: a draft model for speculative decoding (not yet available: prompt lookup,
-            on by default, is the speculation this version has).
+        draft: a draft model for speculative decoding instead of prompt lookup (any form
+            `model` takes, with the same vocabulary: the 270M for a 4B-27B).
         parallel: sequences decoded together (threads beyond it wait their turn).
         max_queue: requests that may wait for a turn; beyond it `UnavailableError`.
-        speculative: prompt-lookup speculation (the output is the same either way).
+        speculative: speculative decoding, by prompt lookup or `draft` (the output is the
+            same either way).
         exact: compute in float32 throughout, as the reference does (slower).
         chat_template: a Jinja chat template to use instead of the model's own.
     """
@@ -217,11 +218,6 @@ class Model:
         exact: bool = False,
         chat_template: Optional[str] = None,
     ) -> None:
-        if draft is not None:
-            raise BadRequestError(
-                "draft models are not supported yet; prompt lookup (speculative=True, the "
-                "default) is this version's speculative decoding"
-            )
         self._engine = _gemma3.Engine(
             None if model is None else os.fspath(model),
             mmproj=None if mmproj is None else os.fspath(mmproj),
@@ -234,6 +230,7 @@ class Model:
             parallel=parallel,
             max_queue=max_queue,
             speculative=speculative,
+            draft=None if draft is None else os.fspath(draft),
         )
 
     # -- facts and tokens -------------------------------------------------------------

@@ -34,6 +34,7 @@ class Engine:
         parallel: int = 16,
         max_queue: int = 256,
         speculative: bool = True,
+        draft: Optional[str] = None,
     ) -> None: ...
     @property
     def context(self) -> int: ...
