@@ -308,6 +308,11 @@ pub(crate) struct SpecArgs {
     /// The draft model stops guessing at a token it gives less than this probability
     #[arg(long, default_value_t = DraftParams::default().p_min, value_parser = parse_probability)]
     draft_p_min: f32,
+    /// The draft model guesses --draft-max tokens every step (stopping only below
+    /// --draft-p-min), as llama.cpp and vLLM do, instead of a length chosen from the
+    /// acceptance seen and what a guess costs on this machine
+    #[arg(long)]
+    draft_fixed: bool,
     /// The shortest n-gram of the text so far that prompt lookup matches
     #[arg(long, default_value_t = Lookup::default().min_ngram as u16, value_parser = clap::value_parser!(u16).range(1..=8))]
     draft_ngram_min: u16,
@@ -348,6 +353,7 @@ impl SpecArgs {
                 .map_or(DraftParams::default().max_draft, |m| m as usize),
             min_draft: self.draft_min as usize,
             p_min: self.draft_p_min,
+            adaptive: !self.draft_fixed,
         };
         Ok(Some(gemma3_engine::Draft::new(
             target,
@@ -357,14 +363,17 @@ impl SpecArgs {
     }
 }
 
-/// What speculative decoding achieved, for --verbose.
+/// What speculative decoding achieved, for --verbose: guesses accepted, and tokens per
+/// forward pass of the model (each pass gives one token and the guesses it accepts).
 pub(crate) fn describe_speculation(g: &gemma3_engine::Generation) -> Option<String> {
     (g.drafted > 0).then(|| {
+        let passes = g.tokens.len().saturating_sub(g.accepted).max(1);
         format!(
-            "speculation: {} of {} guessed tokens accepted ({:.0}%)",
+            "speculation: {} of {} guessed tokens accepted ({:.0}%), {:.2} tokens per pass",
             g.accepted,
             g.drafted,
-            100.0 * g.accepted as f64 / g.drafted as f64
+            100.0 * g.accepted as f64 / g.drafted as f64,
+            g.tokens.len() as f64 / passes as f64
         )
     })
 }

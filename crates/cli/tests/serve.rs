@@ -370,12 +370,19 @@ fn sixteen_concurrent_speculative_streams_equal_their_solo_plain_runs() {
     sixteen_speculative_streams(&["--parallel", "16"]);
 }
 
-/// The same with a draft model (the default model drafting for itself; seeded streams
-/// refuse many of its greedy guesses).
+/// The same with a draft model (the default model drafting for itself, guessing every
+/// step: as large as its target, it would rarely pay; seeded streams refuse many of its
+/// greedy guesses).
 #[test]
 fn sixteen_concurrent_streams_drafted_by_a_model_equal_their_solo_plain_runs() {
     let draft = gemma3_hub::cached_default_model().expect("the real model");
-    sixteen_speculative_streams(&["--parallel", "16", "--draft", draft.to_str().unwrap()]);
+    sixteen_speculative_streams(&[
+        "--parallel",
+        "16",
+        "--draft",
+        draft.to_str().unwrap(),
+        "--draft-fixed",
+    ]);
 }
 
 fn sixteen_speculative_streams(args: &[&str]) {

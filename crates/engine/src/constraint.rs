@@ -260,6 +260,16 @@ impl Constraint {
         (tok as usize) < self.vocab && self.matcher.validate_tokens(&[tok]).unwrap_or(0) == 1
     }
 
+    /// How many of `toks`, in order from here, the grammar would take (without moving):
+    /// guesses past that could never be accepted. An end-of-reply token ends the count.
+    pub fn valid_prefix(&mut self, toks: &[u32]) -> usize {
+        let n = toks
+            .iter()
+            .position(|t| self.eos.contains(t) || *t as usize >= self.vocab)
+            .unwrap_or(toks.len());
+        self.matcher.validate_tokens(&toks[..n]).unwrap_or(0)
+    }
+
     /// Takes every token the grammar refuses out of `logits`, and out of `also` unless it
     /// is empty (sets them to -inf).
     pub fn mask(&mut self, logits: &mut [f32], also: &mut [f32]) -> Result<(), EngineError> {

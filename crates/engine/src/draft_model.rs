@@ -36,6 +36,10 @@ pub struct DraftParams {
     pub min_draft: usize,
     /// Guessing stops at a token the draft gives less than this probability.
     pub p_min: f32,
+    /// Choose each step's length from the acceptance seen and what guesses cost on this
+    /// machine (pausing when they do not pay); false guesses `max_draft` every step, as
+    /// llama.cpp and vLLM do.
+    pub adaptive: bool,
 }
 
 impl Default for DraftParams {
@@ -44,6 +48,7 @@ impl Default for DraftParams {
             max_draft: MAX_DRAFT,
             min_draft: 1,
             p_min: 0.2,
+            adaptive: true,
         }
     }
 }
@@ -285,14 +290,18 @@ fn top(allowed: &[f32], logits: &[f32], exclude: Option<u32>) -> (u32, f32) {
 }
 
 /// The draft passes of one step for the sequences in `drafters` (each with its history):
-/// catch up, then guess token by token, all sequences in each pass. A pass that fails
+/// catch up, then guess token by token, all sequences in each pass. Returns the mean
+/// seconds of its guessing passes (None when it made none). A pass that fails
 /// ends drafting for its sequences this step and clears their draft caches (the target
 /// then decodes plainly); it never fails the step.
 pub(crate) fn draft_batch(
     model: &Model,
     ws: &mut DraftWorkspace,
     drafters: &mut [(&mut ModelDrafter, &[u32])],
-) {
+) -> Option<f64> {
+    // Seconds and count of the passes that guessed (one row per sequence); catching up
+    // with a prompt would swamp them.
+    let (mut secs, mut timed) = (0.0, 0usize);
     let DraftWorkspace { ws, logits, .. } = ws;
     let mut active: Vec<usize> = (0..drafters.len()).collect();
     let mut next: Vec<Option<usize>> = vec![None; drafters.len()];
@@ -316,8 +325,10 @@ pub(crate) fn draft_batch(
                 }
             }
             if chunks.is_empty() {
-                return;
+                return (timed > 0).then(|| secs / timed as f64);
             }
+            let guessing = rows.iter().all(|&r| r == 1);
+            let t0 = std::time::Instant::now();
             if logits.len() < chunks.len() * vocab {
                 logits.resize(chunks.len() * vocab, 0.0);
             }
@@ -332,12 +343,16 @@ pub(crate) fn draft_batch(
                 None,
             );
             failed = result.is_err();
+            if guessing && !failed {
+                secs += t0.elapsed().as_secs_f64();
+                timed += 1;
+            }
         }
         if failed {
             for &i in &who {
                 drafters[i].0.reset();
             }
-            return;
+            return (timed > 0).then(|| secs / timed as f64);
         }
         for (k, &i) in who.iter().enumerate() {
             let (d, history) = &mut drafters[i];
@@ -348,6 +363,7 @@ pub(crate) fn draft_batch(
         }
         // Sequences that got no rows this pass (it was full) wait for the next.
     }
+    (timed > 0).then(|| secs / timed as f64)
 }
 
 /// What the draft passes of a batch reuse from step to step: the draft model's workspace

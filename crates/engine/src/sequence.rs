@@ -5,7 +5,7 @@
 //! all run on these two.
 
 use crate::constraint::Constraint;
-use crate::draft::{Drafter, Lookup, MAX_DRAFT};
+use crate::draft::{Drafter, Lookup, PassCost, MAX_DRAFT};
 use crate::draft_model::{draft_batch, DraftWorkspace, ModelDrafter};
 use crate::load::Model;
 use crate::request::{GenerateOptions, Generation, StopReason};
@@ -327,7 +327,11 @@ impl Sequence {
 
     /// Starts this step's draft-model guesses, when the sequence decodes with a draft model
     /// and drafts this step: its drafter and history, for [`draft_batch`].
-    fn draft_begin(&mut self) -> Option<(&mut ModelDrafter, &[u32])> {
+    fn draft_begin(
+        &mut self,
+        cost: &PassCost,
+        per_guess: f64,
+    ) -> Option<(&mut ModelDrafter, &[u32])> {
         if self.is_finished() || self.is_prefilling() {
             return None;
         }
@@ -341,8 +345,12 @@ impl Sequence {
         let sp = spec.as_mut()?;
         let md = sp.model.as_mut()?;
         let limit = guess_limit(opts, out.tokens.len(), 1 + MAX_DRAFT, &self.cache);
-        let want = sp.drafter.budget(limit);
-        if want == 0 || want < md.draft.params().min_draft {
+        let params = md.draft.params();
+        let want = match params.adaptive {
+            true => sp.drafter.budget(limit, cost, per_guess),
+            false => params.max_draft.min(limit),
+        };
+        if want == 0 || want < params.min_draft {
             md.guesses.clear();
             return None;
         }
@@ -364,6 +372,7 @@ impl Sequence {
         &mut self,
         budget: usize,
         room: usize,
+        cost: &PassCost,
     ) -> Result<Option<(SeqChunk<'_>, &mut State, &[u32])>, EngineError> {
         let Sequence {
             prompt,
@@ -379,7 +388,7 @@ impl Sequence {
             let pos = cache.len();
             next.truncate(1);
             let image_token = images.as_ref().map(|im| im.image_token);
-            state.propose(next, budget, cache, image_token);
+            state.propose(next, budget, cache, image_token, cost);
             let logits = match next.len() {
                 1 => Logits::Last,
                 _ => Logits::All,
@@ -489,6 +498,7 @@ impl State {
         budget: usize,
         cache: &KvCache,
         exclude: Option<u32>,
+        cost: &PassCost,
     ) {
         let Some(sp) = self.spec.as_mut() else {
             return;
@@ -508,7 +518,13 @@ impl State {
             // the last of them.
             None => sp
                 .drafter
-                .propose(&self.history, limit, exclude, &mut sp.drafts),
+                .propose(&self.history, limit, cost, exclude, &mut sp.drafts),
+        }
+        // Under a grammar, guesses it refuses could never be accepted: check only the
+        // prefix it takes.
+        if let Some(c) = self.constraint.as_mut() {
+            let ok = c.valid_prefix(&sp.drafts);
+            sp.drafts.truncate(ok);
         }
         if sp.drafts.is_empty() {
             return;
@@ -802,12 +818,20 @@ pub(crate) fn check_fits(
     Ok(())
 }
 
+/// What a draft model's guess costs against a one-row pass of the model before either was
+/// timed (the 270M drafting for a 4B is about this).
+const DRAFT_GUESS_PRIOR: f64 = 0.1;
+
 /// One forward pass at a time over many sequences: the workspace, and how many prompt
 /// tokens a pass may take.
 pub struct Batch {
     ws: Workspace,
     /// The draft model's workspace, made when a sequence first drafts with one.
     draft: Option<DraftWorkspace>,
+    /// What the model's decode passes cost by their rows, and a draft pass's seconds
+    /// (averaged): what a drafter weighs its guesses against.
+    cost: PassCost,
+    draft_secs: Option<f64>,
     /// Prompt tokens per pass (over all prefilling sequences), so that a long new prompt
     /// delays the running decodes by one chunk at a time.
     prefill_chunk: usize,
@@ -819,6 +843,8 @@ impl Batch {
         Batch {
             ws: Workspace::new(&model.text.cfg, MAX_BATCH),
             draft: None,
+            cost: PassCost::default(),
+            draft_secs: None,
             prefill_chunk: prefill_chunk.clamp(1, MAX_BATCH),
         }
     }
@@ -844,6 +870,7 @@ impl Batch {
         let mut chunks = Vec::with_capacity(seqs.len());
         let mut states = Vec::with_capacity(seqs.len());
         let mut which = Vec::with_capacity(seqs.len());
+        let mut prefilling = false;
         {
             // Each sequence once, in `order`: split the slice into disjoint borrows.
             let mut slots: Vec<Option<&mut Sequence>> =
@@ -857,11 +884,12 @@ impl Batch {
                 } else {
                     room.min(1 + MAX_DRAFT)
                 };
-                if let Some((chunk, state, prompt)) = s.chunk(budget, room)? {
+                if let Some((chunk, state, prompt)) = s.chunk(budget, room, &self.cost)? {
                     let n = chunk.tokens.len();
                     room -= n;
                     if prefill {
                         prefill_room = prefill_room.saturating_sub(n);
+                        prefilling = true;
                     }
                     ran[i] = n;
                     chunks.push(chunk);
@@ -872,6 +900,7 @@ impl Batch {
             if chunks.is_empty() {
                 return Ok(0);
             }
+            let t0 = Instant::now();
             model.text.forward_batch(
                 &mut chunks,
                 &mut self.ws,
@@ -881,6 +910,12 @@ impl Batch {
                 },
                 None,
             )?;
+            // Decode passes teach what a pass costs by its rows (prompt chunks would
+            // swamp the fit).
+            if !prefilling {
+                let rows = chunks.iter().map(|c| c.tokens.len()).sum();
+                self.cost.record(rows, t0.elapsed().as_secs_f64());
+            }
             // Sampling (a top-k selection over the vocabulary, penalties, stop strings)
             // of each sequence, in parallel.
             if states.len() > 1 {
@@ -901,10 +936,16 @@ impl Batch {
     /// passes shared by all of them (sequences of a second draft model decode plainly this
     /// step). A failed draft pass only costs the guesses.
     fn draft(&mut self, seqs: &mut [&mut Sequence]) {
+        // A guess costs one draft pass: as a share of the model's one-row pass, from what
+        // both took so far (a small model's guess, before any was timed).
+        let per_guess = match (self.draft_secs, self.cost.one_row_secs()) {
+            (Some(d), Some(t)) if t > 0.0 => d / t,
+            _ => DRAFT_GUESS_PRIOR,
+        };
         let mut drafters = Vec::new();
         let mut model: Option<Arc<Model>> = None;
         for s in seqs.iter_mut() {
-            let Some((d, history)) = s.draft_begin() else {
+            let Some((d, history)) = s.draft_begin(&self.cost, per_guess) else {
                 continue;
             };
             let m = d.draft.model();
@@ -926,7 +967,12 @@ impl Batch {
             self.draft = Some(DraftWorkspace::new(model.clone()));
         }
         if let Some(ws) = self.draft.as_mut() {
-            draft_batch(&model, ws, &mut drafters);
+            if let Some(secs) = draft_batch(&model, ws, &mut drafters) {
+                self.draft_secs = Some(match self.draft_secs {
+                    Some(s) => 0.9 * s + 0.1 * secs,
+                    None => secs,
+                });
+            }
         }
     }
 }

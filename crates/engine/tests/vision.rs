@@ -651,6 +651,7 @@ fn a_draft_model_with_an_image_changes_no_token() {
         std::sync::Arc::new(d),
         gemma3_engine::DraftParams {
             p_min: 0.0,
+            adaptive: false,
             ..Default::default()
         },
     )
