@@ -159,6 +159,36 @@ impl PackedMatrix {
         })
     }
 
+    /// Writes row `r` as it was stored before packing (its blocks' bytes, as in the file)
+    /// into `out` (at least a row's bytes): a row of a tied embedding read from the packed
+    /// copy of the output projection, so the file's pages are never touched again.
+    pub fn stored_row(&self, r: usize, out: &mut [u8]) {
+        let lay = layout(self.dtype).expect("a packed type has a layout");
+        let (bb, nb) = (self.dtype.block_bytes(), self.cols / lay.elems);
+        assert!(
+            r < self.rows && out.len() >= nb * bb,
+            "stored_row: row {r} or buffer"
+        );
+        let g = r / 16;
+        // SAFETY: `Line` is 64 plain bytes; the group's lines are inside `data`.
+        let group = unsafe {
+            std::slice::from_raw_parts(
+                self.data.as_ptr().add(g * self.group_bytes / 64) as *const u8,
+                self.group_bytes,
+            )
+        };
+        let (meta, quants) = group.split_at(self.meta_bytes);
+        for b in 0..nb {
+            unpack_block(
+                self.dtype,
+                r % 16,
+                &meta[b * lay.meta..(b + 1) * lay.meta],
+                &quants[b * lay.quants..(b + 1) * lay.quants],
+                &mut out[b * bb..(b + 1) * bb],
+            );
+        }
+    }
+
     /// Bytes of the packed copy.
     pub fn bytes(&self) -> usize {
         self.data.len() * 64
@@ -285,6 +315,93 @@ fn pack_block(dtype: DType, r: usize, blk: &[u8], m: &mut [u8], q: &mut [u8]) {
                     put4(q, 24 * h + 3 * l, &blk[64 * h + 4 * l..], 0);
                     put4(q, 24 * h + 3 * l + 1, &blk[64 * h + 32 + 4 * l..], 0);
                     put4(q, 24 * h + 3 * l + 2, &blk[128 + 32 * h + 4 * l..], 0);
+                }
+            }
+        }
+        _ => unreachable!("no packed layout for {dtype}"),
+    }
+}
+
+/// Reads row `r` (0..16) of one block back from its group's metadata `m` and quants `q`
+/// into `blk`, as stored before [`pack_block`] (which it undoes byte for byte).
+fn unpack_block(dtype: DType, r: usize, m: &[u8], q: &[u8], blk: &mut [u8]) {
+    let get4 = |dst: &mut [u8], line: usize, xor: u8| {
+        for t in 0..4 {
+            dst[t] = q[64 * line + 4 * r + t] ^ xor;
+        }
+    };
+    // Bit `4r + t` of the 64-bit mask at `m[at..]`.
+    let bit = |at: usize, t: usize| {
+        let mask = u64::from_le_bytes(m[at..at + 8].try_into().unwrap());
+        ((mask >> (4 * r + t)) & 1) as u8
+    };
+    match dtype {
+        DType::Q8_0 => {
+            blk[0..2].copy_from_slice(&m[2 * r..2 * r + 2]);
+            for s in 0..8 {
+                get4(&mut blk[2 + 4 * s..], s, 0x80);
+            }
+        }
+        DType::Q4_0 => {
+            blk[0..2].copy_from_slice(&m[2 * r..2 * r + 2]);
+            for l in 0..4 {
+                get4(&mut blk[2 + 4 * l..], l, 0);
+            }
+        }
+        DType::Q5_0 => {
+            blk[0..2].copy_from_slice(&m[2 * r..2 * r + 2]);
+            let mut qh = 0u32;
+            for l in 0..4 {
+                get4(&mut blk[6 + 4 * l..], l, 0);
+                for (k, base) in [(0, 4 * l), (1, 16 + 4 * l)] {
+                    for t in 0..4 {
+                        qh |= (bit(32 + 16 * l + 8 * k, t) as u32) << (base + t);
+                    }
+                }
+            }
+            blk[2..6].copy_from_slice(&qh.to_le_bytes());
+        }
+        DType::Q4_K | DType::Q5_K => {
+            let five = dtype == DType::Q5_K;
+            blk[0..2].copy_from_slice(&m[2 * r..2 * r + 2]);
+            blk[2..4].copy_from_slice(&m[32 + 2 * r..32 + 2 * r + 2]);
+            let sc = |j: usize| m[64 + 16 * j + r];
+            let mn = |j: usize| m[192 + 32 * (j / 2) + 2 * r + (j % 2)];
+            // The 6-bit scales and minimums back into ggml's 12 bytes (every bit is used,
+            // so this is the only encoding `k_scale_min` reads them from).
+            for j in 0..4 {
+                blk[4 + j] = sc(j) | ((sc(j + 4) >> 4) << 6);
+                blk[8 + j] = mn(j) | ((mn(j + 4) >> 4) << 6);
+                blk[12 + j] = (sc(j + 4) & 0x0f) | ((mn(j + 4) & 0x0f) << 4);
+            }
+            let qs = if five { 48 } else { 16 };
+            if five {
+                blk[16..48].fill(0);
+            }
+            for c in 0..4 {
+                for l in 0..8 {
+                    get4(&mut blk[qs + 32 * c + 4 * l..], 8 * c + l, 0);
+                    if five {
+                        for k in 0..2 {
+                            for t in 0..4 {
+                                blk[16 + 4 * l + t] |=
+                                    bit(320 + 128 * c + 16 * l + 8 * k, t) << (2 * c + k);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        DType::Q6_K => {
+            blk[208..210].copy_from_slice(&m[2 * r..2 * r + 2]);
+            for j in 0..16 {
+                blk[192 + j] = m[32 + 16 * j + r];
+            }
+            for h in 0..2 {
+                for l in 0..8 {
+                    get4(&mut blk[64 * h + 4 * l..], 24 * h + 3 * l, 0);
+                    get4(&mut blk[64 * h + 32 + 4 * l..], 24 * h + 3 * l + 1, 0);
+                    get4(&mut blk[128 + 32 * h + 4 * l..], 24 * h + 3 * l + 2, 0);
                 }
             }
         }
@@ -1391,6 +1508,42 @@ mod isa {
                     vst1q_f32(tmp.as_mut_ptr().add(4 * j), *v);
                 }
                 std::ptr::copy_nonoverlapping(tmp.as_ptr(), p, n);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every packed type gives back each row's stored bytes exactly (odd row count, random
+    /// bytes: every bit of every field).
+    #[test]
+    fn stored_rows_come_back_byte_for_byte() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed as u8
+        };
+        for dtype in [
+            DType::Q8_0,
+            DType::Q4_0,
+            DType::Q5_0,
+            DType::Q4_K,
+            DType::Q5_K,
+            DType::Q6_K,
+        ] {
+            let (rows, cols) = (35, 512);
+            let rb = dtype.row_bytes(cols).unwrap();
+            let bytes: Vec<u8> = (0..rows * rb).map(|_| next()).collect();
+            let p = PackedMatrix::pack_with(dtype, rows, cols, &bytes, |_| {}).unwrap();
+            let mut out = vec![0u8; rb];
+            for r in 0..rows {
+                p.stored_row(r, &mut out);
+                assert!(out == bytes[r * rb..(r + 1) * rb], "{dtype} row {r}");
             }
         }
     }

@@ -180,6 +180,8 @@ pub struct Workspace {
     /// Rows that want logits.
     want: Vec<usize>,
     attn_scratch: AttnScratch,
+    /// One stored row of a tied embedding, read back from the packed output projection.
+    embed_row: Vec<u8>,
 }
 
 impl Workspace {
@@ -216,6 +218,7 @@ impl Workspace {
             // A decode step of one sequence over the whole context allocates nothing;
             // batches of many decoding sequences grow the part buffers once.
             attn_scratch: AttnScratch::new(heads(cfg), 1, cfg.max_position_embeddings),
+            embed_row: Vec::new(),
         }
     }
 
@@ -588,11 +591,18 @@ impl TextModel {
                         next_image_row += 1;
                     }
                     _ => {
-                        gemma3_formats::quant::dequantize(
-                            w.embed.dtype,
-                            w.embed.row(tok as usize),
-                            row,
-                        );
+                        // A tied embedding's rows come from the output projection's packed
+                        // copy: the file's pages were handed back when it was packed, and
+                        // reading rows here and there would bring them back.
+                        let stored = match (&w.lm_head.packed, w.tied) {
+                            (Some(p), true) => {
+                                ws.embed_row.resize(w.embed.row_bytes(), 0);
+                                p.stored_row(tok as usize, &mut ws.embed_row);
+                                &ws.embed_row[..]
+                            }
+                            _ => w.embed.row(tok as usize),
+                        };
+                        gemma3_formats::quant::dequantize(w.embed.dtype, stored, row);
                         row.iter_mut().for_each(|v| *v *= w.embed_scale);
                     }
                 }

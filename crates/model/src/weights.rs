@@ -114,6 +114,8 @@ pub struct TextWeights {
     pub embed: TensorData,
     /// The output projection: the embedding itself unless a separate one is stored.
     pub lm_head: Linear,
+    /// `lm_head` is the embedding: its rows are read from the packed copy, if any.
+    pub tied: bool,
     /// `sqrt(hidden)`, rounded to the embedding's dtype as transformers does.
     pub embed_scale: f32,
     pub layers: Vec<LayerWeights>,
@@ -195,7 +197,8 @@ impl TextWeights {
         let head_name = head_name.as_str();
         let layer_name = |i: usize, role: &str| names.layer(i, role);
         let embed = src.matrix(&embed_name, cfg.vocab_size, h)?;
-        let lm_head = Linear::new(if src.has(head_name) {
+        let tied = !src.has(head_name);
+        let lm_head = Linear::new(if !tied {
             src.matrix(head_name, cfg.vocab_size, h)?
         } else {
             embed.clone()
@@ -235,6 +238,7 @@ impl TextWeights {
         Ok(TextWeights {
             embed,
             lm_head,
+            tied,
             embed_scale,
             layers,
             final_norm: src.norm(&final_norm_name, h)?,
