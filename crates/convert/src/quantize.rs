@@ -12,6 +12,7 @@ use crate::ConvertError;
 use gemma3_formats::gguf::GgufWriter;
 use gemma3_formats::quant::dequantize;
 use gemma3_formats::quantize::quantize_into;
+use gemma3_formats::spill::SpillWriter;
 use gemma3_formats::{DType, GgufFile, HfDirectory, MetaValue, TensorData};
 use gemma3_model::quantize::{quantize_order, tensor_type, ModelShape};
 use gemma3_model::vision::{self, VisionConfig};
@@ -326,6 +327,29 @@ impl Plan {
         }
         stream.finish().map_err(io_err)?;
         Ok(summary)
+    }
+
+    /// Converts every tensor into a spill file in `dir` (see [`SpillWriter`]), under its
+    /// GGUF name: the weights then live in a file map whose pages the repacking hands back,
+    /// as a model file's are, rather than in memory beside their packed copies. Where the
+    /// OS has no unnamed files, into memory ([`into_tensors`](Self::into_tensors)).
+    pub fn into_spilled_tensors(
+        self,
+        dir: &std::path::Path,
+    ) -> Result<BTreeMap<String, TensorData>, ConvertError> {
+        // No spill file (no unnamed files here, or none can be made in `dir`): memory.
+        let Ok(Some(mut w)) = SpillWriter::new(dir) else {
+            return self.into_tensors();
+        };
+        for t in &self.tensors {
+            w.tensor(&t.name, t.target, t.shape.clone(), |put| {
+                convert_tensor(t, &mut |b, _| Ok(put(b)?))
+            })?;
+        }
+        Ok(w.finish()?
+            .into_iter()
+            .map(|t| (t.name.clone(), t))
+            .collect())
     }
 
     /// Converts every tensor into memory (quantization at load), under its GGUF name.

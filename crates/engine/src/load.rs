@@ -273,10 +273,12 @@ impl Model {
     }
 }
 
-/// The text model of a quantization plan, converted in memory.
+/// The text model of a quantization plan, converted into a spill file in the temporary
+/// directory (`TMPDIR`): the repacking then hands the converted bytes back to the OS, as
+/// it does a model file's, instead of keeping them beside the packed copies.
 fn quantized_text(plan: Plan) -> Result<TextModel, EngineError> {
     let cfg = plan.config.clone();
-    let tensors = plan.into_tensors()?;
+    let tensors = plan.into_spilled_tensors(&std::env::temp_dir())?;
     let weights = TextWeights::load(&WeightSource::Tensors(&tensors), &cfg)?;
     Ok(TextModel::new(cfg, weights))
 }

@@ -8,6 +8,7 @@ pub mod gguf;
 pub mod hf;
 pub mod quant;
 pub mod quantize;
+pub mod spill;
 pub mod tensor;
 pub mod text;
 
