@@ -183,6 +183,7 @@ impl ModelDrafter {
         self.guesses.clear();
         self.want = want;
         let model = &self.draft.model;
+        let context = context.min(model.text.cfg.max_position_embeddings);
         let cache = self
             .cache
             .get_or_insert_with(|| model.text.new_cache(context, MAX_BATCH));

@@ -350,7 +350,10 @@ impl Sequence {
             true => sp.drafter.budget(limit, cost, per_guess),
             false => params.max_draft.min(limit),
         };
-        if want == 0 || want < params.min_draft {
+        // The draft reads no further than its own trained length (a 270M drafting for a
+        // 128K-context 4B stops there).
+        let reach = md.draft.model().text.cfg.max_position_embeddings;
+        if want == 0 || want < params.min_draft || history.len() + want > reach {
             md.guesses.clear();
             return None;
         }
