@@ -366,17 +366,10 @@ fn kernels(a: &BenchArgs) -> Result<()> {
         ("4B ffn_down", 2560, 10_240),
         ("4B output", 262_144, 2560),
     ];
-    let types = [
-        DType::Q8_0,
-        DType::Q4_0,
-        DType::Q5_0,
-        DType::Q4_K,
-        DType::Q5_K,
-        DType::Q6_K,
-        DType::BF16,
-        DType::F16,
-        DType::F32,
-    ];
+    let types: Vec<DType> = gemma3_kernels::packed::PACKED_TYPES
+        .into_iter()
+        .chain([DType::BF16, DType::F16, DType::F32])
+        .collect();
     outln!(
         "matrix products, {} threads; this machine streams {:.1} GB/s from memory (read, {} threads)",
         rayon::current_num_threads(),

@@ -344,9 +344,6 @@ impl SpecArgs {
         let Some(name) = self.draft.as_deref().filter(|_| !self.no_spec) else {
             return Ok(None);
         };
-        let opts = models_cmd::open_options(None);
-        let model = Model::open_with(Some(name), &opts)
-            .with_context(|| format!("the draft model {name}"))?;
         let params = DraftParams {
             max_draft: self
                 .draft_max
@@ -355,11 +352,10 @@ impl SpecArgs {
             p_min: self.draft_p_min,
             adaptive: !self.draft_fixed,
         };
-        Ok(Some(gemma3_engine::Draft::new(
-            target,
-            std::sync::Arc::new(model),
-            params,
-        )?))
+        let opts = models_cmd::open_options(None);
+        let draft = gemma3_engine::Draft::open(target, name, &opts, params)
+            .with_context(|| format!("the draft model {name}"))?;
+        Ok(Some(draft))
     }
 }
 

@@ -45,7 +45,7 @@ impl Default for Lookup {
 /// What a forward pass costs by its rows, learned from the decode passes this machine ran:
 /// `seconds = a + b·rows`, fitted by least squares with older passes forgotten. A drafter
 /// weighs k guesses (a pass of k + 1 rows) against what they save with it.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct PassCost {
     /// Decayed sums: weight, rows, seconds, rows², rows·seconds.
     n: f64,
@@ -53,18 +53,6 @@ pub struct PassCost {
     sy: f64,
     sxx: f64,
     sxy: f64,
-}
-
-impl Default for PassCost {
-    fn default() -> Self {
-        PassCost {
-            n: 0.0,
-            sx: 0.0,
-            sy: 0.0,
-            sxx: 0.0,
-            sxy: 0.0,
-        }
-    }
 }
 
 impl PassCost {

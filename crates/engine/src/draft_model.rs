@@ -15,7 +15,7 @@
 //! sliding layers' rings hold a pass's worth of extra positions for exactly this).
 
 use crate::draft::MAX_DRAFT;
-use crate::load::Model;
+use crate::load::{Model, OpenOptions};
 use crate::EngineError;
 use gemma3_model::{KvCache, Logits, SeqChunk, Workspace, MAX_BATCH};
 use std::sync::Arc;
@@ -135,6 +135,18 @@ impl Draft {
             },
             vocab,
         })
+    }
+
+    /// Opens the model `name` (any form [`Model::open_with`] takes) to draft for `target`,
+    /// checked as [`Draft::new`] checks it: what every front end's `--draft` does.
+    pub fn open(
+        target: &Model,
+        name: &str,
+        opts: &OpenOptions,
+        params: DraftParams,
+    ) -> Result<Draft, EngineError> {
+        let model = Model::open_with(Some(name), opts)?;
+        Draft::new(target, Arc::new(model), params)
     }
 
     pub fn model(&self) -> &Arc<Model> {
@@ -296,14 +308,13 @@ fn top(allowed: &[f32], logits: &[f32], exclude: Option<u32>) -> (u32, f32) {
 /// ends drafting for its sequences this step and clears their draft caches (the target
 /// then decodes plainly); it never fails the step.
 pub(crate) fn draft_batch(
-    model: &Model,
     ws: &mut DraftWorkspace,
     drafters: &mut [(&mut ModelDrafter, &[u32])],
 ) -> Option<f64> {
     // Seconds and count of the passes that guessed (one row per sequence); catching up
     // with a prompt would swamp them.
     let (mut secs, mut timed) = (0.0, 0usize);
-    let DraftWorkspace { ws, logits, .. } = ws;
+    let DraftWorkspace { model, ws, logits } = ws;
     let mut active: Vec<usize> = (0..drafters.len()).collect();
     let mut next: Vec<Option<usize>> = vec![None; drafters.len()];
     let vocab = model.text.cfg.vocab_size;

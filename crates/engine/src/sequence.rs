@@ -967,10 +967,10 @@ impl Batch {
             .as_ref()
             .is_none_or(|w| !Arc::ptr_eq(&w.model, &model))
         {
-            self.draft = Some(DraftWorkspace::new(model.clone()));
+            self.draft = Some(DraftWorkspace::new(model));
         }
         if let Some(ws) = self.draft.as_mut() {
-            if let Some(secs) = draft_batch(&model, ws, &mut drafters) {
+            if let Some(secs) = draft_batch(ws, &mut drafters) {
                 self.draft_secs = Some(match self.draft_secs {
                     Some(s) => 0.9 * s + 0.1 * secs,
                     None => secs,

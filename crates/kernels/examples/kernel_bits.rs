@@ -104,24 +104,16 @@ fn main() {
             paths.push((l, true));
         }
     }
-    let types = [
-        DType::Q8_0,
-        DType::Q4_0,
-        DType::Q5_0,
-        DType::Q4_K,
-        DType::Q5_K,
-        DType::Q6_K,
-        DType::Q4_1,
-        DType::Q5_1,
-        DType::F16,
-        DType::F32,
-    ];
+    let types: Vec<DType> = gemma3_kernels::packed::PACKED_TYPES
+        .into_iter()
+        .chain([DType::Q4_1, DType::Q5_1, DType::F16, DType::F32])
+        .collect();
     let (rows, cols) = (70, 768);
     for (level, dot) in paths {
         simd::set_level(level);
         simd::set_vnni(dot);
         let path = format!("{}{}", level.name(), if dot { "+dot" } else { "" });
-        for t in types {
+        for &t in &types {
             let mut rng = Lcg(42);
             let w = Linear::new(tensor(t, rows, cols, &mut rng));
             for n in [1usize, 5] {

@@ -28,6 +28,16 @@ use rayon::prelude::*;
 #[repr(C, align(64))]
 struct Line([u8; 64]);
 
+/// The weight types with a packed layout (and kernels), in the order tables list them.
+pub const PACKED_TYPES: [DType; 6] = [
+    DType::Q8_0,
+    DType::Q4_0,
+    DType::Q5_0,
+    DType::Q4_K,
+    DType::Q5_K,
+    DType::Q6_K,
+];
+
 /// Per-type layout: values per block, metadata bytes and quant bytes per block per group.
 #[derive(Clone, Copy)]
 struct Layout {
@@ -1528,14 +1538,7 @@ mod tests {
             seed ^= seed << 17;
             seed as u8
         };
-        for dtype in [
-            DType::Q8_0,
-            DType::Q4_0,
-            DType::Q5_0,
-            DType::Q4_K,
-            DType::Q5_K,
-            DType::Q6_K,
-        ] {
+        for dtype in PACKED_TYPES {
             let (rows, cols) = (35, 512);
             let rb = dtype.row_bytes(cols).unwrap();
             let bytes: Vec<u8> = (0..rows * rb).map(|_| next()).collect();

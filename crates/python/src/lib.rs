@@ -194,8 +194,8 @@ fn open_draft(target: &Model, name: &str) -> Result<gemma3_engine::Draft, PyErr>
             _ => Error::new_err(msg),
         }
     };
-    let draft = Model::open_with(Some(name), &OpenOptions::default()).map_err(named)?;
-    gemma3_engine::Draft::new(target, Arc::new(draft), Default::default()).map_err(named)
+    gemma3_engine::Draft::open(target, name, &OpenOptions::default(), Default::default())
+        .map_err(named)
 }
 
 /// The engine behind one `gemma3.Model`.
