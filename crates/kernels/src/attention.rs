@@ -77,29 +77,39 @@ pub fn store_row(ty: DType, x: &[f32], page: &mut Page, row: usize, row_bytes: u
         }
         DType::Q8_0 => {
             for (o, blk) in out.chunks_exact_mut(34).zip(x.chunks_exact(32)) {
-                // ggml's reference: d = max|x| / 127, q = round(x / d).
-                let amax = blk.iter().fold(0f32, |a, v| a.max(v.abs()));
-                let d = amax / 127.0;
-                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-                o[..2].copy_from_slice(&half::f16::from_f32(d).to_le_bytes());
-                for (q, v) in o[2..].iter_mut().zip(blk) {
-                    *q = (v * id).round() as i8 as u8;
-                }
+                let (d, q) = o.split_at_mut(2);
+                d.copy_from_slice(&quantize_q8_block(blk, q));
             }
         }
         other => unreachable!("{other} is not a cache type"),
     }
 }
 
-/// Whether keys of `ty` lie transposed in their page (`[kv_head][dim][PAGE]`): a block's
-/// scores then read them in place (f32) or after a plain conversion, with no transposing
-/// copy per block. Block types (q8_0) quantize along a row, so their keys stay one row per
-/// position, like values.
-pub fn keys_transposed(ty: DType) -> bool {
-    ty != DType::Q8_0
+/// Quantizes 32 values as ggml's reference q8_0 does (`d = max|x| / 127`, `q = round(x /
+/// d)`): the bytes into `q`, the scale's f16 bytes returned.
+fn quantize_q8_block(x: &[f32], q: &mut [u8]) -> [u8; 2] {
+    let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    for (q, v) in q.iter_mut().zip(x) {
+        *q = (v * id).round() as i8 as u8;
+    }
+    half::f16::from_f32(d).to_le_bytes()
 }
 
-/// Stores the key `x` of kv head `head` at slot `slot` of `page` (see [`keys_transposed`]).
+/// Where a q8_0 key's parts lie in its kv head's share of a page (`PAGE · row_bytes`
+/// bytes from `head · PAGE · row_bytes`): the signed bytes transposed, `[dim][PAGE]`, then
+/// the f16 scales, `[dim / 32][PAGE]`. Returns the byte offsets of the bytes and of the
+/// scales of the head's first slot.
+fn q8_key_parts(head: usize, dim: usize, row_bytes: usize) -> (usize, usize) {
+    let base = head * PAGE * row_bytes;
+    (base, base + dim * PAGE)
+}
+
+/// Stores the key `x` of kv head `head` at slot `slot` of `page`. Keys lie transposed in
+/// their page (`[kv_head][dim][PAGE]`; q8_0 as [`q8_key_parts`] says, quantized along the
+/// row as the reference does): a block's scores then read them in place or after a plain
+/// conversion, with no transposing copy per block.
 pub fn store_key(
     ty: DType,
     x: &[f32],
@@ -108,9 +118,6 @@ pub fn store_key(
     slot: usize,
     row_bytes: usize,
 ) {
-    if !keys_transposed(ty) {
-        return store_row(ty, x, page, head * PAGE + slot, row_bytes);
-    }
     let first = head * x.len() * PAGE + slot;
     match ty {
         DType::F32 => {
@@ -130,7 +137,20 @@ pub fn store_key(
                 bytes[at..at + 2].copy_from_slice(&b);
             }
         }
-        other => unreachable!("{other} keys are not transposed"),
+        DType::Q8_0 => {
+            let (qs, scales) = q8_key_parts(head, x.len(), row_bytes);
+            let bytes = page_bytes_mut(page);
+            let mut q = [0u8; 32];
+            for (b, blk) in x.chunks_exact(32).enumerate() {
+                let d = quantize_q8_block(blk, &mut q);
+                let at = scales + 2 * (b * PAGE + slot);
+                bytes[at..at + 2].copy_from_slice(&d);
+                for (p, v) in q.iter().enumerate() {
+                    bytes[qs + (32 * b + p) * PAGE + slot] = *v;
+                }
+            }
+        }
+        other => unreachable!("{other} is not a cache type"),
     }
 }
 
@@ -345,17 +365,6 @@ impl<'a> KvView<'a> {
         let (page, row) = self.page_of(k0, nk);
         let page = &self.k[page];
         let ty = self.k_type;
-        if !keys_transposed(ty) {
-            let rb = ty.row_bytes(hd).expect("a cache type holds whole rows");
-            let first = self.head * PAGE + row;
-            buf.resize(nk * hd, 0.0);
-            dequant_rows(
-                ty,
-                page_rows(page, first..first + nk, rb),
-                &mut buf[..nk * hd],
-            );
-            return MatRef::new(&buf[..nk * hd], hd, nk, 1, hd);
-        }
         let first = self.head * hd * PAGE + row;
         if ty == DType::F32 {
             let data: &'a [f32] = &page[first..first + (hd - 1) * PAGE + nk];
@@ -363,6 +372,25 @@ impl<'a> KvView<'a> {
         }
         buf.resize(nk * hd, 0.0);
         let bytes = page_bytes(page);
+        if ty == DType::Q8_0 {
+            let rb = ty.row_bytes(hd).expect("a cache type holds whole rows");
+            let (qs, scales) = q8_key_parts(self.head, hd, rb);
+            let mut d = [0f32; PAGE];
+            for (p, out) in buf[..nk * hd].chunks_exact_mut(nk).enumerate() {
+                if p % 32 == 0 {
+                    let at = scales + 2 * ((p / 32) * PAGE + row);
+                    for (d, h) in d.iter_mut().zip(bytes[at..at + 2 * nk].chunks_exact(2)) {
+                        *d = half::f16::from_le_bytes([h[0], h[1]]).to_f32();
+                    }
+                }
+                let at = qs + p * PAGE + row;
+                for ((o, q), d) in out.iter_mut().zip(&bytes[at..at + nk]).zip(&d) {
+                    // The reference's product (`scale × q` in f32): the same values.
+                    *o = *q as i8 as f32 * d;
+                }
+            }
+            return MatRef::new(&buf[..nk * hd], hd, nk, nk, 1);
+        }
         for p in 0..hd {
             let at = 2 * (first + p * PAGE);
             dequant_rows(ty, &bytes[at..at + 2 * nk], &mut buf[p * nk..(p + 1) * nk]);
@@ -400,28 +428,37 @@ impl<'a> KvView<'a> {
     }
 
     /// Kᵀ of positions `k0 .. k0 + nk` read in place (`head_dim` rows `PAGE` elements
-    /// apart), for keys stored transposed in f32, f16 or bf16.
-    fn keys_t_in_place(&self, k0: usize, nk: usize) -> Option<(RowsB<'a>, usize)> {
-        if !keys_transposed(self.k_type) {
-            return None;
-        }
+    /// apart).
+    fn keys_t_in_place(&self, k0: usize, nk: usize) -> (RowsB<'a>, usize) {
         let hd = self.head_dim;
         let (page, row) = self.page_of(k0, nk);
+        let page = &self.k[page];
+        if self.k_type == DType::Q8_0 {
+            let rb = self.k_type.row_bytes(hd).expect("q8_0 holds whole rows");
+            let (qs, scales) = q8_key_parts(self.head, hd, rb);
+            let bytes = page_bytes(page);
+            let q = &bytes[qs + row..qs + (hd - 1) * PAGE + row + nk];
+            let last = (hd / 32 - 1) * PAGE + row + nk;
+            let scales = &bytes[scales + 2 * row..scales + 2 * last];
+            return (RowsB::Q8Cols { q, scales }, PAGE);
+        }
         let first = self.head * hd * PAGE + row;
         let end = first + (hd - 1) * PAGE + nk;
-        Some((typed_rows(self.k_type, &self.k[page], first..end)?, PAGE))
+        (typed_rows(self.k_type, page, first..end), PAGE)
     }
 
-    /// Values of positions `k0 .. k0 + nk` read in place (rows `head_dim` apart), for
-    /// f32, f16 or bf16 values.
-    fn values_in_place(&self, k0: usize, nk: usize) -> Option<(RowsB<'a>, usize)> {
+    /// Values of positions `k0 .. k0 + nk` read in place (rows `head_dim` apart).
+    fn values_in_place(&self, k0: usize, nk: usize) -> (RowsB<'a>, usize) {
         let hd = self.head_dim;
         let (page, row) = self.page_of(k0, nk);
+        let page = &self.v[page];
+        if self.v_type == DType::Q8_0 {
+            let rb = self.v_type.row_bytes(hd).expect("q8_0 holds whole rows");
+            let first = self.head * PAGE + row;
+            return (RowsB::Q8Rows(page_rows(page, first..first + nk, rb)), hd);
+        }
         let first = (self.head * PAGE + row) * hd;
-        Some((
-            typed_rows(self.v_type, &self.v[page], first..first + nk * hd)?,
-            hd,
-        ))
+        (typed_rows(self.v_type, page, first..first + nk * hd), hd)
     }
 
     /// Page and row of position `k0`, whose block of `nk` must not cross the page.
@@ -448,17 +485,13 @@ impl<'a> KvView<'a> {
     }
 }
 
-/// Elements `range` of a page of `ty` as [`RowsB`] (None for block types).
-fn typed_rows(ty: DType, page: &[f32], range: Range<usize>) -> Option<RowsB<'_>> {
+/// Elements `range` of a page of `ty` (f32, f16 or bf16) as [`RowsB`].
+fn typed_rows(ty: DType, page: &[f32], range: Range<usize>) -> RowsB<'_> {
     match ty {
-        DType::F32 => Some(RowsB::F32(&page[range])),
-        DType::F16 => Some(RowsB::F16(
-            &page_bytes(page)[2 * range.start..2 * range.end],
-        )),
-        DType::BF16 => Some(RowsB::BF16(
-            &page_bytes(page)[2 * range.start..2 * range.end],
-        )),
-        _ => None,
+        DType::F32 => RowsB::F32(&page[range]),
+        DType::F16 => RowsB::F16(&page_bytes(page)[2 * range.start..2 * range.end]),
+        DType::BF16 => RowsB::BF16(&page_bytes(page)[2 * range.start..2 * range.end]),
+        other => unreachable!("{other} is read by its own layout"),
     }
 }
 
@@ -548,12 +581,12 @@ pub fn attend_part(
                 // A decode step's few rows read the cache in place (no conversion or
                 // packing); a prompt tile goes through the blocked product. Both sum the
                 // same terms in the same order.
-                match kv.keys_t_in_place(k0, nk).filter(|_| rows <= FEW_ROWS) {
-                    Some((kt, ld)) => gemm_few_rows(rows, hd, nk, q, hd, kt, ld, s, nk, false),
-                    None => {
-                        let kt = kv.keys_t(k0, nk, kbuf);
-                        gemm_into(qv, BOperand::F32(kt), MatMut::row_major(s, rows, nk), false)
-                    }
+                if rows <= FEW_ROWS {
+                    let (kt, ld) = kv.keys_t_in_place(k0, nk);
+                    gemm_few_rows(rows, hd, nk, q, hd, kt, ld, s, nk, false)
+                } else {
+                    let kt = kv.keys_t(k0, nk, kbuf);
+                    gemm_into(qv, BOperand::F32(kt), MatMut::row_major(s, rows, nk), false)
                 }
                 for (r, range) in keys.iter().enumerate() {
                     let row = &mut s[r * nk..(r + 1) * nk];
@@ -585,16 +618,16 @@ pub fn attend_part(
                     crate::vmath::exp_inplace(live);
                     sum[r] += live.iter().sum::<f32>();
                 }
-                match kv.values_in_place(k0, nk).filter(|_| rows <= FEW_ROWS) {
-                    Some((vb, ld)) => {
-                        gemm_few_rows(rows, nk, hd, s, nk, vb, ld, &mut acc[..rows * hd], hd, true)
-                    }
-                    None => gemm(
+                if rows <= FEW_ROWS {
+                    let (vb, ld) = kv.values_in_place(k0, nk);
+                    gemm_few_rows(rows, nk, hd, s, nk, vb, ld, &mut acc[..rows * hd], hd, true)
+                } else {
+                    gemm(
                         MatRef::row_major(s, rows, nk),
                         BOperand::F32(kv.values(k0, nk, vbuf)),
                         MatMut::row_major(&mut acc[..rows * hd], rows, hd),
                         false,
-                    ),
+                    )
                 }
                 k0 = k1;
             }

@@ -778,30 +778,65 @@ mod portable {
 }
 
 /// B of [`gemm_few_rows`], read where it lies: element `(p, j)` at `p·ldb + j` of f32
-/// values, or of f16 / bf16 values as little-endian bytes.
+/// values, or of f16 / bf16 values as little-endian bytes; or q8_0 (a signed byte times an
+/// f16 scale, converted exactly as the reference dequantization does) in one of two layouts.
 #[derive(Clone, Copy)]
 pub enum RowsB<'a> {
     F32(&'a [f32]),
     F16(&'a [u8]),
     BF16(&'a [u8]),
+    /// Quantized down the columns: element `(p, j)` is the byte `q[p·ldb + j]` times the f16
+    /// scale at element `(p / 32)·ldb + j` of `scales` (blocks of 32 rows of one column,
+    /// as cached keys lie transposed).
+    Q8Cols {
+        q: &'a [u8],
+        scales: &'a [u8],
+    },
+    /// q8_0 blocks along each row (`ldb` values, a multiple of 32, in `ldb / 32 · 34`
+    /// bytes): row `p` starts at byte `p · ldb / 32 · 34`, as cached values lie.
+    Q8Rows(&'a [u8]),
 }
 
+/// Values in a q8_0 block, and its bytes (an f16 scale, then the signed bytes).
+const Q8_BLOCK: usize = 32;
+const Q8_BLOCK_BYTES: usize = 34;
+
 impl RowsB<'_> {
+    /// Elements B holds (for the bounds checks).
     fn len(&self) -> usize {
         match self {
             RowsB::F32(s) => s.len(),
             RowsB::F16(b) | RowsB::BF16(b) => b.len() / 2,
+            // (The scales are checked by `gemm_few_rows`.)
+            RowsB::Q8Cols { q, .. } => q.len(),
+            RowsB::Q8Rows(b) => b.len() / Q8_BLOCK_BYTES * Q8_BLOCK,
         }
     }
 
-    /// Element `i` as f32 (exact conversion).
+    /// Byte offset of row `p`'s column `j` block of a [`RowsB::Q8Rows`] operand.
     #[inline(always)]
-    fn at(&self, i: usize) -> f32 {
+    fn q8_block(p: usize, j: usize, ldb: usize) -> usize {
+        (p * ldb + j) / Q8_BLOCK * Q8_BLOCK_BYTES
+    }
+
+    /// Element `(p, j)` as f32 (exact conversion).
+    #[inline(always)]
+    fn at(&self, p: usize, j: usize, ldb: usize) -> f32 {
+        let i = p * ldb + j;
         match self {
             RowsB::F32(s) => s[i],
             RowsB::F16(b) => gemma3_formats::quant::f16_at(b, 2 * i),
             RowsB::BF16(b) => {
                 f32::from_bits((u16::from_le_bytes([b[2 * i], b[2 * i + 1]]) as u32) << 16)
+            }
+            RowsB::Q8Cols { q, scales } => {
+                let s = gemma3_formats::quant::f16_at(scales, 2 * ((p / Q8_BLOCK) * ldb + j));
+                q[i] as i8 as f32 * s
+            }
+            RowsB::Q8Rows(b) => {
+                let at = Self::q8_block(p, j, ldb);
+                let s = gemma3_formats::quant::f16_at(b, at);
+                b[at + 2 + j % Q8_BLOCK] as i8 as f32 * s
             }
         }
     }
@@ -838,6 +873,17 @@ pub fn gemm_few_rows(
         k == 0 || b.len() >= (k - 1) * ldb + n,
         "gemm_few_rows: B too short"
     );
+    match b {
+        RowsB::Q8Rows(_) => assert!(
+            ldb.is_multiple_of(Q8_BLOCK) && n <= ldb,
+            "gemm_few_rows: q8_0 rows of {ldb} values"
+        ),
+        RowsB::Q8Cols { scales, .. } => assert!(
+            k == 0 || scales.len() / 2 >= (k - 1) / Q8_BLOCK * ldb + n,
+            "gemm_few_rows: q8_0 scales too short"
+        ),
+        _ => {}
+    }
     assert!(c.len() >= (m - 1) * ldc + n, "gemm_few_rows: C too short");
     #[cfg(target_arch = "x86_64")]
     match crate::simd::level() {
@@ -862,7 +908,7 @@ pub fn gemm_few_rows(
         for j in 0..n {
             let mut acc = 0f32;
             for p in 0..k {
-                acc += a[i * lda + p] * b.at(p * ldb + j);
+                acc += a[i * lda + p] * b.at(p, j, ldb);
             }
             let o = &mut c[i * ldc + j];
             *o = if accumulate { *o + acc } else { acc };
@@ -878,24 +924,31 @@ mod few_avx512 {
     /// Rows ahead that [`rows`] asks the memory for.
     const PREFETCH: usize = 8;
 
-    /// Asks for the 64 elements of B at element `i` (two or four cache lines).
+    /// Asks for the 64 elements of B's row `p` from column `j` (one to four cache lines).
     #[inline(always)]
-    unsafe fn prefetch(b: RowsB<'_>, i: usize) {
-        let (p, bytes) = match b {
-            RowsB::F32(s) => (s.as_ptr().add(i) as *const i8, 256),
-            RowsB::F16(s) | RowsB::BF16(s) => (s.as_ptr().add(2 * i) as *const i8, 128),
+    unsafe fn prefetch(b: RowsB<'_>, p: usize, j: usize, ldb: usize) {
+        let i = p * ldb + j;
+        let (at, bytes) = match b {
+            RowsB::F32(s) => (s.as_ptr().wrapping_add(i) as *const i8, 256),
+            RowsB::F16(s) | RowsB::BF16(s) => (s.as_ptr().wrapping_add(2 * i) as *const i8, 128),
+            RowsB::Q8Cols { q, .. } => (q.as_ptr().wrapping_add(i) as *const i8, 64),
+            RowsB::Q8Rows(s) => (
+                s.as_ptr().wrapping_add(RowsB::q8_block(p, j, ldb)) as *const i8,
+                128,
+            ),
         };
         let mut off = 0;
         while off < bytes {
-            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off));
+            _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(off));
             off += 64;
         }
     }
 
-    /// 16 elements of B's row at element `i` (the first `mask` lanes), as f32.
+    /// 16 elements of B's row `p` from column `j` (the first `mask` lanes), as f32.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    unsafe fn load(b: RowsB<'_>, i: usize, mask: __mmask16) -> __m512 {
+    unsafe fn load(b: RowsB<'_>, p: usize, j: usize, ldb: usize, mask: __mmask16) -> __m512 {
+        let i = p * ldb + j;
         match b {
             RowsB::F32(s) => _mm512_maskz_loadu_ps(mask, s.as_ptr().add(i)),
             RowsB::F16(s) => _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
@@ -905,6 +958,28 @@ mod few_avx512 {
             RowsB::BF16(s) => {
                 let h = _mm256_maskz_loadu_epi16(mask, s.as_ptr().add(2 * i) as *const i16);
                 _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+            }
+            RowsB::Q8Cols { q, scales } => {
+                let v = _mm_maskz_loadu_epi8(mask, q.as_ptr().add(i) as *const i8);
+                let at = 2 * ((p / super::Q8_BLOCK) * ldb + j);
+                let d = _mm256_maskz_loadu_epi16(mask, scales.as_ptr().add(at) as *const i16);
+                _mm512_mul_ps(
+                    _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v)),
+                    _mm512_cvtph_ps(d),
+                )
+            }
+            RowsB::Q8Rows(s) => {
+                let at = RowsB::q8_block(p, j, ldb);
+                let h = (s.as_ptr().add(at) as *const u16).read_unaligned();
+                let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32)));
+                let v = _mm_maskz_loadu_epi8(
+                    mask,
+                    s.as_ptr().add(at + 2 + j % super::Q8_BLOCK) as *const i8,
+                );
+                _mm512_mul_ps(
+                    _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v)),
+                    _mm512_set1_ps(d),
+                )
             }
         }
     }
@@ -960,14 +1035,13 @@ mod few_avx512 {
             let masks: [__mmask16; V] = std::array::from_fn(|v| lanes(j + 16 * v));
             let mut acc = [[_mm512_setzero_ps(); V]; R];
             for p in 0..k {
-                let row = p * ldb + j;
                 // B's rows lie `ldb` apart: ask for the ones a few steps ahead.
                 if p + PREFETCH < k {
-                    prefetch(b, row + PREFETCH * ldb);
+                    prefetch(b, p + PREFETCH, j, ldb);
                 }
                 let bv: [__m512; V] = std::array::from_fn(|v| {
                     if masks[v] != 0 {
-                        load(b, row + 16 * v, masks[v])
+                        load(b, p, j + 16 * v, ldb, masks[v])
                     } else {
                         _mm512_setzero_ps()
                     }
@@ -1003,10 +1077,11 @@ mod few_avx2 {
     use super::RowsB;
     use std::arch::x86_64::*;
 
-    /// 8 elements of B's row at element `i`, as f32.
+    /// 8 elements of B's row `p` from column `j`, as f32.
     #[inline]
     #[target_feature(enable = "avx2,f16c")]
-    unsafe fn load(b: RowsB<'_>, i: usize) -> __m256 {
+    unsafe fn load(b: RowsB<'_>, p: usize, j: usize, ldb: usize) -> __m256 {
+        let i = p * ldb + j;
         match b {
             RowsB::F32(s) => _mm256_loadu_ps(s.as_ptr().add(i)),
             RowsB::F16(s) => {
@@ -1015,6 +1090,26 @@ mod few_avx2 {
             RowsB::BF16(s) => {
                 let h = _mm_loadu_si128(s.as_ptr().add(2 * i) as *const __m128i);
                 _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+            }
+            RowsB::Q8Cols { q, scales } => {
+                let v = _mm_loadl_epi64(q.as_ptr().add(i) as *const __m128i);
+                let at = 2 * ((p / super::Q8_BLOCK) * ldb + j);
+                let d = _mm_loadu_si128(scales.as_ptr().add(at) as *const __m128i);
+                _mm256_mul_ps(
+                    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)),
+                    _mm256_cvtph_ps(d),
+                )
+            }
+            RowsB::Q8Rows(s) => {
+                let at = RowsB::q8_block(p, j, ldb);
+                let h = (s.as_ptr().add(at) as *const u16).read_unaligned();
+                let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32)));
+                let v =
+                    _mm_loadl_epi64(s.as_ptr().add(at + 2 + j % super::Q8_BLOCK) as *const __m128i);
+                _mm256_mul_ps(
+                    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)),
+                    _mm256_set1_ps(d),
+                )
             }
         }
     }
@@ -1040,18 +1135,22 @@ mod few_avx2 {
             let two = j + 16 <= n;
             let mut acc = [[_mm256_setzero_ps(); 2]; super::FEW_ROWS];
             for p in 0..k {
-                let row = p * ldb + j;
                 if p + 8 < k {
+                    let ahead = (p + 8) * ldb + j;
                     let ahead = match b {
-                        RowsB::F32(s) => s.as_ptr().wrapping_add(row + 8 * ldb) as *const i8,
+                        RowsB::F32(s) => s.as_ptr().wrapping_add(ahead) as *const i8,
                         RowsB::F16(s) | RowsB::BF16(s) => {
-                            s.as_ptr().wrapping_add(2 * (row + 8 * ldb)) as *const i8
+                            s.as_ptr().wrapping_add(2 * ahead) as *const i8
+                        }
+                        RowsB::Q8Cols { q, .. } => q.as_ptr().wrapping_add(ahead) as *const i8,
+                        RowsB::Q8Rows(s) => {
+                            s.as_ptr().wrapping_add(RowsB::q8_block(p + 8, j, ldb)) as *const i8
                         }
                     };
                     _mm_prefetch::<_MM_HINT_T0>(ahead);
                 }
-                let b0 = load(b, row);
-                let b1 = if two { load(b, row + 8) } else { b0 };
+                let b0 = load(b, p, j, ldb);
+                let b1 = if two { load(b, p, j + 8, ldb) } else { b0 };
                 for (i, acc) in acc.iter_mut().enumerate().take(m) {
                     let ai = _mm256_broadcast_ss(a.get_unchecked(i * lda + p));
                     acc[0] = _mm256_fmadd_ps(ai, b0, acc[0]);
@@ -1076,7 +1175,7 @@ mod few_avx2 {
             for i in 0..m {
                 let mut acc = 0f32;
                 for p in 0..k {
-                    acc = a[i * lda + p].mul_add(b.at(p * ldb + j), acc);
+                    acc = a[i * lda + p].mul_add(b.at(p, j, ldb), acc);
                 }
                 let o = &mut c[i * ldc + j];
                 *o = if accumulate { *o + acc } else { acc };
@@ -1091,13 +1190,18 @@ mod few_neon {
     use crate::neon::{load_bf16x4, load_f16x4};
     use std::arch::aarch64::*;
 
-    /// 4 elements of B's row at element `i`, as f32.
+    /// 4 elements of B's row `p` from column `j`, as f32.
     #[inline(always)]
-    unsafe fn load(b: RowsB<'_>, i: usize) -> float32x4_t {
+    unsafe fn load(b: RowsB<'_>, p: usize, j: usize, ldb: usize) -> float32x4_t {
+        let i = p * ldb + j;
         match b {
             RowsB::F32(s) => vld1q_f32(s.as_ptr().add(i)),
             RowsB::F16(s) => load_f16x4(s.as_ptr().add(2 * i)),
             RowsB::BF16(s) => load_bf16x4(s.as_ptr().add(2 * i)),
+            RowsB::Q8Cols { .. } | RowsB::Q8Rows(_) => {
+                let x: [f32; 4] = std::array::from_fn(|l| b.at(p, j + l, ldb));
+                vld1q_f32(x.as_ptr())
+            }
         }
     }
 
@@ -1124,10 +1228,9 @@ mod few_neon {
             let vs = if j + 16 <= n { 4 } else { 1 };
             let mut acc = [[vdupq_n_f32(0.0); 4]; super::FEW_ROWS];
             for p in 0..k {
-                let row = p * ldb + j;
                 let bv: [float32x4_t; 4] = std::array::from_fn(|v| {
                     if v < vs {
-                        load(b, row + 4 * v)
+                        load(b, p, j + 4 * v, ldb)
                     } else {
                         vdupq_n_f32(0.0)
                     }
@@ -1156,7 +1259,7 @@ mod few_neon {
             for i in 0..m {
                 let mut acc = 0f32;
                 for p in 0..k {
-                    acc = a[i * lda + p].mul_add(b.at(p * ldb + j), acc);
+                    acc = a[i * lda + p].mul_add(b.at(p, j, ldb), acc);
                 }
                 let o = &mut c[i * ldc + j];
                 *o = if accumulate { *o + acc } else { acc };
