@@ -918,69 +918,103 @@ pub fn gemm_few_rows(
 
 #[cfg(target_arch = "x86_64")]
 mod few_avx512 {
-    use super::RowsB;
+    use super::{RowsB, Q8_BLOCK};
     use std::arch::x86_64::*;
 
-    /// Rows ahead that [`rows`] asks the memory for.
+    /// Rows ahead that [`chunk`] asks the memory for.
     const PREFETCH: usize = 8;
 
-    /// Asks for the 64 elements of B's row `p` from column `j` (one to four cache lines).
-    #[inline(always)]
-    unsafe fn prefetch(b: RowsB<'_>, p: usize, j: usize, ldb: usize) {
-        let i = p * ldb + j;
-        let (at, bytes) = match b {
-            RowsB::F32(s) => (s.as_ptr().wrapping_add(i) as *const i8, 256),
-            RowsB::F16(s) | RowsB::BF16(s) => (s.as_ptr().wrapping_add(2 * i) as *const i8, 128),
-            RowsB::Q8Cols { q, .. } => (q.as_ptr().wrapping_add(i) as *const i8, 64),
-            RowsB::Q8Rows(s) => (
-                s.as_ptr().wrapping_add(RowsB::q8_block(p, j, ldb)) as *const i8,
-                128,
-            ),
-        };
-        let mut off = 0;
-        while off < bytes {
-            _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(off));
-            off += 64;
+    /// How [`chunk`] reads B: one implementation per [`RowsB`] variant, so each gets its
+    /// own loop with no branch on the type inside.
+    trait Src: Copy {
+        /// Where row `p`'s 64 elements from column `j` start, and the bytes they span.
+        fn span(self, p: usize, j: usize, ldb: usize) -> (*const i8, usize);
+        /// 16 elements of row `p` from column `j` (the first `mask` lanes), as f32.
+        ///
+        /// # Safety
+        /// AVX-512 F/BW/VL; the elements must be in B.
+        unsafe fn load(self, p: usize, j: usize, ldb: usize, mask: __mmask16) -> __m512;
+    }
+
+    #[derive(Clone, Copy)]
+    struct F32s<'a>(&'a [f32]);
+    #[derive(Clone, Copy)]
+    struct F16s<'a>(&'a [u8]);
+    #[derive(Clone, Copy)]
+    struct BF16s<'a>(&'a [u8]);
+    #[derive(Clone, Copy)]
+    struct Q8Cols<'a>(&'a [u8], &'a [u8]);
+    #[derive(Clone, Copy)]
+    struct Q8Rows<'a>(&'a [u8]);
+
+    impl Src for F32s<'_> {
+        #[inline(always)]
+        fn span(self, p: usize, j: usize, ldb: usize) -> (*const i8, usize) {
+            (self.0.as_ptr().wrapping_add(p * ldb + j).cast(), 256)
+        }
+        #[inline(always)]
+        unsafe fn load(self, p: usize, j: usize, ldb: usize, mask: __mmask16) -> __m512 {
+            _mm512_maskz_loadu_ps(mask, self.0.as_ptr().add(p * ldb + j))
         }
     }
 
-    /// 16 elements of B's row `p` from column `j` (the first `mask` lanes), as f32.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    unsafe fn load(b: RowsB<'_>, p: usize, j: usize, ldb: usize, mask: __mmask16) -> __m512 {
-        let i = p * ldb + j;
-        match b {
-            RowsB::F32(s) => _mm512_maskz_loadu_ps(mask, s.as_ptr().add(i)),
-            RowsB::F16(s) => _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
-                mask,
-                s.as_ptr().add(2 * i) as *const i16,
-            )),
-            RowsB::BF16(s) => {
-                let h = _mm256_maskz_loadu_epi16(mask, s.as_ptr().add(2 * i) as *const i16);
-                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
-            }
-            RowsB::Q8Cols { q, scales } => {
-                let v = _mm_maskz_loadu_epi8(mask, q.as_ptr().add(i) as *const i8);
-                let at = 2 * ((p / super::Q8_BLOCK) * ldb + j);
-                let d = _mm256_maskz_loadu_epi16(mask, scales.as_ptr().add(at) as *const i16);
-                _mm512_mul_ps(
-                    _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v)),
-                    _mm512_cvtph_ps(d),
-                )
-            }
-            RowsB::Q8Rows(s) => {
-                let at = RowsB::q8_block(p, j, ldb);
-                let h = (s.as_ptr().add(at) as *const u16).read_unaligned();
-                let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32)));
-                let v = _mm_maskz_loadu_epi8(
-                    mask,
-                    s.as_ptr().add(at + 2 + j % super::Q8_BLOCK) as *const i8,
-                );
-                _mm512_mul_ps(
-                    _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v)),
-                    _mm512_set1_ps(d),
-                )
-            }
+    impl Src for F16s<'_> {
+        #[inline(always)]
+        fn span(self, p: usize, j: usize, ldb: usize) -> (*const i8, usize) {
+            (self.0.as_ptr().wrapping_add(2 * (p * ldb + j)).cast(), 128)
+        }
+        #[inline(always)]
+        unsafe fn load(self, p: usize, j: usize, ldb: usize, mask: __mmask16) -> __m512 {
+            let at = self.0.as_ptr().add(2 * (p * ldb + j));
+            _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, at.cast()))
+        }
+    }
+
+    impl Src for BF16s<'_> {
+        #[inline(always)]
+        fn span(self, p: usize, j: usize, ldb: usize) -> (*const i8, usize) {
+            (self.0.as_ptr().wrapping_add(2 * (p * ldb + j)).cast(), 128)
+        }
+        #[inline(always)]
+        unsafe fn load(self, p: usize, j: usize, ldb: usize, mask: __mmask16) -> __m512 {
+            let h = _mm256_maskz_loadu_epi16(mask, self.0.as_ptr().add(2 * (p * ldb + j)).cast());
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+        }
+    }
+
+    /// q8_0 as the reference dequantizes it: the byte times the f16 scale, in f32 (exact).
+    #[inline(always)]
+    unsafe fn q8_times(q: __m128i, d: __m512) -> __m512 {
+        _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)), d)
+    }
+
+    impl Src for Q8Cols<'_> {
+        #[inline(always)]
+        fn span(self, p: usize, j: usize, ldb: usize) -> (*const i8, usize) {
+            (self.0.as_ptr().wrapping_add(p * ldb + j).cast(), 64)
+        }
+        #[inline(always)]
+        unsafe fn load(self, p: usize, j: usize, ldb: usize, mask: __mmask16) -> __m512 {
+            let q = _mm_maskz_loadu_epi8(mask, self.0.as_ptr().add(p * ldb + j).cast());
+            let at = 2 * ((p / Q8_BLOCK) * ldb + j);
+            let d = _mm256_maskz_loadu_epi16(mask, self.1.as_ptr().add(at).cast());
+            q8_times(q, _mm512_cvtph_ps(d))
+        }
+    }
+
+    impl Src for Q8Rows<'_> {
+        #[inline(always)]
+        fn span(self, p: usize, j: usize, ldb: usize) -> (*const i8, usize) {
+            let at = RowsB::q8_block(p, j, ldb);
+            (self.0.as_ptr().wrapping_add(at).cast(), 128)
+        }
+        #[inline(always)]
+        unsafe fn load(self, p: usize, j: usize, ldb: usize, mask: __mmask16) -> __m512 {
+            let at = RowsB::q8_block(p, j, ldb);
+            let h = (self.0.as_ptr().add(at) as *const u16).read_unaligned();
+            let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32)));
+            let q = _mm_maskz_loadu_epi8(mask, self.0.as_ptr().add(at + 2 + j % Q8_BLOCK).cast());
+            q8_times(q, _mm512_set1_ps(d))
         }
     }
 
@@ -998,76 +1032,109 @@ mod few_avx512 {
         ldc: usize,
         accumulate: bool,
     ) {
-        match m {
-            1 => rows::<1>(k, n, a, lda, b, ldb, c, ldc, accumulate),
-            2 => rows::<2>(k, n, a, lda, b, ldb, c, ldc, accumulate),
-            3 => rows::<3>(k, n, a, lda, b, ldb, c, ldc, accumulate),
-            _ => rows::<4>(k, n, a, lda, b, ldb, c, ldc, accumulate),
+        match b {
+            RowsB::F32(s) => rows(m, k, n, a, lda, F32s(s), ldb, c, ldc, accumulate),
+            RowsB::F16(s) => rows(m, k, n, a, lda, F16s(s), ldb, c, ldc, accumulate),
+            RowsB::BF16(s) => rows(m, k, n, a, lda, BF16s(s), ldb, c, ldc, accumulate),
+            RowsB::Q8Cols { q, scales } => {
+                rows(m, k, n, a, lda, Q8Cols(q, scales), ldb, c, ldc, accumulate)
+            }
+            RowsB::Q8Rows(s) => rows(m, k, n, a, lda, Q8Rows(s), ldb, c, ldc, accumulate),
         }
     }
 
+    /// Columns per [`chunk`]: four vectors (two 64-byte lines of f16 per row of B), so
+    /// B's rows are read in long runs, and 4 × rows chains hide the FMA latency.
+    const V: usize = 4;
+
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn rows<const R: usize>(
+    unsafe fn rows<S: Src>(
+        m: usize,
         k: usize,
         n: usize,
         a: &[f32],
         lda: usize,
-        b: RowsB<'_>,
+        b: S,
         ldb: usize,
         c: &mut [f32],
         ldc: usize,
         accumulate: bool,
     ) {
-        let lanes = |j: usize| -> __mmask16 {
-            let left = n.saturating_sub(j).min(16);
-            if left == 16 {
+        let args = (k, n, a, lda, b, ldb, accumulate);
+        let mut j = 0;
+        while j < n {
+            let c = &mut c[j..];
+            match (m, j + 16 * V <= n) {
+                (1, true) => chunk::<1, true, S>(args, j, c, ldc),
+                (2, true) => chunk::<2, true, S>(args, j, c, ldc),
+                (3, true) => chunk::<3, true, S>(args, j, c, ldc),
+                (_, true) => chunk::<4, true, S>(args, j, c, ldc),
+                (1, false) => chunk::<1, false, S>(args, j, c, ldc),
+                (2, false) => chunk::<2, false, S>(args, j, c, ldc),
+                (3, false) => chunk::<3, false, S>(args, j, c, ldc),
+                (_, false) => chunk::<4, false, S>(args, j, c, ldc),
+            }
+            j += 16 * V;
+        }
+    }
+
+    /// The `R` rows of C's columns `j .. j + 64` (fewer where B ends, unless `FULL`), into
+    /// `c` (C from column `j`).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+    #[allow(clippy::type_complexity)]
+    unsafe fn chunk<const R: usize, const FULL: bool, S: Src>(
+        (k, n, a, lda, b, ldb, accumulate): (usize, usize, &[f32], usize, S, usize, bool),
+        j: usize,
+        c: &mut [f32],
+        ldc: usize,
+    ) {
+        let masks: [__mmask16; V] = std::array::from_fn(|v| {
+            let left = n.saturating_sub(j + 16 * v).min(16);
+            if FULL || left == 16 {
                 0xffff
             } else {
                 ((1u32 << left) - 1) as __mmask16
             }
-        };
-        // 64 columns at a time (two 64-byte lines of f16 per row of B), four accumulators
-        // per row: B's rows are read in long runs, and 16 chains hide the FMA latency.
-        const V: usize = 4;
-        let mut j = 0;
-        while j < n {
-            let masks: [__mmask16; V] = std::array::from_fn(|v| lanes(j + 16 * v));
-            let mut acc = [[_mm512_setzero_ps(); V]; R];
-            for p in 0..k {
-                // B's rows lie `ldb` apart: ask for the ones a few steps ahead.
-                if p + PREFETCH < k {
-                    prefetch(b, p + PREFETCH, j, ldb);
-                }
-                let bv: [__m512; V] = std::array::from_fn(|v| {
-                    if masks[v] != 0 {
-                        load(b, p, j + 16 * v, ldb, masks[v])
-                    } else {
-                        _mm512_setzero_ps()
-                    }
-                });
-                for (i, acc) in acc.iter_mut().enumerate() {
-                    let ai = _mm512_set1_ps(*a.get_unchecked(i * lda + p));
-                    for v in 0..V {
-                        acc[v] = _mm512_fmadd_ps(ai, bv[v], acc[v]);
-                    }
+        });
+        let mut acc = [[_mm512_setzero_ps(); V]; R];
+        for p in 0..k {
+            // B's rows lie `ldb` apart: ask for the ones a few steps ahead.
+            if p + PREFETCH < k {
+                let (at, bytes) = b.span(p + PREFETCH, j, ldb);
+                let mut off = 0;
+                while off < bytes {
+                    _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(off));
+                    off += 64;
                 }
             }
-            for (i, acc) in acc.iter().enumerate() {
+            let bv: [__m512; V] = std::array::from_fn(|v| {
+                if FULL || masks[v] != 0 {
+                    b.load(p, j + 16 * v, ldb, masks[v])
+                } else {
+                    _mm512_setzero_ps()
+                }
+            });
+            for (i, acc) in acc.iter_mut().enumerate() {
+                let ai = _mm512_set1_ps(*a.get_unchecked(i * lda + p));
                 for v in 0..V {
-                    if masks[v] == 0 {
-                        continue;
-                    }
-                    let o = c.as_mut_ptr().add(i * ldc + j + 16 * v);
-                    let x = if accumulate {
-                        _mm512_add_ps(_mm512_maskz_loadu_ps(masks[v], o), acc[v])
-                    } else {
-                        acc[v]
-                    };
-                    _mm512_mask_storeu_ps(o, masks[v], x);
+                    acc[v] = _mm512_fmadd_ps(ai, bv[v], acc[v]);
                 }
             }
-            j += 16 * V;
+        }
+        for (i, acc) in acc.iter().enumerate() {
+            for v in 0..V {
+                if !FULL && masks[v] == 0 {
+                    continue;
+                }
+                let o = c.as_mut_ptr().add(i * ldc + 16 * v);
+                let x = if accumulate {
+                    _mm512_add_ps(_mm512_maskz_loadu_ps(masks[v], o), acc[v])
+                } else {
+                    acc[v]
+                };
+                _mm512_mask_storeu_ps(o, masks[v], x);
+            }
         }
     }
 }
