@@ -569,7 +569,9 @@ pub fn attend_part(
             let (kbuf, vbuf) = &mut *blocks.borrow_mut();
             let mut s = s.borrow_mut();
             if s.len() < rows * KEY_BLOCK {
-                s.resize(rows * KEY_BLOCK, 0.0);
+                // At least a whole group's rows: a decode task may take part of a group or
+                // all of it, on whichever thread, and should find the tile grown already.
+                s.resize(rows.max(MAX_GROUP) * KEY_BLOCK, 0.0);
             }
             let mut k0 = part.start;
             while k0 < part.end {
@@ -927,16 +929,29 @@ fn attend_short_rows<'a>(
         sc.part_max.resize(slots * group, 0.0);
         sc.part_sum.resize(slots * group, 0.0);
     }
+    let parallel = work >= PARALLEL_WORK;
+    // Fewer slots than threads (a short context, one kv head): a task takes some of a
+    // group's query heads. Each row's scores and sums are its own multiply-add chains, so
+    // splitting a group changes no bit; only the keys are read once per task.
+    let threads = rayon::current_num_threads();
+    let split = if parallel && slots < threads && group.is_multiple_of(2) {
+        2
+    } else {
+        1
+    };
+    let gs = group / split;
     let (rows, starts) = (&sc.rows, &sc.slot_start);
-    let task = |(j, ((acc, max), sum)): (usize, ((&mut [f32], &mut [f32]), &mut [f32]))| {
+    let task = |t: usize, acc: &mut [f32], max: &mut [f32], sum: &mut [f32]| {
+        let (j, h0) = (t / split, (t % split) * gs);
         let i = starts.partition_point(|&st| st <= j) - 1;
         let (r, s) = rows[i];
         let local = j - starts[i];
         let (part, kvh) = (local / nkv, local % nkv);
         let ranges: [Range<usize>; MAX_GROUP] = std::array::from_fn(|_| keys[r].clone());
+        let q0 = r * qd + (kvh * group + h0) * hd;
         attend_part(
-            &q[r * qd + kvh * group * hd..r * qd + (kvh + 1) * group * hd],
-            &ranges[..group],
+            &q[q0..q0 + gs * hd],
+            &ranges[..gs],
             &kv(s, kvh),
             scores,
             key_part(&keys[r], part),
@@ -948,18 +963,14 @@ fn attend_short_rows<'a>(
     let acc = &mut sc.part_acc[..slots * group * hd];
     let max = &mut sc.part_max[..slots * group];
     let sum = &mut sc.part_sum[..slots * group];
-    if slots > 1 && work >= PARALLEL_WORK {
-        acc.par_chunks_mut(group * hd)
-            .zip(max.par_chunks_mut(group))
-            .zip(sum.par_chunks_mut(group))
-            .enumerate()
-            .for_each(task);
+    if parallel && slots * split > 1 {
+        crate::team::for_each_chunk3((acc, gs * hd), (max, gs), (sum, gs), task);
     } else {
-        acc.chunks_mut(group * hd)
-            .zip(max.chunks_mut(group))
-            .zip(sum.chunks_mut(group))
+        acc.chunks_mut(gs * hd)
+            .zip(max.chunks_mut(gs))
+            .zip(sum.chunks_mut(gs))
             .enumerate()
-            .for_each(task);
+            .for_each(|(t, ((a, m), s))| task(t, a, m, s));
     }
     // The slots of part p of a row hold every head's state (heads in kv-head order).
     for (i, &(r, _)) in sc.rows.iter().enumerate() {

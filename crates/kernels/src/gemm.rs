@@ -462,7 +462,7 @@ fn gemm_impl(a: AOperand<'_>, b: BOperand<'_>, c: MatMut<'_>, parallel: bool, ac
                 };
                 let tasks = ic_blocks * n_chunks;
                 if threads > 1 && tasks > 1 {
-                    (0..tasks).into_par_iter().for_each(task);
+                    crate::team::for_each(tasks, task);
                 } else {
                     (0..tasks).for_each(task);
                 }

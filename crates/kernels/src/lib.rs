@@ -13,6 +13,7 @@ pub mod ops;
 pub mod packed;
 pub mod qdot;
 pub mod simd;
+pub mod team;
 pub mod vmath;
 
 pub use matmul::{matmul, matmul_multi, matmul_weights, Linear, Precision, Weights};

@@ -14,7 +14,6 @@ use crate::dot::dot_rows;
 use crate::packed::{self, PackedMatrix};
 use crate::qdot::{self, QuantActs};
 use gemma3_formats::{quant, DType, TensorData};
-use rayon::prelude::*;
 use std::cell::RefCell;
 
 /// Rows per dequantized tile; also the granularity of the row split (a packed group).
@@ -23,8 +22,12 @@ const TILE: usize = 16;
 thread_local! {
     static TILE_BUF: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     static UNPACK_BUF: RefCell<(Vec<u8>, Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
-    static ACTS: RefCell<QuantActs> = RefCell::new(QuantActs::default());
 }
+
+/// Quantized activations' buffers, shared by every thread: a pass may run on any of the
+/// pool's threads (a team leads from whichever worker took it), and finds buffers grown
+/// by earlier passes wherever it runs. One per concurrent product; a lock per product.
+static ACTS: std::sync::Mutex<Vec<QuantActs>> = std::sync::Mutex::new(Vec::new());
 
 /// How quantized weights are multiplied.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -155,10 +158,15 @@ pub fn matmul_multi(
             qdot::ActBlock::Q8_0
         }
     });
-    // The buffers leave the thread-local for the call: while this thread waits for the
+    // The buffers leave the shared list for the call: while this thread waits for the
     // parallel part it may run another forward pass's work (another request, another
-    // test), which then finds an empty buffer rather than one borrowed here.
-    let mut acts = ACTS.with(|a| std::mem::take(&mut *a.borrow_mut()));
+    // test), which then takes other buffers rather than these.
+    let mut acts = ACTS
+        .lock()
+        .map(|mut a| a.pop())
+        .ok()
+        .flatten()
+        .unwrap_or_default();
     {
         if let Some(block) = block {
             acts.quantize_as(x, n, cols, block);
@@ -205,10 +213,12 @@ pub fn matmul_multi(
         if total == 1 {
             job(0);
         } else {
-            (0..total).into_par_iter().for_each(job);
+            crate::team::for_each(total, job);
         }
     }
-    ACTS.with(|a| *a.borrow_mut() = acts);
+    if let Ok(mut a) = ACTS.lock() {
+        a.push(acts);
+    }
 }
 
 /// Whether every matrix pairs with Q8_K activations (and rows hold whole Q8_K blocks).

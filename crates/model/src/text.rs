@@ -15,12 +15,12 @@
 use crate::cache::{KvCache, KvTypes};
 use crate::weights::{LayerWeights, TextWeights};
 use crate::{LayerKind, ModelError, TextConfig};
-use gemma3_kernels::attention::{attend_batch, AttnScratch, Heads, Scores};
+use gemma3_kernels::attention::{attend_batch, AttnScratch, Heads, Scores, TILE_MIN_ROWS};
 use gemma3_kernels::ops::{
     gelu_gate, gelu_gate_f16, rms_norm, rms_norm_inplace, rms_norm_rows, rope_cos_sin,
     rope_inv_freq, rope_neox, round_to_f16,
 };
-use gemma3_kernels::{matmul_multi, matmul_weights, Precision};
+use gemma3_kernels::{matmul_multi, matmul_weights, team, Precision};
 use rayon::prelude::*;
 use std::ops::Range;
 
@@ -458,6 +458,25 @@ impl TextModel {
         for s in seqs.iter_mut() {
             s.cache.reserve(s.tokens.len())?;
         }
+        // A decode step (every chunk too short for attention's tiles) is ~100 short
+        // parallel loops: the pool's threads stay on it between them.
+        if seqs.iter().all(|s| s.tokens.len() < TILE_MIN_ROWS) {
+            team::with_team(|| self.pass(seqs, ws, n, on_logits, trace));
+        } else {
+            self.pass(seqs, ws, n, on_logits, trace);
+        }
+        Ok(())
+    }
+
+    /// The stages of a checked batch of `n` rows whose pages are reserved.
+    fn pass(
+        &self,
+        seqs: &mut [SeqChunk<'_>],
+        ws: &mut Workspace,
+        n: usize,
+        on_logits: &mut OnLogits<'_>,
+        trace: Option<&mut OnStage<'_>>,
+    ) {
         self.lay_out_rows(seqs, ws);
         self.embed(seqs, ws, n);
         let mut trace = trace;
@@ -483,7 +502,6 @@ impl TextModel {
             tr(Stage::FinalNorm, &ws.xn[..n * h]);
         }
         self.logits(seqs, ws, on_logits);
-        Ok(())
     }
 
     /// Validates a batch before anything changes; returns its row count.
