@@ -17,7 +17,7 @@ pub struct BenchArgs {
     /// 270M Q4_K_M]
     #[arg(short, long, env = "GEMMA3_MODEL")]
     pub model: Option<String>,
-    /// Multiply in f32 instead of with 8-bit activations
+    /// Multiply in f32 instead of with 8-bit activations (with --vision: instead of bf16)
     #[arg(long)]
     pub exact: bool,
     #[command(flatten)]
@@ -549,7 +549,10 @@ fn vision_flops(cfg: &VisionConfig) -> f64 {
 fn vision(a: &BenchArgs) -> Result<()> {
     let cfg = VisionConfig::default();
     let t0 = Instant::now();
-    let tower = random_tower(&cfg)?;
+    let mut tower = random_tower(&cfg)?;
+    if a.exact {
+        tower.precision = Precision::Exact;
+    }
     eprintln!(
         "random So400m weights ({:.0} M parameters) made in {:.1} s",
         tower.num_params() as f64 / 1e6,

@@ -201,6 +201,8 @@ impl Model {
                 "the vision projector gives {dt}-wide rows but the text model's hidden size is {h} (is the mmproj file for another model?)"
             )));
         }
+        let mut tower = tower;
+        tower.precision = self.text.precision;
         self.vision = Some(tower);
         self.mmproj = mmproj;
         Ok(())
@@ -255,6 +257,9 @@ impl Model {
     /// llama.cpp) or `Exact` (f32, as transformers on dequantized weights).
     pub fn set_precision(&mut self, p: gemma3_model::Precision) {
         self.text.precision = p;
+        if let Some(v) = self.vision.as_mut() {
+            v.precision = p;
+        }
     }
 
     /// How KV caches store keys and values from now on (checked against the model).

@@ -27,11 +27,11 @@ const NC: usize = 8192;
 /// A read-only strided view: element `(i, j)` is `data[i * rs + j * cs]`.
 #[derive(Clone, Copy)]
 pub struct MatRef<'a> {
-    data: &'a [f32],
-    rows: usize,
-    cols: usize,
-    rs: usize,
-    cs: usize,
+    pub(crate) data: &'a [f32],
+    pub(crate) rows: usize,
+    pub(crate) cols: usize,
+    pub(crate) rs: usize,
+    pub(crate) cs: usize,
 }
 
 impl<'a> MatRef<'a> {
@@ -81,11 +81,11 @@ impl<'a> MatRef<'a> {
 /// A mutable strided view. Only row-major or column-major layouts (with any padding) are
 /// accepted, so distinct elements never share memory and tiles can be written in parallel.
 pub struct MatMut<'a> {
-    data: &'a mut [f32],
-    rows: usize,
-    cols: usize,
-    rs: usize,
-    cs: usize,
+    pub(crate) data: &'a mut [f32],
+    pub(crate) rows: usize,
+    pub(crate) cols: usize,
+    pub(crate) rs: usize,
+    pub(crate) cs: usize,
 }
 
 impl<'a> MatMut<'a> {

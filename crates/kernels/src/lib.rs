@@ -4,6 +4,7 @@
 //! reference dequantization in `gemma3_formats::quant`. Nothing here knows what Gemma is.
 
 pub mod attention;
+pub mod bf16mm;
 pub mod dot;
 pub mod gemm;
 pub mod matmul;
@@ -23,8 +24,12 @@ pub use matmul::{matmul, matmul_multi, matmul_weights, Linear, Precision, Weight
 /// [`simd`] and [`packed`], so neither module needs the other's view of the machine.
 pub fn describe() -> String {
     let level = simd::level().name();
-    match packed::kernels_name() {
+    let base = match packed::kernels_name() {
         Some(isa) => format!("{isa} (level {level})"),
         None => format!("level {level}"),
+    };
+    match bf16mm::unit() {
+        bf16mm::Unit::None => base,
+        u => format!("{base}, bf16 products on {}", u.name()),
     }
 }

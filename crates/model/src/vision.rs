@@ -19,11 +19,13 @@ use crate::config::{
 };
 use crate::ModelError;
 use gemma3_formats::{GgufFile, HfDirectory, TensorData};
+use gemma3_kernels::bf16mm::{self, PackedB16};
 use gemma3_kernels::gemm::{gemm, gemm_into, BOperand, MatMut, MatRef, PackedA};
-use gemma3_kernels::{ops, vmath, Weights};
+use gemma3_kernels::{ops, vmath, Precision, Weights};
 use rayon::prelude::*;
 use serde_json::Value;
 use std::cell::RefCell;
+use std::sync::OnceLock;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct VisionConfig {
@@ -550,6 +552,22 @@ impl VisionWeights {
 pub struct VisionTower {
     pub cfg: VisionConfig,
     pub weights: VisionWeights,
+    /// `Fast` multiplies on bf16-rounded operands where the CPU has a bf16 unit (as the
+    /// model runs in bf16; see `gemma3_kernels::bf16mm`); `Exact` (and CPUs without one)
+    /// in f32, as transformers' float32 reference.
+    pub precision: Precision,
+    /// Each layer's matrices packed for the bf16 unit, made at the first fast image.
+    b16: OnceLock<Vec<LayerB16>>,
+}
+
+/// One layer's matrices as bf16 products read them.
+struct LayerB16 {
+    q: PackedB16,
+    k: PackedB16,
+    v: PackedB16,
+    o: PackedB16,
+    fc1: PackedB16,
+    fc2: PackedB16,
 }
 
 thread_local! {
@@ -562,7 +580,35 @@ const QB: usize = 96;
 
 impl VisionTower {
     pub fn new(cfg: VisionConfig, weights: VisionWeights) -> Self {
-        VisionTower { cfg, weights }
+        VisionTower {
+            cfg,
+            weights,
+            precision: Precision::default(),
+            b16: OnceLock::new(),
+        }
+    }
+
+    /// The layers packed for bf16 products, when this tower's precision and CPU use them.
+    fn layers_b16(&self) -> Option<&[LayerB16]> {
+        if self.precision != Precision::Fast || !bf16mm::available() {
+            return None;
+        }
+        let pack = |t: &TensorData| PackedB16::of_weights(Weights::of(t));
+        let layers = self.b16.get_or_init(|| {
+            self.weights
+                .layers
+                .iter()
+                .map(|l| LayerB16 {
+                    q: pack(&l.q),
+                    k: pack(&l.k),
+                    v: pack(&l.v),
+                    o: pack(&l.o),
+                    fc1: pack(&l.fc1),
+                    fc2: pack(&l.fc2),
+                })
+                .collect()
+        });
+        Some(layers)
     }
 
     /// The vision part of a Hugging Face checkpoint, or `None` when config.json has no
@@ -675,28 +721,34 @@ impl VisionTower {
         let mut v = vec![0f32; n * d];
         let mut attn = vec![0f32; n * d];
         let mut mid = vec![0f32; n * f];
-        for l in &w.layers {
+        let b16 = self.layers_b16();
+        for (i, l) in w.layers.iter().enumerate() {
+            let p = b16.map(|b| &b[i]);
             // x += out_proj(attention(LN1(x))): the product accumulates onto x.
             layer_norm_rows(&x, &l.ln1_w, &l.ln1_b, eps, &mut xn);
-            for (t, wt, b) in [
-                (&mut q, &l.q, &l.q_b),
-                (&mut k, &l.k, &l.k_b),
-                (&mut v, &l.v, &l.v_b),
+            for (t, wt, b, pb) in [
+                (&mut q, &l.q, &l.q_b, p.map(|p| &p.q)),
+                (&mut k, &l.k, &l.k_b, p.map(|p| &p.k)),
+                (&mut v, &l.v, &l.v_b, p.map(|p| &p.v)),
             ] {
                 fill_rows(t, b);
-                linear(&xn, n, wt, t);
+                linear(&xn, n, wt, pb, t);
             }
-            self.attention(&q, &k, &v, &mut attn);
+            if p.is_some() {
+                self.attention_b16(&q, &k, &v, &mut attn);
+            } else {
+                self.attention(&q, &k, &v, &mut attn);
+            }
             add_rows(&mut x, &l.o_b);
-            linear(&attn, n, &l.o, &mut x);
+            linear(&attn, n, &l.o, p.map(|p| &p.o), &mut x);
             // x += fc2(gelu(fc1(LN2(x)))).
             layer_norm_rows(&x, &l.ln2_w, &l.ln2_b, eps, &mut xn);
             fill_rows(&mut mid, &l.fc1_b);
-            linear(&xn, n, &l.fc1, &mut mid);
+            linear(&xn, n, &l.fc1, p.map(|p| &p.fc1), &mut mid);
             mid.par_chunks_mut(f * 16)
                 .for_each(vmath::gelu_tanh_inplace);
             add_rows(&mut x, &l.fc2_b);
-            linear(&mid, n, &l.fc2, &mut x);
+            linear(&mid, n, &l.fc2, p.map(|p| &p.fc2), &mut x);
         }
         layer_norm_rows(&x, &w.post_ln_w, &w.post_ln_b, eps, &mut xn);
         Ok(xn)
@@ -730,7 +782,7 @@ impl VisionTower {
             ops::rms_norm_inplace(row, &self.weights.soft_norm, cfg.layer_norm_eps);
         }
         let mut out = vec![0f32; t * t * dt];
-        linear(&pooled, t * t, &self.weights.projection, &mut out);
+        linear(&pooled, t * t, &self.weights.projection, None, &mut out);
         out
     }
 
@@ -810,21 +862,70 @@ impl VisionTower {
                 });
             });
     }
+
+    /// [`Self::attention`] on bf16 operands: per head, `Kᵀ` and `V` packed once; per block
+    /// of queries, scores `S = Q·Kᵀ` (queries × keys), a softmax along each row, and
+    /// `O = S·V` straight into the head's columns of `out`.
+    fn attention_b16(&self, q: &[f32], k: &[f32], v: &[f32], out: &mut [f32]) {
+        let cfg = &self.cfg;
+        let (n, d, nh) = (cfg.num_patches(), cfg.hidden_size, cfg.num_heads);
+        let hd = d / nh;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let (keys_t, values): (Vec<PackedB16>, Vec<PackedB16>) = (0..nh)
+            .into_par_iter()
+            .map(|h| {
+                (
+                    PackedB16::of_view(MatRef::new(&k[h * hd..], hd, n, 1, d)),
+                    PackedB16::of_view(MatRef::new(&v[h * hd..], n, hd, d, 1)),
+                )
+            })
+            .unzip();
+        out.par_chunks_mut(QB * d)
+            .enumerate()
+            .for_each(|(b, chunk)| {
+                let q0 = b * QB;
+                let qb = chunk.len() / d;
+                SCORES.with(|s| {
+                    let mut s = s.borrow_mut();
+                    s.resize(qb * n, 0.0);
+                    let s = &mut s[..qb * n];
+                    for h in 0..nh {
+                        bf16mm::gemm(
+                            MatRef::new(&q[q0 * d + h * hd..], qb, hd, d, 1),
+                            &keys_t[h],
+                            MatMut::row_major(s, qb, n),
+                            false,
+                            false,
+                        );
+                        s.chunks_exact_mut(n)
+                            .for_each(|row| vmath::softmax_scaled(row, scale));
+                        bf16mm::gemm(
+                            MatRef::row_major(s, qb, n),
+                            &values[h],
+                            MatMut::new(&mut chunk[h * hd..], qb, hd, d, 1),
+                            false,
+                            false,
+                        );
+                    }
+                });
+            });
+    }
 }
 
 fn weights_t(t: &TensorData) -> BOperand<'_> {
     BOperand::WeightsT(Weights::of(t))
 }
 
-/// `out[n × rows(w)] += x[n × cols(w)] · wᵀ`, parallel.
-fn linear(x: &[f32], n: usize, w: &TensorData, out: &mut [f32]) {
+/// `out[n × rows(w)] += x[n × cols(w)] · wᵀ`, parallel: on bf16 operands when `w` is
+/// given packed for them, else in f32.
+fn linear(x: &[f32], n: usize, w: &TensorData, b16: Option<&PackedB16>, out: &mut [f32]) {
     let (rows, cols) = (w.rows(), w.cols());
-    gemm(
-        MatRef::row_major(&x[..n * cols], n, cols),
-        weights_t(w),
-        MatMut::row_major(&mut out[..n * rows], n, rows),
-        true,
-    );
+    let a = MatRef::row_major(&x[..n * cols], n, cols);
+    let c = MatMut::row_major(&mut out[..n * rows], n, rows);
+    match b16 {
+        Some(b) => bf16mm::gemm(a, b, c, true, true),
+        None => gemm(a, weights_t(w), c, true),
+    }
 }
 
 /// Every row of `x` set to `b`.

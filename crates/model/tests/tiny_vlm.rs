@@ -40,6 +40,12 @@ fn hub_layout_dir() -> PathBuf {
     dir
 }
 
+/// The tower in f32 throughout: what the fixture's float32 outputs are compared with.
+fn exact(mut tower: VisionTower) -> VisionTower {
+    tower.precision = Precision::Exact;
+    tower
+}
+
 fn check_vision(tower: &VisionTower, exp: &HashMap<String, (Vec<usize>, Vec<f32>)>) {
     let pixels = &exp["pixel_values"].1;
     let hidden = tower.hidden_states(pixels).unwrap();
@@ -57,7 +63,7 @@ fn check_vision(tower: &VisionTower, exp: &HashMap<String, (Vec<usize>, Vec<f32>
 fn vision_tower_and_projector_match_transformers() {
     let exp = expected();
     let dir = HfDirectory::open(fixture()).unwrap();
-    let tower = VisionTower::from_hf(&dir).unwrap().expect("a vision tower");
+    let tower = exact(VisionTower::from_hf(&dir).unwrap().expect("a vision tower"));
     let c = &tower.cfg;
     assert_eq!(
         (
@@ -85,11 +91,41 @@ fn hub_key_layout_loads_the_same_model() {
     let exp = expected();
     let dir = hub_layout_dir();
     let hub = HfDirectory::open(&dir).unwrap();
-    let tower = VisionTower::from_hf(&hub).unwrap().expect("a vision tower");
+    let tower = exact(VisionTower::from_hf(&hub).unwrap().expect("a vision tower"));
     check_vision(&tower, &exp);
     let text = TextModel::from_hf(&hub).unwrap();
     assert_eq!(text.cfg.vocab_size, 600);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The default (fast) tower multiplies in bf16 where the CPU has a bf16 unit: its features
+/// stay within bf16 rounding of transformers' float32 ones on every unit this CPU runs.
+#[test]
+fn fast_tower_stays_within_bf16_rounding() {
+    use gemma3_kernels::bf16mm::{self, Unit};
+    let exp = expected();
+    let dir = HfDirectory::open(fixture()).unwrap();
+    let pixels = &exp["pixel_values"].1;
+    let want = &exp["image_features"].1;
+    let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let best = bf16mm::unit();
+    for u in [Unit::Amx, Unit::Avx512Bf16, Unit::None] {
+        if bf16mm::set_unit(u) != u {
+            continue;
+        }
+        // A fresh tower: the bf16 copies are packed on first use.
+        let tower = VisionTower::from_hf(&dir).unwrap().unwrap();
+        assert_eq!(tower.precision, Precision::Fast);
+        let got = tower.encode(pixels).unwrap();
+        let rel = max_abs_diff(&got, want) / scale;
+        eprintln!("{}: image_features max diff / max |x| = {rel:e}", u.name());
+        let tol = if u == Unit::None { 1e-5 } else { 1e-2 };
+        assert!(rel < tol, "{}: relative diff {rel}", u.name());
+        if u == Unit::None {
+            assert_eq!(got, exact(tower).encode(pixels).unwrap());
+        }
+    }
+    bf16mm::set_unit(best);
 }
 
 /// Prompt logits with the image block attended both ways, then 8 greedy tokens with the
@@ -98,7 +134,7 @@ fn hub_key_layout_loads_the_same_model() {
 fn image_conditioned_logits_and_generation_match_transformers() {
     let exp = expected();
     let dir = HfDirectory::open(fixture()).unwrap();
-    let tower = VisionTower::from_hf(&dir).unwrap().unwrap();
+    let tower = exact(VisionTower::from_hf(&dir).unwrap().unwrap());
     let mut text = TextModel::from_hf(&dir).unwrap();
     text.precision = Precision::Exact;
     let input = ids(&exp["input_ids"].1);
@@ -169,7 +205,7 @@ fn mmproj_gguf_gives_the_same_features() {
     let path = std::env::temp_dir().join(format!("gemma3-tiny-mmproj-{}.gguf", std::process::id()));
     write_mmproj(&dir, &path);
     let g = GgufFile::open(&path).unwrap();
-    let tower = VisionTower::from_gguf(&g).unwrap();
+    let tower = exact(VisionTower::from_gguf(&g).unwrap());
     assert_eq!(tower.cfg.mm_tokens_per_image, 4);
     check_vision(&tower, &exp);
     let _ = std::fs::remove_file(&path);
