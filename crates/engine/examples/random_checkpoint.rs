@@ -2,8 +2,12 @@
 //! `gemma3 quantize` and `--quantize` at real sizes without downloading a model:
 //!
 //! ```sh
-//! cargo run --release -p gemma3-engine --example random_checkpoint -- OUT_DIR [4b|1b|270m]
+//! cargo run --release -p gemma3-engine --example random_checkpoint -- OUT_DIR [4b|1b|270m] [vision]
 //! ```
+//!
+//! With `vision`, a multimodal checkpoint (Gemma3ForConditionalGeneration, hub key layout)
+//! with a full-size SigLIP So400m tower and projector, as the 4B-27B models have: for timing
+//! images end to end (`gemma3 quantize --mmproj` writes the tower as llama.cpp's mmproj).
 //!
 //! The shapes are those of Gemma 3's text models; weights are N(0, 0.02)-like with a few
 //! large outlier columns, norms small, as in real checkpoints. Safetensors shards of at most
@@ -69,6 +73,9 @@ fn shape(name: &str) -> Option<Shape> {
 
 /// Pieces the synthetic tokenizer names (Gemma 3's vocabulary size).
 const TOKENIZER_PIECES: usize = 262_144;
+/// The image markers' ids, as in Gemma 3's tokenizer.
+const BOI: usize = 255_999;
+const EOI: usize = 256_000;
 /// Largest shard, in bytes.
 const SHARD_BYTES: usize = 4 << 30;
 
@@ -96,8 +103,75 @@ impl Rng {
 struct Tensor {
     name: String,
     shape: Vec<usize>,
-    /// Standard deviation; norms are centred on 0 with a small spread.
+    /// Standard deviation; RMS norms are centred on 0 with a small spread.
     std: f32,
+    /// Centre (1 for the vision tower's LayerNorm weights, else 0).
+    mean: f32,
+}
+
+/// Gemma 3's SigLIP So400m tower (4B-27B) and the projector to `text_hidden`.
+fn vision_tensors(text_hidden: usize) -> Vec<Tensor> {
+    const D: usize = 1152;
+    const FFN: usize = 4304;
+    const LAYERS: usize = 27;
+    const PATCHES: usize = (896 / 14) * (896 / 14);
+    let mut v = Vec::new();
+    let mut add = |name: String, shape: Vec<usize>, std: f32, mean: f32| {
+        v.push(Tensor {
+            name,
+            shape,
+            std,
+            mean,
+        })
+    };
+    let m = "vision_tower.vision_model.";
+    add(
+        format!("{m}embeddings.patch_embedding.weight"),
+        vec![D, 3, 14, 14],
+        0.02,
+        0.0,
+    );
+    add(
+        format!("{m}embeddings.patch_embedding.bias"),
+        vec![D],
+        0.01,
+        0.0,
+    );
+    add(
+        format!("{m}embeddings.position_embedding.weight"),
+        vec![PATCHES, D],
+        0.02,
+        0.0,
+    );
+    for i in 0..LAYERS {
+        let p = format!("{m}encoder.layers.{i}.");
+        for (n, rows, cols) in [
+            ("self_attn.q_proj", D, D),
+            ("self_attn.k_proj", D, D),
+            ("self_attn.v_proj", D, D),
+            ("self_attn.out_proj", D, D),
+            ("mlp.fc1", FFN, D),
+            ("mlp.fc2", D, FFN),
+        ] {
+            add(format!("{p}{n}.weight"), vec![rows, cols], 0.02, 0.0);
+            add(format!("{p}{n}.bias"), vec![rows], 0.01, 0.0);
+        }
+        for n in ["layer_norm1", "layer_norm2"] {
+            add(format!("{p}{n}.weight"), vec![D], 0.1, 1.0);
+            add(format!("{p}{n}.bias"), vec![D], 0.01, 0.0);
+        }
+    }
+    add(format!("{m}post_layernorm.weight"), vec![D], 0.1, 1.0);
+    add(format!("{m}post_layernorm.bias"), vec![D], 0.01, 0.0);
+    let p = "multi_modal_projector.";
+    add(
+        format!("{p}mm_input_projection_weight"),
+        vec![D, text_hidden],
+        0.02,
+        0.0,
+    );
+    add(format!("{p}mm_soft_emb_norm.weight"), vec![D], 0.1, 0.0);
+    v
 }
 
 fn tensors(s: &Shape) -> Vec<Tensor> {
@@ -105,6 +179,7 @@ fn tensors(s: &Shape) -> Vec<Tensor> {
         name: "model.embed_tokens.weight".into(),
         shape: vec![s.vocab, s.hidden],
         std: 0.02,
+        mean: 0.0,
     }];
     let (q, kv) = (s.heads * s.head_dim, s.kv_heads * s.head_dim);
     for i in 0..s.layers {
@@ -114,6 +189,7 @@ fn tensors(s: &Shape) -> Vec<Tensor> {
                 name: format!("{p}{n}.weight"),
                 shape,
                 std,
+                mean: 0.0,
             })
         };
         add("self_attn.q_proj", vec![q, s.hidden], 0.02);
@@ -138,6 +214,7 @@ fn tensors(s: &Shape) -> Vec<Tensor> {
         name: "model.norm.weight".into(),
         shape: vec![s.hidden],
         std: 0.1,
+        mean: 0.0,
     });
     v
 }
@@ -173,7 +250,7 @@ fn write_shard(path: &Path, list: &[&Tensor], rng: &mut Rng) -> std::io::Result<
             row.clear();
             for c in 0..cols {
                 let scale = if outlier(c) { t.std * 8.0 } else { t.std };
-                let x = rng.normal() * scale;
+                let x = t.mean + rng.normal() * scale;
                 row.extend_from_slice(&half::bf16::from_f32(x).to_le_bytes());
             }
             f.write_all(&row)?;
@@ -190,12 +267,15 @@ fn write_tokenizer(dir: &Path) -> std::io::Result<()> {
             2 => "<bos>".into(),
             3 => "<unk>".into(),
             4..=259 => format!("<0x{:02X}>", i - 4),
+            BOI => "<start_of_image>".into(),
+            EOI => "<end_of_image>".into(),
             _ => format!("t{i}"),
         }
     };
     let vocab: serde_json::Map<String, serde_json::Value> =
         (0..TOKENIZER_PIECES).map(|i| (name(i), i.into())).collect();
-    let added: Vec<serde_json::Value> = (0..4)
+    let added: Vec<serde_json::Value> = [0, 1, 2, 3, BOI, EOI]
+        .into_iter()
         .map(|i| serde_json::json!({"id": i, "content": name(i), "special": true}))
         .collect();
     let tj = serde_json::json!({
@@ -214,17 +294,24 @@ fn write_tokenizer(dir: &Path) -> std::io::Result<()> {
 fn main() -> std::io::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let (Some(out), size) = (args.get(1), args.get(2).map_or("4b", String::as_str)) else {
-        eprintln!("usage: random_checkpoint OUT_DIR [4b|1b|270m]");
+        eprintln!("usage: random_checkpoint OUT_DIR [4b|1b|270m] [vision]");
         std::process::exit(2);
     };
     let Some(s) = shape(size) else {
         eprintln!("unknown size {size:?} (4b, 1b, 270m)");
         std::process::exit(2);
     };
+    let vision = match args.get(3).map(String::as_str) {
+        None => false,
+        Some("vision") => true,
+        Some(other) => {
+            eprintln!("unknown option {other:?} (vision)");
+            std::process::exit(2);
+        }
+    };
     let dir = Path::new(out);
     std::fs::create_dir_all(dir)?;
-    let config = serde_json::json!({
-        "architectures": ["Gemma3ForCausalLM"],
+    let text_config = serde_json::json!({
         "model_type": "gemma3_text",
         "torch_dtype": "bfloat16",
         "vocab_size": s.vocab,
@@ -248,9 +335,45 @@ fn main() -> std::io::Result<()> {
         "eos_token_id": 1,
         "pad_token_id": 0,
     });
+    let config = if vision {
+        serde_json::json!({
+            "architectures": ["Gemma3ForConditionalGeneration"],
+            "model_type": "gemma3",
+            "torch_dtype": "bfloat16",
+            "text_config": text_config,
+            "vision_config": {
+                "model_type": "siglip_vision_model",
+                "hidden_size": 1152,
+                "intermediate_size": 4304,
+                "num_hidden_layers": 27,
+                "num_attention_heads": 16,
+                "num_channels": 3,
+                "image_size": 896,
+                "patch_size": 14,
+                "layer_norm_eps": 1e-6,
+                "hidden_act": "gelu_pytorch_tanh",
+                "vision_use_head": false,
+            },
+            "mm_tokens_per_image": 256,
+            "image_token_index": 262_144,
+            "boi_token_index": BOI,
+            "eoi_token_index": EOI,
+            "tie_word_embeddings": true,
+        })
+    } else {
+        let mut c = text_config;
+        c["architectures"] = serde_json::json!(["Gemma3ForCausalLM"]);
+        c
+    };
     std::fs::write(dir.join("config.json"), config.to_string())?;
     write_tokenizer(dir)?;
-    let all = tensors(&s);
+    let mut all = tensors(&s);
+    if vision {
+        for t in &mut all {
+            t.name = format!("language_model.{}", t.name);
+        }
+        all.extend(vision_tensors(s.hidden));
+    }
     let mut shards: Vec<Vec<&Tensor>> = vec![vec![]];
     let mut used = 0;
     for t in &all {
