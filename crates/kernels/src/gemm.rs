@@ -430,6 +430,12 @@ fn gemm_impl(a: AOperand<'_>, b: BOperand<'_>, c: MatMut<'_>, parallel: bool, ac
                             };
                             for ip in 0..a_panels {
                                 let apan = &ap[ip * kc * mr..(ip + 1) * kc * mr];
+                                let r0 = i0 + ip * mr;
+                                let rows = mr.min(m - r0);
+                                if add {
+                                    // SAFETY: the block lies inside C (as for put_tile).
+                                    unsafe { c_out.prefetch_tile(r0, rows, j0, cols) };
+                                }
                                 // SAFETY: the A panel holds kc·MR values, B kc rows of NR
                                 // values ldb apart (checked by MatRef::new for a view), the
                                 // tile MR·NR; the kernel was chosen for this CPU.
@@ -442,8 +448,6 @@ fn gemm_impl(a: AOperand<'_>, b: BOperand<'_>, c: MatMut<'_>, parallel: bool, ac
                                         tile.as_mut_ptr(),
                                     )
                                 };
-                                let r0 = i0 + ip * mr;
-                                let rows = mr.min(m - r0);
                                 // SAFETY: this task alone writes rows i0..i0+mc of
                                 // columns jps, inside C (checked by MatMut::new).
                                 unsafe { c_out.put_tile(&tile, nr, r0, rows, j0, cols, add) };
@@ -492,6 +496,30 @@ impl CPtr {
     /// `(r0, c0)`.
     ///
     /// # Safety
+    /// Asks the cache for the C block a tile is about to be added to, so that its lines
+    /// arrive while the kernel multiplies (C is too large to stay cached between depth
+    /// blocks, and the add after the kernel otherwise waits on memory).
+    ///
+    /// # Safety
+    /// The block must lie inside C.
+    #[inline(always)]
+    unsafe fn prefetch_tile(&self, r0: usize, rows: usize, c0: usize, cols: usize) {
+        #[cfg(target_arch = "x86_64")]
+        if self.cs == 1 {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            const LINE: usize = 16; // f32 values per 64-byte cache line
+            for i in 0..rows {
+                let row = self.ptr.add((r0 + i) * self.rs + c0);
+                for j in (0..cols).step_by(LINE) {
+                    _mm_prefetch::<_MM_HINT_T0>(row.add(j) as *const i8);
+                }
+                _mm_prefetch::<_MM_HINT_T0>(row.add(cols - 1) as *const i8);
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (r0, rows, c0, cols);
+    }
+
     /// The block must lie inside C and belong to the caller.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
