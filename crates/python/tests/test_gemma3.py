@@ -3,6 +3,7 @@
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -268,6 +269,17 @@ def test_the_gil_is_free_during_generation(model):
 
 
 def test_ctrl_c_stops_a_generation(model):
+    # Python's own Ctrl-C handler, whatever this process inherited: a suite started in the
+    # background (`cmd &` in a script) begins with SIGINT ignored, and then interrupt_main()
+    # does nothing.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _ctrl_c_stops_a_generation(model)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _ctrl_c_stops_a_generation(model):
     timer = threading.Timer(0.5, _thread.interrupt_main)
     t0 = time.time()
     timer.start()
