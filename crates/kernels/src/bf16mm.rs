@@ -356,6 +356,26 @@ struct Out {
 unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
 
+/// `tile` (ROWS × COLS) = A (ROWS rows of `kp`) · the two panels, on unit `u` (whose
+/// tiles, for AMX, the caller configured on this thread).
+#[cfg(target_arch = "x86_64")]
+fn kernel(u: Unit, kp: usize, a: &[u16], p0: &[u16], p1: &[u16], tile: &mut [f32; ROWS * COLS]) {
+    match u {
+        // SAFETY: the caller's `Tiles` configured the tiles on this thread (AMX was
+        // detected and permitted); A holds ROWS rows of kp, each panel kp/2 rows of 64
+        // bytes, the tile ROWS × COLS.
+        Unit::Amx => unsafe { amx::kernel(kp, a, p0, p1, tile) },
+        // SAFETY: the unit was detected; sizes as above.
+        Unit::Avx512Bf16 => unsafe { avx512bf16::kernel(kp, a, p0, p1, tile) },
+        Unit::None => unreachable!("bf16 gemm without a unit"),
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn kernel(_: Unit, _: usize, _: &[u16], _: &[u16], _: &[u16], _: &mut [f32; ROWS * COLS]) {
+    unreachable!("bf16 gemm without a unit (none exists off x86-64)")
+}
+
 /// C's rows `rows` × columns `cols` (`rows.start` a multiple of ROWS, `cols.start` of
 /// COLS) from the rounded A (`a16`, rows of `b.kp`) and B.
 fn block(
@@ -376,17 +396,7 @@ fn block(
         let nc = COLS.min(cols.end - j0);
         for i0 in rows.clone().step_by(ROWS) {
             let a = &a16[i0 * kp..(i0 + ROWS) * kp];
-            match u {
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: `_tiles` configured the tiles on this thread (AMX was detected
-                // and permitted); A holds ROWS rows of kp, each panel kp/2 rows of 64
-                // bytes, the tile ROWS × COLS.
-                Unit::Amx => unsafe { amx::kernel(kp, a, p0, p1, &mut tile) },
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: the unit was detected; sizes as above.
-                Unit::Avx512Bf16 => unsafe { avx512bf16::kernel(kp, a, p0, p1, &mut tile) },
-                _ => unreachable!("bf16 gemm without a unit"),
-            }
+            kernel(u, kp, a, p0, p1, &mut tile);
             let nr = ROWS.min(rows.end - i0);
             for (r, trow) in tile.chunks_exact(COLS).take(nr).enumerate() {
                 for (cc, v) in trow[..nc].iter().enumerate() {
