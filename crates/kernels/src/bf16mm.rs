@@ -15,7 +15,7 @@
 //! the f32 product's, so results agree with it to bf16 rounding, not bit for bit; the
 //! exact precision never comes here.
 
-use crate::gemm::{MatMut, MatRef};
+use crate::gemm::{CPtr, MatMut, MatRef};
 use crate::matmul::Weights;
 use gemma3_formats::quant;
 use rayon::prelude::*;
@@ -287,7 +287,7 @@ pub fn gemm(a: MatRef<'_>, b: &PackedB16, c: MatMut<'_>, accumulate: bool, paral
     }
     let mp = m.next_multiple_of(ROWS);
     let len = mp * b.kp;
-    let out = Out {
+    let out = CPtr {
         ptr: c.data.as_mut_ptr(),
         rs: c.rs,
         cs: c.cs,
@@ -345,17 +345,6 @@ fn round_rows(a: &MatRef<'_>, i0: usize, out: &mut [u16], kp: usize) {
     }
 }
 
-/// C's base address for tasks that write disjoint blocks.
-#[derive(Clone, Copy)]
-struct Out {
-    ptr: *mut f32,
-    rs: usize,
-    cs: usize,
-}
-// SAFETY: tasks write disjoint elements of C (see `gemm`).
-unsafe impl Send for Out {}
-unsafe impl Sync for Out {}
-
 /// `tile` (ROWS × COLS) = A (ROWS rows of `kp`) · the two panels, on unit `u` (whose
 /// tiles, for AMX, the caller configured on this thread).
 #[cfg(target_arch = "x86_64")]
@@ -384,7 +373,7 @@ fn block(
     b: &PackedB16,
     rows: std::ops::Range<usize>,
     cols: std::ops::Range<usize>,
-    out: Out,
+    out: CPtr,
     accumulate: bool,
 ) {
     let kp = b.kp;
@@ -398,16 +387,8 @@ fn block(
             let a = &a16[i0 * kp..(i0 + ROWS) * kp];
             kernel(u, kp, a, p0, p1, &mut tile);
             let nr = ROWS.min(rows.end - i0);
-            for (r, trow) in tile.chunks_exact(COLS).take(nr).enumerate() {
-                for (cc, v) in trow[..nc].iter().enumerate() {
-                    // SAFETY: (i0 + r, j0 + cc) lies inside C (rows and cols are clipped
-                    // to it) and in this task's block alone.
-                    unsafe {
-                        let p = out.ptr.add((i0 + r) * out.rs + (j0 + cc) * out.cs);
-                        *p = if accumulate { *p + v } else { *v };
-                    }
-                }
-            }
+            // SAFETY: rows and cols are clipped to C, and this block is this task's alone.
+            unsafe { out.put_tile(&tile, COLS, i0, nr, j0, nc, accumulate) };
         }
     }
 }

@@ -480,12 +480,12 @@ fn gemm_impl(a: AOperand<'_>, b: BOperand<'_>, c: MatMut<'_>, parallel: bool, ac
     }
 }
 
-/// C's base address for tasks that write disjoint tiles.
+/// C's base address for tasks that write disjoint tiles (also bf16mm's).
 #[derive(Clone, Copy)]
-struct CPtr {
-    ptr: *mut f32,
-    rs: usize,
-    cs: usize,
+pub(crate) struct CPtr {
+    pub(crate) ptr: *mut f32,
+    pub(crate) rs: usize,
+    pub(crate) cs: usize,
 }
 // SAFETY: tasks write disjoint elements (see `gemm`).
 unsafe impl Send for CPtr {}
@@ -523,7 +523,7 @@ impl CPtr {
     /// The block must lie inside C and belong to the caller.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn put_tile(
+    pub(crate) unsafe fn put_tile(
         &self,
         tile: &[f32],
         ld: usize,
