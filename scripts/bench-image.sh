@@ -14,7 +14,7 @@ WORK=${WORK:-$(mktemp -d)}
 THREADS=${THREADS:-2}
 LLAMACPP_BIN=${LLAMACPP_BIN:-/tmp/llamacpp/build/bin}
 trap 'rm -rf "$WORK/ckpt" "$WORK/4b.gguf" "$WORK/mmproj.gguf" "$WORK/image.png"' EXIT
-cargo build --release -p gemma3-cli -p gemma3-engine --example random_checkpoint
+cargo build --release -p gemma3-cli --bin gemma3 && cargo build --release -p gemma3-engine --example random_checkpoint
 B=target/release/gemma3
 echo "== CPU: $(lscpu | sed -n 's/^Model name: *//p')"
 echo "== a random 4B-shaped checkpoint with a vision tower in $WORK/ckpt"
