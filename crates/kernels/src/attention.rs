@@ -296,7 +296,9 @@ mod f16c {
     pub unsafe fn q8_0_to_f32_x16(src: &[u8], out: &mut [f32]) {
         for (b, o) in src.chunks_exact(34).zip(out.chunks_exact_mut(32)) {
             let h = (b.as_ptr() as *const u16).read_unaligned();
-            let d = _mm512_set1_ps(_mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32))));
+            // A splat, not a scalar in lane 0: LLVM would fill the other lanes from
+            // whatever register is free, a false dependency on that register's last writer.
+            let d = _mm512_cvtph_ps(_mm256_set1_epi16(h as i16));
             for half in 0..2 {
                 let q = _mm_loadu_si128(b.as_ptr().add(2 + 16 * half) as *const __m128i);
                 let f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q));
@@ -310,7 +312,8 @@ mod f16c {
     pub unsafe fn q8_0_to_f32_x8(src: &[u8], out: &mut [f32]) {
         for (b, o) in src.chunks_exact(34).zip(out.chunks_exact_mut(32)) {
             let h = (b.as_ptr() as *const u16).read_unaligned();
-            let d = _mm256_set1_ps(_mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32))));
+            // A splat, as in `q8_0_to_f32_x16`.
+            let d = _mm256_cvtph_ps(_mm_set1_epi16(h as i16));
             for quarter in 0..4 {
                 let q = _mm_loadl_epi64(b.as_ptr().add(2 + 8 * quarter) as *const __m128i);
                 let f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));

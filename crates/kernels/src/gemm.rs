@@ -1040,9 +1040,11 @@ mod few_avx512 {
         unsafe fn load(self, p: usize, j: usize, ldb: usize, mask: __mmask16) -> __m512 {
             let at = RowsB::q8_block(p, j, ldb);
             let h = (self.0.as_ptr().add(at) as *const u16).read_unaligned();
-            let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32)));
+            // A splat, not a scalar in lane 0: LLVM would fill the other lanes from whatever
+            // register is free, often an accumulator, and chain each row onto the last FMA.
+            let d = _mm512_cvtph_ps(_mm256_set1_epi16(h as i16));
             let q = _mm_maskz_loadu_epi8(mask, self.0.as_ptr().add(at + 2 + j % Q8_BLOCK).cast());
-            q8_times(q, _mm512_set1_ps(d))
+            q8_times(q, d)
         }
     }
 
@@ -1169,43 +1171,139 @@ mod few_avx512 {
 
 #[cfg(target_arch = "x86_64")]
 mod few_avx2 {
-    use super::RowsB;
+    use super::{RowsB, Q8_BLOCK};
     use std::arch::x86_64::*;
 
-    /// 8 elements of B's row `p` from column `j`, as f32.
-    #[inline]
-    #[target_feature(enable = "avx2,f16c")]
-    unsafe fn load(b: RowsB<'_>, p: usize, j: usize, ldb: usize) -> __m256 {
-        let i = p * ldb + j;
-        match b {
-            RowsB::F32(s) => _mm256_loadu_ps(s.as_ptr().add(i)),
-            RowsB::F16(s) => {
-                _mm256_cvtph_ps(_mm_loadu_si128(s.as_ptr().add(2 * i) as *const __m128i))
-            }
-            RowsB::BF16(s) => {
-                let h = _mm_loadu_si128(s.as_ptr().add(2 * i) as *const __m128i);
-                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
-            }
-            RowsB::Q8Cols { q, scales } => {
-                let v = _mm_loadl_epi64(q.as_ptr().add(i) as *const __m128i);
-                let at = 2 * ((p / super::Q8_BLOCK) * ldb + j);
-                let d = _mm_loadu_si128(scales.as_ptr().add(at) as *const __m128i);
-                _mm256_mul_ps(
-                    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)),
-                    _mm256_cvtph_ps(d),
-                )
-            }
-            RowsB::Q8Rows(s) => {
-                let at = RowsB::q8_block(p, j, ldb);
-                let h = (s.as_ptr().add(at) as *const u16).read_unaligned();
-                let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32)));
-                let v =
-                    _mm_loadl_epi64(s.as_ptr().add(at + 2 + j % super::Q8_BLOCK) as *const __m128i);
-                _mm256_mul_ps(
-                    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)),
-                    _mm256_set1_ps(d),
-                )
-            }
+    /// Rows ahead that [`chunk`] asks the memory for.
+    const PREFETCH: usize = 8;
+
+    /// Rows ahead that the first [`chunk`] asks for whole (all `n` columns), so that the
+    /// later chunks find B's rows in the caches instead of waiting for memory.
+    const PREFETCH_ROWS: usize = 16;
+
+    /// How [`chunk`] reads B: one implementation per [`RowsB`] variant, so each gets its
+    /// own loop with no branch on the type inside (as in `few_avx512`).
+    trait Src: Copy {
+        /// Where row `p`'s 16 elements from column `j` start, and the bytes they span.
+        fn span(self, p: usize, j: usize, ldb: usize) -> (*const i8, usize);
+        /// Where row `p` starts, and how many bytes on its last element starts (of the
+        /// first `n`).
+        #[inline(always)]
+        fn row(self, p: usize, n: usize, ldb: usize) -> (*const i8, usize) {
+            let (at, _) = self.span(p, 0, ldb);
+            let (last, _) = self.span(p, n - 1, ldb);
+            (at, last as usize - at as usize)
+        }
+        /// 8 elements of row `p` from column `j`, as f32.
+        ///
+        /// # Safety
+        /// AVX2 and F16C; the elements must be in B.
+        unsafe fn load(self, p: usize, j: usize, ldb: usize) -> __m256;
+        /// 16 elements of row `p` from column `j` (`j` a multiple of 16), as f32.
+        ///
+        /// # Safety
+        /// As [`Src::load`].
+        #[inline(always)]
+        unsafe fn load2(self, p: usize, j: usize, ldb: usize) -> [__m256; 2] {
+            [self.load(p, j, ldb), self.load(p, j + 8, ldb)]
+        }
+    }
+
+    #[derive(Clone, Copy)]
+    struct F32s<'a>(&'a [f32]);
+    #[derive(Clone, Copy)]
+    struct F16s<'a>(&'a [u8]);
+    #[derive(Clone, Copy)]
+    struct BF16s<'a>(&'a [u8]);
+    #[derive(Clone, Copy)]
+    struct Q8Cols<'a>(&'a [u8], &'a [u8]);
+    #[derive(Clone, Copy)]
+    struct Q8Rows<'a>(&'a [u8]);
+
+    impl Src for F32s<'_> {
+        #[inline(always)]
+        fn span(self, p: usize, j: usize, ldb: usize) -> (*const i8, usize) {
+            (self.0.as_ptr().wrapping_add(p * ldb + j).cast(), 64)
+        }
+        #[inline(always)]
+        unsafe fn load(self, p: usize, j: usize, ldb: usize) -> __m256 {
+            _mm256_loadu_ps(self.0.as_ptr().add(p * ldb + j))
+        }
+    }
+
+    impl Src for F16s<'_> {
+        #[inline(always)]
+        fn span(self, p: usize, j: usize, ldb: usize) -> (*const i8, usize) {
+            (self.0.as_ptr().wrapping_add(2 * (p * ldb + j)).cast(), 32)
+        }
+        #[inline(always)]
+        unsafe fn load(self, p: usize, j: usize, ldb: usize) -> __m256 {
+            let at = self.0.as_ptr().add(2 * (p * ldb + j));
+            _mm256_cvtph_ps(_mm_loadu_si128(at.cast()))
+        }
+    }
+
+    impl Src for BF16s<'_> {
+        #[inline(always)]
+        fn span(self, p: usize, j: usize, ldb: usize) -> (*const i8, usize) {
+            (self.0.as_ptr().wrapping_add(2 * (p * ldb + j)).cast(), 32)
+        }
+        #[inline(always)]
+        unsafe fn load(self, p: usize, j: usize, ldb: usize) -> __m256 {
+            let h = _mm_loadu_si128(self.0.as_ptr().add(2 * (p * ldb + j)).cast());
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+        }
+    }
+
+    /// q8_0 as the reference dequantizes it: the byte times the f16 scale, in f32 (exact).
+    #[inline(always)]
+    unsafe fn q8_times(q: __m128i, d: __m256) -> __m256 {
+        _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), d)
+    }
+
+    impl Src for Q8Cols<'_> {
+        #[inline(always)]
+        fn span(self, p: usize, j: usize, ldb: usize) -> (*const i8, usize) {
+            (self.0.as_ptr().wrapping_add(p * ldb + j).cast(), 16)
+        }
+        #[inline(always)]
+        unsafe fn load(self, p: usize, j: usize, ldb: usize) -> __m256 {
+            let q = _mm_loadl_epi64(self.0.as_ptr().add(p * ldb + j).cast());
+            let at = 2 * ((p / Q8_BLOCK) * ldb + j);
+            let d = _mm_loadu_si128(self.1.as_ptr().add(at).cast());
+            q8_times(q, _mm256_cvtph_ps(d))
+        }
+    }
+
+    impl Q8Rows<'_> {
+        /// Row `p`'s scale for column `j`'s block, and where that block's bytes start.
+        #[inline(always)]
+        unsafe fn scale(self, p: usize, j: usize, ldb: usize) -> (__m256, *const u8) {
+            let at = RowsB::q8_block(p, j, ldb);
+            let h = (self.0.as_ptr().add(at) as *const u16).read_unaligned();
+            // A splat, as in `few_avx512`'s `Q8Rows`.
+            let d = _mm256_cvtph_ps(_mm_set1_epi16(h as i16));
+            (d, self.0.as_ptr().add(at + 2 + j % Q8_BLOCK))
+        }
+    }
+
+    impl Src for Q8Rows<'_> {
+        #[inline(always)]
+        fn span(self, p: usize, j: usize, ldb: usize) -> (*const i8, usize) {
+            let at = RowsB::q8_block(p, j, ldb);
+            (self.0.as_ptr().wrapping_add(at).cast(), 18)
+        }
+        #[inline(always)]
+        unsafe fn load(self, p: usize, j: usize, ldb: usize) -> __m256 {
+            let (d, q) = self.scale(p, j, ldb);
+            q8_times(_mm_loadl_epi64(q.cast()), d)
+        }
+        /// Both halves lie in one block (16 divides 32): its scale is read once.
+        #[inline(always)]
+        unsafe fn load2(self, p: usize, j: usize, ldb: usize) -> [__m256; 2] {
+            let (d, q) = self.scale(p, j, ldb);
+            let v = _mm_loadu_si128(q.cast());
+            [q8_times(v, d), q8_times(_mm_unpackhi_epi64(v, v), d)]
         }
     }
 
@@ -1223,50 +1321,17 @@ mod few_avx2 {
         ldc: usize,
         accumulate: bool,
     ) {
-        // 16 columns at a time (two vectors per row, eight chains), then 8, then the last
-        // few columns one by one, with the same fused multiply-adds.
-        let mut j = 0;
-        while j + 8 <= n {
-            let two = j + 16 <= n;
-            let mut acc = [[_mm256_setzero_ps(); 2]; super::FEW_ROWS];
-            for p in 0..k {
-                if p + 8 < k {
-                    let ahead = (p + 8) * ldb + j;
-                    let ahead = match b {
-                        RowsB::F32(s) => s.as_ptr().wrapping_add(ahead) as *const i8,
-                        RowsB::F16(s) | RowsB::BF16(s) => {
-                            s.as_ptr().wrapping_add(2 * ahead) as *const i8
-                        }
-                        RowsB::Q8Cols { q, .. } => q.as_ptr().wrapping_add(ahead) as *const i8,
-                        RowsB::Q8Rows(s) => {
-                            s.as_ptr().wrapping_add(RowsB::q8_block(p + 8, j, ldb)) as *const i8
-                        }
-                    };
-                    _mm_prefetch::<_MM_HINT_T0>(ahead);
-                }
-                let b0 = load(b, p, j, ldb);
-                let b1 = if two { load(b, p, j + 8, ldb) } else { b0 };
-                for (i, acc) in acc.iter_mut().enumerate().take(m) {
-                    let ai = _mm256_broadcast_ss(a.get_unchecked(i * lda + p));
-                    acc[0] = _mm256_fmadd_ps(ai, b0, acc[0]);
-                    acc[1] = _mm256_fmadd_ps(ai, b1, acc[1]);
-                }
+        match b {
+            RowsB::F32(s) => rows(m, k, n, a, lda, F32s(s), ldb, c, ldc, accumulate),
+            RowsB::F16(s) => rows(m, k, n, a, lda, F16s(s), ldb, c, ldc, accumulate),
+            RowsB::BF16(s) => rows(m, k, n, a, lda, BF16s(s), ldb, c, ldc, accumulate),
+            RowsB::Q8Cols { q, scales } => {
+                rows(m, k, n, a, lda, Q8Cols(q, scales), ldb, c, ldc, accumulate)
             }
-            for (i, acc) in acc.iter().enumerate().take(m) {
-                for (v, x) in acc.iter().enumerate().take(if two { 2 } else { 1 }) {
-                    let o = c.as_mut_ptr().add(i * ldc + j + 8 * v);
-                    let y = if accumulate {
-                        _mm256_add_ps(_mm256_loadu_ps(o), *x)
-                    } else {
-                        *x
-                    };
-                    _mm256_storeu_ps(o, y);
-                }
-            }
-            j += if two { 16 } else { 8 };
+            RowsB::Q8Rows(s) => rows(m, k, n, a, lda, Q8Rows(s), ldb, c, ldc, accumulate),
         }
-        let full = j;
-        for j in full..n {
+        // The last few columns one by one, with the same fused multiply-adds.
+        for j in n / 8 * 8..n {
             for i in 0..m {
                 let mut acc = 0f32;
                 for p in 0..k {
@@ -1274,6 +1339,97 @@ mod few_avx2 {
                 }
                 let o = &mut c[i * ldc + j];
                 *o = if accumulate { *o + acc } else { acc };
+            }
+        }
+    }
+
+    /// Columns 16 at a time (two vectors per row, up to eight chains), then 8.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn rows<S: Src>(
+        m: usize,
+        k: usize,
+        n: usize,
+        a: &[f32],
+        lda: usize,
+        b: S,
+        ldb: usize,
+        c: &mut [f32],
+        ldc: usize,
+        accumulate: bool,
+    ) {
+        let args = (k, n, a, lda, b, ldb, accumulate);
+        let mut j = 0;
+        while j + 8 <= n {
+            let c = &mut c[j..];
+            let two = j + 16 <= n;
+            match (m, two) {
+                (1, true) => chunk::<1, true, S>(args, j, c, ldc),
+                (2, true) => chunk::<2, true, S>(args, j, c, ldc),
+                (3, true) => chunk::<3, true, S>(args, j, c, ldc),
+                (_, true) => chunk::<4, true, S>(args, j, c, ldc),
+                (1, false) => chunk::<1, false, S>(args, j, c, ldc),
+                (2, false) => chunk::<2, false, S>(args, j, c, ldc),
+                (3, false) => chunk::<3, false, S>(args, j, c, ldc),
+                (_, false) => chunk::<4, false, S>(args, j, c, ldc),
+            }
+            j += if two { 16 } else { 8 };
+        }
+    }
+
+    /// The `R` rows of C's columns `j .. j + 16` (`j + 8` unless `TWO`), into `c` (C from
+    /// column `j`).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[allow(clippy::type_complexity)]
+    unsafe fn chunk<const R: usize, const TWO: bool, S: Src>(
+        (k, n, a, lda, b, ldb, accumulate): (usize, usize, &[f32], usize, S, usize, bool),
+        j: usize,
+        c: &mut [f32],
+        ldc: usize,
+    ) {
+        const { assert!(R <= super::FEW_ROWS) };
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        for p in 0..k {
+            // B's rows lie `ldb` apart: the first chunk asks for whole rows well ahead,
+            // the others for their own columns a few steps ahead.
+            if j == 0 && p + PREFETCH_ROWS < k {
+                let (at, last) = b.row(p + PREFETCH_ROWS, n, ldb);
+                // Every line from the one `at` is in to the one `at + last` is in.
+                let mut off = 0;
+                while off < last + 64 {
+                    _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(off));
+                    off += 64;
+                }
+            } else if p + PREFETCH < k {
+                let (at, bytes) = b.span(p + PREFETCH, j, ldb);
+                _mm_prefetch::<_MM_HINT_T0>(at);
+                if TWO && bytes > 32 {
+                    _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(bytes - 1));
+                }
+            }
+            let bv = if TWO {
+                b.load2(p, j, ldb)
+            } else {
+                let v = b.load(p, j, ldb);
+                [v, v]
+            };
+            for (i, acc) in acc.iter_mut().enumerate() {
+                let ai = _mm256_broadcast_ss(a.get_unchecked(i * lda + p));
+                acc[0] = _mm256_fmadd_ps(ai, bv[0], acc[0]);
+                if TWO {
+                    acc[1] = _mm256_fmadd_ps(ai, bv[1], acc[1]);
+                }
+            }
+        }
+        for (i, acc) in acc.iter().enumerate() {
+            for (v, x) in acc.iter().enumerate().take(if TWO { 2 } else { 1 }) {
+                let o = c.as_mut_ptr().add(i * ldc + 8 * v);
+                let y = if accumulate {
+                    _mm256_add_ps(_mm256_loadu_ps(o), *x)
+                } else {
+                    *x
+                };
+                _mm256_storeu_ps(o, y);
             }
         }
     }
