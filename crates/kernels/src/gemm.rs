@@ -235,11 +235,21 @@ impl PackedB {
     }
 }
 
-/// A micro-kernel: `out[MR × NR] (row-major) = Σ_p a[p][0..MR] ⊗ b[p][0..NR]` over `kc`
-/// steps of packed panels.
-/// B's rows are `ldb` floats apart: `NR` for a packed panel, the row stride when B is read
-/// in place.
-type KernelFn = unsafe fn(kc: usize, a: *const f32, b: *const f32, ldb: usize, out: *mut f32);
+/// A micro-kernel: `out[MR × NR] = Σ_p a[p][0..MR] ⊗ b[p][0..NR]` over `kc` steps of
+/// packed panels, or with `add`, `out += ` that (added as `out + sum`, as
+/// [`CPtr::put_tile`] adds, so a tile written in place or through a buffer has the same
+/// bits). B's rows are `ldb` floats apart: `NR` for a packed panel, the row stride when B
+/// is read in place; `out`'s rows are `ldo` floats apart (`NR` for a tile buffer, C's row
+/// stride when a whole tile is written into C).
+type KernelFn = unsafe fn(
+    kc: usize,
+    a: *const f32,
+    b: *const f32,
+    ldb: usize,
+    out: *mut f32,
+    ldo: usize,
+    add: bool,
+);
 
 #[derive(Clone, Copy)]
 struct Kernel {
@@ -436,18 +446,22 @@ fn gemm_impl(a: AOperand<'_>, b: BOperand<'_>, c: MatMut<'_>, parallel: bool, ac
                                     // SAFETY: the block lies inside C (as for put_tile).
                                     unsafe { c_out.prefetch_tile(r0, rows, j0, cols) };
                                 }
+                                let (a, b) = (apan.as_ptr(), bpan.as_ptr());
+                                if rows == mr && cols == nr && c_out.cs == 1 {
+                                    // A whole tile of row-major C: the kernel writes it
+                                    // there itself.
+                                    // SAFETY: as below, and the MR × NR block at (r0, j0)
+                                    // lies inside C with rows c_out.rs apart.
+                                    unsafe {
+                                        let at = c_out.ptr.add(r0 * c_out.rs + j0);
+                                        (kern.f)(kc, a, b, ldb, at, c_out.rs, add)
+                                    };
+                                    continue;
+                                }
                                 // SAFETY: the A panel holds kc·MR values, B kc rows of NR
                                 // values ldb apart (checked by MatRef::new for a view), the
                                 // tile MR·NR; the kernel was chosen for this CPU.
-                                unsafe {
-                                    (kern.f)(
-                                        kc,
-                                        apan.as_ptr(),
-                                        bpan.as_ptr(),
-                                        ldb,
-                                        tile.as_mut_ptr(),
-                                    )
-                                };
+                                unsafe { (kern.f)(kc, a, b, ldb, tile.as_mut_ptr(), nr, false) };
                                 // SAFETY: this task alone writes rows i0..i0+mc of
                                 // columns jps, inside C (checked by MatMut::new).
                                 unsafe { c_out.put_tile(&tile, nr, r0, rows, j0, cols, add) };
@@ -646,10 +660,19 @@ mod avx512 {
     /// 12×32 tile in 24 zmm accumulators: two B loads and twelve broadcasts per step.
     ///
     /// # Safety
-    /// The CPU must have AVX-512F; `a` holds `kc·MR`, `b` `kc·NR`, `out` `MR·NR` values.
+    /// The CPU must have AVX-512F; `a` holds `kc·MR`, `b` `kc` rows of `NR` values `ldb` apart,
+    /// `out` `MR` rows of `NR` values `ldo` apart.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn kernel(kc: usize, a: *const f32, b: *const f32, ldb: usize, out: *mut f32) {
-        kernel_rows::<MR>(kc, a, b, ldb, out)
+    pub unsafe fn kernel(
+        kc: usize,
+        a: *const f32,
+        b: *const f32,
+        ldb: usize,
+        out: *mut f32,
+        ldo: usize,
+        add: bool,
+    ) {
+        kernel_rows::<MR>(kc, a, b, ldb, out, ldo, add)
     }
 
     /// The same for an `R`-row A panel.
@@ -663,6 +686,8 @@ mod avx512 {
         b: *const f32,
         ldb: usize,
         out: *mut f32,
+        ldo: usize,
+        add: bool,
     ) {
         let mut c0 = [_mm512_setzero_ps(); R];
         let mut c1 = [_mm512_setzero_ps(); R];
@@ -679,8 +704,14 @@ mod avx512 {
             b = b.add(ldb);
         }
         for i in 0..R {
-            _mm512_storeu_ps(out.add(i * NR), c0[i]);
-            _mm512_storeu_ps(out.add(i * NR + 16), c1[i]);
+            for (o, c) in [(out.add(i * ldo), c0[i]), (out.add(i * ldo + 16), c1[i])] {
+                let c = if add {
+                    _mm512_add_ps(_mm512_loadu_ps(o), c)
+                } else {
+                    c
+                };
+                _mm512_storeu_ps(o, c);
+            }
         }
     }
 }
@@ -696,8 +727,16 @@ mod avx2 {
     /// # Safety
     /// The CPU must have AVX2 and FMA; sizes as for the AVX-512 kernel.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn kernel(kc: usize, a: *const f32, b: *const f32, ldb: usize, out: *mut f32) {
-        kernel_rows::<MR>(kc, a, b, ldb, out)
+    pub unsafe fn kernel(
+        kc: usize,
+        a: *const f32,
+        b: *const f32,
+        ldb: usize,
+        out: *mut f32,
+        ldo: usize,
+        add: bool,
+    ) {
+        kernel_rows::<MR>(kc, a, b, ldb, out, ldo, add)
     }
 
     /// The same for an `R`-row A panel.
@@ -711,6 +750,8 @@ mod avx2 {
         b: *const f32,
         ldb: usize,
         out: *mut f32,
+        ldo: usize,
+        add: bool,
     ) {
         let mut c0 = [_mm256_setzero_ps(); R];
         let mut c1 = [_mm256_setzero_ps(); R];
@@ -727,8 +768,14 @@ mod avx2 {
             b = b.add(ldb);
         }
         for i in 0..R {
-            _mm256_storeu_ps(out.add(i * NR), c0[i]);
-            _mm256_storeu_ps(out.add(i * NR + 8), c1[i]);
+            for (o, c) in [(out.add(i * ldo), c0[i]), (out.add(i * ldo + 8), c1[i])] {
+                let c = if add {
+                    _mm256_add_ps(_mm256_loadu_ps(o), c)
+                } else {
+                    c
+                };
+                _mm256_storeu_ps(o, c);
+            }
         }
     }
 }
@@ -743,9 +790,18 @@ mod neon {
     /// fused multiply-adds per row and step.
     ///
     /// # Safety
-    /// `a` holds `kc·MR`, `b` `kc` rows of `NR` values `ldb` apart, `out` `MR·NR` values.
-    pub unsafe fn kernel(kc: usize, a: *const f32, b: *const f32, ldb: usize, out: *mut f32) {
-        kernel_rows::<MR>(kc, a, b, ldb, out)
+    /// `a` holds `kc·MR`, `b` `kc` rows of `NR` values `ldb` apart, `out` `MR` rows of
+    /// `NR` values `ldo` apart.
+    pub unsafe fn kernel(
+        kc: usize,
+        a: *const f32,
+        b: *const f32,
+        ldb: usize,
+        out: *mut f32,
+        ldo: usize,
+        add: bool,
+    ) {
+        kernel_rows::<MR>(kc, a, b, ldb, out, ldo, add)
     }
 
     /// The same for an `R`-row A panel.
@@ -758,6 +814,8 @@ mod neon {
         b: *const f32,
         ldb: usize,
         out: *mut f32,
+        ldo: usize,
+        add: bool,
     ) {
         let mut c = [[vdupq_n_f32(0.0); 4]; R];
         let (mut a, mut b) = (a, b);
@@ -774,7 +832,9 @@ mod neon {
         }
         for (i, c) in c.iter().enumerate() {
             for (v, c) in c.iter().enumerate() {
-                vst1q_f32(out.add(i * NR + 4 * v), *c);
+                let o = out.add(i * ldo + 4 * v);
+                let c = if add { vaddq_f32(vld1q_f32(o), *c) } else { *c };
+                vst1q_f32(o, c);
             }
         }
     }
@@ -786,7 +846,15 @@ mod portable {
 
     /// # Safety
     /// Sizes as for the AVX-512 kernel.
-    pub unsafe fn kernel(kc: usize, a: *const f32, b: *const f32, ldb: usize, out: *mut f32) {
+    pub unsafe fn kernel(
+        kc: usize,
+        a: *const f32,
+        b: *const f32,
+        ldb: usize,
+        out: *mut f32,
+        ldo: usize,
+        add: bool,
+    ) {
         let a = std::slice::from_raw_parts(a, kc * MR);
         let mut c = [[0f32; NR]; MR];
         for (p, ap) in a.chunks_exact(MR).enumerate() {
@@ -799,7 +867,8 @@ mod portable {
         }
         for i in 0..MR {
             for j in 0..NR {
-                *out.add(i * NR + j) = c[i][j];
+                let o = out.add(i * ldo + j);
+                *o = if add { *o + c[i][j] } else { c[i][j] };
             }
         }
     }

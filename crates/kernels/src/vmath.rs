@@ -101,7 +101,10 @@ fn softmax_columns_body<const FMA: bool>(
     max.fill(f32::NEG_INFINITY);
     for row in x.chunks_exact(cols) {
         for (m, v) in max.iter_mut().zip(row) {
-            *m = if *v > *m { *v } else { *m };
+            // `max`, not `if v > m { v } else { m }`: LLVM reads the latter as a store only
+            // where v is larger and vectorises it into masked stores, several times slower.
+            // (Equal results: neither takes a NaN over a number, and m starts at -inf.)
+            *m = m.max(*v);
         }
     }
     // exp(scale·x - scale·max), column sums kept in a second row-sized buffer.
