@@ -156,7 +156,8 @@ mod avx2 {
 mod neon {
     use std::arch::aarch64::*;
 
-    /// Four accumulators of 4 lanes per row, fused multiply-adds, summed pairwise at the end.
+    /// Four accumulators of 4 lanes per row, fused multiply-adds, summed at the end in the
+    /// AVX2 path's order.
     ///
     /// # Safety
     /// Rows must hold `x.len()` values.
@@ -184,9 +185,13 @@ mod neon {
             for kk in k..n {
                 tail += rows[r][kk] * x[kk];
             }
+            // AVX2's order: lane j of a[v] holds the products at k ≡ 4v + j (mod 16), as
+            // lane 4v + j of AVX2's two 8-lane accumulators does; pair them as its hsum
+            // does, so both give the same bits.
             let a = &acc[r];
-            let s = vaddq_f32(vaddq_f32(a[0], a[1]), vaddq_f32(a[2], a[3]));
-            out[r] = vaddvq_f32(s) + tail;
+            let s = vaddq_f32(vaddq_f32(a[0], a[2]), vaddq_f32(a[1], a[3]));
+            let h = vadd_f32(vget_low_f32(s), vget_high_f32(s));
+            out[r] = (vget_lane_f32::<0>(h) + vget_lane_f32::<1>(h)) + tail;
         }
         out
     }

@@ -2,7 +2,7 @@
 //! once per row to 8 bits (blocks of 32 with an f16-rounded scale, like Q8_0), weights are
 //! unpacked to unsigned bytes with an affine map per 16 values (`w = a·u + b`), and the
 //! inner loop multiplies u8 by i8 in integers (AVX-512 VNNI `vpdpbusd`, AVX2 16-bit madd,
-//! or portable code). Per 16-value group `g`:
+//! NEON widening multiplies in AVX2's order, or portable code). Per 16-value group `g`:
 //!
 //! `Σ w·x ≈ dx(g) · (a(g) · Σ u·q + b(g) · Σ q)`
 //!
@@ -13,7 +13,7 @@
 //! repacked at load instead ([`crate::packed`]), which is several times faster.
 
 use crate::simd::level;
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 use crate::simd::Level;
 use gemma3_formats::quant::{f16_at, k_scale_min};
 use gemma3_formats::DType;
@@ -344,6 +344,9 @@ pub fn qdot_fn() -> QDot {
         }
         #[cfg(target_arch = "x86_64")]
         Level::Avx512 | Level::Avx2 => |u, a, b, q, d, s| unsafe { avx2::qdot(u, a, b, q, d, s) },
+        // SAFETY: NEON is part of every aarch64 CPU.
+        #[cfg(target_arch = "aarch64")]
+        Level::Neon => |u, a, b, q, d, s| unsafe { neon::qdot(u, a, b, q, d, s) },
         _ => qdot_portable,
     }
 }
@@ -484,5 +487,77 @@ mod avx2 {
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
         _mm_cvtss_f32(s) + tail
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+mod neon {
+    use std::arch::aarch64::*;
+
+    /// Pairwise products of 8 weight bytes and 8 activations: lane `l` is
+    /// `u[2l]·q[2l] + u[2l+1]·q[2l+1]`, exactly (AVX2's `madd`).
+    #[inline(always)]
+    unsafe fn madd8(u: uint8x8_t, q: int8x8_t) -> float32x4_t {
+        // u ≤ 255 fits a signed 16-bit lane.
+        let u = vreinterpretq_s16_u16(vmovl_u8(u));
+        let q = vmovl_s8(q);
+        let lo = vmull_s16(vget_low_s16(u), vget_low_s16(q));
+        let hi = vmull_s16(vget_high_s16(u), vget_high_s16(q));
+        vcvtq_f32_s32(vpaddq_s32(lo, hi))
+    }
+
+    /// The AVX2 version's sums in its order, so both give the same bits: two 8-lane
+    /// accumulators (here four 4-lane halves), the groups' offsets fused into the first,
+    /// the leftover groups summed one by one, and the same reduction tree.
+    ///
+    /// # Safety
+    /// Shapes as for the x86 versions (NEON is part of every aarch64 CPU).
+    pub unsafe fn qdot(u: &[u8], a: &[f32], b: &[f32], q: &[i8], dg: &[f32], ds: &[f32]) -> f32 {
+        let n = u.len();
+        let groups = n / 16;
+        assert!(
+            q.len() >= n
+                && a.len() >= groups
+                && b.len() >= groups
+                && dg.len() >= groups
+                && ds.len() >= groups
+        );
+        let zero = vdupq_n_f32(0.0);
+        // acc[0], acc[1]: AVX2's acc0 lanes 0-3 and 4-7; acc[2], acc[3]: acc1's.
+        let mut acc = [zero; 4];
+        let mut k = 0;
+        while k + 32 <= n {
+            let g = k / 16;
+            for (h, pair) in acc.chunks_exact_mut(2).enumerate() {
+                let at = k + 16 * h;
+                let uv = vld1q_u8(u.as_ptr().add(at));
+                let qv = vld1q_s8(q.as_ptr().add(at));
+                let s = vdupq_n_f32(*a.get_unchecked(g + h) * *dg.get_unchecked(g + h));
+                let p0 = madd8(vget_low_u8(uv), vget_low_s8(qv));
+                let p1 = madd8(vget_high_u8(uv), vget_high_s8(qv));
+                pair[0] = vfmaq_f32(pair[0], p0, s);
+                pair[1] = vfmaq_f32(pair[1], p1, s);
+            }
+            k += 32;
+        }
+        let mut g = 0;
+        while g + 8 <= groups {
+            for v in 0..2 {
+                let bv = vld1q_f32(b.as_ptr().add(g + 4 * v));
+                let sv = vld1q_f32(ds.as_ptr().add(g + 4 * v));
+                acc[v] = vfmaq_f32(acc[v], bv, sv);
+            }
+            g += 8;
+        }
+        let mut tail = 0f32;
+        while g < groups {
+            tail += b[g] * ds[g];
+            g += 1;
+        }
+        // (acc0 + acc1), then its high half onto its low, then lanes 2-3 onto 0-1, then 1
+        // onto 0.
+        let s = vaddq_f32(vaddq_f32(acc[0], acc[2]), vaddq_f32(acc[1], acc[3]));
+        let h = vadd_f32(vget_low_f32(s), vget_high_f32(s));
+        (vget_lane_f32::<0>(h) + vget_lane_f32::<1>(h)) + tail
     }
 }
