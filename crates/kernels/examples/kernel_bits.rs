@@ -10,7 +10,7 @@
 //! valgrind or qemu (`scripts/tile-instructions.sh`).
 
 use gemma3_formats::{DType, TensorData};
-use gemma3_kernels::gemm::{gemm_few_rows, RowsB};
+use gemma3_kernels::gemm::{gemm_few_rows, RowsB, Warm};
 use gemma3_kernels::simd::{self, Level};
 use gemma3_kernels::{matmul_weights, Linear, Precision};
 use std::sync::Arc;
@@ -134,7 +134,7 @@ fn main() {
             .collect();
         for (name, b) in [("f32", RowsB::F32(&b32)), ("f16", RowsB::F16(&b16))] {
             let mut c = vec![0f32; m * n];
-            gemm_few_rows(m, k, n, &a, k, b, n, &mut c, n, false);
+            gemm_few_rows(m, k, n, &a, k, b, n, &mut c, n, false, Warm::NONE);
             println!("gemm_few_rows {name}\t{path}\t{:016x}", fnv(&c));
         }
     }

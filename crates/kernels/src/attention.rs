@@ -559,7 +559,7 @@ pub fn attend_part(
     max: &mut [f32],
     sum: &mut [f32],
 ) {
-    use crate::gemm::{gemm, gemm_few_rows, gemm_into, BOperand, MatMut, MatRef, FEW_ROWS};
+    use crate::gemm::{gemm, gemm_few_rows, gemm_into, BOperand, MatMut, MatRef, Warm, FEW_ROWS};
     let hd = kv.head_dim;
     let rows = keys.len();
     assert!(q.len() >= rows * hd && acc.len() >= rows * hd && max.len() >= rows);
@@ -587,8 +587,11 @@ pub fn attend_part(
                 // packing); a prompt tile goes through the blocked product. Both sum the
                 // same terms in the same order.
                 if rows <= FEW_ROWS {
+                    // While the keys are multiplied, the values they weigh are fetched (the
+                    // keys were, by the block before, but for a part's first).
                     let (kt, ld) = kv.keys_t_in_place(k0, nk);
-                    gemm_few_rows(rows, hd, nk, q, hd, kt, ld, s, nk, false)
+                    let warm = Warm::of(kv.values_in_place(k0, nk).0).b_warm(k0 > part.start);
+                    gemm_few_rows(rows, hd, nk, q, hd, kt, ld, s, nk, false, warm)
                 } else {
                     let kt = kv.keys_t(k0, nk, kbuf);
                     gemm_into(qv, BOperand::F32(kt), MatMut::row_major(s, rows, nk), false)
@@ -624,8 +627,17 @@ pub fn attend_part(
                     sum[r] += live.iter().sum::<f32>();
                 }
                 if rows <= FEW_ROWS {
+                    // While the values are multiplied, the part's next keys are fetched.
                     let (vb, ld) = kv.values_in_place(k0, nk);
-                    gemm_few_rows(rows, nk, hd, s, nk, vb, ld, &mut acc[..rows * hd], hd, true)
+                    let warm = if k1 < part.end {
+                        let next = ((k1 / KEY_BLOCK + 1) * KEY_BLOCK).min(part.end);
+                        Warm::of(kv.keys_t_in_place(k1, next - k1).0)
+                    } else {
+                        Warm::NONE
+                    };
+                    let warm = warm.b_warm(true);
+                    let acc = &mut acc[..rows * hd];
+                    gemm_few_rows(rows, nk, hd, s, nk, vb, ld, acc, hd, true, warm)
                 } else {
                     gemm(
                         MatRef::row_major(s, rows, nk),

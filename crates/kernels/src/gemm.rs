@@ -15,6 +15,7 @@ use crate::matmul::Weights;
 use gemma3_formats::quant;
 use rayon::prelude::*;
 use std::cell::RefCell;
+use std::marker::PhantomData;
 
 /// Depth of a packed block: a multiple of 256 so that a block of any quantized row starts
 /// on a whole block of its type.
@@ -939,6 +940,109 @@ impl RowsB<'_> {
     }
 }
 
+/// Bytes a few-row product asks the memory for while it multiplies, spread over its
+/// steps: the B of the product that follows it (attention's values while it multiplies the
+/// keys of a block, the next block's keys while it multiplies values), so that product
+/// finds its operand in the caches instead of waiting on its first pass over it.
+#[derive(Clone, Copy)]
+// (Only x86 asks for the bytes: NEON's prefetch intrinsics are not stable Rust.)
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+pub struct Warm<'a> {
+    /// Where each of two byte runs starts, and its length.
+    parts: [(*const i8, usize); 2],
+    /// Whether the product's own B was asked for by the product before it.
+    b_warm: bool,
+    borrow: PhantomData<&'a [u8]>,
+}
+
+impl<'a> Warm<'a> {
+    /// Nothing to ask for.
+    pub const NONE: Warm<'static> = Warm {
+        parts: [(std::ptr::null(), 0); 2],
+        b_warm: false,
+        borrow: PhantomData,
+    };
+
+    /// Every byte `b` reads.
+    pub fn of(b: RowsB<'a>) -> Self {
+        let run = |p: *const u8, len: usize| (p.cast::<i8>(), len);
+        let parts = match b {
+            RowsB::F32(s) => [run(s.as_ptr().cast(), 4 * s.len()), (std::ptr::null(), 0)],
+            RowsB::F16(s) | RowsB::BF16(s) | RowsB::Q8Rows(s) => {
+                [run(s.as_ptr(), s.len()), (std::ptr::null(), 0)]
+            }
+            RowsB::Q8Cols { q, scales } => {
+                [run(q.as_ptr(), q.len()), run(scales.as_ptr(), scales.len())]
+            }
+        };
+        Warm {
+            parts,
+            b_warm: false,
+            borrow: PhantomData,
+        }
+    }
+
+    /// Says whether this product's own B was asked for already (it was the `Warm` of the
+    /// product before): then it does not ask for B's rows far ahead itself, which only
+    /// costs instructions once they are in the caches.
+    pub fn b_warm(self, yes: bool) -> Self {
+        Warm {
+            b_warm: yes,
+            ..self
+        }
+    }
+
+    /// Cache lines in all.
+    #[cfg(target_arch = "x86_64")]
+    fn lines(&self) -> usize {
+        self.parts.iter().map(|p| p.1.div_ceil(64)).sum()
+    }
+
+    /// Lines `from .. to` of [`Warm::lines`], for one chunk of a product to ask for.
+    #[cfg(target_arch = "x86_64")]
+    fn share(&self, from: usize, to: usize) -> WarmLines {
+        WarmLines {
+            first: self.parts[0].0,
+            first_lines: self.parts[0].1.div_ceil(64),
+            second: self.parts[1].0,
+            next: from,
+            end: to,
+        }
+    }
+}
+
+/// A run of [`Warm`]'s lines that one chunk asks for, one per step.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct WarmLines {
+    first: *const i8,
+    first_lines: usize,
+    second: *const i8,
+    next: usize,
+    end: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl WarmLines {
+    /// Asks for the next line into the second-level cache, if any is left.
+    #[inline(always)]
+    fn step(&mut self) {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
+        if self.next < self.end {
+            let at = if self.next < self.first_lines {
+                self.first.wrapping_add(64 * self.next)
+            } else {
+                self.second
+                    .wrapping_add(64 * (self.next - self.first_lines))
+            };
+            // SAFETY: a prefetch reads nothing architecturally and never faults; the
+            // address lies in (or one line-rounding past the end of) a slice we borrow.
+            unsafe { _mm_prefetch::<_MM_HINT_T1>(at) };
+            self.next += 1;
+        }
+    }
+}
+
 /// The most rows [`gemm_few_rows`] takes (one position's query heads per kv head).
 pub const FEW_ROWS: usize = 4;
 
@@ -947,7 +1051,8 @@ pub const FEW_ROWS: usize = 4;
 /// stride `ldc`. Each element is what the micro-kernels compute (one multiply-add chain
 /// over `p` from zero, fused where the level has FMA, then stored or added to C), so the
 /// result equals [`gemm`]'s on B converted to f32, bit for bit: attention's decode rows
-/// use this without converting or packing B, its prompt tiles use `gemm`.
+/// use this without converting or packing B, its prompt tiles use `gemm`. `warm`: bytes
+/// to bring toward the caches meanwhile (see [`Warm`]); they change no result.
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_few_rows(
     m: usize,
@@ -960,6 +1065,7 @@ pub fn gemm_few_rows(
     c: &mut [f32],
     ldc: usize,
     accumulate: bool,
+    warm: Warm<'_>,
 ) {
     assert!(m <= FEW_ROWS, "gemm_few_rows: {m} rows");
     if m == 0 || n == 0 {
@@ -982,15 +1088,17 @@ pub fn gemm_few_rows(
         _ => {}
     }
     assert!(c.len() >= (m - 1) * ldc + n, "gemm_few_rows: C too short");
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = warm;
     #[cfg(target_arch = "x86_64")]
     match crate::simd::level() {
         // SAFETY: the level says the features are there; the slices were checked above to
         // hold every element the kernels touch.
         crate::simd::Level::Avx512 => {
-            return unsafe { few_avx512::run(m, k, n, a, lda, b, ldb, c, ldc, accumulate) }
+            return unsafe { few_avx512::run(m, k, n, a, lda, b, ldb, c, ldc, accumulate, warm) }
         }
         crate::simd::Level::Avx2 => {
-            return unsafe { few_avx2::run(m, k, n, a, lda, b, ldb, c, ldc, accumulate) }
+            return unsafe { few_avx2::run(m, k, n, a, lda, b, ldb, c, ldc, accumulate, warm) }
         }
         _ => {}
     }
@@ -1015,7 +1123,7 @@ pub fn gemm_few_rows(
 
 #[cfg(target_arch = "x86_64")]
 mod few_avx512 {
-    use super::{RowsB, Q8_BLOCK};
+    use super::{RowsB, Warm, WarmLines, Q8_BLOCK};
     use std::arch::x86_64::*;
 
     /// Rows ahead that [`chunk`] asks the memory for.
@@ -1130,21 +1238,36 @@ mod few_avx512 {
         c: &mut [f32],
         ldc: usize,
         accumulate: bool,
+        warm: Warm<'_>,
     ) {
+        let w = warm;
         match b {
-            RowsB::F32(s) => rows(m, k, n, a, lda, F32s(s), ldb, c, ldc, accumulate),
-            RowsB::F16(s) => rows(m, k, n, a, lda, F16s(s), ldb, c, ldc, accumulate),
-            RowsB::BF16(s) => rows(m, k, n, a, lda, BF16s(s), ldb, c, ldc, accumulate),
-            RowsB::Q8Cols { q, scales } => {
-                rows(m, k, n, a, lda, Q8Cols(q, scales), ldb, c, ldc, accumulate)
-            }
-            RowsB::Q8Rows(s) => rows(m, k, n, a, lda, Q8Rows(s), ldb, c, ldc, accumulate),
+            RowsB::F32(s) => rows(m, k, n, a, lda, F32s(s), ldb, c, ldc, accumulate, w),
+            RowsB::F16(s) => rows(m, k, n, a, lda, F16s(s), ldb, c, ldc, accumulate, w),
+            RowsB::BF16(s) => rows(m, k, n, a, lda, BF16s(s), ldb, c, ldc, accumulate, w),
+            RowsB::Q8Cols { q, scales } => rows(
+                m,
+                k,
+                n,
+                a,
+                lda,
+                Q8Cols(q, scales),
+                ldb,
+                c,
+                ldc,
+                accumulate,
+                w,
+            ),
+            RowsB::Q8Rows(s) => rows(m, k, n, a, lda, Q8Rows(s), ldb, c, ldc, accumulate, w),
         }
     }
 
     /// Columns per [`chunk`]: four vectors (two 64-byte lines of f16 per row of B), so
     /// B's rows are read in long runs, and 4 × rows chains hide the FMA latency.
     const V: usize = 4;
+
+    /// Columns per [`chunk`].
+    const WIDTH: usize = 16 * V;
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
     #[allow(clippy::too_many_arguments)]
@@ -1159,20 +1282,25 @@ mod few_avx512 {
         c: &mut [f32],
         ldc: usize,
         accumulate: bool,
+        warm: Warm<'_>,
     ) {
         let args = (k, n, a, lda, b, ldb, accumulate);
+        // Each column chunk asks for its share of `warm`'s lines.
+        let (lines, chunks) = (warm.lines(), n.div_ceil(WIDTH));
+        let share =
+            |j: usize| warm.share(j / WIDTH * lines / chunks, (j / WIDTH + 1) * lines / chunks);
         let mut j = 0;
         while j < n {
             let c = &mut c[j..];
             match (m, j + 16 * V <= n) {
-                (1, true) => chunk::<1, true, S>(args, j, c, ldc),
-                (2, true) => chunk::<2, true, S>(args, j, c, ldc),
-                (3, true) => chunk::<3, true, S>(args, j, c, ldc),
-                (_, true) => chunk::<4, true, S>(args, j, c, ldc),
-                (1, false) => chunk::<1, false, S>(args, j, c, ldc),
-                (2, false) => chunk::<2, false, S>(args, j, c, ldc),
-                (3, false) => chunk::<3, false, S>(args, j, c, ldc),
-                (_, false) => chunk::<4, false, S>(args, j, c, ldc),
+                (1, true) => chunk::<1, true, S>(args, j, c, ldc, share(j)),
+                (2, true) => chunk::<2, true, S>(args, j, c, ldc, share(j)),
+                (3, true) => chunk::<3, true, S>(args, j, c, ldc, share(j)),
+                (_, true) => chunk::<4, true, S>(args, j, c, ldc, share(j)),
+                (1, false) => chunk::<1, false, S>(args, j, c, ldc, share(j)),
+                (2, false) => chunk::<2, false, S>(args, j, c, ldc, share(j)),
+                (3, false) => chunk::<3, false, S>(args, j, c, ldc, share(j)),
+                (_, false) => chunk::<4, false, S>(args, j, c, ldc, share(j)),
             }
             j += 16 * V;
         }
@@ -1187,6 +1315,7 @@ mod few_avx512 {
         j: usize,
         c: &mut [f32],
         ldc: usize,
+        mut warm: WarmLines,
     ) {
         let masks: [__mmask16; V] = std::array::from_fn(|v| {
             let left = n.saturating_sub(j + 16 * v).min(16);
@@ -1198,6 +1327,7 @@ mod few_avx512 {
         });
         let mut acc = [[_mm512_setzero_ps(); V]; R];
         for p in 0..k {
+            warm.step();
             // B's rows lie `ldb` apart: ask for the ones a few steps ahead.
             if p + PREFETCH < k {
                 let (at, bytes) = b.span(p + PREFETCH, j, ldb);
@@ -1240,8 +1370,11 @@ mod few_avx512 {
 
 #[cfg(target_arch = "x86_64")]
 mod few_avx2 {
-    use super::{RowsB, Q8_BLOCK};
+    use super::{RowsB, Warm, WarmLines, Q8_BLOCK};
     use std::arch::x86_64::*;
+
+    /// Columns per [`chunk`] (its widest).
+    const WIDTH: usize = 16;
 
     /// Rows ahead that [`chunk`] asks the memory for.
     const PREFETCH: usize = 8;
@@ -1275,6 +1408,37 @@ mod few_avx2 {
         #[inline(always)]
         unsafe fn load2(self, p: usize, j: usize, ldb: usize) -> [__m256; 2] {
             [self.load(p, j, ldb), self.load(p, j + 8, ldb)]
+        }
+        /// Rows that share what [`Src::shared`] reads (blocks aligned to row 0).
+        const SHARED_ROWS: usize = usize::MAX;
+        /// What rows `p .. p + SHARED_ROWS` share for columns `j .. j + 8` (and `j + 16`
+        /// when `two`): read once per block of rows instead of once per row.
+        ///
+        /// # Safety
+        /// As [`Src::load`].
+        #[inline(always)]
+        unsafe fn shared(self, _p: usize, _j: usize, _ldb: usize, _two: bool) -> [__m256; 2] {
+            [_mm256_setzero_ps(); 2]
+        }
+        /// [`Src::load2`] (or [`Src::load`], twice, unless `TWO`) given what [`Src::shared`]
+        /// gave for the block row `p` is in.
+        ///
+        /// # Safety
+        /// As [`Src::load`].
+        #[inline(always)]
+        unsafe fn load_shared<const TWO: bool>(
+            self,
+            _shared: [__m256; 2],
+            p: usize,
+            j: usize,
+            ldb: usize,
+        ) -> [__m256; 2] {
+            if TWO {
+                self.load2(p, j, ldb)
+            } else {
+                let v = self.load(p, j, ldb);
+                [v, v]
+            }
         }
     }
 
@@ -1330,6 +1494,20 @@ mod few_avx2 {
         _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), d)
     }
 
+    impl Q8Cols<'_> {
+        /// The bytes of row `p` from column `j`, 8 of them.
+        #[inline(always)]
+        unsafe fn bytes(self, p: usize, j: usize, ldb: usize) -> __m128i {
+            _mm_loadl_epi64(self.0.as_ptr().add(p * ldb + j).cast())
+        }
+        /// The scales of columns `j .. j + 8` for the block row `p` is in.
+        #[inline(always)]
+        unsafe fn scales(self, p: usize, j: usize, ldb: usize) -> __m256 {
+            let at = 2 * ((p / Q8_BLOCK) * ldb + j);
+            _mm256_cvtph_ps(_mm_loadu_si128(self.1.as_ptr().add(at).cast()))
+        }
+    }
+
     impl Src for Q8Cols<'_> {
         #[inline(always)]
         fn span(self, p: usize, j: usize, ldb: usize) -> (*const i8, usize) {
@@ -1337,10 +1515,31 @@ mod few_avx2 {
         }
         #[inline(always)]
         unsafe fn load(self, p: usize, j: usize, ldb: usize) -> __m256 {
-            let q = _mm_loadl_epi64(self.0.as_ptr().add(p * ldb + j).cast());
-            let at = 2 * ((p / Q8_BLOCK) * ldb + j);
-            let d = _mm_loadu_si128(self.1.as_ptr().add(at).cast());
-            q8_times(q, _mm256_cvtph_ps(d))
+            q8_times(self.bytes(p, j, ldb), self.scales(p, j, ldb))
+        }
+        /// A column's scale serves its 32 rows: [`chunk`] converts it once per block
+        /// rather than once per row.
+        const SHARED_ROWS: usize = Q8_BLOCK;
+        #[inline(always)]
+        unsafe fn shared(self, p: usize, j: usize, ldb: usize, two: bool) -> [__m256; 2] {
+            let d0 = self.scales(p, j, ldb);
+            [d0, if two { self.scales(p, j + 8, ldb) } else { d0 }]
+        }
+        #[inline(always)]
+        unsafe fn load_shared<const TWO: bool>(
+            self,
+            d: [__m256; 2],
+            p: usize,
+            j: usize,
+            ldb: usize,
+        ) -> [__m256; 2] {
+            if TWO {
+                let v = _mm_loadu_si128(self.0.as_ptr().add(p * ldb + j).cast());
+                [q8_times(v, d[0]), q8_times(_mm_unpackhi_epi64(v, v), d[1])]
+            } else {
+                let v = q8_times(self.bytes(p, j, ldb), d[0]);
+                [v, v]
+            }
         }
     }
 
@@ -1389,15 +1588,27 @@ mod few_avx2 {
         c: &mut [f32],
         ldc: usize,
         accumulate: bool,
+        warm: Warm<'_>,
     ) {
+        let w = warm;
         match b {
-            RowsB::F32(s) => rows(m, k, n, a, lda, F32s(s), ldb, c, ldc, accumulate),
-            RowsB::F16(s) => rows(m, k, n, a, lda, F16s(s), ldb, c, ldc, accumulate),
-            RowsB::BF16(s) => rows(m, k, n, a, lda, BF16s(s), ldb, c, ldc, accumulate),
-            RowsB::Q8Cols { q, scales } => {
-                rows(m, k, n, a, lda, Q8Cols(q, scales), ldb, c, ldc, accumulate)
-            }
-            RowsB::Q8Rows(s) => rows(m, k, n, a, lda, Q8Rows(s), ldb, c, ldc, accumulate),
+            RowsB::F32(s) => rows(m, k, n, a, lda, F32s(s), ldb, c, ldc, accumulate, w),
+            RowsB::F16(s) => rows(m, k, n, a, lda, F16s(s), ldb, c, ldc, accumulate, w),
+            RowsB::BF16(s) => rows(m, k, n, a, lda, BF16s(s), ldb, c, ldc, accumulate, w),
+            RowsB::Q8Cols { q, scales } => rows(
+                m,
+                k,
+                n,
+                a,
+                lda,
+                Q8Cols(q, scales),
+                ldb,
+                c,
+                ldc,
+                accumulate,
+                w,
+            ),
+            RowsB::Q8Rows(s) => rows(m, k, n, a, lda, Q8Rows(s), ldb, c, ldc, accumulate, w),
         }
         // The last few columns one by one, with the same fused multiply-adds.
         for j in n / 8 * 8..n {
@@ -1426,69 +1637,84 @@ mod few_avx2 {
         c: &mut [f32],
         ldc: usize,
         accumulate: bool,
+        warm: Warm<'_>,
     ) {
         let args = (k, n, a, lda, b, ldb, accumulate);
+        // Each column chunk asks for its share of `warm`'s lines.
+        let (lines, chunks) = (warm.lines(), n.div_ceil(WIDTH));
+        let share =
+            |j: usize| warm.share(j / WIDTH * lines / chunks, (j / WIDTH + 1) * lines / chunks);
         let mut j = 0;
         while j + 8 <= n {
             let c = &mut c[j..];
             let two = j + 16 <= n;
-            match (m, two) {
-                (1, true) => chunk::<1, true, S>(args, j, c, ldc),
-                (2, true) => chunk::<2, true, S>(args, j, c, ldc),
-                (3, true) => chunk::<3, true, S>(args, j, c, ldc),
-                (_, true) => chunk::<4, true, S>(args, j, c, ldc),
-                (1, false) => chunk::<1, false, S>(args, j, c, ldc),
-                (2, false) => chunk::<2, false, S>(args, j, c, ldc),
-                (3, false) => chunk::<3, false, S>(args, j, c, ldc),
-                (_, false) => chunk::<4, false, S>(args, j, c, ldc),
+            // The first chunk asks for B's whole rows ahead, unless B was asked for already.
+            let ahead = j == 0 && !warm.b_warm;
+            match (m, two, ahead) {
+                (1, true, true) => chunk::<1, true, true, S>(args, j, c, ldc, share(j)),
+                (2, true, true) => chunk::<2, true, true, S>(args, j, c, ldc, share(j)),
+                (3, true, true) => chunk::<3, true, true, S>(args, j, c, ldc, share(j)),
+                (_, true, true) => chunk::<4, true, true, S>(args, j, c, ldc, share(j)),
+                (1, true, false) => chunk::<1, true, false, S>(args, j, c, ldc, share(j)),
+                (2, true, false) => chunk::<2, true, false, S>(args, j, c, ldc, share(j)),
+                (3, true, false) => chunk::<3, true, false, S>(args, j, c, ldc, share(j)),
+                (_, true, false) => chunk::<4, true, false, S>(args, j, c, ldc, share(j)),
+                (1, false, _) => chunk::<1, false, false, S>(args, j, c, ldc, share(j)),
+                (2, false, _) => chunk::<2, false, false, S>(args, j, c, ldc, share(j)),
+                (3, false, _) => chunk::<3, false, false, S>(args, j, c, ldc, share(j)),
+                (_, false, _) => chunk::<4, false, false, S>(args, j, c, ldc, share(j)),
             }
             j += if two { 16 } else { 8 };
         }
     }
 
     /// The `R` rows of C's columns `j .. j + 16` (`j + 8` unless `TWO`), into `c` (C from
-    /// column `j`).
+    /// column `j`); with `AHEAD`, asking for B's whole rows well ahead (the first chunk).
     #[target_feature(enable = "avx2,fma,f16c")]
     #[allow(clippy::type_complexity)]
-    unsafe fn chunk<const R: usize, const TWO: bool, S: Src>(
+    unsafe fn chunk<const R: usize, const TWO: bool, const AHEAD: bool, S: Src>(
         (k, n, a, lda, b, ldb, accumulate): (usize, usize, &[f32], usize, S, usize, bool),
         j: usize,
         c: &mut [f32],
         ldc: usize,
+        mut warm: WarmLines,
     ) {
         const { assert!(R <= super::FEW_ROWS) };
         let mut acc = [[_mm256_setzero_ps(); 2]; R];
-        for p in 0..k {
-            // B's rows lie `ldb` apart: the first chunk asks for whole rows well ahead,
-            // the others for their own columns a few steps ahead.
-            if j == 0 && p + PREFETCH_ROWS < k {
-                let (at, last) = b.row(p + PREFETCH_ROWS, n, ldb);
-                // Every line from the one `at` is in to the one `at + last` is in.
-                let mut off = 0;
-                while off < last + 64 {
-                    _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(off));
-                    off += 64;
+        let mut p0 = 0;
+        while p0 < k {
+            let p1 = p0.saturating_add(S::SHARED_ROWS).min(k);
+            let shared = b.shared(p0, j, ldb, TWO);
+            for p in p0..p1 {
+                warm.step();
+                // B's rows lie `ldb` apart: the first chunk asks for whole rows well ahead
+                // (unless B was asked for already), the others for their own columns a few
+                // steps ahead.
+                if AHEAD && p + PREFETCH_ROWS < k {
+                    let (at, last) = b.row(p + PREFETCH_ROWS, n, ldb);
+                    // Every line from the one `at` is in to the one `at + last` is in.
+                    let mut off = 0;
+                    while off < last + 64 {
+                        _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(off));
+                        off += 64;
+                    }
+                } else if p + PREFETCH < k {
+                    let (at, bytes) = b.span(p + PREFETCH, j, ldb);
+                    _mm_prefetch::<_MM_HINT_T0>(at);
+                    if TWO && bytes > 32 {
+                        _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(bytes - 1));
+                    }
                 }
-            } else if p + PREFETCH < k {
-                let (at, bytes) = b.span(p + PREFETCH, j, ldb);
-                _mm_prefetch::<_MM_HINT_T0>(at);
-                if TWO && bytes > 32 {
-                    _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(bytes - 1));
+                let bv = b.load_shared::<TWO>(shared, p, j, ldb);
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    let ai = _mm256_broadcast_ss(a.get_unchecked(i * lda + p));
+                    acc[0] = _mm256_fmadd_ps(ai, bv[0], acc[0]);
+                    if TWO {
+                        acc[1] = _mm256_fmadd_ps(ai, bv[1], acc[1]);
+                    }
                 }
             }
-            let bv = if TWO {
-                b.load2(p, j, ldb)
-            } else {
-                let v = b.load(p, j, ldb);
-                [v, v]
-            };
-            for (i, acc) in acc.iter_mut().enumerate() {
-                let ai = _mm256_broadcast_ss(a.get_unchecked(i * lda + p));
-                acc[0] = _mm256_fmadd_ps(ai, bv[0], acc[0]);
-                if TWO {
-                    acc[1] = _mm256_fmadd_ps(ai, bv[1], acc[1]);
-                }
-            }
+            p0 = p1;
         }
         for (i, acc) in acc.iter().enumerate() {
             for (v, x) in acc.iter().enumerate().take(if TWO { 2 } else { 1 }) {
