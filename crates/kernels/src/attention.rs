@@ -629,13 +629,13 @@ pub fn attend_part(
                 if rows <= FEW_ROWS {
                     // While the values are multiplied, the part's next keys are fetched.
                     let (vb, ld) = kv.values_in_place(k0, nk);
-                    let warm = if k1 < part.end {
-                        let next = ((k1 / KEY_BLOCK + 1) * KEY_BLOCK).min(part.end);
-                        Warm::of(kv.keys_t_in_place(k1, next - k1).0)
+                    let next = if k1 < part.end {
+                        let end = ((k1 / KEY_BLOCK + 1) * KEY_BLOCK).min(part.end);
+                        Warm::of(kv.keys_t_in_place(k1, end - k1).0)
                     } else {
                         Warm::NONE
                     };
-                    let warm = warm.b_warm(true);
+                    let warm = next.b_warm(true);
                     let acc = &mut acc[..rows * hd];
                     gemm_few_rows(rows, nk, hd, s, nk, vb, ld, acc, hd, true, warm)
                 } else {

@@ -185,13 +185,9 @@ mod neon {
             for kk in k..n {
                 tail += rows[r][kk] * x[kk];
             }
-            // AVX2's order: lane j of a[v] holds the products at k ≡ 4v + j (mod 16), as
-            // lane 4v + j of AVX2's two 8-lane accumulators does; pair them as its hsum
-            // does, so both give the same bits.
-            let a = &acc[r];
-            let s = vaddq_f32(vaddq_f32(a[0], a[2]), vaddq_f32(a[1], a[3]));
-            let h = vadd_f32(vget_low_f32(s), vget_high_f32(s));
-            out[r] = (vget_lane_f32::<0>(h) + vget_lane_f32::<1>(h)) + tail;
+            // Lane j of acc[r][v] holds the products at k ≡ 4v + j (mod 16), as lane
+            // 4v + j of AVX2's two 8-lane accumulators does.
+            out[r] = crate::neon::sum_as_avx2(&acc[r]) + tail;
         }
         out
     }

@@ -1121,6 +1121,37 @@ pub fn gemm_few_rows(
     }
 }
 
+/// `$call` with `$src` bound to `$b` wrapped in the calling module's `Src` type for its
+/// variant (`F32s`, `F16s`, `BF16s`, `Q8Cols`, `Q8Rows`): one loop per stored type, with no
+/// branch on the type inside (the x86 few-row modules).
+#[cfg(target_arch = "x86_64")]
+macro_rules! with_src {
+    ($b:expr, $src:ident => $call:expr) => {
+        match $b {
+            RowsB::F32(s) => {
+                let $src = F32s(s);
+                $call
+            }
+            RowsB::F16(s) => {
+                let $src = F16s(s);
+                $call
+            }
+            RowsB::BF16(s) => {
+                let $src = BF16s(s);
+                $call
+            }
+            RowsB::Q8Cols { q, scales } => {
+                let $src = Q8Cols(q, scales);
+                $call
+            }
+            RowsB::Q8Rows(s) => {
+                let $src = Q8Rows(s);
+                $call
+            }
+        }
+    };
+}
+
 #[cfg(target_arch = "x86_64")]
 mod few_avx512 {
     use super::{RowsB, Warm, WarmLines, Q8_BLOCK};
@@ -1240,26 +1271,7 @@ mod few_avx512 {
         accumulate: bool,
         warm: Warm<'_>,
     ) {
-        let w = warm;
-        match b {
-            RowsB::F32(s) => rows(m, k, n, a, lda, F32s(s), ldb, c, ldc, accumulate, w),
-            RowsB::F16(s) => rows(m, k, n, a, lda, F16s(s), ldb, c, ldc, accumulate, w),
-            RowsB::BF16(s) => rows(m, k, n, a, lda, BF16s(s), ldb, c, ldc, accumulate, w),
-            RowsB::Q8Cols { q, scales } => rows(
-                m,
-                k,
-                n,
-                a,
-                lda,
-                Q8Cols(q, scales),
-                ldb,
-                c,
-                ldc,
-                accumulate,
-                w,
-            ),
-            RowsB::Q8Rows(s) => rows(m, k, n, a, lda, Q8Rows(s), ldb, c, ldc, accumulate, w),
-        }
+        with_src!(b, src => rows(m, k, n, a, lda, src, ldb, c, ldc, accumulate, warm));
     }
 
     /// Columns per [`chunk`]: four vectors (two 64-byte lines of f16 per row of B), so
@@ -1590,26 +1602,7 @@ mod few_avx2 {
         accumulate: bool,
         warm: Warm<'_>,
     ) {
-        let w = warm;
-        match b {
-            RowsB::F32(s) => rows(m, k, n, a, lda, F32s(s), ldb, c, ldc, accumulate, w),
-            RowsB::F16(s) => rows(m, k, n, a, lda, F16s(s), ldb, c, ldc, accumulate, w),
-            RowsB::BF16(s) => rows(m, k, n, a, lda, BF16s(s), ldb, c, ldc, accumulate, w),
-            RowsB::Q8Cols { q, scales } => rows(
-                m,
-                k,
-                n,
-                a,
-                lda,
-                Q8Cols(q, scales),
-                ldb,
-                c,
-                ldc,
-                accumulate,
-                w,
-            ),
-            RowsB::Q8Rows(s) => rows(m, k, n, a, lda, Q8Rows(s), ldb, c, ldc, accumulate, w),
-        }
+        with_src!(b, src => rows(m, k, n, a, lda, src, ldb, c, ldc, accumulate, warm));
         // The last few columns one by one, with the same fused multiply-adds.
         for j in n / 8 * 8..n {
             for i in 0..m {

@@ -55,3 +55,17 @@ pub unsafe fn load_f16x4(p: *const u8) -> float32x4_t {
 pub unsafe fn load_bf16x4(p: *const u8) -> float32x4_t {
     vreinterpretq_f32_u32(vshll_n_u16::<16>(vreinterpret_u16_u8(vld1_u8(p))))
 }
+
+/// The sum of 16 lanes held as two AVX2 vectors would be (`v[0]`, `v[1]`: the first
+/// vector's lanes 0-3 and 4-7; `v[2]`, `v[3]`: the second's), added in the order the AVX2
+/// kernels reduce them: the two vectors lane by lane, the high half onto the low, lanes 2-3
+/// onto 0-1, then lane 1 onto 0. So NEON gives x86's bits.
+///
+/// # Safety
+/// None beyond running on aarch64 (register-only instructions).
+#[inline(always)]
+pub unsafe fn sum_as_avx2(v: &[float32x4_t; 4]) -> f32 {
+    let s = vaddq_f32(vaddq_f32(v[0], v[2]), vaddq_f32(v[1], v[3]));
+    let h = vadd_f32(vget_low_f32(s), vget_high_f32(s));
+    vget_lane_f32::<0>(h) + vget_lane_f32::<1>(h)
+}

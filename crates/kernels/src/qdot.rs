@@ -351,6 +351,32 @@ pub fn qdot_fn() -> QDot {
     }
 }
 
+/// Checks that a row's operands agree (`u`, `q`: the values; `a`, `b`, `dg`, `ds`: one per
+/// 16-value group) for the vector versions, which index unchecked; the values and groups.
+#[cfg_attr(
+    not(any(target_arch = "x86_64", target_arch = "aarch64")),
+    allow(dead_code)
+)]
+fn check_shapes(
+    u: &[u8],
+    a: &[f32],
+    b: &[f32],
+    q: &[i8],
+    dg: &[f32],
+    ds: &[f32],
+) -> (usize, usize) {
+    let n = u.len();
+    let groups = n / 16;
+    assert!(
+        q.len() >= n
+            && a.len() >= groups
+            && b.len() >= groups
+            && dg.len() >= groups
+            && ds.len() >= groups
+    );
+    (n, groups)
+}
+
 pub fn qdot_portable(u: &[u8], a: &[f32], b: &[f32], q: &[i8], dg: &[f32], ds: &[f32]) -> f32 {
     let mut acc = 0f32;
     for (g, (ug, qg)) in u.chunks_exact(16).zip(q.chunks_exact(16)).enumerate() {
@@ -369,15 +395,7 @@ mod vnni {
     /// `s16` cols/16 and `dx` cols/32.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     pub unsafe fn qdot(u: &[u8], a: &[f32], b: &[f32], q: &[i8], dg: &[f32], ds: &[f32]) -> f32 {
-        let n = u.len();
-        let groups = n / 16;
-        assert!(
-            q.len() >= n
-                && a.len() >= groups
-                && b.len() >= groups
-                && dg.len() >= groups
-                && ds.len() >= groups
-        );
+        let (n, groups) = super::check_shapes(u, a, b, q, dg, ds);
         // Lane j of a 64-byte step holds bytes 4j..4j+3: group j/4 of that step.
         let idx = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
         let mut acc = _mm512_setzero_ps();
@@ -436,15 +454,7 @@ mod avx2 {
     /// AVX2 and FMA required; shapes as for the VNNI version.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn qdot(u: &[u8], a: &[f32], b: &[f32], q: &[i8], dg: &[f32], ds: &[f32]) -> f32 {
-        let n = u.len();
-        let groups = n / 16;
-        assert!(
-            q.len() >= n
-                && a.len() >= groups
-                && b.len() >= groups
-                && dg.len() >= groups
-                && ds.len() >= groups
-        );
+        let (n, groups) = super::check_shapes(u, a, b, q, dg, ds);
         let mut acc0 = _mm256_setzero_ps();
         let mut acc1 = _mm256_setzero_ps();
         let mut k = 0;
@@ -513,15 +523,7 @@ mod neon {
     /// # Safety
     /// Shapes as for the x86 versions (NEON is part of every aarch64 CPU).
     pub unsafe fn qdot(u: &[u8], a: &[f32], b: &[f32], q: &[i8], dg: &[f32], ds: &[f32]) -> f32 {
-        let n = u.len();
-        let groups = n / 16;
-        assert!(
-            q.len() >= n
-                && a.len() >= groups
-                && b.len() >= groups
-                && dg.len() >= groups
-                && ds.len() >= groups
-        );
+        let (n, groups) = super::check_shapes(u, a, b, q, dg, ds);
         let zero = vdupq_n_f32(0.0);
         // acc[0], acc[1]: AVX2's acc0 lanes 0-3 and 4-7; acc[2], acc[3]: acc1's.
         let mut acc = [zero; 4];
@@ -554,10 +556,6 @@ mod neon {
             tail += b[g] * ds[g];
             g += 1;
         }
-        // (acc0 + acc1), then its high half onto its low, then lanes 2-3 onto 0-1, then 1
-        // onto 0.
-        let s = vaddq_f32(vaddq_f32(acc[0], acc[2]), vaddq_f32(acc[1], acc[3]));
-        let h = vadd_f32(vget_low_f32(s), vget_high_f32(s));
-        (vget_lane_f32::<0>(h) + vget_lane_f32::<1>(h)) + tail
+        crate::neon::sum_as_avx2(&acc) + tail
     }
 }
