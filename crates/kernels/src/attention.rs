@@ -576,21 +576,24 @@ pub fn attend_part(
                 // all of it, on whichever thread, and should find the tile grown already.
                 s.resize(rows.max(MAX_GROUP) * KEY_BLOCK, 0.0);
             }
+            // Blocks end at multiples of KEY_BLOCK, so they stay inside one page of the ring
+            // (its capacity is a multiple of the page).
+            let block_end = |k: usize| ((k / KEY_BLOCK + 1) * KEY_BLOCK).min(part.end);
             let mut k0 = part.start;
             while k0 < part.end {
-                // Blocks end at multiples of KEY_BLOCK, so they stay inside one page of the
-                // ring (its capacity is a multiple of the page).
-                let k1 = ((k0 / KEY_BLOCK + 1) * KEY_BLOCK).min(part.end);
+                let k1 = block_end(k0);
                 let nk = k1 - k0;
                 let s = &mut s[..rows * nk];
+                // A decode step reads the values in place (the keys' product fetches them).
+                let values = (rows <= FEW_ROWS).then(|| kv.values_in_place(k0, nk));
                 // A decode step's few rows read the cache in place (no conversion or
                 // packing); a prompt tile goes through the blocked product. Both sum the
                 // same terms in the same order.
-                if rows <= FEW_ROWS {
+                if let Some((vb, _)) = values {
                     // While the keys are multiplied, the values they weigh are fetched (the
                     // keys were, by the block before, but for a part's first).
                     let (kt, ld) = kv.keys_t_in_place(k0, nk);
-                    let warm = Warm::of(kv.values_in_place(k0, nk).0).b_warm(k0 > part.start);
+                    let warm = Warm::of(vb).b_warm(k0 > part.start);
                     gemm_few_rows(rows, hd, nk, q, hd, kt, ld, s, nk, false, warm)
                 } else {
                     let kt = kv.keys_t(k0, nk, kbuf);
@@ -626,12 +629,10 @@ pub fn attend_part(
                     crate::vmath::exp_inplace(live);
                     sum[r] += live.iter().sum::<f32>();
                 }
-                if rows <= FEW_ROWS {
+                if let Some((vb, ld)) = values {
                     // While the values are multiplied, the part's next keys are fetched.
-                    let (vb, ld) = kv.values_in_place(k0, nk);
                     let next = if k1 < part.end {
-                        let end = ((k1 / KEY_BLOCK + 1) * KEY_BLOCK).min(part.end);
-                        Warm::of(kv.keys_t_in_place(k1, end - k1).0)
+                        Warm::of(kv.keys_t_in_place(k1, block_end(k1) - k1).0)
                     } else {
                         Warm::NONE
                     };
