@@ -8,12 +8,13 @@
 //! accept guesses (and the draft model refuse some), so the check is not vacuous.
 
 use gemma3_engine::{
-    Batch, Draft, DraftParams, GenerateOptions, Grammar, Lookup, Model, OpenOptions,
+    Batch, Draft, DraftParams, GenerateOptions, Generation, Grammar, Lookup, Model, OpenOptions,
     SamplingParams, Sequence,
 };
 use gemma3_model::{FileType, KvCache};
 use serde_json::json;
-use std::sync::{Arc, OnceLock};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
 
 mod common;
 use common::open_real_model;
@@ -78,6 +79,20 @@ fn draft() -> &'static Draft {
         };
         Draft::new(model(), Arc::new(d), params).unwrap()
     })
+}
+
+/// The plain (not speculating) generation of a case, computed once for all the tests that
+/// compare against it: the lock is held while it is computed, so concurrent tests wait for
+/// it instead of repeating it.
+fn plain(p: &str, o: &GenerateOptions) -> Generation {
+    static PLAIN: OnceLock<Mutex<HashMap<String, Generation>>> = OnceLock::new();
+    let mut done = PLAIN
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    done.entry(format!("{p:?} {o:?}"))
+        .or_insert_with(|| model().generate(p, o, |_| true).unwrap())
+        .clone()
 }
 
 fn with_draft(o: &GenerateOptions) -> GenerateOptions {
@@ -148,7 +163,7 @@ fn same_as_plain(spec: fn(&GenerateOptions) -> GenerateOptions) -> (usize, usize
     let m = model();
     let (mut drafted, mut accepted) = (0, 0);
     for (i, (p, o)) in all_cases().iter().enumerate() {
-        let plain = m.generate(p, o, |_| true).unwrap();
+        let plain = plain(p, o);
         let spec = m.generate(p, &spec(o), |_| true).unwrap();
         assert_eq!(spec.tokens, plain.tokens, "case {i}: {p:?}");
         assert_eq!(spec.text, plain.text, "case {i}");
@@ -215,10 +230,7 @@ fn logprobs_are_the_same_with_lookup() {
 fn speculating_sequences_batched_together_give_their_solo_plain_tokens() {
     let m = model();
     let all = cases();
-    let solo: Vec<_> = all
-        .iter()
-        .map(|(p, o)| m.generate(p, o, |_| true).unwrap())
-        .collect();
+    let solo: Vec<_> = all.iter().map(|(p, o)| plain(p, o)).collect();
     // Half the sequences by prompt lookup, half by the draft model, some plain: the draft
     // passes run all drafting sequences together beside the others.
     let speculating: Vec<_> = all
