@@ -127,7 +127,6 @@ impl PackedMatrix {
         let lines = groups * group_bytes / 64;
         let mut data: Vec<Line> = Vec::with_capacity(lines);
         huge_pages(data.as_ptr() as usize, lines * 64);
-        data.resize(lines, Line([0; 64]));
         let bb = dtype.block_bytes();
         let pack_group = |g: usize, lines: &mut [Line]| {
             // SAFETY: Line is 64 plain bytes.
@@ -148,16 +147,25 @@ impl PackedMatrix {
                 }
             }
         };
+        // Each group's lines are zeroed (padding stays zero) and packed by the thread that
+        // packs it: the buffer is written once, and the kernel's first-touch work (zeroing
+        // and mapping its pages, a large share of loading) is spread over the threads.
         let chunk_groups = ((8 << 20) / (16 * rb)).max(1);
-        for (c, chunk) in data.chunks_mut(chunk_groups * group_bytes / 64).enumerate() {
+        let spare = &mut data.spare_capacity_mut()[..lines];
+        for (c, chunk) in spare
+            .chunks_mut(chunk_groups * group_bytes / 64)
+            .enumerate()
+        {
             let g0 = c * chunk_groups;
             chunk
                 .par_chunks_mut(group_bytes / 64)
                 .enumerate()
-                .for_each(|(k, lines)| pack_group(g0 + k, lines));
+                .for_each(|(k, group)| pack_group(g0 + k, zeroed(group)));
             let end = ((g0 + chunk_groups) * 16).min(rows);
             done(g0 * 16 * rb..end * rb);
         }
+        // SAFETY: the chunks cover the first `lines` lines, and `zeroed` initialised each.
+        unsafe { data.set_len(lines) };
         Some(PackedMatrix {
             dtype,
             rows,
@@ -246,6 +254,15 @@ fn huge_pages(start: usize, bytes: usize) {
     }
     #[cfg(not(target_os = "linux"))]
     let _ = (start, bytes);
+}
+
+/// Zeroes `lines` and returns them initialised.
+fn zeroed(lines: &mut [std::mem::MaybeUninit<Line>]) -> &mut [Line] {
+    for l in lines.iter_mut() {
+        l.write(Line([0; 64]));
+    }
+    // SAFETY: every element was just written; `MaybeUninit<Line>` has `Line`'s layout.
+    unsafe { &mut *(lines as *mut [std::mem::MaybeUninit<Line>] as *mut [Line]) }
 }
 
 /// Writes row `r` (0..16) of one block into its group's metadata `m` and quants `q`.
