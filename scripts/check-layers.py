@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """The layering rules, checked: every crate depends only on crates below it (the order
 below, from ARCHITECTURE.md), dev-dependencies included, and no crate has a circle of
-module imports (`crate::a` in a.rs's importers reaching back to a). Exits 1 naming each
+module imports (`crate::a` in a.rs's importers reaching back to a), and no crate that turns
+its unit tests off (`test = false`) has tests in src/. Exits 1 naming each
 breach; run by scripts/test.sh."""
 import pathlib
 import re
@@ -26,6 +27,17 @@ def deps(manifest: pathlib.Path):
             out.append((m.group(1), section))
     return out
 
+def untested(manifest: pathlib.Path):
+    """Whether a [lib] or [[bin]] target of the manifest turns its unit tests off."""
+    section = None
+    for line in manifest.read_text().splitlines():
+        s = line.strip()
+        if s.startswith("["):
+            section = s
+        elif section in ("[lib]", "[[bin]]") and re.fullmatch(r"test\s*=\s*false", s):
+            return True
+    return False
+
 for crate_dir in sorted((root / "crates").iterdir()):
     manifest = crate_dir / "Cargo.toml"
     if not manifest.is_file():
@@ -34,6 +46,9 @@ for crate_dir in sorted((root / "crates").iterdir()):
     if name not in ORDER:
         problems.append(f"crates/{name}: not in the layer order of scripts/check-layers.py")
         continue
+    if untested(manifest) and any(re.search(r"#\[(test|cfg\(test\))\]", f.read_text())
+                                  for f in (crate_dir / "src").rglob("*.rs")):
+        problems.append(f"crates/{name}: sets test = false, yet src/ has tests that would never run")
     for dep, section in deps(manifest):
         if dep not in ORDER or ORDER.index(dep) >= ORDER.index(name):
             problems.append(f"crates/{name} {section} names gemma3-{dep}, which is not below it")
