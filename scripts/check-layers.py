@@ -15,13 +15,19 @@ ORDER = ["formats", "kernels", "model", "text", "hub", "convert", "engine", "eva
 root = pathlib.Path(__file__).resolve().parent.parent
 problems = []
 
-def deps(manifest: pathlib.Path):
-    out, section = [], None
+def entries(manifest: pathlib.Path):
+    """(section header, stripped line) for each line of a manifest below a header."""
+    section = None
     for line in manifest.read_text().splitlines():
         s = line.strip()
         if s.startswith("["):
             section = s
-            continue
+        elif section:
+            yield section, s
+
+def deps(manifest: pathlib.Path):
+    out = []
+    for section, s in entries(manifest):
         m = re.match(r'gemma3-([a-z]+)\b', s)
         if m and section in ("[dependencies]", "[dev-dependencies]", "[build-dependencies]"):
             out.append((m.group(1), section))
@@ -29,14 +35,8 @@ def deps(manifest: pathlib.Path):
 
 def untested(manifest: pathlib.Path):
     """Whether a [lib] or [[bin]] target of the manifest turns its unit tests off."""
-    section = None
-    for line in manifest.read_text().splitlines():
-        s = line.strip()
-        if s.startswith("["):
-            section = s
-        elif section in ("[lib]", "[[bin]]") and re.fullmatch(r"test\s*=\s*false", s):
-            return True
-    return False
+    return any(section in ("[lib]", "[[bin]]") and re.fullmatch(r"test\s*=\s*false", s)
+               for section, s in entries(manifest))
 
 for crate_dir in sorted((root / "crates").iterdir()):
     manifest = crate_dir / "Cargo.toml"

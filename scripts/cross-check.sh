@@ -7,9 +7,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 skip() { echo "*** cross-check: SKIPPED $1 ***" >&2; }
-# --release: the host's build scripts and proc macros are then those the suite's release
-# build made already, so only each target's own crates are checked (half the time).
 have_target() { rustup target list --installed 2>/dev/null | grep -qx "$1" || rustup target add "$1" >/dev/null 2>&1; }
+# The workspace checked for target $1, warnings as errors. --release: the host's build
+# scripts and proc macros are then those the suite's release build made already, so only
+# the target's own crates are checked (half the time).
+check() {
+  RUSTFLAGS="-D warnings" cargo check --quiet --release --workspace --target "$1"
+  echo "ok: cargo check for $1"
+}
 
 # Windows
 if have_target x86_64-pc-windows-gnu; then
@@ -17,8 +22,7 @@ if have_target x86_64-pc-windows-gnu; then
     apt-get install -y -qq gcc-mingw-w64-x86-64 >/dev/null 2>&1 || true
   fi
   if command -v x86_64-w64-mingw32-gcc >/dev/null; then
-    RUSTFLAGS="-D warnings" cargo check --quiet --release --workspace --target x86_64-pc-windows-gnu
-    echo "ok: cargo check for x86_64-pc-windows-gnu"
+    check x86_64-pc-windows-gnu
   else
     skip "Windows: no mingw-w64 C compiler (apt-get install gcc-mingw-w64-x86-64)"
   fi
@@ -46,8 +50,7 @@ eval exec python3 -m ziglang cc -target aarch64-macos $args
 EOF
     chmod +x "$cc"
     CC_aarch64_apple_darwin="$PWD/$cc" AR_aarch64_apple_darwin="python3 -m ziglang ar" \
-      RUSTFLAGS="-D warnings" cargo check --quiet --release --workspace --target aarch64-apple-darwin
-    echo "ok: cargo check for aarch64-apple-darwin"
+      check aarch64-apple-darwin
   else
     skip "macOS: no zig (pip install ziglang)"
   fi

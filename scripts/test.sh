@@ -5,8 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # Each stage says when it starts and how long the suite has run, so a slow stage shows in the log.
 phase() { printf '\n== test.sh [%dm%02ds]: %s\n' $((SECONDS / 60)) $((SECONDS % 60)) "$1" >&2; }
-# The layering: each crate depends only on those below it, no module circles.
 phase "layers, model, venv"
+# The layering: each crate depends only on those below it, no module circles.
 python3 scripts/check-layers.py
 scripts/fetch-model.sh >/dev/null
 # The server's tests drive it with the official openai Python client (and check structured
@@ -27,27 +27,27 @@ if ! command -v haproxy >/dev/null; then
     echo "*** haproxy is missing and cannot be installed here: the fleet test will be SKIPPED ***" >&2
   fi
 fi
-# The deployment files: Kubernetes manifests against its schemas, HAProxy's configuration.
 phase "deployment files"
+# The deployment files: Kubernetes manifests against its schemas, HAProxy's configuration.
 scripts/validate-deploy.sh
 phase "cargo test"
 cargo test --release --workspace "$@"
+phase "python wheel and pytest"
 # The Python module: its wheel built, installed into the venv (and into a fresh one by a
 # test), then pytest against the fixtures, the CLI and OpenAI's types.
-phase "python wheel and pytest"
 rm -rf target/wheels
 "$venv/bin/maturin" build --release --quiet -m crates/python/Cargo.toml -o target/wheels
 wheel=$(ls target/wheels/gemma3-*.whl)
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --force-reinstall --no-deps "$wheel"
 GEMMA3_TEST_MODEL=$(scripts/fetch-model.sh) GEMMA3_BIN="$PWD/target/release/gemma3" \
   GEMMA3_TEST_WHEEL="$PWD/$wheel" "$venv/bin/python" -m pytest -q crates/python/tests
-# A short run of every fuzz target over its seeds (builds them on first use).
 phase "fuzz smoke"
+# A short run of every fuzz target over its seeds (builds them on first use).
 scripts/fuzz-smoke.sh
-# The workspace type-checks for Windows and macOS.
 phase "windows and macos check"
+# The workspace type-checks for Windows and macOS.
 scripts/cross-check.sh
-# The kernels and the model fixtures on aarch64 under qemu, every level forced in turn.
 phase "aarch64 under qemu"
+# The kernels and the model fixtures on aarch64 under qemu, every level forced in turn.
 scripts/test-aarch64.sh
 phase "all passed"
