@@ -911,10 +911,11 @@ impl RowsB<'_> {
         }
     }
 
-    /// Byte offset of row `p`'s column `j` block of a [`RowsB::Q8Rows`] operand.
+    /// Byte offset of row `p`'s column `j` block of a [`RowsB::Q8Rows`] operand (`ldb` a
+    /// multiple of the block: linear in `p`, so a loop over rows steps it by one add).
     #[inline(always)]
     fn q8_block(p: usize, j: usize, ldb: usize) -> usize {
-        (p * ldb + j) / Q8_BLOCK * Q8_BLOCK_BYTES
+        (p * (ldb / Q8_BLOCK) + j / Q8_BLOCK) * Q8_BLOCK_BYTES
     }
 
     /// Element `(p, j)` as f32 (exact conversion).
@@ -1382,8 +1383,9 @@ mod few_avx512 {
 
 #[cfg(target_arch = "x86_64")]
 mod few_avx2 {
-    use super::{RowsB, Warm, WarmLines, Q8_BLOCK};
+    use super::{RowsB, Warm, WarmLines, FEW_ROWS, Q8_BLOCK};
     use std::arch::x86_64::*;
+    use std::cell::RefCell;
 
     /// Columns per [`chunk`] (its widest).
     const WIDTH: usize = 16;
@@ -1423,6 +1425,11 @@ mod few_avx2 {
         }
         /// Rows that share what [`Src::shared`] reads (blocks aligned to row 0).
         const SHARED_ROWS: usize = usize::MAX;
+        /// `Warm` lines a chunk asks for per turn of two steps. A chunk's share is about
+        /// one line per turn where the bytes `warm` names are stored like B (attention warms
+        /// the other operand of the same cache): spread that thin, they leave the memory to
+        /// B's own rows. f32 has twice the lines.
+        const WARM_PER_TURN: usize = 1;
         /// What rows `p .. p + SHARED_ROWS` share for columns `j .. j + 8` (and `j + 16`
         /// when `two`): read once per block of rows instead of once per row.
         ///
@@ -1466,6 +1473,7 @@ mod few_avx2 {
     struct Q8Rows<'a>(&'a [u8]);
 
     impl Src for F32s<'_> {
+        const WARM_PER_TURN: usize = 2;
         #[inline(always)]
         fn span(self, p: usize, j: usize, ldb: usize) -> (*const i8, usize) {
             (self.0.as_ptr().wrapping_add(p * ldb + j).cast(), 64)
@@ -1546,8 +1554,11 @@ mod few_avx2 {
             ldb: usize,
         ) -> [__m256; 2] {
             if TWO {
-                let v = _mm_loadu_si128(self.0.as_ptr().add(p * ldb + j).cast());
-                [q8_times(v, d[0]), q8_times(_mm_unpackhi_epi64(v, v), d[1])]
+                // Two 8-byte loads, each widened straight from memory (no shuffle).
+                [
+                    q8_times(self.bytes(p, j, ldb), d[0]),
+                    q8_times(self.bytes(p, j + 8, ldb), d[1]),
+                ]
             } else {
                 let v = q8_times(self.bytes(p, j, ldb), d[0]);
                 [v, v]
@@ -1582,8 +1593,9 @@ mod few_avx2 {
         #[inline(always)]
         unsafe fn load2(self, p: usize, j: usize, ldb: usize) -> [__m256; 2] {
             let (d, q) = self.scale(p, j, ldb);
-            let v = _mm_loadu_si128(q.cast());
-            [q8_times(v, d), q8_times(_mm_unpackhi_epi64(v, v), d)]
+            // Two 8-byte loads, each widened straight from memory (no shuffle).
+            let half = |at: *const u8| q8_times(_mm_loadl_epi64(at.cast()), d);
+            [half(q), half(q.add(8))]
         }
     }
 
@@ -1632,7 +1644,67 @@ mod few_avx2 {
         accumulate: bool,
         warm: Warm<'_>,
     ) {
-        let args = (k, n, a, lda, b, ldb, accumulate);
+        A_T.with(|at| {
+            let mut at = at.borrow_mut();
+            if at.len() < k * FEW_ROWS {
+                at.resize(k * FEW_ROWS, 0.0);
+            }
+            interleave(m, k, a, lda, &mut at);
+            columns(k, n, &at, b, ldb, c, ldc, accumulate, warm, m)
+        })
+    }
+
+    thread_local! {
+        /// A's rows interleaved (see [`interleave`]): grown once to the longest `k` seen.
+        static A_T: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// A's first `m` rows interleaved into `at`: element `(i, p)` at `at[p·FEW_ROWS + i]`
+    /// (rows past `m` repeat row 0, unread), so that [`chunk`] reads each step's A values
+    /// from one pointer instead of keeping a register (or a stack slot) per row.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn interleave(m: usize, k: usize, a: &[f32], lda: usize, at: &mut [f32]) {
+        let row = |i: usize| if i < m { i * lda } else { 0 };
+        let (r0, r1, r2, r3) = (row(0), row(1), row(2), row(3));
+        let mut p = 0;
+        while p + 4 <= k {
+            // A 4 × 4 transpose: rows `i` at columns `p .. p + 4` to columns `i` at rows.
+            let x0 = _mm_loadu_ps(a.as_ptr().add(r0 + p));
+            let x1 = _mm_loadu_ps(a.as_ptr().add(r1 + p));
+            let x2 = _mm_loadu_ps(a.as_ptr().add(r2 + p));
+            let x3 = _mm_loadu_ps(a.as_ptr().add(r3 + p));
+            let (t0, t1) = (_mm_unpacklo_ps(x0, x1), _mm_unpacklo_ps(x2, x3));
+            let (t2, t3) = (_mm_unpackhi_ps(x0, x1), _mm_unpackhi_ps(x2, x3));
+            let o = at.as_mut_ptr().add(p * FEW_ROWS);
+            _mm_storeu_ps(o, _mm_movelh_ps(t0, t1));
+            _mm_storeu_ps(o.add(4), _mm_movehl_ps(t1, t0));
+            _mm_storeu_ps(o.add(8), _mm_movelh_ps(t2, t3));
+            _mm_storeu_ps(o.add(12), _mm_movehl_ps(t3, t2));
+            p += 4;
+        }
+        for p in p..k {
+            for (i, r) in [r0, r1, r2, r3].into_iter().enumerate() {
+                at[p * FEW_ROWS + i] = a[r + p];
+            }
+        }
+    }
+
+    /// [`rows`]'s column chunks, A interleaved in `a4` (see [`interleave`]).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn columns<S: Src>(
+        k: usize,
+        n: usize,
+        a4: &[f32],
+        b: S,
+        ldb: usize,
+        c: &mut [f32],
+        ldc: usize,
+        accumulate: bool,
+        warm: Warm<'_>,
+        m: usize,
+    ) {
+        let args = (k, n, a4, b, ldb, accumulate);
         // Each column chunk asks for its share of `warm`'s lines.
         let (lines, chunks) = (warm.lines(), n.div_ceil(WIDTH));
         let share =
@@ -1666,7 +1738,7 @@ mod few_avx2 {
     #[target_feature(enable = "avx2,fma,f16c")]
     #[allow(clippy::type_complexity)]
     unsafe fn chunk<const R: usize, const TWO: bool, const AHEAD: bool, S: Src>(
-        (k, n, a, lda, b, ldb, accumulate): (usize, usize, &[f32], usize, S, usize, bool),
+        (k, n, a4, b, ldb, accumulate): (usize, usize, &[f32], S, usize, bool),
         j: usize,
         c: &mut [f32],
         ldc: usize,
@@ -1678,34 +1750,52 @@ mod few_avx2 {
         while p0 < k {
             let p1 = p0.saturating_add(S::SHARED_ROWS).min(k);
             let shared = b.shared(p0, j, ldb, TWO);
-            for p in p0..p1 {
+            // One step of `p`: ask for what comes later, then multiply row `p` of B.
+            macro_rules! step {
+                ($p:expr) => {{
+                    let p = $p;
+                    // B's rows lie `ldb` apart: the first chunk asks for whole rows well
+                    // ahead (unless B was asked for already), the others for their own
+                    // columns a few steps ahead.
+                    if AHEAD && p + PREFETCH_ROWS < k {
+                        let (at, last) = b.row(p + PREFETCH_ROWS, n, ldb);
+                        // Every line from the one `at` is in to the one `at + last` is in.
+                        let mut off = 0;
+                        while off < last + 64 {
+                            _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(off));
+                            off += 64;
+                        }
+                    } else if p + PREFETCH < k {
+                        let (at, bytes) = b.span(p + PREFETCH, j, ldb);
+                        _mm_prefetch::<_MM_HINT_T0>(at);
+                        if TWO && bytes > 32 {
+                            _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(bytes - 1));
+                        }
+                    }
+                    let bv = b.load_shared::<TWO>(shared, p, j, ldb);
+                    let a = a4.as_ptr().add(p * FEW_ROWS);
+                    for (i, acc) in acc.iter_mut().enumerate() {
+                        let ai = _mm256_broadcast_ss(&*a.add(i));
+                        acc[0] = _mm256_fmadd_ps(ai, bv[0], acc[0]);
+                        if TWO {
+                            acc[1] = _mm256_fmadd_ps(ai, bv[1], acc[1]);
+                        }
+                    }
+                }};
+            }
+            // Two steps a turn, with `S::WARM_PER_TURN` of `warm`'s lines asked for per turn.
+            let mut p = p0;
+            while p + 2 <= p1 {
+                for _ in 0..S::WARM_PER_TURN {
+                    warm.step();
+                }
+                step!(p);
+                step!(p + 1);
+                p += 2;
+            }
+            if p < p1 {
                 warm.step();
-                // B's rows lie `ldb` apart: the first chunk asks for whole rows well ahead
-                // (unless B was asked for already), the others for their own columns a few
-                // steps ahead.
-                if AHEAD && p + PREFETCH_ROWS < k {
-                    let (at, last) = b.row(p + PREFETCH_ROWS, n, ldb);
-                    // Every line from the one `at` is in to the one `at + last` is in.
-                    let mut off = 0;
-                    while off < last + 64 {
-                        _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(off));
-                        off += 64;
-                    }
-                } else if p + PREFETCH < k {
-                    let (at, bytes) = b.span(p + PREFETCH, j, ldb);
-                    _mm_prefetch::<_MM_HINT_T0>(at);
-                    if TWO && bytes > 32 {
-                        _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(bytes - 1));
-                    }
-                }
-                let bv = b.load_shared::<TWO>(shared, p, j, ldb);
-                for (i, acc) in acc.iter_mut().enumerate() {
-                    let ai = _mm256_broadcast_ss(a.get_unchecked(i * lda + p));
-                    acc[0] = _mm256_fmadd_ps(ai, bv[0], acc[0]);
-                    if TWO {
-                        acc[1] = _mm256_fmadd_ps(ai, bv[1], acc[1]);
-                    }
-                }
+                step!(p);
             }
             p0 = p1;
         }

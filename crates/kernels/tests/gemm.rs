@@ -76,10 +76,52 @@ fn gemm_matches_f64_on_all_paths() {
     set_level(best());
 }
 
-/// Operands packed once give the same products as views, across blocking edges (k past
-/// one packing depth, m past one row block, n past one panel).
-/// The few-row product on B in its stored type (f32, f16, bf16, read in place with a row
-/// stride) equals gemm on B converted to f32, bit for bit, on every level: the decode path
+/// q8_0 with one f16 scale per 32 values and the byte times the scale as the value (the
+/// scale a power of two over 127, so every product is exact): `(values, quants)`.
+fn q8_quant(x: f32) -> i8 {
+    (x * 127.0).round().clamp(-127.0, 127.0) as i8
+}
+const Q8_SCALE: f32 = 1.0 / 128.0;
+
+/// `b` (k × ldb) as keys lie in the cache: quantized down each column in blocks of 32
+/// rows, quants row-major then the scales (block row, column); a block's scale varies
+/// with its column so that a scale mix-up shows.
+fn q8_cols(b: &[f32], k: usize, ldb: usize) -> (Vec<f32>, Vec<u8>) {
+    let scale = |p: usize, j: usize| Q8_SCALE * (1 + (p / 32 + j) % 3) as f32;
+    let q: Vec<i8> = b.iter().map(|&x| q8_quant(x)).collect();
+    let vals = (0..k * ldb)
+        .map(|i| q[i] as f32 * scale(i / ldb, i % ldb))
+        .collect();
+    let mut bytes: Vec<u8> = q.iter().map(|&v| v as u8).collect();
+    for bp in 0..k.div_ceil(32) {
+        for j in 0..ldb {
+            bytes.extend(half::f16::from_f32(scale(bp * 32, j)).to_le_bytes());
+        }
+    }
+    (vals, bytes)
+}
+
+/// `b` (k × ldb) as values lie in the cache: each row in q8_0 blocks of 32 (a scale,
+/// then 32 bytes), the scale varying with row and block.
+fn q8_rows(b: &[f32], k: usize, ldb: usize) -> (Vec<f32>, Vec<u8>) {
+    let mut vals = vec![0f32; k * ldb];
+    let mut bytes = vec![];
+    for p in 0..k {
+        for blk in 0..ldb / 32 {
+            let d = Q8_SCALE * (1 + (p + blk) % 3) as f32;
+            bytes.extend(half::f16::from_f32(d).to_le_bytes());
+            for j in blk * 32..(blk + 1) * 32 {
+                let q = q8_quant(b[p * ldb + j]);
+                vals[p * ldb + j] = q as f32 * d;
+                bytes.push(q as u8);
+            }
+        }
+    }
+    (vals, bytes)
+}
+
+/// The few-row product on B in its stored type (f32, f16, bf16, q8_0 keys and values as
+/// the cache lays them out, read in place with a row stride) equals gemm on B converted to f32, bit for bit, on every level: the decode path
 /// of attention relies on it.
 #[test]
 fn few_rows_equal_gemm_bit_for_bit() {
@@ -88,15 +130,20 @@ fn few_rows_equal_gemm_bit_for_bit() {
     for level in levels() {
         set_level(level);
         for &(m, k, n) in &[
-            (1, 7, 5),
+            (1usize, 7usize, 5usize),
             (2, 256, 256),
             (3, 33, 100),
             (4, 256, 77),
             (4, 5, 32),
         ] {
-            let ldb = n + 9;
-            let b32: Vec<f32> = rng.vec(k * ldb);
-            for ty in ["f32", "f16", "bf16"] {
+            for ty in ["f32", "f16", "bf16", "q8cols", "q8rows"] {
+                // q8_0 rows hold whole blocks; the others get a stride past `n`.
+                let ldb = if ty == "q8rows" {
+                    n.next_multiple_of(32) + 32
+                } else {
+                    n + 9
+                };
+                let b32: Vec<f32> = rng.vec(k * ldb);
                 // The values the type holds, and its bytes.
                 let (vals, bytes): (Vec<f32>, Vec<u8>) = match ty {
                     "f16" => {
@@ -115,11 +162,19 @@ fn few_rows_equal_gemm_bit_for_bit() {
                             h.iter().flat_map(|v| v.to_le_bytes()).collect(),
                         )
                     }
+                    "q8cols" => q8_cols(&b32, k, ldb),
+                    "q8rows" => q8_rows(&b32, k, ldb),
                     _ => (b32.clone(), vec![]),
                 };
+                // `q8cols` bytes: the quants (k × ldb), then the f16 scales.
                 let b = match ty {
                     "f16" => RowsB::F16(&bytes),
                     "bf16" => RowsB::BF16(&bytes),
+                    "q8cols" => {
+                        let (q, scales) = bytes.split_at(k * ldb);
+                        RowsB::Q8Cols { q, scales }
+                    }
+                    "q8rows" => RowsB::Q8Rows(&bytes),
                     _ => RowsB::F32(&vals),
                 };
                 let a = rng.vec(m * k);
@@ -150,6 +205,8 @@ fn few_rows_equal_gemm_bit_for_bit() {
     }
 }
 
+/// Operands packed once give the same products as views, across blocking edges (k past
+/// one packing depth, m past one row block, n past one panel).
 #[test]
 fn packed_operands_match_views() {
     let _level = exclusive();
