@@ -911,6 +911,19 @@ impl RowsB<'_> {
         }
     }
 
+    /// Whether B holds `k` rows of its first `cols` columns, rows `ldb` apart (the scales
+    /// too, for [`RowsB::Q8Cols`]).
+    fn holds(&self, k: usize, cols: usize, ldb: usize) -> bool {
+        if k == 0 {
+            return true;
+        }
+        let scales = match self {
+            RowsB::Q8Cols { scales, .. } => scales.len() / 2 >= (k - 1) / Q8_BLOCK * ldb + cols,
+            _ => true,
+        };
+        scales && self.len() >= (k - 1) * ldb + cols
+    }
+
     /// Byte offset of row `p`'s column `j` block of a [`RowsB::Q8Rows`] operand (`ldb` a
     /// multiple of the block: linear in `p`, so a loop over rows steps it by one add).
     #[inline(always)]
@@ -1073,20 +1086,12 @@ pub fn gemm_few_rows(
         return;
     }
     assert!(a.len() >= (m - 1) * lda + k, "gemm_few_rows: A too short");
-    assert!(
-        k == 0 || b.len() >= (k - 1) * ldb + n,
-        "gemm_few_rows: B too short"
-    );
-    match b {
-        RowsB::Q8Rows(_) => assert!(
+    assert!(b.holds(k, n, ldb), "gemm_few_rows: B too short");
+    if let RowsB::Q8Rows(_) = b {
+        assert!(
             ldb.is_multiple_of(Q8_BLOCK) && n <= ldb,
             "gemm_few_rows: q8_0 rows of {ldb} values"
-        ),
-        RowsB::Q8Cols { scales, .. } => assert!(
-            k == 0 || scales.len() / 2 >= (k - 1) / Q8_BLOCK * ldb + n,
-            "gemm_few_rows: q8_0 scales too short"
-        ),
-        _ => {}
+        )
     }
     assert!(c.len() >= (m - 1) * ldc + n, "gemm_few_rows: C too short");
     #[cfg(not(target_arch = "x86_64"))]
@@ -1614,9 +1619,17 @@ mod few_avx2 {
         accumulate: bool,
         warm: Warm<'_>,
     ) {
-        with_src!(b, src => rows(m, k, n, a, lda, src, ldb, c, ldc, accumulate, warm));
-        // The last few columns one by one, with the same fused multiply-adds.
-        for j in n / 8 * 8..n {
+        // The last `n % 8` columns go as one more chunk of 8 where B's rows hold 8 columns
+        // from there (attention's blocks lie in pages of whole vectors): the lanes past `n`
+        // are computed and dropped.
+        let last = n / 8 * 8;
+        let tail = last < n && last + 8 <= ldb && b.holds(k, last + 8, ldb);
+        with_src!(b, src => rows(m, k, n, a, lda, src, ldb, c, ldc, accumulate, warm, tail));
+        if tail {
+            return;
+        }
+        // Otherwise one by one, with the same fused multiply-adds.
+        for j in last..n {
             for i in 0..m {
                 let mut acc = 0f32;
                 for p in 0..k {
@@ -1643,6 +1656,7 @@ mod few_avx2 {
         ldc: usize,
         accumulate: bool,
         warm: Warm<'_>,
+        tail: bool,
     ) {
         A_T.with(|at| {
             let mut at = at.borrow_mut();
@@ -1650,7 +1664,7 @@ mod few_avx2 {
                 at.resize(k * FEW_ROWS, 0.0);
             }
             interleave(m, k, a, lda, &mut at);
-            columns(k, n, &at, b, ldb, c, ldc, accumulate, warm, m)
+            columns(k, n, &at, b, ldb, c, ldc, accumulate, warm, m, tail)
         })
     }
 
@@ -1703,6 +1717,7 @@ mod few_avx2 {
         accumulate: bool,
         warm: Warm<'_>,
         m: usize,
+        tail: bool,
     ) {
         let args = (k, n, a4, b, ldb, accumulate);
         // Each column chunk asks for its share of `warm`'s lines.
@@ -1730,6 +1745,24 @@ mod few_avx2 {
                 (_, false, _) => chunk::<4, false, false, S>(args, j, c, ldc, share(j)),
             }
             j += if two { 16 } else { 8 };
+        }
+        if tail {
+            // Past `n`, into a tile of 8 columns from which the first `n - j` are kept
+            // (added to C as the chunks add theirs: one rounding).
+            let mut t = [0f32; FEW_ROWS * 8];
+            let args = (k, n, a4, b, ldb, false);
+            match m {
+                1 => chunk::<1, false, false, S>(args, j, &mut t, 8, share(j)),
+                2 => chunk::<2, false, false, S>(args, j, &mut t, 8, share(j)),
+                3 => chunk::<3, false, false, S>(args, j, &mut t, 8, share(j)),
+                _ => chunk::<4, false, false, S>(args, j, &mut t, 8, share(j)),
+            }
+            for i in 0..m {
+                let row = &mut c[i * ldc + j..i * ldc + n];
+                for (o, v) in row.iter_mut().zip(&t[i * 8..]) {
+                    *o = if accumulate { *o + v } else { *v };
+                }
+            }
         }
     }
 
