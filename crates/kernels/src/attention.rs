@@ -609,14 +609,7 @@ pub fn attend_part(
                     row[..a].fill(0.0);
                     row[b..].fill(0.0);
                     let live = &mut row[a..b];
-                    let mut m = f32::NEG_INFINITY;
-                    for v in live.iter_mut() {
-                        *v *= scores.scale;
-                        if let Some(c) = scores.softcap {
-                            *v = c * (*v / c).tanh();
-                        }
-                        m = m.max(*v);
-                    }
+                    let m = crate::vmath::scores_max(live, scores.scale, scores.softcap);
                     let m_new = max[r].max(m);
                     if m_new > max[r] {
                         // Earlier blocks were summed against a smaller maximum.
@@ -625,9 +618,7 @@ pub fn attend_part(
                         acc[r * hd..(r + 1) * hd].iter_mut().for_each(|v| *v *= c);
                         max[r] = m_new;
                     }
-                    live.iter_mut().for_each(|v| *v -= m_new);
-                    crate::vmath::exp_inplace(live);
-                    sum[r] += live.iter().sum::<f32>();
+                    sum[r] += crate::vmath::exp_sum(live, m_new);
                 }
                 if let Some((vb, ld)) = values {
                     // While the values are multiplied, the part's next keys are fetched.

@@ -1,7 +1,7 @@
-//! Vectorised `exp` and what is built on it (softmax, tanh-approximated GELU) for the
+//! Vectorised `exp` and what is built on it: softmax and tanh-approximated GELU for the
 //! vision tower, where libm's scalar calls would cost as much as the matrix products
-//! (16 heads × 4096² scores per layer). Accurate to a few ulp, far inside what an f32
-//! model can tell apart.
+//! (16 heads × 4096² scores per layer), and attention's per-block scores. Accurate to a
+//! few ulp, far inside what an f32 model can tell apart.
 
 use crate::dispatch;
 
@@ -88,6 +88,55 @@ fn exp_slice_body<const FMA: bool>(x: &mut [f32]) {
     }
 }
 dispatch!(pub fn exp_inplace(x: &mut [f32]) => exp_slice_body);
+
+/// Lanes of [`scores_max_body`] and [`exp_sum_body`]: a fixed order, and one that vectorises.
+const LANES: usize = 16;
+
+/// Attention's raw scores in place: `x·scale`, then `c·tanh(x/c)` with a soft-cap `c`;
+/// returns their maximum (`-inf` for none). The maximum is the same in any order.
+#[inline(always)]
+fn scores_max_body<const FMA: bool>(x: &mut [f32], scale: f32, softcap: Option<f32>) -> f32 {
+    for v in x.iter_mut() {
+        *v *= scale;
+    }
+    if let Some(c) = softcap {
+        for v in x.iter_mut() {
+            *v = c * (*v / c).tanh();
+        }
+    }
+    let mut m = [f32::NEG_INFINITY; LANES];
+    let mut chunks = x.chunks_exact(LANES);
+    for c in &mut chunks {
+        for l in 0..LANES {
+            m[l] = m[l].max(c[l]);
+        }
+    }
+    let rest = chunks.remainder().iter();
+    m.iter()
+        .chain(rest)
+        .fold(f32::NEG_INFINITY, |a, &b| a.max(b))
+}
+dispatch!(pub fn scores_max(x: &mut [f32], scale: f32, softcap: Option<f32>) -> f32 => scores_max_body);
+
+/// `x` becomes `exp(x - max)`; returns its sum, added up in [`LANES`] running sums and then
+/// those in order (the same order on every level and for every caller).
+#[inline(always)]
+fn exp_sum_body<const FMA: bool>(x: &mut [f32], max: f32) -> f32 {
+    let mut s = [0f32; LANES];
+    let mut chunks = x.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for l in 0..LANES {
+            c[l] = exp_body::<FMA>(c[l] - max);
+            s[l] += c[l];
+        }
+    }
+    for (l, v) in chunks.into_remainder().iter_mut().enumerate() {
+        *v = exp_body::<FMA>(*v - max);
+        s[l] += *v;
+    }
+    s.iter().sum()
+}
+dispatch!(pub fn exp_sum(x: &mut [f32], max: f32) -> f32 => exp_sum_body);
 
 #[inline(always)]
 fn softmax_columns_body<const FMA: bool>(
