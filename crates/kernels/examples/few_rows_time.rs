@@ -3,8 +3,8 @@
 //! query rows (270M's group), head dim 256, with the `Warm` hints attention passes; then
 //! each product alone. Prints the best of 7 runs, in µs per block.
 //!
-//! `few_rows_time [BLOCKS]`: 600 blocks (the default, 80 MB) come from memory; 8 stay in
-//! the second-level cache.
+//! `few_rows_time [BLOCKS] [f16]`: 600 blocks (the default) come from memory; 8 stay in
+//! the second-level cache. With `f16`, an f16 cache instead of q8_0.
 use gemma3_kernels::gemm::{gemm_few_rows, RowsB, Warm};
 use std::time::Instant;
 
@@ -31,11 +31,37 @@ fn main() {
     let q: Vec<f32> = (0..rows * hd).map(|i| (i % 7) as f32 * 0.1).collect();
     let mut s = vec![0f32; rows * nk];
     let mut acc = vec![0f32; rows * hd];
-    let kb = |b: usize| RowsB::Q8Cols {
-        q: &kq[b * hd * nk..(b + 1) * hd * nk],
-        scales: &ks[b * hd / 32 * nk * 2..(b + 1) * hd / 32 * nk * 2],
+    // f16 keys and values: any bytes with the exponent bits tamed.
+    let f16 = std::env::args().nth(2).as_deref() == Some("f16");
+    let halves = |n: usize| -> Vec<u8> {
+        (0..n)
+            .flat_map(|i| {
+                half::f16::from_f32(((i * 7919) % 255) as f32 / 255.0 - 0.5).to_le_bytes()
+            })
+            .collect()
     };
-    let vb = |b: usize| RowsB::Q8Rows(&v[b * nk * vrow..(b + 1) * nk * vrow]);
+    let (kh, vh) = if f16 {
+        (halves(blocks * hd * nk), halves(blocks * nk * hd))
+    } else {
+        (vec![], vec![])
+    };
+    let kb = |b: usize| {
+        if f16 {
+            RowsB::F16(&kh[2 * b * hd * nk..2 * (b + 1) * hd * nk])
+        } else {
+            RowsB::Q8Cols {
+                q: &kq[b * hd * nk..(b + 1) * hd * nk],
+                scales: &ks[b * hd / 32 * nk * 2..(b + 1) * hd / 32 * nk * 2],
+            }
+        }
+    };
+    let vb = |b: usize| {
+        if f16 {
+            RowsB::F16(&vh[2 * b * nk * hd..2 * (b + 1) * nk * hd])
+        } else {
+            RowsB::Q8Rows(&v[b * nk * vrow..(b + 1) * nk * vrow])
+        }
+    };
     let mut best = f64::MAX;
     for _ in 0..7 {
         let t = Instant::now();
