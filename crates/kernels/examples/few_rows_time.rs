@@ -62,83 +62,37 @@ fn main() {
             RowsB::Q8Rows(&v[b * nk * vrow..(b + 1) * nk * vrow])
         }
     };
-    let mut best = f64::MAX;
-    for _ in 0..7 {
-        let t = Instant::now();
-        for b in 0..blocks {
-            gemm_few_rows(
-                rows,
-                hd,
-                nk,
-                &q,
-                hd,
-                kb(b),
-                nk,
-                &mut s,
-                nk,
-                false,
-                Warm::of(vb(b)).b_warm(b > 0),
-            );
-            let next = if b + 1 < blocks {
-                Warm::of(kb(b + 1))
-            } else {
-                Warm::NONE
-            };
-            gemm_few_rows(
-                rows,
-                nk,
-                hd,
-                &s,
-                nk,
-                vb(b),
-                hd,
-                &mut acc,
-                hd,
-                true,
-                next.b_warm(true),
-            );
-        }
-        best = best.min(t.elapsed().as_secs_f64() / blocks as f64 * 1e6);
-    }
-    let (mut bk, mut bv) = (f64::MAX, f64::MAX);
-    for _ in 0..7 {
-        let t = Instant::now();
-        for b in 0..blocks {
-            gemm_few_rows(
-                rows,
-                hd,
-                nk,
-                &q,
-                hd,
-                kb(b),
-                nk,
-                &mut s,
-                nk,
-                false,
-                Warm::NONE.b_warm(true),
-            );
-        }
-        bk = bk.min(t.elapsed().as_secs_f64() / blocks as f64 * 1e6);
-        let t = Instant::now();
-        for b in 0..blocks {
-            gemm_few_rows(
-                rows,
-                nk,
-                hd,
-                &s,
-                nk,
-                vb(b),
-                hd,
-                &mut acc,
-                hd,
-                true,
-                Warm::NONE.b_warm(true),
-            );
-        }
-        bv = bv.min(t.elapsed().as_secs_f64() / blocks as f64 * 1e6);
-    }
+    // Scores of block `b`, then its values weighed by them (as attention calls them).
+    let qk = |b: usize, s: &mut [f32], warm: Warm<'_>| {
+        gemm_few_rows(rows, hd, nk, &q, hd, kb(b), nk, s, nk, false, warm)
+    };
+    let pv = |b: usize, s: &[f32], acc: &mut [f32], warm: Warm<'_>| {
+        gemm_few_rows(rows, nk, hd, s, nk, vb(b), hd, acc, hd, true, warm)
+    };
+    // The best of 7 runs of `f` over every block, in µs per block.
+    let time = |f: &mut dyn FnMut(usize)| {
+        (0..7)
+            .map(|_| {
+                let t = Instant::now();
+                (0..blocks).for_each(&mut *f);
+                t.elapsed().as_secs_f64() / blocks as f64 * 1e6
+            })
+            .fold(f64::MAX, f64::min)
+    };
+    let none = || Warm::NONE.b_warm(true);
+    let both = time(&mut |b| {
+        qk(b, &mut s, Warm::of(vb(b)).b_warm(b > 0));
+        let next = if b + 1 < blocks {
+            Warm::of(kb(b + 1))
+        } else {
+            Warm::NONE
+        };
+        pv(b, &s, &mut acc, next.b_warm(true));
+    });
+    let k_alone = time(&mut |b| qk(b, &mut s, none()));
+    let v_alone = time(&mut |b| pv(b, &s, &mut acc, none()));
     println!(
-        "{best:.2} µs per block (K alone {bk:.2}, V alone {bv:.2}; checksum {})",
+        "{both:.2} µs per block (K alone {k_alone:.2}, V alone {v_alone:.2}; checksum {})",
         acc.iter().sum::<f32>()
     );
 }

@@ -1624,7 +1624,14 @@ mod few_avx2 {
         // are computed and dropped.
         let last = n / 8 * 8;
         let tail = last < n && last + 8 <= ldb && b.holds(k, last + 8, ldb);
-        with_src!(b, src => rows(m, k, n, a, lda, src, ldb, c, ldc, accumulate, warm, tail));
+        A_T.with(|a4| {
+            let mut a4 = a4.borrow_mut();
+            if a4.len() < k * FEW_ROWS {
+                a4.resize(k * FEW_ROWS, 0.0);
+            }
+            interleave(m, k, a, lda, &mut a4);
+            with_src!(b, src => rows(k, n, &a4, src, ldb, c, ldc, accumulate, warm, m, tail));
+        });
         if tail {
             return;
         }
@@ -1639,33 +1646,6 @@ mod few_avx2 {
                 *o = if accumulate { *o + acc } else { acc };
             }
         }
-    }
-
-    /// Columns 16 at a time (two vectors per row, up to eight chains), then 8.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn rows<S: Src>(
-        m: usize,
-        k: usize,
-        n: usize,
-        a: &[f32],
-        lda: usize,
-        b: S,
-        ldb: usize,
-        c: &mut [f32],
-        ldc: usize,
-        accumulate: bool,
-        warm: Warm<'_>,
-        tail: bool,
-    ) {
-        A_T.with(|at| {
-            let mut at = at.borrow_mut();
-            if at.len() < k * FEW_ROWS {
-                at.resize(k * FEW_ROWS, 0.0);
-            }
-            interleave(m, k, a, lda, &mut at);
-            columns(k, n, &at, b, ldb, c, ldc, accumulate, warm, m, tail)
-        })
     }
 
     thread_local! {
@@ -1703,10 +1683,11 @@ mod few_avx2 {
         }
     }
 
-    /// [`rows`]'s column chunks, A interleaved in `a4` (see [`interleave`]).
+    /// Columns 16 at a time (two vectors per row, up to eight chains), then 8, then (with
+    /// `tail`) the last few as 8; A's `m` rows interleaved in `a4` (see [`interleave`]).
     #[target_feature(enable = "avx2,fma,f16c")]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn columns<S: Src>(
+    unsafe fn rows<S: Src>(
         k: usize,
         n: usize,
         a4: &[f32],
