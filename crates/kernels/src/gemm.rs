@@ -1619,11 +1619,12 @@ mod few_avx2 {
         accumulate: bool,
         warm: Warm<'_>,
     ) {
-        // The last `n % 8` columns go as one more chunk of 8 where B's rows hold 8 columns
-        // from there (attention's blocks lie in pages of whole vectors): the lanes past `n`
-        // are computed and dropped.
+        // The last `n % 8` columns go as one more chunk of 8, the one that ends at `n` (it
+        // overlaps the chunk before, whose columns it computes again and drops). Not for
+        // q8_0 rows, whose 8 columns must lie in one block (attention's values have none
+        // left over: their columns are the head dimension).
         let last = n / 8 * 8;
-        let tail = last < n && last + 8 <= ldb && b.holds(k, last + 8, ldb);
+        let tail = n >= 8 && last < n && !matches!(b, RowsB::Q8Rows(_));
         A_T.with(|a4| {
             let mut a4 = a4.borrow_mut();
             if a4.len() < k * FEW_ROWS {
@@ -1684,7 +1685,8 @@ mod few_avx2 {
     }
 
     /// Columns 16 at a time (two vectors per row, up to eight chains), then 8, then (with
-    /// `tail`) the last few as 8; A's `m` rows interleaved in `a4` (see [`interleave`]).
+    /// `tail`) the last few in the 8 that end at `n`; A's `m` rows interleaved in `a4` (see
+    /// [`interleave`]).
     #[target_feature(enable = "avx2,fma,f16c")]
     #[allow(clippy::too_many_arguments)]
     unsafe fn rows<S: Src>(
@@ -1728,19 +1730,19 @@ mod few_avx2 {
             j += if two { 16 } else { 8 };
         }
         if tail {
-            // Past `n`, into a tile of 8 columns from which the first `n - j` are kept
-            // (added to C as the chunks add theirs: one rounding).
-            let mut t = [0f32; FEW_ROWS * 8];
+            // Columns `n - 8 .. n` into a tile, of which the last `n - j` are kept (added to
+            // C as the chunks add theirs: one rounding).
+            let (mut t, j0) = ([0f32; FEW_ROWS * 8], n - 8);
             let args = (k, n, a4, b, ldb, false);
             match m {
-                1 => chunk::<1, false, false, S>(args, j, &mut t, 8, share(j)),
-                2 => chunk::<2, false, false, S>(args, j, &mut t, 8, share(j)),
-                3 => chunk::<3, false, false, S>(args, j, &mut t, 8, share(j)),
-                _ => chunk::<4, false, false, S>(args, j, &mut t, 8, share(j)),
+                1 => chunk::<1, false, false, S>(args, j0, &mut t, 8, share(j0)),
+                2 => chunk::<2, false, false, S>(args, j0, &mut t, 8, share(j0)),
+                3 => chunk::<3, false, false, S>(args, j0, &mut t, 8, share(j0)),
+                _ => chunk::<4, false, false, S>(args, j0, &mut t, 8, share(j0)),
             }
             for i in 0..m {
                 let row = &mut c[i * ldc + j..i * ldc + n];
-                for (o, v) in row.iter_mut().zip(&t[i * 8..]) {
+                for (o, v) in row.iter_mut().zip(&t[i * 8 + j - j0..]) {
                     *o = if accumulate { *o + v } else { *v };
                 }
             }

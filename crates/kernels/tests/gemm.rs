@@ -138,8 +138,8 @@ fn few_rows_equal_gemm_bit_for_bit() {
         ] {
             for ty in ["f32", "f16", "bf16", "q8cols", "q8rows"] {
                 // q8_0 rows hold whole blocks. The others get a stride past `n` for odd `k`
-                // (the last `n % 8` columns then go as a vector chunk, reading past `n`) and
-                // none for even `k` (one by one).
+                // and none for even `k` (B then ends at its last element, as attention's
+                // blocks do).
                 let ldb = if ty == "q8rows" {
                     n.next_multiple_of(32) + 32
                 } else {
