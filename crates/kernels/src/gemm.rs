@@ -911,19 +911,6 @@ impl RowsB<'_> {
         }
     }
 
-    /// Whether B holds `k` rows of its first `cols` columns, rows `ldb` apart (the scales
-    /// too, for [`RowsB::Q8Cols`]).
-    fn holds(&self, k: usize, cols: usize, ldb: usize) -> bool {
-        if k == 0 {
-            return true;
-        }
-        let scales = match self {
-            RowsB::Q8Cols { scales, .. } => scales.len() / 2 >= (k - 1) / Q8_BLOCK * ldb + cols,
-            _ => true,
-        };
-        scales && self.len() >= (k - 1) * ldb + cols
-    }
-
     /// Byte offset of row `p`'s column `j` block of a [`RowsB::Q8Rows`] operand (`ldb` a
     /// multiple of the block: linear in `p`, so a loop over rows steps it by one add).
     #[inline(always)]
@@ -1086,12 +1073,20 @@ pub fn gemm_few_rows(
         return;
     }
     assert!(a.len() >= (m - 1) * lda + k, "gemm_few_rows: A too short");
-    assert!(b.holds(k, n, ldb), "gemm_few_rows: B too short");
-    if let RowsB::Q8Rows(_) = b {
-        assert!(
+    assert!(
+        k == 0 || b.len() >= (k - 1) * ldb + n,
+        "gemm_few_rows: B too short"
+    );
+    match b {
+        RowsB::Q8Rows(_) => assert!(
             ldb.is_multiple_of(Q8_BLOCK) && n <= ldb,
             "gemm_few_rows: q8_0 rows of {ldb} values"
-        )
+        ),
+        RowsB::Q8Cols { scales, .. } => assert!(
+            k == 0 || scales.len() / 2 >= (k - 1) / Q8_BLOCK * ldb + n,
+            "gemm_few_rows: q8_0 scales too short"
+        ),
+        _ => {}
     }
     assert!(c.len() >= (m - 1) * ldc + n, "gemm_few_rows: C too short");
     #[cfg(not(target_arch = "x86_64"))]

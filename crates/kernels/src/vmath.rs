@@ -35,25 +35,34 @@ pub(crate) fn exp_body<const FMA: bool>(x: f32) -> f32 {
     }
 }
 
+/// Lanes of the reductions here: a fixed order, and one that vectorises.
+const LANES: usize = 16;
+
+/// The largest of `x` (`-inf` for none), in [`LANES`] lanes (the same in any order).
+#[inline(always)]
+fn lanes_max(x: &[f32]) -> f32 {
+    let mut m = [f32::NEG_INFINITY; LANES];
+    let mut chunks = x.chunks_exact(LANES);
+    for c in &mut chunks {
+        for l in 0..LANES {
+            m[l] = m[l].max(c[l]);
+        }
+    }
+    let rest = chunks.remainder().iter();
+    m.iter()
+        .chain(rest)
+        .fold(f32::NEG_INFINITY, |a, &b| a.max(b))
+}
+
 #[inline(always)]
 fn softmax_body<const FMA: bool>(x: &mut [f32], scale: f32) {
     // softmax(scale·x), scale > 0.
     // Max and sum in 16 lanes (a fixed order, and one that vectorises).
-    let mut m = [f32::NEG_INFINITY; 16];
-    let mut chunks = x.chunks_exact(16);
+    let max = lanes_max(x) * scale;
+    let mut s = [0f32; LANES];
+    let mut chunks = x.chunks_exact_mut(LANES);
     for c in &mut chunks {
-        for l in 0..16 {
-            m[l] = if c[l] > m[l] { c[l] } else { m[l] };
-        }
-    }
-    for (l, v) in chunks.remainder().iter().enumerate() {
-        m[l] = if *v > m[l] { *v } else { m[l] };
-    }
-    let max = m.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) * scale;
-    let mut s = [0f32; 16];
-    let mut chunks = x.chunks_exact_mut(16);
-    for c in &mut chunks {
-        for l in 0..16 {
+        for l in 0..LANES {
             c[l] = exp_body::<FMA>(crate::ops::fmadd::<FMA>(c[l], scale, -max));
             s[l] += c[l];
         }
@@ -89,9 +98,6 @@ fn exp_slice_body<const FMA: bool>(x: &mut [f32]) {
 }
 dispatch!(pub fn exp_inplace(x: &mut [f32]) => exp_slice_body);
 
-/// Lanes of [`scores_max_body`] and [`exp_sum_body`]: a fixed order, and one that vectorises.
-const LANES: usize = 16;
-
 /// Attention's raw scores in place: `x·scale`, then `c·tanh(x/c)` with a soft-cap `c`;
 /// returns their maximum (`-inf` for none). The maximum is the same in any order.
 #[inline(always)]
@@ -104,17 +110,7 @@ fn scores_max_body<const FMA: bool>(x: &mut [f32], scale: f32, softcap: Option<f
             *v = c * (*v / c).tanh();
         }
     }
-    let mut m = [f32::NEG_INFINITY; LANES];
-    let mut chunks = x.chunks_exact(LANES);
-    for c in &mut chunks {
-        for l in 0..LANES {
-            m[l] = m[l].max(c[l]);
-        }
-    }
-    let rest = chunks.remainder().iter();
-    m.iter()
-        .chain(rest)
-        .fold(f32::NEG_INFINITY, |a, &b| a.max(b))
+    lanes_max(x)
 }
 dispatch!(pub fn scores_max(x: &mut [f32], scale: f32, softcap: Option<f32>) -> f32 => scores_max_body);
 
