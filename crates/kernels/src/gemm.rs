@@ -1153,24 +1153,165 @@ macro_rules! with_src {
     };
 }
 
+/// A's rows as the x86 few-row loops read them: interleaved once per call (see
+/// [`interleave`]), into a buffer each thread grows once to the longest `k` it has seen.
+#[cfg(target_arch = "x86_64")]
+mod few_a {
+    use super::FEW_ROWS;
+    use std::arch::x86_64::*;
+    use std::cell::RefCell;
+
+    thread_local! {
+        /// A's rows interleaved (see [`interleave`]).
+        static A_T: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// `f` of A's first `m` rows (`k` values each, `lda` apart) interleaved.
+    #[inline(always)]
+    pub(super) fn with_interleaved<R>(
+        m: usize,
+        k: usize,
+        a: &[f32],
+        lda: usize,
+        f: impl FnOnce(&[f32]) -> R,
+    ) -> R {
+        A_T.with(|a4| {
+            let mut a4 = a4.borrow_mut();
+            if a4.len() < k * FEW_ROWS {
+                a4.resize(k * FEW_ROWS, 0.0);
+            }
+            interleave(m, k, a, lda, &mut a4);
+            f(&a4)
+        })
+    }
+
+    /// A's first `m` rows interleaved into `at`: element `(i, p)` at `at[p·FEW_ROWS + i]`
+    /// (rows past `m` repeat row 0, unread), so that a loop reads each step's A values from
+    /// one pointer instead of keeping a register (or a stack slot) per row. (Inlined into
+    /// its caller, so its instructions take the caller's encoding.)
+    #[inline(always)]
+    fn interleave(m: usize, k: usize, a: &[f32], lda: usize, at: &mut [f32]) {
+        const { assert!(FEW_ROWS == 4, "the transpose below is 4 × 4") };
+        assert!(m >= 1 && a.len() >= (m - 1) * lda + k && at.len() >= k * FEW_ROWS);
+        let row = |i: usize| if i < m { i * lda } else { 0 };
+        let (r0, r1, r2, r3) = (row(0), row(1), row(2), row(3));
+        let mut p = 0;
+        while p + 4 <= k {
+            // SAFETY: SSE is part of every x86-64 CPU; each row's `p .. p + 4` lies in `a`
+            // and `at` holds `k · FEW_ROWS` values (asserted above).
+            unsafe {
+                // A 4 × 4 transpose: rows `i` at columns `p .. p + 4` to columns `i` at rows.
+                let x0 = _mm_loadu_ps(a.as_ptr().add(r0 + p));
+                let x1 = _mm_loadu_ps(a.as_ptr().add(r1 + p));
+                let x2 = _mm_loadu_ps(a.as_ptr().add(r2 + p));
+                let x3 = _mm_loadu_ps(a.as_ptr().add(r3 + p));
+                let (t0, t1) = (_mm_unpacklo_ps(x0, x1), _mm_unpacklo_ps(x2, x3));
+                let (t2, t3) = (_mm_unpackhi_ps(x0, x1), _mm_unpackhi_ps(x2, x3));
+                let o = at.as_mut_ptr().add(p * FEW_ROWS);
+                _mm_storeu_ps(o, _mm_movelh_ps(t0, t1));
+                _mm_storeu_ps(o.add(4), _mm_movehl_ps(t1, t0));
+                _mm_storeu_ps(o.add(8), _mm_movelh_ps(t2, t3));
+                _mm_storeu_ps(o.add(12), _mm_movehl_ps(t3, t2));
+            }
+            p += 4;
+        }
+        for p in p..k {
+            for (i, r) in [r0, r1, r2, r3].into_iter().enumerate() {
+                at[p * FEW_ROWS + i] = a[r + p];
+            }
+        }
+    }
+
+    /// Asks for every line of the `bytes` bytes from `at` into the first-level cache.
+    #[inline(always)]
+    pub(super) fn prefetch_span(at: *const i8, bytes: usize) {
+        let mut off = 0;
+        while off < bytes {
+            // SAFETY: a prefetch reads nothing architecturally and never faults.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(off)) };
+            off += 64;
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod few_avx512 {
-    use super::{RowsB, Warm, WarmLines, Q8_BLOCK};
+    use super::few_a::{prefetch_span, with_interleaved};
+    use super::{RowsB, Warm, WarmLines, FEW_ROWS, Q8_BLOCK};
     use std::arch::x86_64::*;
 
     /// Rows ahead that [`chunk`] asks the memory for.
     const PREFETCH: usize = 8;
 
+    /// Rows ahead that the first [`chunk`] asks for whole (all `n` columns), so that the
+    /// later chunks find B's rows in the caches instead of waiting for memory.
+    const PREFETCH_ROWS: usize = 16;
+
+    /// Vectors per [`chunk`]: two 64-byte lines of f16 per row of B, so B's rows are read
+    /// in long runs, and 4 × rows chains hide the FMA latency.
+    const V: usize = 4;
+
+    /// Columns per [`chunk`].
+    const WIDTH: usize = 16 * V;
+
+    /// One row of a chunk's B, or what its rows share.
+    type Vecs = [__m512; V];
+
     /// How [`chunk`] reads B: one implementation per [`RowsB`] variant, so each gets its
     /// own loop with no branch on the type inside.
     trait Src: Copy {
-        /// Where row `p`'s 64 elements from column `j` start, and the bytes they span.
+        /// Where row `p`'s [`WIDTH`] elements from column `j` start, and the bytes they span.
         fn span(self, p: usize, j: usize, ldb: usize) -> (*const i8, usize);
+        /// Where row `p` starts, and how many bytes on its last element starts (of the
+        /// first `n`).
+        #[inline(always)]
+        fn row(self, p: usize, n: usize, ldb: usize) -> (*const i8, usize) {
+            let (at, _) = self.span(p, 0, ldb);
+            let (last, _) = self.span(p, n - 1, ldb);
+            (at, last as usize - at as usize)
+        }
         /// 16 elements of row `p` from column `j` (the first `mask` lanes), as f32.
         ///
         /// # Safety
         /// AVX-512 F/BW/VL; the elements must be in B.
         unsafe fn load(self, p: usize, j: usize, ldb: usize, mask: __mmask16) -> __m512;
+        /// Rows that share what [`Src::shared`] reads (blocks aligned to row 0).
+        const SHARED_ROWS: usize = usize::MAX;
+        /// `Warm` lines a chunk asks for per turn of two steps: its share of bytes stored
+        /// like B (attention warms the other operand of the same cache) is two rows of
+        /// [`WIDTH`] elements' lines per turn, spread evenly.
+        const WARM_PER_TURN: usize = 4;
+        /// What rows `p .. p + SHARED_ROWS` share for the chunk's columns from `j` (the
+        /// `masks` lanes): read once per block of rows instead of once per row.
+        ///
+        /// # Safety
+        /// As [`Src::load`].
+        #[inline(always)]
+        unsafe fn shared(self, _p: usize, _j: usize, _ldb: usize, _m: &[__mmask16; V]) -> Vecs {
+            [_mm512_setzero_ps(); V]
+        }
+        /// Row `p`'s [`WIDTH`] elements from column `j` (the `masks` lanes; all, if
+        /// `FULL`), given what [`Src::shared`] gave for the block row `p` is in.
+        ///
+        /// # Safety
+        /// As [`Src::load`].
+        #[inline(always)]
+        unsafe fn load_all<const FULL: bool>(
+            self,
+            _shared: &Vecs,
+            p: usize,
+            j: usize,
+            ldb: usize,
+            masks: &[__mmask16; V],
+        ) -> Vecs {
+            std::array::from_fn(|v| {
+                if FULL || masks[v] != 0 {
+                    self.load(p, j + 16 * v, ldb, masks[v])
+                } else {
+                    _mm512_setzero_ps()
+                }
+            })
+        }
     }
 
     #[derive(Clone, Copy)]
@@ -1185,6 +1326,7 @@ mod few_avx512 {
     struct Q8Rows<'a>(&'a [u8]);
 
     impl Src for F32s<'_> {
+        const WARM_PER_TURN: usize = 8;
         #[inline(always)]
         fn span(self, p: usize, j: usize, ldb: usize) -> (*const i8, usize) {
             (self.0.as_ptr().wrapping_add(p * ldb + j).cast(), 256)
@@ -1225,35 +1367,119 @@ mod few_avx512 {
         _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)), d)
     }
 
+    impl Q8Cols<'_> {
+        /// The bytes of row `p` from column `j`, 16 of them (the `mask` lanes).
+        #[inline(always)]
+        unsafe fn bytes(self, p: usize, j: usize, ldb: usize, mask: __mmask16) -> __m128i {
+            _mm_maskz_loadu_epi8(mask, self.0.as_ptr().add(p * ldb + j).cast())
+        }
+        /// The scales of columns `j .. j + 16` (the `mask` lanes) for the block row `p` is in.
+        #[inline(always)]
+        unsafe fn scales(self, p: usize, j: usize, ldb: usize, mask: __mmask16) -> __m512 {
+            let at = 2 * ((p / Q8_BLOCK) * ldb + j);
+            _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
+                mask,
+                self.1.as_ptr().add(at).cast(),
+            ))
+        }
+    }
+
     impl Src for Q8Cols<'_> {
+        const WARM_PER_TURN: usize = 3;
         #[inline(always)]
         fn span(self, p: usize, j: usize, ldb: usize) -> (*const i8, usize) {
             (self.0.as_ptr().wrapping_add(p * ldb + j).cast(), 64)
         }
         #[inline(always)]
         unsafe fn load(self, p: usize, j: usize, ldb: usize, mask: __mmask16) -> __m512 {
-            let q = _mm_maskz_loadu_epi8(mask, self.0.as_ptr().add(p * ldb + j).cast());
-            let at = 2 * ((p / Q8_BLOCK) * ldb + j);
-            let d = _mm256_maskz_loadu_epi16(mask, self.1.as_ptr().add(at).cast());
-            q8_times(q, _mm512_cvtph_ps(d))
+            q8_times(self.bytes(p, j, ldb, mask), self.scales(p, j, ldb, mask))
+        }
+        /// A column's scale serves its 32 rows: [`chunk`] converts it once per block
+        /// rather than once per row.
+        const SHARED_ROWS: usize = Q8_BLOCK;
+        #[inline(always)]
+        unsafe fn shared(self, p: usize, j: usize, ldb: usize, masks: &[__mmask16; V]) -> Vecs {
+            std::array::from_fn(|v| {
+                if masks[v] != 0 {
+                    self.scales(p, j + 16 * v, ldb, masks[v])
+                } else {
+                    _mm512_setzero_ps()
+                }
+            })
+        }
+        #[inline(always)]
+        unsafe fn load_all<const FULL: bool>(
+            self,
+            d: &Vecs,
+            p: usize,
+            j: usize,
+            ldb: usize,
+            masks: &[__mmask16; V],
+        ) -> Vecs {
+            std::array::from_fn(|v| {
+                if FULL || masks[v] != 0 {
+                    q8_times(self.bytes(p, j + 16 * v, ldb, masks[v]), d[v])
+                } else {
+                    _mm512_setzero_ps()
+                }
+            })
         }
     }
 
-    impl Src for Q8Rows<'_> {
+    impl Q8Rows<'_> {
+        /// Row `p`'s scale for column `j`'s block, splat, and where that block's bytes start.
         #[inline(always)]
-        fn span(self, p: usize, j: usize, ldb: usize) -> (*const i8, usize) {
-            let at = RowsB::q8_block(p, j, ldb);
-            (self.0.as_ptr().wrapping_add(at).cast(), 128)
-        }
-        #[inline(always)]
-        unsafe fn load(self, p: usize, j: usize, ldb: usize, mask: __mmask16) -> __m512 {
+        unsafe fn scale(self, p: usize, j: usize, ldb: usize) -> (__m512, *const u8) {
             let at = RowsB::q8_block(p, j, ldb);
             let h = (self.0.as_ptr().add(at) as *const u16).read_unaligned();
             // A splat, not a scalar in lane 0: LLVM would fill the other lanes from whatever
             // register is free, often an accumulator, and chain each row onto the last FMA.
             let d = _mm512_cvtph_ps(_mm256_set1_epi16(h as i16));
-            let q = _mm_maskz_loadu_epi8(mask, self.0.as_ptr().add(at + 2 + j % Q8_BLOCK).cast());
-            q8_times(q, d)
+            (d, self.0.as_ptr().add(at + 2 + j % Q8_BLOCK))
+        }
+    }
+
+    impl Src for Q8Rows<'_> {
+        const WARM_PER_TURN: usize = 3;
+        #[inline(always)]
+        fn span(self, p: usize, j: usize, ldb: usize) -> (*const i8, usize) {
+            let at = RowsB::q8_block(p, j, ldb);
+            (
+                self.0.as_ptr().wrapping_add(at).cast(),
+                2 * super::Q8_BLOCK_BYTES,
+            )
+        }
+        #[inline(always)]
+        unsafe fn load(self, p: usize, j: usize, ldb: usize, mask: __mmask16) -> __m512 {
+            let (d, q) = self.scale(p, j, ldb);
+            q8_times(_mm_maskz_loadu_epi8(mask, q.cast()), d)
+        }
+        /// A chunk's columns are two blocks (`j` is a multiple of [`WIDTH`]): each block's
+        /// scale is read once for its two vectors, and the second only where the chunk
+        /// reaches it.
+        #[inline(always)]
+        unsafe fn load_all<const FULL: bool>(
+            self,
+            _shared: &Vecs,
+            p: usize,
+            j: usize,
+            ldb: usize,
+            masks: &[__mmask16; V],
+        ) -> Vecs {
+            const { assert!(WIDTH == 2 * Q8_BLOCK) };
+            let mut out = [_mm512_setzero_ps(); V];
+            for half in 0..2 {
+                let v = 2 * half;
+                if FULL || masks[v] != 0 {
+                    let (d, q) = self.scale(p, j + Q8_BLOCK * half, ldb);
+                    out[v] = q8_times(_mm_maskz_loadu_epi8(masks[v], q.cast()), d);
+                    if FULL || masks[v + 1] != 0 {
+                        let q = q.add(16).cast();
+                        out[v + 1] = q8_times(_mm_maskz_loadu_epi8(masks[v + 1], q), d);
+                    }
+                }
+            }
+            out
         }
     }
 
@@ -1272,32 +1498,32 @@ mod few_avx512 {
         accumulate: bool,
         warm: Warm<'_>,
     ) {
-        with_src!(b, src => rows(m, k, n, a, lda, src, ldb, c, ldc, accumulate, warm));
+        with_interleaved(
+            m,
+            k,
+            a,
+            lda,
+            |a4| with_src!(b, src => rows(k, n, a4, src, ldb, c, ldc, accumulate, warm, m)),
+        );
     }
 
-    /// Columns per [`chunk`]: four vectors (two 64-byte lines of f16 per row of B), so
-    /// B's rows are read in long runs, and 4 × rows chains hide the FMA latency.
-    const V: usize = 4;
-
-    /// Columns per [`chunk`].
-    const WIDTH: usize = 16 * V;
-
+    /// Columns [`WIDTH`] at a time, the last chunk masked where B ends; A's `m` rows
+    /// interleaved in `a4`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
     #[allow(clippy::too_many_arguments)]
     unsafe fn rows<S: Src>(
-        m: usize,
         k: usize,
         n: usize,
-        a: &[f32],
-        lda: usize,
+        a4: &[f32],
         b: S,
         ldb: usize,
         c: &mut [f32],
         ldc: usize,
         accumulate: bool,
         warm: Warm<'_>,
+        m: usize,
     ) {
-        let args = (k, n, a, lda, b, ldb, accumulate);
+        let args = (k, n, a4, b, ldb, accumulate);
         // Each column chunk asks for its share of `warm`'s lines.
         let (lines, chunks) = (warm.lines(), n.div_ceil(WIDTH));
         let share =
@@ -1305,31 +1531,39 @@ mod few_avx512 {
         let mut j = 0;
         while j < n {
             let c = &mut c[j..];
-            match (m, j + 16 * V <= n) {
-                (1, true) => chunk::<1, true, S>(args, j, c, ldc, share(j)),
-                (2, true) => chunk::<2, true, S>(args, j, c, ldc, share(j)),
-                (3, true) => chunk::<3, true, S>(args, j, c, ldc, share(j)),
-                (_, true) => chunk::<4, true, S>(args, j, c, ldc, share(j)),
-                (1, false) => chunk::<1, false, S>(args, j, c, ldc, share(j)),
-                (2, false) => chunk::<2, false, S>(args, j, c, ldc, share(j)),
-                (3, false) => chunk::<3, false, S>(args, j, c, ldc, share(j)),
-                (_, false) => chunk::<4, false, S>(args, j, c, ldc, share(j)),
+            macro_rules! go {
+                ($full:literal, $ahead:literal) => {
+                    match m {
+                        1 => chunk::<1, $full, $ahead, S>(args, j, c, ldc, share(j)),
+                        2 => chunk::<2, $full, $ahead, S>(args, j, c, ldc, share(j)),
+                        3 => chunk::<3, $full, $ahead, S>(args, j, c, ldc, share(j)),
+                        _ => chunk::<4, $full, $ahead, S>(args, j, c, ldc, share(j)),
+                    }
+                };
             }
-            j += 16 * V;
+            // The first chunk asks for B's whole rows ahead, unless B was asked for already.
+            match (j + WIDTH <= n, j == 0 && !warm.b_warm) {
+                (true, true) => go!(true, true),
+                (true, false) => go!(true, false),
+                (false, _) => go!(false, false),
+            }
+            j += WIDTH;
         }
     }
 
-    /// The `R` rows of C's columns `j .. j + 64` (fewer where B ends, unless `FULL`), into
-    /// `c` (C from column `j`).
+    /// The `R` rows of C's columns `j .. j + WIDTH` (fewer where B ends, unless `FULL`),
+    /// into `c` (C from column `j`); with `AHEAD`, asking for B's whole rows well ahead
+    /// (the first chunk).
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
     #[allow(clippy::type_complexity)]
-    unsafe fn chunk<const R: usize, const FULL: bool, S: Src>(
-        (k, n, a, lda, b, ldb, accumulate): (usize, usize, &[f32], usize, S, usize, bool),
+    unsafe fn chunk<const R: usize, const FULL: bool, const AHEAD: bool, S: Src>(
+        (k, n, a4, b, ldb, accumulate): (usize, usize, &[f32], S, usize, bool),
         j: usize,
         c: &mut [f32],
         ldc: usize,
         mut warm: WarmLines,
     ) {
+        const { assert!(R <= FEW_ROWS) };
         let masks: [__mmask16; V] = std::array::from_fn(|v| {
             let left = n.saturating_sub(j + 16 * v).min(16);
             if FULL || left == 16 {
@@ -1339,30 +1573,51 @@ mod few_avx512 {
             }
         });
         let mut acc = [[_mm512_setzero_ps(); V]; R];
-        for p in 0..k {
-            warm.step();
-            // B's rows lie `ldb` apart: ask for the ones a few steps ahead.
-            if p + PREFETCH < k {
-                let (at, bytes) = b.span(p + PREFETCH, j, ldb);
-                let mut off = 0;
-                while off < bytes {
-                    _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(off));
-                    off += 64;
-                }
+        let mut p0 = 0;
+        while p0 < k {
+            let p1 = p0.saturating_add(S::SHARED_ROWS).min(k);
+            let shared = b.shared(p0, j, ldb, &masks);
+            // One step of `p`: ask for what comes later, then multiply row `p` of B.
+            macro_rules! step {
+                ($p:expr) => {{
+                    let p = $p;
+                    // B's rows lie `ldb` apart: the first chunk asks for whole rows well
+                    // ahead (unless B was asked for already), the others for their own
+                    // columns a few steps ahead.
+                    if AHEAD && p + PREFETCH_ROWS < k {
+                        let (at, last) = b.row(p + PREFETCH_ROWS, n, ldb);
+                        prefetch_span(at, last + 1);
+                    } else if p + PREFETCH < k {
+                        let (at, bytes) = b.span(p + PREFETCH, j, ldb);
+                        prefetch_span(at, bytes);
+                    }
+                    let bv = b.load_all::<FULL>(&shared, p, j, ldb, &masks);
+                    let a = a4.as_ptr().add(p * FEW_ROWS);
+                    for (i, acc) in acc.iter_mut().enumerate() {
+                        let ai = _mm512_set1_ps(*a.add(i));
+                        for v in 0..V {
+                            acc[v] = _mm512_fmadd_ps(ai, bv[v], acc[v]);
+                        }
+                    }
+                }};
             }
-            let bv: [__m512; V] = std::array::from_fn(|v| {
-                if FULL || masks[v] != 0 {
-                    b.load(p, j + 16 * v, ldb, masks[v])
-                } else {
-                    _mm512_setzero_ps()
+            // Two steps a turn, with `S::WARM_PER_TURN` of `warm`'s lines asked for per turn.
+            let mut p = p0;
+            while p + 2 <= p1 {
+                for _ in 0..S::WARM_PER_TURN {
+                    warm.step();
                 }
-            });
-            for (i, acc) in acc.iter_mut().enumerate() {
-                let ai = _mm512_set1_ps(*a.get_unchecked(i * lda + p));
-                for v in 0..V {
-                    acc[v] = _mm512_fmadd_ps(ai, bv[v], acc[v]);
-                }
+                step!(p);
+                step!(p + 1);
+                p += 2;
             }
+            if p < p1 {
+                for _ in 0..S::WARM_PER_TURN / 2 {
+                    warm.step();
+                }
+                step!(p);
+            }
+            p0 = p1;
         }
         for (i, acc) in acc.iter().enumerate() {
             for v in 0..V {
@@ -1383,9 +1638,9 @@ mod few_avx512 {
 
 #[cfg(target_arch = "x86_64")]
 mod few_avx2 {
+    use super::few_a::with_interleaved;
     use super::{RowsB, Warm, WarmLines, FEW_ROWS, Q8_BLOCK};
     use std::arch::x86_64::*;
-    use std::cell::RefCell;
 
     /// Columns per [`chunk`] (its widest).
     const WIDTH: usize = 16;
@@ -1620,14 +1875,13 @@ mod few_avx2 {
         // left over: their columns are the head dimension).
         let last = n / 8 * 8;
         let tail = n >= 8 && last < n && !matches!(b, RowsB::Q8Rows(_));
-        A_T.with(|a4| {
-            let mut a4 = a4.borrow_mut();
-            if a4.len() < k * FEW_ROWS {
-                a4.resize(k * FEW_ROWS, 0.0);
-            }
-            interleave(m, k, a, lda, &mut a4);
-            with_src!(b, src => rows(k, n, &a4, src, ldb, c, ldc, accumulate, warm, m, tail));
-        });
+        with_interleaved(
+            m,
+            k,
+            a,
+            lda,
+            |a4| with_src!(b, src => rows(k, n, a4, src, ldb, c, ldc, accumulate, warm, m, tail)),
+        );
         if tail {
             return;
         }
@@ -1644,44 +1898,9 @@ mod few_avx2 {
         }
     }
 
-    thread_local! {
-        /// A's rows interleaved (see [`interleave`]): grown once to the longest `k` seen.
-        static A_T: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-    }
-
-    /// A's first `m` rows interleaved into `at`: element `(i, p)` at `at[p·FEW_ROWS + i]`
-    /// (rows past `m` repeat row 0, unread), so that [`chunk`] reads each step's A values
-    /// from one pointer instead of keeping a register (or a stack slot) per row.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn interleave(m: usize, k: usize, a: &[f32], lda: usize, at: &mut [f32]) {
-        let row = |i: usize| if i < m { i * lda } else { 0 };
-        let (r0, r1, r2, r3) = (row(0), row(1), row(2), row(3));
-        let mut p = 0;
-        while p + 4 <= k {
-            // A 4 × 4 transpose: rows `i` at columns `p .. p + 4` to columns `i` at rows.
-            let x0 = _mm_loadu_ps(a.as_ptr().add(r0 + p));
-            let x1 = _mm_loadu_ps(a.as_ptr().add(r1 + p));
-            let x2 = _mm_loadu_ps(a.as_ptr().add(r2 + p));
-            let x3 = _mm_loadu_ps(a.as_ptr().add(r3 + p));
-            let (t0, t1) = (_mm_unpacklo_ps(x0, x1), _mm_unpacklo_ps(x2, x3));
-            let (t2, t3) = (_mm_unpackhi_ps(x0, x1), _mm_unpackhi_ps(x2, x3));
-            let o = at.as_mut_ptr().add(p * FEW_ROWS);
-            _mm_storeu_ps(o, _mm_movelh_ps(t0, t1));
-            _mm_storeu_ps(o.add(4), _mm_movehl_ps(t1, t0));
-            _mm_storeu_ps(o.add(8), _mm_movelh_ps(t2, t3));
-            _mm_storeu_ps(o.add(12), _mm_movehl_ps(t3, t2));
-            p += 4;
-        }
-        for p in p..k {
-            for (i, r) in [r0, r1, r2, r3].into_iter().enumerate() {
-                at[p * FEW_ROWS + i] = a[r + p];
-            }
-        }
-    }
-
     /// Columns 16 at a time (two vectors per row, up to eight chains), then 8, then (with
     /// `tail`) the last few in the 8 that end at `n`; A's `m` rows interleaved in `a4` (see
-    /// [`interleave`]).
+    /// [`super::few_a`]).
     #[target_feature(enable = "avx2,fma,f16c")]
     #[allow(clippy::too_many_arguments)]
     unsafe fn rows<S: Src>(
