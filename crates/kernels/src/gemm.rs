@@ -1157,7 +1157,7 @@ macro_rules! with_src {
 /// [`interleave`]), into a buffer each thread grows once to the longest `k` it has seen.
 #[cfg(target_arch = "x86_64")]
 mod few_a {
-    use super::FEW_ROWS;
+    use super::{WarmLines, FEW_ROWS};
     use std::arch::x86_64::*;
     use std::cell::RefCell;
 
@@ -1222,6 +1222,32 @@ mod few_a {
         }
     }
 
+    /// Steps `p0 .. p1` of a chunk, two a turn: `step(p)` for each, with `per_turn` of
+    /// `warm`'s lines asked for each turn (half of them, rounded up, before a last odd step).
+    #[inline(always)]
+    pub(super) fn two_a_turn(
+        (p0, p1): (usize, usize),
+        per_turn: usize,
+        warm: &mut WarmLines,
+        mut step: impl FnMut(usize),
+    ) {
+        let mut p = p0;
+        while p + 2 <= p1 {
+            for _ in 0..per_turn {
+                warm.step();
+            }
+            step(p);
+            step(p + 1);
+            p += 2;
+        }
+        if p < p1 {
+            for _ in 0..per_turn.div_ceil(2) {
+                warm.step();
+            }
+            step(p);
+        }
+    }
+
     /// Asks for every line of the `bytes` bytes from `at` into the first-level cache.
     #[inline(always)]
     pub(super) fn prefetch_span(at: *const i8, bytes: usize) {
@@ -1236,7 +1262,7 @@ mod few_a {
 
 #[cfg(target_arch = "x86_64")]
 mod few_avx512 {
-    use super::few_a::{prefetch_span, with_interleaved};
+    use super::few_a::{prefetch_span, two_a_turn, with_interleaved};
     use super::{RowsB, Warm, WarmLines, FEW_ROWS, Q8_BLOCK};
     use std::arch::x86_64::*;
 
@@ -1578,45 +1604,28 @@ mod few_avx512 {
             let p1 = p0.saturating_add(S::SHARED_ROWS).min(k);
             let shared = b.shared(p0, j, ldb, &masks);
             // One step of `p`: ask for what comes later, then multiply row `p` of B.
-            macro_rules! step {
-                ($p:expr) => {{
-                    let p = $p;
-                    // B's rows lie `ldb` apart: the first chunk asks for whole rows well
-                    // ahead (unless B was asked for already), the others for their own
-                    // columns a few steps ahead.
-                    if AHEAD && p + PREFETCH_ROWS < k {
-                        let (at, last) = b.row(p + PREFETCH_ROWS, n, ldb);
-                        prefetch_span(at, last + 1);
-                    } else if p + PREFETCH < k {
-                        let (at, bytes) = b.span(p + PREFETCH, j, ldb);
-                        prefetch_span(at, bytes);
+            let step = |p: usize| {
+                // B's rows lie `ldb` apart: the first chunk asks for whole rows well
+                // ahead (unless B was asked for already), the others for their own
+                // columns a few steps ahead.
+                if AHEAD && p + PREFETCH_ROWS < k {
+                    let (at, last) = b.row(p + PREFETCH_ROWS, n, ldb);
+                    prefetch_span(at, last + 1);
+                } else if p + PREFETCH < k {
+                    let (at, bytes) = b.span(p + PREFETCH, j, ldb);
+                    prefetch_span(at, bytes);
+                }
+                let bv = b.load_all::<FULL>(&shared, p, j, ldb, &masks);
+                let a = a4.as_ptr().add(p * FEW_ROWS);
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    let ai = _mm512_set1_ps(*a.add(i));
+                    for v in 0..V {
+                        acc[v] = _mm512_fmadd_ps(ai, bv[v], acc[v]);
                     }
-                    let bv = b.load_all::<FULL>(&shared, p, j, ldb, &masks);
-                    let a = a4.as_ptr().add(p * FEW_ROWS);
-                    for (i, acc) in acc.iter_mut().enumerate() {
-                        let ai = _mm512_set1_ps(*a.add(i));
-                        for v in 0..V {
-                            acc[v] = _mm512_fmadd_ps(ai, bv[v], acc[v]);
-                        }
-                    }
-                }};
-            }
+                }
+            };
             // Two steps a turn, with `S::WARM_PER_TURN` of `warm`'s lines asked for per turn.
-            let mut p = p0;
-            while p + 2 <= p1 {
-                for _ in 0..S::WARM_PER_TURN {
-                    warm.step();
-                }
-                step!(p);
-                step!(p + 1);
-                p += 2;
-            }
-            if p < p1 {
-                for _ in 0..S::WARM_PER_TURN / 2 {
-                    warm.step();
-                }
-                step!(p);
-            }
+            two_a_turn((p0, p1), S::WARM_PER_TURN, &mut warm, step);
             p0 = p1;
         }
         for (i, acc) in acc.iter().enumerate() {
@@ -1638,7 +1647,7 @@ mod few_avx512 {
 
 #[cfg(target_arch = "x86_64")]
 mod few_avx2 {
-    use super::few_a::with_interleaved;
+    use super::few_a::{two_a_turn, with_interleaved};
     use super::{RowsB, Warm, WarmLines, FEW_ROWS, Q8_BLOCK};
     use std::arch::x86_64::*;
 
@@ -1981,52 +1990,37 @@ mod few_avx2 {
             let p1 = p0.saturating_add(S::SHARED_ROWS).min(k);
             let shared = b.shared(p0, j, ldb, TWO);
             // One step of `p`: ask for what comes later, then multiply row `p` of B.
-            macro_rules! step {
-                ($p:expr) => {{
-                    let p = $p;
-                    // B's rows lie `ldb` apart: the first chunk asks for whole rows well
-                    // ahead (unless B was asked for already), the others for their own
-                    // columns a few steps ahead.
-                    if AHEAD && p + PREFETCH_ROWS < k {
-                        let (at, last) = b.row(p + PREFETCH_ROWS, n, ldb);
-                        // Every line from the one `at` is in to the one `at + last` is in.
-                        let mut off = 0;
-                        while off < last + 64 {
-                            _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(off));
-                            off += 64;
-                        }
-                    } else if p + PREFETCH < k {
-                        let (at, bytes) = b.span(p + PREFETCH, j, ldb);
-                        _mm_prefetch::<_MM_HINT_T0>(at);
-                        if TWO && bytes > 32 {
-                            _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(bytes - 1));
-                        }
+            let step = |p: usize| {
+                // B's rows lie `ldb` apart: the first chunk asks for whole rows well
+                // ahead (unless B was asked for already), the others for their own
+                // columns a few steps ahead.
+                if AHEAD && p + PREFETCH_ROWS < k {
+                    let (at, last) = b.row(p + PREFETCH_ROWS, n, ldb);
+                    // Every line from the one `at` is in to the one `at + last` is in.
+                    let mut off = 0;
+                    while off < last + 64 {
+                        _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(off));
+                        off += 64;
                     }
-                    let bv = b.load_shared::<TWO>(shared, p, j, ldb);
-                    let a = a4.as_ptr().add(p * FEW_ROWS);
-                    for (i, acc) in acc.iter_mut().enumerate() {
-                        let ai = _mm256_broadcast_ss(&*a.add(i));
-                        acc[0] = _mm256_fmadd_ps(ai, bv[0], acc[0]);
-                        if TWO {
-                            acc[1] = _mm256_fmadd_ps(ai, bv[1], acc[1]);
-                        }
+                } else if p + PREFETCH < k {
+                    let (at, bytes) = b.span(p + PREFETCH, j, ldb);
+                    _mm_prefetch::<_MM_HINT_T0>(at);
+                    if TWO && bytes > 32 {
+                        _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(bytes - 1));
                     }
-                }};
-            }
-            // Two steps a turn, with `S::WARM_PER_TURN` of `warm`'s lines asked for per turn.
-            let mut p = p0;
-            while p + 2 <= p1 {
-                for _ in 0..S::WARM_PER_TURN {
-                    warm.step();
                 }
-                step!(p);
-                step!(p + 1);
-                p += 2;
-            }
-            if p < p1 {
-                warm.step();
-                step!(p);
-            }
+                let bv = b.load_shared::<TWO>(shared, p, j, ldb);
+                let a = a4.as_ptr().add(p * FEW_ROWS);
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    let ai = _mm256_broadcast_ss(&*a.add(i));
+                    acc[0] = _mm256_fmadd_ps(ai, bv[0], acc[0]);
+                    if TWO {
+                        acc[1] = _mm256_fmadd_ps(ai, bv[1], acc[1]);
+                    }
+                }
+            };
+            // Two steps a turn, with `S::WARM_PER_TURN` of `warm`'s lines asked for per turn.
+            two_a_turn((p0, p1), S::WARM_PER_TURN, &mut warm, step);
             p0 = p1;
         }
         for (i, acc) in acc.iter().enumerate() {
