@@ -1330,14 +1330,25 @@ mod few_avx512 {
             ldb: usize,
             masks: &[__mmask16; V],
         ) -> Vecs {
-            std::array::from_fn(|v| {
-                if FULL || masks[v] != 0 {
-                    self.load(p, j + 16 * v, ldb, masks[v])
-                } else {
-                    _mm512_setzero_ps()
-                }
-            })
+            each::<FULL>(masks, |v, mask| self.load(p, j + 16 * v, ldb, mask))
         }
+    }
+
+    /// A chunk's [`V`] vectors: `f(v, mask)` for each vector its `masks` reach (every one,
+    /// if `FULL`), zero for the others.
+    #[inline(always)]
+    fn each<const FULL: bool>(
+        masks: &[__mmask16; V],
+        f: impl Fn(usize, __mmask16) -> __m512,
+    ) -> Vecs {
+        // SAFETY: a zero vector needs only AVX-512 F, which every caller's target enables.
+        std::array::from_fn(|v| {
+            if FULL || masks[v] != 0 {
+                f(v, masks[v])
+            } else {
+                unsafe { _mm512_setzero_ps() }
+            }
+        })
     }
 
     #[derive(Clone, Copy)]
@@ -1425,13 +1436,7 @@ mod few_avx512 {
         const SHARED_ROWS: usize = Q8_BLOCK;
         #[inline(always)]
         unsafe fn shared(self, p: usize, j: usize, ldb: usize, masks: &[__mmask16; V]) -> Vecs {
-            std::array::from_fn(|v| {
-                if masks[v] != 0 {
-                    self.scales(p, j + 16 * v, ldb, masks[v])
-                } else {
-                    _mm512_setzero_ps()
-                }
-            })
+            each::<false>(masks, |v, mask| self.scales(p, j + 16 * v, ldb, mask))
         }
         #[inline(always)]
         unsafe fn load_all<const FULL: bool>(
@@ -1442,12 +1447,8 @@ mod few_avx512 {
             ldb: usize,
             masks: &[__mmask16; V],
         ) -> Vecs {
-            std::array::from_fn(|v| {
-                if FULL || masks[v] != 0 {
-                    q8_times(self.bytes(p, j + 16 * v, ldb, masks[v]), d[v])
-                } else {
-                    _mm512_setzero_ps()
-                }
+            each::<FULL>(masks, |v, mask| {
+                q8_times(self.bytes(p, j + 16 * v, ldb, mask), d[v])
             })
         }
     }
@@ -1647,7 +1648,7 @@ mod few_avx512 {
 
 #[cfg(target_arch = "x86_64")]
 mod few_avx2 {
-    use super::few_a::{two_a_turn, with_interleaved};
+    use super::few_a::{prefetch_span, two_a_turn, with_interleaved};
     use super::{RowsB, Warm, WarmLines, FEW_ROWS, Q8_BLOCK};
     use std::arch::x86_64::*;
 
@@ -1997,11 +1998,7 @@ mod few_avx2 {
                 if AHEAD && p + PREFETCH_ROWS < k {
                     let (at, last) = b.row(p + PREFETCH_ROWS, n, ldb);
                     // Every line from the one `at` is in to the one `at + last` is in.
-                    let mut off = 0;
-                    while off < last + 64 {
-                        _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(off));
-                        off += 64;
-                    }
+                    prefetch_span(at, last + 64);
                 } else if p + PREFETCH < k {
                     let (at, bytes) = b.span(p + PREFETCH, j, ldb);
                     _mm_prefetch::<_MM_HINT_T0>(at);
