@@ -1283,6 +1283,15 @@ mod few_avx512 {
     /// One row of a chunk's B, or what its rows share.
     type Vecs = [__m512; V];
 
+    /// Which vector [`Src::load`] reads: vector `v` of row `p`'s chunk from column `j` (a
+    /// multiple of [`WIDTH`]), so its 16 elements from column `j + 16 * v`.
+    #[derive(Clone, Copy)]
+    struct At {
+        p: usize,
+        j: usize,
+        v: usize,
+    }
+
     /// How [`chunk`] reads B: one implementation per [`RowsB`] variant, so each gets its
     /// own loop with no branch on the type inside.
     trait Src: Copy {
@@ -1296,11 +1305,12 @@ mod few_avx512 {
             let (last, _) = self.span(p, n - 1, ldb);
             (at, last as usize - at as usize)
         }
-        /// 16 elements of row `p` from column `j` (the first `mask` lanes), as f32.
+        /// The vector `at` names (its `mask` lanes) as f32, given what [`Src::shared`] gave
+        /// for the block its row is in.
         ///
         /// # Safety
         /// AVX-512 F/BW/VL; the elements must be in B.
-        unsafe fn load(self, p: usize, j: usize, ldb: usize, mask: __mmask16) -> __m512;
+        unsafe fn load(self, shared: &Vecs, at: At, ldb: usize, mask: __mmask16) -> __m512;
         /// Rows that share what [`Src::shared`] reads (blocks aligned to row 0).
         const SHARED_ROWS: usize = usize::MAX;
         /// `Warm` lines a chunk asks for per turn of two steps: its share of bytes stored
@@ -1315,22 +1325,6 @@ mod few_avx512 {
         #[inline(always)]
         unsafe fn shared(self, _p: usize, _j: usize, _ldb: usize, _m: &[__mmask16; V]) -> Vecs {
             [_mm512_setzero_ps(); V]
-        }
-        /// Row `p`'s [`WIDTH`] elements from column `j` (the `masks` lanes; all, if
-        /// `FULL`), given what [`Src::shared`] gave for the block row `p` is in.
-        ///
-        /// # Safety
-        /// As [`Src::load`].
-        #[inline(always)]
-        unsafe fn load_all<const FULL: bool>(
-            self,
-            _shared: &Vecs,
-            p: usize,
-            j: usize,
-            ldb: usize,
-            masks: &[__mmask16; V],
-        ) -> Vecs {
-            each::<FULL>(masks, |v, mask| self.load(p, j + 16 * v, ldb, mask))
         }
     }
 
@@ -1369,8 +1363,8 @@ mod few_avx512 {
             (self.0.as_ptr().wrapping_add(p * ldb + j).cast(), 256)
         }
         #[inline(always)]
-        unsafe fn load(self, p: usize, j: usize, ldb: usize, mask: __mmask16) -> __m512 {
-            _mm512_maskz_loadu_ps(mask, self.0.as_ptr().add(p * ldb + j))
+        unsafe fn load(self, _: &Vecs, at: At, ldb: usize, mask: __mmask16) -> __m512 {
+            _mm512_maskz_loadu_ps(mask, self.0.as_ptr().add(at.p * ldb + at.j + 16 * at.v))
         }
     }
 
@@ -1380,8 +1374,8 @@ mod few_avx512 {
             (self.0.as_ptr().wrapping_add(2 * (p * ldb + j)).cast(), 128)
         }
         #[inline(always)]
-        unsafe fn load(self, p: usize, j: usize, ldb: usize, mask: __mmask16) -> __m512 {
-            let at = self.0.as_ptr().add(2 * (p * ldb + j));
+        unsafe fn load(self, _: &Vecs, at: At, ldb: usize, mask: __mmask16) -> __m512 {
+            let at = self.0.as_ptr().add(2 * (at.p * ldb + at.j + 16 * at.v));
             _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, at.cast()))
         }
     }
@@ -1392,8 +1386,9 @@ mod few_avx512 {
             (self.0.as_ptr().wrapping_add(2 * (p * ldb + j)).cast(), 128)
         }
         #[inline(always)]
-        unsafe fn load(self, p: usize, j: usize, ldb: usize, mask: __mmask16) -> __m512 {
-            let h = _mm256_maskz_loadu_epi16(mask, self.0.as_ptr().add(2 * (p * ldb + j)).cast());
+        unsafe fn load(self, _: &Vecs, at: At, ldb: usize, mask: __mmask16) -> __m512 {
+            let at = self.0.as_ptr().add(2 * (at.p * ldb + at.j + 16 * at.v));
+            let h = _mm256_maskz_loadu_epi16(mask, at.cast());
             _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
         }
     }
@@ -1427,9 +1422,10 @@ mod few_avx512 {
         fn span(self, p: usize, j: usize, ldb: usize) -> (*const i8, usize) {
             (self.0.as_ptr().wrapping_add(p * ldb + j).cast(), 64)
         }
+        /// The bytes times the column scales [`Src::shared`] converted for the block.
         #[inline(always)]
-        unsafe fn load(self, p: usize, j: usize, ldb: usize, mask: __mmask16) -> __m512 {
-            q8_times(self.bytes(p, j, ldb, mask), self.scales(p, j, ldb, mask))
+        unsafe fn load(self, d: &Vecs, at: At, ldb: usize, mask: __mmask16) -> __m512 {
+            q8_times(self.bytes(at.p, at.j + 16 * at.v, ldb, mask), d[at.v])
         }
         /// A column's scale serves its 32 rows: [`chunk`] converts it once per block
         /// rather than once per row.
@@ -1437,19 +1433,6 @@ mod few_avx512 {
         #[inline(always)]
         unsafe fn shared(self, p: usize, j: usize, ldb: usize, masks: &[__mmask16; V]) -> Vecs {
             each::<false>(masks, |v, mask| self.scales(p, j + 16 * v, ldb, mask))
-        }
-        #[inline(always)]
-        unsafe fn load_all<const FULL: bool>(
-            self,
-            d: &Vecs,
-            p: usize,
-            j: usize,
-            ldb: usize,
-            masks: &[__mmask16; V],
-        ) -> Vecs {
-            each::<FULL>(masks, |v, mask| {
-                q8_times(self.bytes(p, j + 16 * v, ldb, mask), d[v])
-            })
         }
     }
 
@@ -1476,37 +1459,14 @@ mod few_avx512 {
                 2 * super::Q8_BLOCK_BYTES,
             )
         }
+        /// A chunk's columns are two blocks (`j` is a multiple of [`WIDTH`]): a block's two
+        /// vectors name the same scale, so it is read once for both (and the second
+        /// block's only where the chunk reaches it).
         #[inline(always)]
-        unsafe fn load(self, p: usize, j: usize, ldb: usize, mask: __mmask16) -> __m512 {
-            let (d, q) = self.scale(p, j, ldb);
-            q8_times(_mm_maskz_loadu_epi8(mask, q.cast()), d)
-        }
-        /// A chunk's columns are two blocks (`j` is a multiple of [`WIDTH`]): each block's
-        /// scale is read once for its two vectors, and the second only where the chunk
-        /// reaches it.
-        #[inline(always)]
-        unsafe fn load_all<const FULL: bool>(
-            self,
-            _shared: &Vecs,
-            p: usize,
-            j: usize,
-            ldb: usize,
-            masks: &[__mmask16; V],
-        ) -> Vecs {
+        unsafe fn load(self, _: &Vecs, at: At, ldb: usize, mask: __mmask16) -> __m512 {
             const { assert!(WIDTH == 2 * Q8_BLOCK) };
-            let mut out = [_mm512_setzero_ps(); V];
-            for half in 0..2 {
-                let v = 2 * half;
-                if FULL || masks[v] != 0 {
-                    let (d, q) = self.scale(p, j + Q8_BLOCK * half, ldb);
-                    out[v] = q8_times(_mm_maskz_loadu_epi8(masks[v], q.cast()), d);
-                    if FULL || masks[v + 1] != 0 {
-                        let q = q.add(16).cast();
-                        out[v + 1] = q8_times(_mm_maskz_loadu_epi8(masks[v + 1], q), d);
-                    }
-                }
-            }
-            out
+            let (d, q) = self.scale(at.p, at.j + Q8_BLOCK * (at.v / 2), ldb);
+            q8_times(_mm_maskz_loadu_epi8(mask, q.add(16 * (at.v % 2)).cast()), d)
         }
     }
 
@@ -1616,7 +1576,7 @@ mod few_avx512 {
                     let (at, bytes) = b.span(p + PREFETCH, j, ldb);
                     prefetch_span(at, bytes);
                 }
-                let bv = b.load_all::<FULL>(&shared, p, j, ldb, &masks);
+                let bv = each::<FULL>(&masks, |v, mask| b.load(&shared, At { p, j, v }, ldb, mask));
                 let a = a4.as_ptr().add(p * FEW_ROWS);
                 for (i, acc) in acc.iter_mut().enumerate() {
                     let ai = _mm512_set1_ps(*a.add(i));
@@ -1675,19 +1635,19 @@ mod few_avx2 {
             let (last, _) = self.span(p, n - 1, ldb);
             (at, last as usize - at as usize)
         }
-        /// 8 elements of row `p` from column `j`, as f32.
+        /// Half `h` (0 or 1) of row `p`'s 16 elements from column `j`: the 8 from column
+        /// `j + 8 * h`, as f32, given what [`Src::shared`] gave for the block row `p` is in.
         ///
         /// # Safety
         /// AVX2 and F16C; the elements must be in B.
-        unsafe fn load(self, p: usize, j: usize, ldb: usize) -> __m256;
-        /// 16 elements of row `p` from column `j` (`j` a multiple of 16), as f32.
-        ///
-        /// # Safety
-        /// As [`Src::load`].
-        #[inline(always)]
-        unsafe fn load2(self, p: usize, j: usize, ldb: usize) -> [__m256; 2] {
-            [self.load(p, j, ldb), self.load(p, j + 8, ldb)]
-        }
+        unsafe fn load(
+            self,
+            shared: &[__m256; 2],
+            p: usize,
+            j: usize,
+            h: usize,
+            ldb: usize,
+        ) -> __m256;
         /// Rows that share what [`Src::shared`] reads (blocks aligned to row 0).
         const SHARED_ROWS: usize = usize::MAX;
         /// `Warm` lines a chunk asks for per turn of two steps. A chunk's share is about
@@ -1704,25 +1664,28 @@ mod few_avx2 {
         unsafe fn shared(self, _p: usize, _j: usize, _ldb: usize, _two: bool) -> [__m256; 2] {
             [_mm256_setzero_ps(); 2]
         }
-        /// [`Src::load2`] (or [`Src::load`], twice, unless `TWO`) given what [`Src::shared`]
-        /// gave for the block row `p` is in.
+        /// Row `p`'s 16 elements from column `j` (`j` a multiple of 16), or, unless `TWO`,
+        /// its 8 twice, given what [`Src::shared`] gave for the block row `p` is in.
         ///
         /// # Safety
         /// As [`Src::load`].
         #[inline(always)]
         unsafe fn load_shared<const TWO: bool>(
             self,
-            _shared: [__m256; 2],
+            shared: [__m256; 2],
             p: usize,
             j: usize,
             ldb: usize,
         ) -> [__m256; 2] {
-            if TWO {
-                self.load2(p, j, ldb)
-            } else {
-                let v = self.load(p, j, ldb);
-                [v, v]
-            }
+            let first = self.load(&shared, p, j, 0, ldb);
+            [
+                first,
+                if TWO {
+                    self.load(&shared, p, j, 1, ldb)
+                } else {
+                    first
+                },
+            ]
         }
     }
 
@@ -1744,8 +1707,8 @@ mod few_avx2 {
             (self.0.as_ptr().wrapping_add(p * ldb + j).cast(), 64)
         }
         #[inline(always)]
-        unsafe fn load(self, p: usize, j: usize, ldb: usize) -> __m256 {
-            _mm256_loadu_ps(self.0.as_ptr().add(p * ldb + j))
+        unsafe fn load(self, _: &[__m256; 2], p: usize, j: usize, h: usize, ldb: usize) -> __m256 {
+            _mm256_loadu_ps(self.0.as_ptr().add(p * ldb + j + 8 * h))
         }
     }
 
@@ -1755,8 +1718,8 @@ mod few_avx2 {
             (self.0.as_ptr().wrapping_add(2 * (p * ldb + j)).cast(), 32)
         }
         #[inline(always)]
-        unsafe fn load(self, p: usize, j: usize, ldb: usize) -> __m256 {
-            let at = self.0.as_ptr().add(2 * (p * ldb + j));
+        unsafe fn load(self, _: &[__m256; 2], p: usize, j: usize, h: usize, ldb: usize) -> __m256 {
+            let at = self.0.as_ptr().add(2 * (p * ldb + j + 8 * h));
             _mm256_cvtph_ps(_mm_loadu_si128(at.cast()))
         }
     }
@@ -1767,9 +1730,9 @@ mod few_avx2 {
             (self.0.as_ptr().wrapping_add(2 * (p * ldb + j)).cast(), 32)
         }
         #[inline(always)]
-        unsafe fn load(self, p: usize, j: usize, ldb: usize) -> __m256 {
-            let h = _mm_loadu_si128(self.0.as_ptr().add(2 * (p * ldb + j)).cast());
-            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+        unsafe fn load(self, _: &[__m256; 2], p: usize, j: usize, h: usize, ldb: usize) -> __m256 {
+            let x = _mm_loadu_si128(self.0.as_ptr().add(2 * (p * ldb + j + 8 * h)).cast());
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(x)))
         }
     }
 
@@ -1798,9 +1761,11 @@ mod few_avx2 {
         fn span(self, p: usize, j: usize, ldb: usize) -> (*const i8, usize) {
             (self.0.as_ptr().wrapping_add(p * ldb + j).cast(), 16)
         }
+        /// The bytes times the column scales [`Src::shared`] converted for the block: two
+        /// 8-byte loads, each widened straight from memory (no shuffle).
         #[inline(always)]
-        unsafe fn load(self, p: usize, j: usize, ldb: usize) -> __m256 {
-            q8_times(self.bytes(p, j, ldb), self.scales(p, j, ldb))
+        unsafe fn load(self, d: &[__m256; 2], p: usize, j: usize, h: usize, ldb: usize) -> __m256 {
+            q8_times(self.bytes(p, j + 8 * h, ldb), d[h])
         }
         /// A column's scale serves its 32 rows: [`chunk`] converts it once per block
         /// rather than once per row.
@@ -1809,25 +1774,6 @@ mod few_avx2 {
         unsafe fn shared(self, p: usize, j: usize, ldb: usize, two: bool) -> [__m256; 2] {
             let d0 = self.scales(p, j, ldb);
             [d0, if two { self.scales(p, j + 8, ldb) } else { d0 }]
-        }
-        #[inline(always)]
-        unsafe fn load_shared<const TWO: bool>(
-            self,
-            d: [__m256; 2],
-            p: usize,
-            j: usize,
-            ldb: usize,
-        ) -> [__m256; 2] {
-            if TWO {
-                // Two 8-byte loads, each widened straight from memory (no shuffle).
-                [
-                    q8_times(self.bytes(p, j, ldb), d[0]),
-                    q8_times(self.bytes(p, j + 8, ldb), d[1]),
-                ]
-            } else {
-                let v = q8_times(self.bytes(p, j, ldb), d[0]);
-                [v, v]
-            }
         }
     }
 
@@ -1849,18 +1795,12 @@ mod few_avx2 {
             let at = RowsB::q8_block(p, j, ldb);
             (self.0.as_ptr().wrapping_add(at).cast(), 18)
         }
+        /// Both halves lie in one block (16 divides 32) and name the same scale, which is
+        /// read once for both; each half is an 8-byte load widened straight from memory.
         #[inline(always)]
-        unsafe fn load(self, p: usize, j: usize, ldb: usize) -> __m256 {
+        unsafe fn load(self, _: &[__m256; 2], p: usize, j: usize, h: usize, ldb: usize) -> __m256 {
             let (d, q) = self.scale(p, j, ldb);
-            q8_times(_mm_loadl_epi64(q.cast()), d)
-        }
-        /// Both halves lie in one block (16 divides 32): its scale is read once.
-        #[inline(always)]
-        unsafe fn load2(self, p: usize, j: usize, ldb: usize) -> [__m256; 2] {
-            let (d, q) = self.scale(p, j, ldb);
-            // Two 8-byte loads, each widened straight from memory (no shuffle).
-            let half = |at: *const u8| q8_times(_mm_loadl_epi64(at.cast()), d);
-            [half(q), half(q.add(8))]
+            q8_times(_mm_loadl_epi64(q.add(8 * h).cast()), d)
         }
     }
 
