@@ -1161,6 +1161,28 @@ mod few_a {
     use std::arch::x86_64::*;
     use std::cell::RefCell;
 
+    /// Which vector of B a loop's `Src::load` reads: vector `v` of row `p`'s chunk from
+    /// column `j`, so its `LANES` elements from column `j + LANES * v`.
+    #[derive(Clone, Copy)]
+    pub(super) struct At {
+        pub p: usize,
+        pub j: usize,
+        pub v: usize,
+    }
+
+    impl At {
+        /// The vector's first column.
+        #[inline(always)]
+        pub fn col<const LANES: usize>(self) -> usize {
+            self.j + LANES * self.v
+        }
+        /// The vector's first element in B, rows `ldb` apart.
+        #[inline(always)]
+        pub fn elem<const LANES: usize>(self, ldb: usize) -> usize {
+            self.p * ldb + self.col::<LANES>()
+        }
+    }
+
     thread_local! {
         /// A's rows interleaved (see [`interleave`]).
         static A_T: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
@@ -1262,7 +1284,7 @@ mod few_a {
 
 #[cfg(target_arch = "x86_64")]
 mod few_avx512 {
-    use super::few_a::{prefetch_span, two_a_turn, with_interleaved};
+    use super::few_a::{prefetch_span, two_a_turn, with_interleaved, At};
     use super::{RowsB, Warm, WarmLines, FEW_ROWS, Q8_BLOCK};
     use std::arch::x86_64::*;
 
@@ -1282,15 +1304,6 @@ mod few_avx512 {
 
     /// One row of a chunk's B, or what its rows share.
     type Vecs = [__m512; V];
-
-    /// Which vector [`Src::load`] reads: vector `v` of row `p`'s chunk from column `j` (a
-    /// multiple of [`WIDTH`]), so its 16 elements from column `j + 16 * v`.
-    #[derive(Clone, Copy)]
-    struct At {
-        p: usize,
-        j: usize,
-        v: usize,
-    }
 
     /// How [`chunk`] reads B: one implementation per [`RowsB`] variant, so each gets its
     /// own loop with no branch on the type inside.
@@ -1364,7 +1377,7 @@ mod few_avx512 {
         }
         #[inline(always)]
         unsafe fn load(self, _: &Vecs, at: At, ldb: usize, mask: __mmask16) -> __m512 {
-            _mm512_maskz_loadu_ps(mask, self.0.as_ptr().add(at.p * ldb + at.j + 16 * at.v))
+            _mm512_maskz_loadu_ps(mask, self.0.as_ptr().add(at.elem::<16>(ldb)))
         }
     }
 
@@ -1375,7 +1388,7 @@ mod few_avx512 {
         }
         #[inline(always)]
         unsafe fn load(self, _: &Vecs, at: At, ldb: usize, mask: __mmask16) -> __m512 {
-            let at = self.0.as_ptr().add(2 * (at.p * ldb + at.j + 16 * at.v));
+            let at = self.0.as_ptr().add(2 * at.elem::<16>(ldb));
             _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, at.cast()))
         }
     }
@@ -1387,7 +1400,7 @@ mod few_avx512 {
         }
         #[inline(always)]
         unsafe fn load(self, _: &Vecs, at: At, ldb: usize, mask: __mmask16) -> __m512 {
-            let at = self.0.as_ptr().add(2 * (at.p * ldb + at.j + 16 * at.v));
+            let at = self.0.as_ptr().add(2 * at.elem::<16>(ldb));
             let h = _mm256_maskz_loadu_epi16(mask, at.cast());
             _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
         }
@@ -1425,7 +1438,7 @@ mod few_avx512 {
         /// The bytes times the column scales [`Src::shared`] converted for the block.
         #[inline(always)]
         unsafe fn load(self, d: &Vecs, at: At, ldb: usize, mask: __mmask16) -> __m512 {
-            q8_times(self.bytes(at.p, at.j + 16 * at.v, ldb, mask), d[at.v])
+            q8_times(self.bytes(at.p, at.col::<16>(), ldb, mask), d[at.v])
         }
         /// A column's scale serves its 32 rows: [`chunk`] converts it once per block
         /// rather than once per row.
@@ -1608,7 +1621,7 @@ mod few_avx512 {
 
 #[cfg(target_arch = "x86_64")]
 mod few_avx2 {
-    use super::few_a::{prefetch_span, two_a_turn, with_interleaved};
+    use super::few_a::{prefetch_span, two_a_turn, with_interleaved, At};
     use super::{RowsB, Warm, WarmLines, FEW_ROWS, Q8_BLOCK};
     use std::arch::x86_64::*;
 
@@ -1635,19 +1648,13 @@ mod few_avx2 {
             let (last, _) = self.span(p, n - 1, ldb);
             (at, last as usize - at as usize)
         }
-        /// Half `h` (0 or 1) of row `p`'s 16 elements from column `j`: the 8 from column
-        /// `j + 8 * h`, as f32, given what [`Src::shared`] gave for the block row `p` is in.
+        /// The vector `at` names (`at.v` 0 or 1: the first or second 8 of the 16 elements
+        /// from column `at.j`) as f32, given what [`Src::shared`] gave for the block its row
+        /// is in.
         ///
         /// # Safety
         /// AVX2 and F16C; the elements must be in B.
-        unsafe fn load(
-            self,
-            shared: &[__m256; 2],
-            p: usize,
-            j: usize,
-            h: usize,
-            ldb: usize,
-        ) -> __m256;
+        unsafe fn load(self, shared: &[__m256; 2], at: At, ldb: usize) -> __m256;
         /// Rows that share what [`Src::shared`] reads (blocks aligned to row 0).
         const SHARED_ROWS: usize = usize::MAX;
         /// `Warm` lines a chunk asks for per turn of two steps. A chunk's share is about
@@ -1677,11 +1684,11 @@ mod few_avx2 {
             j: usize,
             ldb: usize,
         ) -> [__m256; 2] {
-            let first = self.load(&shared, p, j, 0, ldb);
+            let first = self.load(&shared, At { p, j, v: 0 }, ldb);
             [
                 first,
                 if TWO {
-                    self.load(&shared, p, j, 1, ldb)
+                    self.load(&shared, At { p, j, v: 1 }, ldb)
                 } else {
                     first
                 },
@@ -1707,8 +1714,8 @@ mod few_avx2 {
             (self.0.as_ptr().wrapping_add(p * ldb + j).cast(), 64)
         }
         #[inline(always)]
-        unsafe fn load(self, _: &[__m256; 2], p: usize, j: usize, h: usize, ldb: usize) -> __m256 {
-            _mm256_loadu_ps(self.0.as_ptr().add(p * ldb + j + 8 * h))
+        unsafe fn load(self, _: &[__m256; 2], at: At, ldb: usize) -> __m256 {
+            _mm256_loadu_ps(self.0.as_ptr().add(at.elem::<8>(ldb)))
         }
     }
 
@@ -1718,8 +1725,8 @@ mod few_avx2 {
             (self.0.as_ptr().wrapping_add(2 * (p * ldb + j)).cast(), 32)
         }
         #[inline(always)]
-        unsafe fn load(self, _: &[__m256; 2], p: usize, j: usize, h: usize, ldb: usize) -> __m256 {
-            let at = self.0.as_ptr().add(2 * (p * ldb + j + 8 * h));
+        unsafe fn load(self, _: &[__m256; 2], at: At, ldb: usize) -> __m256 {
+            let at = self.0.as_ptr().add(2 * at.elem::<8>(ldb));
             _mm256_cvtph_ps(_mm_loadu_si128(at.cast()))
         }
     }
@@ -1730,8 +1737,8 @@ mod few_avx2 {
             (self.0.as_ptr().wrapping_add(2 * (p * ldb + j)).cast(), 32)
         }
         #[inline(always)]
-        unsafe fn load(self, _: &[__m256; 2], p: usize, j: usize, h: usize, ldb: usize) -> __m256 {
-            let x = _mm_loadu_si128(self.0.as_ptr().add(2 * (p * ldb + j + 8 * h)).cast());
+        unsafe fn load(self, _: &[__m256; 2], at: At, ldb: usize) -> __m256 {
+            let x = _mm_loadu_si128(self.0.as_ptr().add(2 * at.elem::<8>(ldb)).cast());
             _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(x)))
         }
     }
@@ -1764,8 +1771,8 @@ mod few_avx2 {
         /// The bytes times the column scales [`Src::shared`] converted for the block: two
         /// 8-byte loads, each widened straight from memory (no shuffle).
         #[inline(always)]
-        unsafe fn load(self, d: &[__m256; 2], p: usize, j: usize, h: usize, ldb: usize) -> __m256 {
-            q8_times(self.bytes(p, j + 8 * h, ldb), d[h])
+        unsafe fn load(self, d: &[__m256; 2], at: At, ldb: usize) -> __m256 {
+            q8_times(self.bytes(at.p, at.col::<8>(), ldb), d[at.v])
         }
         /// A column's scale serves its 32 rows: [`chunk`] converts it once per block
         /// rather than once per row.
@@ -1798,9 +1805,9 @@ mod few_avx2 {
         /// Both halves lie in one block (16 divides 32) and name the same scale, which is
         /// read once for both; each half is an 8-byte load widened straight from memory.
         #[inline(always)]
-        unsafe fn load(self, _: &[__m256; 2], p: usize, j: usize, h: usize, ldb: usize) -> __m256 {
-            let (d, q) = self.scale(p, j, ldb);
-            q8_times(_mm_loadl_epi64(q.add(8 * h).cast()), d)
+        unsafe fn load(self, _: &[__m256; 2], at: At, ldb: usize) -> __m256 {
+            let (d, q) = self.scale(at.p, at.j, ldb);
+            q8_times(_mm_loadl_epi64(q.add(8 * at.v).cast()), d)
         }
     }
 
