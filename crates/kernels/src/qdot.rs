@@ -61,11 +61,8 @@ impl QuantActs {
         );
         let row = |(((((x, q), dg), ds), (isum, sdx)), pair): Row<'_>| {
             match block {
-                ActBlock::Q8_0 => quantize_dispatch(x, q, dg, ds),
-                ActBlock::Q8K => quantize_k_dispatch(x, q, dg, ds),
-            }
-            for (s, q) in isum.iter_mut().zip(q.chunks_exact(16)) {
-                *s = q.iter().map(|&v| v as i32).sum();
+                ActBlock::Q8_0 => quantize_dispatch(x, q, dg, ds, isum),
+                ActBlock::Q8K => quantize_k_dispatch(x, q, dg, ds, isum),
             }
             for (b, s) in sdx.iter_mut().enumerate() {
                 *s = dg[2 * b] * (isum[2 * b] + isum[2 * b + 1]) as f32;
@@ -138,57 +135,102 @@ fn nearest_int(x: f32) -> i32 {
     (v.to_bits() & 0x007f_ffff) as i32 - 0x0040_0000
 }
 
-crate::dispatch!(fn quantize_k_dispatch(x: &[f32], q: &mut [i8], dg: &mut [f32], ds: &mut [f32]) => quantize_k_body);
+/// The largest magnitude in `x` (whose length is a multiple of 16), NaNs ignored. Kept in
+/// 16 lanes, then folded: a maximum does not depend on the order it is taken in, and one
+/// running value would make every comparison wait for the one before.
+#[inline(always)]
+fn abs_max(x: &[f32]) -> f32 {
+    let mut lanes = [0f32; 16];
+    for c in x.chunks_exact(16) {
+        for (m, v) in lanes.iter_mut().zip(c) {
+            if v.abs() > *m {
+                *m = v.abs();
+            }
+        }
+    }
+    lanes.iter().fold(0f32, |m, &v| if v > m { v } else { m })
+}
+
+crate::dispatch!(fn quantize_k_dispatch(x: &[f32], q: &mut [i8], dg: &mut [f32], ds: &mut [f32], isum: &mut [i32]) => quantize_k_body);
 
 /// Q8_K as ggml makes it: the value of largest magnitude maps to -127, the scale is kept in
-/// f32, and other values are clamped to 127.
+/// f32, and other values are clamped to 127. Per 16 values: the scale (`dg`), Σq (`isum`)
+/// and their product (`ds`).
 #[inline(always)]
-fn quantize_k_body<const FMA: bool>(x: &[f32], q: &mut [i8], dg: &mut [f32], ds: &mut [f32]) {
-    for (((xb, qb), db), sb) in x
+fn quantize_k_body<const FMA: bool>(
+    x: &[f32],
+    q: &mut [i8],
+    dg: &mut [f32],
+    ds: &mut [f32],
+    isum: &mut [i32],
+) {
+    for ((((xb, qb), db), sb), ib) in x
         .chunks_exact(256)
         .zip(q.chunks_exact_mut(256))
         .zip(dg.chunks_exact_mut(16))
         .zip(ds.chunks_exact_mut(16))
+        .zip(isum.chunks_exact_mut(16))
     {
-        // The first value of largest magnitude (vectorised maximum, then a short search).
-        let amax = xb
-            .iter()
-            .fold(0f32, |m, v| if v.abs() > m { v.abs() } else { m });
-        let max = xb.iter().copied().find(|v| v.abs() == amax).unwrap_or(0.0);
+        let amax = abs_max(xb);
         if amax == 0.0 {
             qb.fill(0);
             db.fill(0.0);
             sb.fill(0.0);
+            ib.fill(0);
             continue;
         }
+        let max = first_of_magnitude(xb, amax);
         let iscale = -127.0 / max;
         for (qv, xv) in qb.iter_mut().zip(xb) {
             *qv = nearest_int(iscale * xv).min(127) as i8;
         }
         let d = 1.0 / iscale;
         db.fill(d);
-        for (g, s) in sb.iter_mut().enumerate() {
-            *s = d * qb[16 * g..16 * g + 16]
-                .iter()
-                .map(|&v| v as i32)
-                .sum::<i32>() as f32;
+        sums16(qb, ib);
+        for (s, &i) in sb.iter_mut().zip(ib.iter()) {
+            *s = d * i as f32;
         }
     }
 }
 
-crate::dispatch!(fn quantize_dispatch(x: &[f32], q: &mut [i8], dg: &mut [f32], ds: &mut [f32]) => quantize_body);
-
+/// The first value of `x` (a multiple of 16 long) whose magnitude is `amax`, which one is:
+/// 16 values compared at once, then the one chunk that has it searched.
 #[inline(always)]
-fn quantize_body<const FMA: bool>(x: &[f32], q: &mut [i8], dg: &mut [f32], ds: &mut [f32]) {
-    for (((xb, qb), db), sb) in x
+fn first_of_magnitude(x: &[f32], amax: f32) -> f32 {
+    x.chunks_exact(16)
+        .find(|c| c.iter().fold(false, |hit, v| hit | (v.abs() == amax)))
+        .and_then(|c| c.iter().copied().find(|v| v.abs() == amax))
+        .unwrap_or(0.0)
+}
+
+/// Σq of each 16 values of `q`, exactly.
+#[inline(always)]
+fn sums16(q: &[i8], sums: &mut [i32]) {
+    for (s, g) in sums.iter_mut().zip(q.chunks_exact(16)) {
+        *s = g.iter().map(|&v| v as i32).sum();
+    }
+}
+
+crate::dispatch!(fn quantize_dispatch(x: &[f32], q: &mut [i8], dg: &mut [f32], ds: &mut [f32], isum: &mut [i32]) => quantize_body);
+
+/// Q8_0 as ggml makes it: a scale per 32 values, rounded to f16. Per 16 values: the
+/// scale (`dg`), Σq (`isum`) and their product (`ds`).
+#[inline(always)]
+fn quantize_body<const FMA: bool>(
+    x: &[f32],
+    q: &mut [i8],
+    dg: &mut [f32],
+    ds: &mut [f32],
+    isum: &mut [i32],
+) {
+    for ((((xb, qb), db), sb), ib) in x
         .chunks_exact(32)
         .zip(q.chunks_exact_mut(32))
         .zip(dg.chunks_exact_mut(2))
         .zip(ds.chunks_exact_mut(2))
+        .zip(isum.chunks_exact_mut(2))
     {
-        let amax = xb
-            .iter()
-            .fold(0f32, |m, v| if v.abs() > m { v.abs() } else { m });
+        let amax = abs_max(xb);
         let scale = amax / 127.0;
         let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
         for (qv, xv) in qb.iter_mut().zip(xb) {
@@ -197,8 +239,9 @@ fn quantize_body<const FMA: bool>(x: &[f32], q: &mut [i8], dg: &mut [f32], ds: &
         // ggml stores the block scale as f16; the dot product uses that rounded value.
         let d = half::f16::from_f32(scale).to_f32();
         db.fill(d);
-        sb[0] = d * qb[..16].iter().map(|&v| v as i32).sum::<i32>() as f32;
-        sb[1] = d * qb[16..].iter().map(|&v| v as i32).sum::<i32>() as f32;
+        sums16(qb, ib);
+        sb[0] = d * ib[0] as f32;
+        sb[1] = d * ib[1] as f32;
     }
 }
 
