@@ -132,21 +132,14 @@ pub fn matmul_multi(
     if n == 0 {
         return;
     }
-    let threads = rayon::current_num_threads().max(1);
-    // Per matrix: rows per task (enough tasks to balance, whole tiles), task count, and
-    // where its tasks start in the joint numbering.
-    let mut plan = [(0usize, 0usize, 0usize, 0usize); 4];
+    // Per matrix: its first 16-row group in the joint numbering (the loop shares out
+    // groups of all the matrices at once) and its output's address.
+    let mut plan = [(0usize, 0usize); 4];
     let mut total = 0;
     for (m, w) in ws.iter().enumerate() {
-        // Decode: two tasks per thread per matrix (each a long stream of weights; measured
-        // 5-10% faster than eight, also with a core taken by another process). Prompts: eight,
-        // so a late thread's share is small.
-        let split = if n == 1 { 2 } else { 8 };
-        let per_task = w.rows.div_ceil(threads * split).div_ceil(TILE).max(1) * TILE;
-        let tasks = w.rows.div_ceil(per_task);
-        // Tasks write disjoint elements (distinct row ranges); addresses travel as usize.
-        plan[m] = (per_task, tasks, total, outs[m].as_mut_ptr() as usize);
-        total += tasks;
+        // Ranges write disjoint elements (distinct row ranges); addresses travel as usize.
+        plan[m] = (total, outs[m].as_mut_ptr() as usize);
+        total += w.rows.div_ceil(TILE);
     }
     let quantized = precision == Precision::Fast && ws.iter().any(|w| qdot::supports(w.dtype));
     // ggml's pairing: K-quant weights meet Q8_K activations, the rest Q8_0. Mixed groups
@@ -173,19 +166,16 @@ pub fn matmul_multi(
         }
         let acts = &acts;
         let qdot = qdot::qdot_fn();
-        let job = |t: usize| {
-            let m = (0..ws.len()).rev().find(|&m| plan[m].2 <= t).unwrap_or(0);
-            let (per_task, _, first, out_addr) = plan[m];
+        // Rows r0..r1 of matrix m.
+        let rows = |m: usize, r0: usize, r1: usize| {
             let w = ws[m];
-            let r0 = (t - first) * per_task;
-            let r1 = (r0 + per_task).min(w.rows);
-            let out = out_addr as *mut f32;
+            let out = plan[m].1 as *mut f32;
             let packed = w
                 .packed
                 .filter(|p| Some(p.act_block()) == block && packed::available());
             if let Some(p) = packed {
-                // SAFETY: this task alone writes rows r0..r1 (whole groups: per_task is a
-                // multiple of 16).
+                // SAFETY: this range alone writes rows r0..r1 (whole groups: r0 is a
+                // multiple of 16, r1 one too or the matrix's last row).
                 unsafe { packed::matmul_packed(p, acts, n, r0 / 16..r1.div_ceil(16), out) };
             } else if precision == Precision::Fast && qdot::supports(w.dtype) {
                 UNPACK_BUF.with(|buf| {
@@ -196,7 +186,7 @@ pub fn matmul_multi(
                         a.resize(TILE * cols / 16, 0.0);
                         b.resize(TILE * cols / 16, 0.0);
                     }
-                    // SAFETY: rows r0..r1 of every output row belong to this task alone.
+                    // SAFETY: rows r0..r1 of every output row belong to this range alone.
                     unsafe { qmatmul_rows(w, acts, n, r0, r1, out, u, a, b, qdot) };
                 });
             } else {
@@ -210,11 +200,17 @@ pub fn matmul_multi(
                 });
             }
         };
-        if total == 1 {
-            job(0);
-        } else {
-            crate::team::for_each(total, job);
-        }
+        // Groups g0..g1 of the joint numbering, cut at the matrices' edges.
+        let job = |g: std::ops::Range<usize>| {
+            for (m, w) in ws.iter().enumerate() {
+                let first = plan[m].0;
+                let (a, b) = (g.start.max(first), g.end.min(first + w.rows.div_ceil(TILE)));
+                if a < b {
+                    rows(m, (a - first) * TILE, ((b - first) * TILE).min(w.rows));
+                }
+            }
+        };
+        crate::team::for_each_range(total, job);
     }
     if let Ok(mut a) = ACTS.lock() {
         a.push(acts);

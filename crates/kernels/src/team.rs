@@ -187,6 +187,33 @@ pub fn for_each(n: usize, f: impl Fn(usize) + Sync + Send) {
     take(team, job);
 }
 
+/// Runs `f` over ranges that together cover `0..units` once, in parallel, each range a
+/// share of what is left when it is taken: `1 / (2 · threads)` of it, at least one unit.
+/// The first ranges are long (a long stream of weights for each thread) and the last ones
+/// short, so threads finish a loop together however their speeds differ: a thread that
+/// is late or slow takes fewer ranges, not a last long one that the others wait for.
+pub fn for_each_range(units: usize, f: impl Fn(std::ops::Range<usize>) + Sync + Send) {
+    let threads = rayon::current_num_threads().max(1);
+    if units == 0 {
+        return;
+    }
+    let next = AtomicUsize::new(0);
+    let share = |_| loop {
+        let start = next.load(Ordering::Relaxed);
+        if start >= units {
+            return;
+        }
+        let len = ((units - start) / (2 * threads)).max(1);
+        if next
+            .compare_exchange_weak(start, start + len, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+        {
+            f(start..start + len);
+        }
+    };
+    for_each(threads.min(units), share);
+}
+
 /// A slice cut into consecutive chunks of `size` (the last may be shorter) that parallel
 /// items take one each.
 struct Chunks<T> {
@@ -268,6 +295,44 @@ mod tests {
                             });
                         });
                         assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 3));
+                    }
+                };
+                if team {
+                    with_team(run);
+                } else {
+                    run();
+                }
+            }
+        });
+    }
+
+    #[test]
+    fn ranges_cover_every_unit_once_and_shrink() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            for team in [false, true] {
+                let run = || {
+                    for units in [0usize, 1, 2, 5, 6, 7, 100, 4099] {
+                        let hits: Vec<AtomicUsize> =
+                            (0..units).map(|_| AtomicUsize::new(0)).collect();
+                        let ranges = std::sync::Mutex::new(Vec::new());
+                        for_each_range(units, |r| {
+                            assert!(!r.is_empty() && r.end <= units, "range {r:?} of {units}");
+                            r.clone().for_each(|u| {
+                                hits[u].fetch_add(1, Ordering::Relaxed);
+                            });
+                            ranges.lock().unwrap().push(r);
+                        });
+                        assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
+                        // Each range is a sixth (two per thread) of what was left.
+                        let mut ranges = ranges.into_inner().unwrap();
+                        ranges.sort_by_key(|r| r.start);
+                        for r in &ranges {
+                            assert_eq!(r.len(), ((units - r.start) / 6).max(1), "{r:?}");
+                        }
                     }
                 };
                 if team {
