@@ -65,15 +65,9 @@ pub fn store_row(ty: DType, x: &[f32], page: &mut Page, row: usize, row_bytes: u
     }
     let out = &mut page_bytes_mut(page)[row * row_bytes..(row + 1) * row_bytes];
     match ty {
-        DType::F16 => {
-            for (o, v) in out.chunks_exact_mut(2).zip(x) {
-                o.copy_from_slice(&half::f16::from_f32(*v).to_le_bytes());
-            }
-        }
-        DType::BF16 => {
-            for (o, v) in out.chunks_exact_mut(2).zip(x) {
-                o.copy_from_slice(&half::bf16::from_f32(*v).to_le_bytes());
-            }
+        DType::F16 | DType::BF16 => {
+            let mut out = out.chunks_exact_mut(2);
+            each_half(ty, x, |b| out.next().unwrap().copy_from_slice(&b));
         }
         DType::Q8_0 => {
             for (o, blk) in out.chunks_exact_mut(34).zip(x.chunks_exact(32)) {
@@ -82,6 +76,25 @@ pub fn store_row(ty: DType, x: &[f32], page: &mut Page, row: usize, row_bytes: u
             }
         }
         other => unreachable!("{other} is not a cache type"),
+    }
+}
+
+/// `x` rounded to f16 or bf16 (`ty`), each value's bytes to `put` in order: converted a
+/// chunk at a time (with the CPU's conversion instructions where `half` finds them), not a
+/// call and a feature check per value.
+fn each_half(ty: DType, x: &[f32], mut put: impl FnMut([u8; 2])) {
+    use half::slice::HalfFloatSliceExt;
+    const CHUNK: usize = 64;
+    let mut h = [half::f16::ZERO; CHUNK];
+    let mut b = [half::bf16::ZERO; CHUNK];
+    for c in x.chunks(CHUNK) {
+        if ty == DType::F16 {
+            h[..c.len()].convert_from_f32_slice(c);
+            h[..c.len()].iter().for_each(|v| put(v.to_le_bytes()));
+        } else {
+            b[..c.len()].convert_from_f32_slice(c);
+            b[..c.len()].iter().for_each(|v| put(v.to_le_bytes()));
+        }
     }
 }
 
@@ -127,15 +140,11 @@ pub fn store_key(
         }
         DType::F16 | DType::BF16 => {
             let bytes = page_bytes_mut(page);
-            for (p, v) in x.iter().enumerate() {
-                let b = if ty == DType::F16 {
-                    half::f16::from_f32(*v).to_le_bytes()
-                } else {
-                    half::bf16::from_f32(*v).to_le_bytes()
-                };
-                let at = 2 * (first + p * PAGE);
+            let mut at = 2 * first;
+            each_half(ty, x, |b| {
                 bytes[at..at + 2].copy_from_slice(&b);
-            }
+                at += 2 * PAGE;
+            });
         }
         DType::Q8_0 => {
             let (qs, scales) = q8_key_parts(head, x.len(), row_bytes);
@@ -151,6 +160,37 @@ pub fn store_key(
             }
         }
         other => unreachable!("{other} is not a cache type"),
+    }
+}
+
+/// Asks for the cache lines [`store_key`] will write for kv head `head` (keys of `dim`
+/// values) at `slot`, for writing, without waiting for them. Keys lie transposed, so one
+/// key touches a line per value, and between two decode steps the weights streamed through
+/// the caches evict them: stores that miss wait for their lines a few at a time, while
+/// prefetches ask for many at once.
+pub fn prefetch_key(
+    ty: DType,
+    page: &Page,
+    head: usize,
+    dim: usize,
+    slot: usize,
+    row_bytes: usize,
+) {
+    let bytes = page_bytes(page);
+    let (first, stride) = match ty {
+        DType::F32 => (4 * (head * dim * PAGE + slot), 4 * PAGE),
+        DType::F16 | DType::BF16 => (2 * (head * dim * PAGE + slot), 2 * PAGE),
+        DType::Q8_0 => {
+            let (qs, scales) = q8_key_parts(head, dim, row_bytes);
+            for b in 0..dim / 32 {
+                crate::simd::prefetch_write(&bytes[scales + 2 * (b * PAGE + slot)]);
+            }
+            (qs + slot, PAGE)
+        }
+        other => unreachable!("{other} is not a cache type"),
+    };
+    for p in 0..dim {
+        crate::simd::prefetch_write(&bytes[first + p * stride]);
     }
 }
 

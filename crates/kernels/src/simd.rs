@@ -216,3 +216,18 @@ macro_rules! dispatch {
         }
     };
 }
+
+/// Asks for the cache line holding `at` in a state ready for writing, without waiting
+/// (`prefetchw` where the CPU has it; a plain prefetch on the others). Nothing on targets
+/// whose prefetch intrinsics are not stable Rust.
+#[inline(always)]
+pub fn prefetch_write(at: &u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch reads nothing architecturally and never faults.
+    unsafe {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_ET0};
+        _mm_prefetch::<_MM_HINT_ET0>(std::ptr::from_ref(at).cast::<i8>());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = at;
+}

@@ -7,7 +7,7 @@
 use crate::{LayerKind, ModelError, TextConfig};
 use gemma3_formats::DType;
 use gemma3_kernels::attention::{
-    kv_row_bytes, new_page, store_key, store_value, KvView, Page, KV_TYPES, PAGE,
+    kv_row_bytes, new_page, prefetch_key, store_key, store_value, KvView, Page, KV_TYPES, PAGE,
 };
 use gemma3_kernels::Precision;
 
@@ -221,6 +221,11 @@ impl KvCache {
         let l = &mut self.layers[layer];
         let slot = pos % l.capacity;
         let (page, row) = (slot / PAGE, slot % PAGE);
+        // Every head's key lines asked for at once, then written: one key touches a line
+        // per value (measured 0.93% -> 0.71% of a two-thread 4B token).
+        for h in 0..self.kv_heads {
+            prefetch_key(self.types.k, &l.k[page], h, hd, row, self.k_row);
+        }
         for h in 0..self.kv_heads {
             let (kh, vh) = (&k[h * hd..(h + 1) * hd], &v[h * hd..(h + 1) * hd]);
             store_key(self.types.k, kh, &mut l.k[page], h, row, self.k_row);
