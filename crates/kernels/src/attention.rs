@@ -811,6 +811,10 @@ pub const MAX_GROUP: usize = 16;
 /// part path runs on the calling thread: a fork-join costs more than it saves.
 const PARALLEL_WORK: usize = 1 << 18;
 
+/// The same inside a team, whose hand-off costs about a microsecond: a two-thread 4B
+/// decode step shares its attention over kv heads from 8 keys on, not 128.
+const TEAM_PARALLEL_WORK: usize = 1 << 14;
+
 /// Buffers of [`attend_batch`]'s part path. Sized by [`AttnScratch::new`] for the largest
 /// batch expected, so a decode step allocates nothing; a larger batch grows them once.
 #[derive(Default)]
@@ -976,7 +980,11 @@ fn attend_short_rows<'a>(
         sc.part_max.resize(slots * group, 0.0);
         sc.part_sum.resize(slots * group, 0.0);
     }
-    let parallel = work >= PARALLEL_WORK;
+    let parallel = if crate::team::leading() {
+        work >= TEAM_PARALLEL_WORK
+    } else {
+        work >= PARALLEL_WORK
+    };
     // Fewer slots than threads (a short context, one kv head): a task takes some of a
     // group's query heads. Each row's scores and sums are its own multiply-add chains, so
     // splitting a group changes no bit; only the keys are read once per task.

@@ -144,6 +144,12 @@ fn take(team: &Team, f: Job<'_>) {
     }
 }
 
+/// Whether this thread leads a team now, so that a parallel loop's hand-off costs about a
+/// microsecond (rayon's is tens).
+pub fn leading() -> bool {
+    !LEAD.get().is_null() && !IN_LOOP.get()
+}
+
 /// Runs `f(i)` for every `i` in `0..n`, in parallel: with the team when this thread leads
 /// one, inline inside a team's loop, else over rayon's pool. Items must not depend on
 /// each other's order.
