@@ -154,8 +154,7 @@ fn abs_max(x: &[f32]) -> f32 {
 crate::dispatch!(fn quantize_k_dispatch(x: &[f32], q: &mut [i8], dg: &mut [f32], ds: &mut [f32], isum: &mut [i32]) => quantize_k_body);
 
 /// Q8_K as ggml makes it: the value of largest magnitude maps to -127, the scale is kept in
-/// f32, and other values are clamped to 127. Per 16 values: the scale (`dg`), Σq (`isum`)
-/// and their product (`ds`).
+/// f32, and other values are clamped to 127.
 #[inline(always)]
 fn quantize_k_body<const FMA: bool>(
     x: &[f32],
@@ -164,29 +163,54 @@ fn quantize_k_body<const FMA: bool>(
     ds: &mut [f32],
     isum: &mut [i32],
 ) {
+    // A closure is a function of its own, built for the base level unless it is inlined
+    // into the level's code (a 10240-value row took 9.5 us that way, 7 us inlined).
+    quantize_blocks::<256>(
+        x,
+        q,
+        dg,
+        ds,
+        isum,
+        #[inline(always)]
+        |xb, qb| {
+            let amax = abs_max(xb);
+            if amax == 0.0 {
+                qb.fill(0);
+                return 0.0;
+            }
+            let iscale = -127.0 / first_of_magnitude(xb, amax);
+            for (qv, xv) in qb.iter_mut().zip(xb) {
+                *qv = nearest_int(iscale * xv).min(127) as i8;
+            }
+            1.0 / iscale
+        },
+    )
+}
+
+/// `x` quantized in blocks of `B` values by `block` (which writes a block's bytes and
+/// returns its scale); per 16 values, the scale (`dg`), Σq (`isum`) and their product
+/// (`ds`).
+#[inline(always)]
+fn quantize_blocks<const B: usize>(
+    x: &[f32],
+    q: &mut [i8],
+    dg: &mut [f32],
+    ds: &mut [f32],
+    isum: &mut [i32],
+    block: impl Fn(&[f32], &mut [i8]) -> f32,
+) {
     for ((((xb, qb), db), sb), ib) in x
-        .chunks_exact(256)
-        .zip(q.chunks_exact_mut(256))
-        .zip(dg.chunks_exact_mut(16))
-        .zip(ds.chunks_exact_mut(16))
-        .zip(isum.chunks_exact_mut(16))
+        .chunks_exact(B)
+        .zip(q.chunks_exact_mut(B))
+        .zip(dg.chunks_exact_mut(B / 16))
+        .zip(ds.chunks_exact_mut(B / 16))
+        .zip(isum.chunks_exact_mut(B / 16))
     {
-        let amax = abs_max(xb);
-        if amax == 0.0 {
-            qb.fill(0);
-            db.fill(0.0);
-            sb.fill(0.0);
-            ib.fill(0);
-            continue;
-        }
-        let max = first_of_magnitude(xb, amax);
-        let iscale = -127.0 / max;
-        for (qv, xv) in qb.iter_mut().zip(xb) {
-            *qv = nearest_int(iscale * xv).min(127) as i8;
-        }
-        let d = 1.0 / iscale;
+        let d = block(xb, qb);
         db.fill(d);
-        sums16(qb, ib);
+        for (i, g) in ib.iter_mut().zip(qb.chunks_exact(16)) {
+            *i = g.iter().map(|&v| v as i32).sum();
+        }
         for (s, &i) in sb.iter_mut().zip(ib.iter()) {
             *s = d * i as f32;
         }
@@ -203,18 +227,9 @@ fn first_of_magnitude(x: &[f32], amax: f32) -> f32 {
         .unwrap_or(0.0)
 }
 
-/// Σq of each 16 values of `q`, exactly.
-#[inline(always)]
-fn sums16(q: &[i8], sums: &mut [i32]) {
-    for (s, g) in sums.iter_mut().zip(q.chunks_exact(16)) {
-        *s = g.iter().map(|&v| v as i32).sum();
-    }
-}
-
 crate::dispatch!(fn quantize_dispatch(x: &[f32], q: &mut [i8], dg: &mut [f32], ds: &mut [f32], isum: &mut [i32]) => quantize_body);
 
-/// Q8_0 as ggml makes it: a scale per 32 values, rounded to f16. Per 16 values: the
-/// scale (`dg`), Σq (`isum`) and their product (`ds`).
+/// Q8_0 as ggml makes it: a scale per 32 values, rounded to f16.
 #[inline(always)]
 fn quantize_body<const FMA: bool>(
     x: &[f32],
@@ -223,26 +238,23 @@ fn quantize_body<const FMA: bool>(
     ds: &mut [f32],
     isum: &mut [i32],
 ) {
-    for ((((xb, qb), db), sb), ib) in x
-        .chunks_exact(32)
-        .zip(q.chunks_exact_mut(32))
-        .zip(dg.chunks_exact_mut(2))
-        .zip(ds.chunks_exact_mut(2))
-        .zip(isum.chunks_exact_mut(2))
-    {
-        let amax = abs_max(xb);
-        let scale = amax / 127.0;
-        let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-        for (qv, xv) in qb.iter_mut().zip(xb) {
-            *qv = nearest_int(xv * inv) as i8;
-        }
-        // ggml stores the block scale as f16; the dot product uses that rounded value.
-        let d = half::f16::from_f32(scale).to_f32();
-        db.fill(d);
-        sums16(qb, ib);
-        sb[0] = d * ib[0] as f32;
-        sb[1] = d * ib[1] as f32;
-    }
+    quantize_blocks::<32>(
+        x,
+        q,
+        dg,
+        ds,
+        isum,
+        #[inline(always)]
+        |xb, qb| {
+            let scale = abs_max(xb) / 127.0;
+            let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+            for (qv, xv) in qb.iter_mut().zip(xb) {
+                *qv = nearest_int(xv * inv) as i8;
+            }
+            // ggml stores the block scale as f16; the dot product uses that rounded value.
+            half::f16::from_f32(scale).to_f32()
+        },
+    )
 }
 
 /// Whether `dtype` goes through the integer path.

@@ -283,68 +283,53 @@ pub fn for_each_chunk3<A: Send, B: Send, C: Send>(
 mod tests {
     use super::*;
 
-    #[test]
-    fn every_index_runs_once_inside_and_outside_a_team() {
+    /// Runs `run` on a pool of 3 threads, outside a team and then inside one.
+    fn outside_and_inside_a_team(run: impl Fn() + Send + Sync) {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(3)
             .build()
             .unwrap();
         pool.install(|| {
-            for team in [false, true] {
-                let run = || {
-                    for n in [0usize, 1, 2, 7, 1000] {
-                        let hits: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
-                        for_each(n, |i| {
-                            // A loop inside an item runs inline.
-                            for_each(3, |_| {
-                                hits[i].fetch_add(1, Ordering::Relaxed);
-                            });
-                        });
-                        assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 3));
-                    }
-                };
-                if team {
-                    with_team(run);
-                } else {
-                    run();
-                }
+            run();
+            with_team(&run);
+        });
+    }
+
+    #[test]
+    fn every_index_runs_once_inside_and_outside_a_team() {
+        outside_and_inside_a_team(|| {
+            for n in [0usize, 1, 2, 7, 1000] {
+                let hits: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+                for_each(n, |i| {
+                    // A loop inside an item runs inline.
+                    for_each(3, |_| {
+                        hits[i].fetch_add(1, Ordering::Relaxed);
+                    });
+                });
+                assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 3));
             }
         });
     }
 
     #[test]
     fn ranges_cover_every_unit_once_and_shrink() {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(3)
-            .build()
-            .unwrap();
-        pool.install(|| {
-            for team in [false, true] {
-                let run = || {
-                    for units in [0usize, 1, 2, 5, 6, 7, 100, 4099] {
-                        let hits: Vec<AtomicUsize> =
-                            (0..units).map(|_| AtomicUsize::new(0)).collect();
-                        let ranges = std::sync::Mutex::new(Vec::new());
-                        for_each_range(units, |r| {
-                            assert!(!r.is_empty() && r.end <= units, "range {r:?} of {units}");
-                            r.clone().for_each(|u| {
-                                hits[u].fetch_add(1, Ordering::Relaxed);
-                            });
-                            ranges.lock().unwrap().push(r);
-                        });
-                        assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
-                        // Each range is a sixth (two per thread) of what was left.
-                        let mut ranges = ranges.into_inner().unwrap();
-                        ranges.sort_by_key(|r| r.start);
-                        for r in &ranges {
-                            assert_eq!(r.len(), ((units - r.start) / 6).max(1), "{r:?}");
-                        }
-                    }
-                };
-                if team {
-                    with_team(run);
-                } else {
-                    run();
+        outside_and_inside_a_team(|| {
+            for units in [0usize, 1, 2, 5, 6, 7, 100, 4099] {
+                let hits: Vec<AtomicUsize> = (0..units).map(|_| AtomicUsize::new(0)).collect();
+                let ranges = std::sync::Mutex::new(Vec::new());
+                for_each_range(units, |r| {
+                    assert!(!r.is_empty() && r.end <= units, "range {r:?} of {units}");
+                    r.clone().for_each(|u| {
+                        hits[u].fetch_add(1, Ordering::Relaxed);
+                    });
+                    ranges.lock().unwrap().push(r);
+                });
+                assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
+                // Each range is a sixth (two per thread) of what was left.
+                let mut ranges = ranges.into_inner().unwrap();
+                ranges.sort_by_key(|r| r.start);
+                for r in &ranges {
+                    assert_eq!(r.len(), ((units - r.start) / 6).max(1), "{r:?}");
                 }
             }
         });
