@@ -31,16 +31,8 @@ pub fn quantize_into(dtype: DType, src: &[f32], dst: &mut [u8]) {
                 y.copy_from_slice(&x.to_le_bytes());
             }
         }
-        DType::F16 => {
-            for (x, y) in src.iter().zip(dst.chunks_exact_mut(2)) {
-                y.copy_from_slice(&f16::from_f32(*x).to_le_bytes());
-            }
-        }
-        DType::BF16 => {
-            for (x, y) in src.iter().zip(dst.chunks_exact_mut(2)) {
-                y.copy_from_slice(&bf16::from_f32(*x).to_le_bytes());
-            }
-        }
+        DType::F16 => halves::<f16>(src, dst),
+        DType::BF16 => halves::<bf16>(src, dst),
         DType::Q4_0 => blocks(q4_0),
         DType::Q4_1 => blocks(q4_1),
         DType::Q5_0 => blocks(q5_0),
@@ -49,6 +41,25 @@ pub fn quantize_into(dtype: DType, src: &[f32], dst: &mut [u8]) {
         DType::Q4_K => blocks(q4_k),
         DType::Q5_K => blocks(q5_k),
         DType::Q6_K => blocks(q6_k),
+    }
+}
+
+/// `src` rounded to a 16-bit float type (nearest even), little-endian into `dst`: a chunk at
+/// a time through `half`'s slice conversion (the CPU's conversion instructions where it
+/// finds them), not a call and a feature check per value.
+fn halves<H: Copy + Default>(src: &[f32], dst: &mut [u8])
+where
+    [H]: half::slice::HalfFloatSliceExt,
+{
+    use half::slice::HalfFloatSliceExt;
+    const CHUNK: usize = 64;
+    let mut h = [H::default(); CHUNK];
+    for (x, y) in src.chunks(CHUNK).zip(dst.chunks_mut(2 * CHUNK)) {
+        let h = &mut h[..x.len()];
+        h.convert_from_f32_slice(x);
+        for (v, b) in h.reinterpret_cast().iter().zip(y.chunks_exact_mut(2)) {
+            b.copy_from_slice(&v.to_le_bytes());
+        }
     }
 }
 

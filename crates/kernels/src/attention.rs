@@ -11,6 +11,7 @@
 //! the same order however it is batched, so its result does not depend on the batch.
 
 use crate::gemm::RowsB;
+use gemma3_formats::quantize::quantize_into;
 use gemma3_formats::DType;
 use rayon::prelude::*;
 use std::ops::Range;
@@ -58,56 +59,8 @@ pub fn page_rows(page: &Page, rows: Range<usize>, row_bytes: usize) -> &[u8] {
 
 /// Stores `x` (one row) as `ty` at row `row` of `page` (rows of `row_bytes`).
 pub fn store_row(ty: DType, x: &[f32], page: &mut Page, row: usize, row_bytes: usize) {
-    if ty == DType::F32 {
-        let at = row * x.len();
-        page[at..at + x.len()].copy_from_slice(x);
-        return;
-    }
     let out = &mut page_bytes_mut(page)[row * row_bytes..(row + 1) * row_bytes];
-    match ty {
-        DType::F16 | DType::BF16 => {
-            let mut out = out.chunks_exact_mut(2);
-            each_half(ty, x, |b| out.next().unwrap().copy_from_slice(&b));
-        }
-        DType::Q8_0 => {
-            for (o, blk) in out.chunks_exact_mut(34).zip(x.chunks_exact(32)) {
-                let (d, q) = o.split_at_mut(2);
-                d.copy_from_slice(&quantize_q8_block(blk, q));
-            }
-        }
-        other => unreachable!("{other} is not a cache type"),
-    }
-}
-
-/// `x` rounded to f16 or bf16 (`ty`), each value's bytes to `put` in order: converted a
-/// chunk at a time (with the CPU's conversion instructions where `half` finds them), not a
-/// call and a feature check per value.
-fn each_half(ty: DType, x: &[f32], mut put: impl FnMut([u8; 2])) {
-    use half::slice::HalfFloatSliceExt;
-    const CHUNK: usize = 64;
-    let mut h = [half::f16::ZERO; CHUNK];
-    let mut b = [half::bf16::ZERO; CHUNK];
-    for c in x.chunks(CHUNK) {
-        if ty == DType::F16 {
-            h[..c.len()].convert_from_f32_slice(c);
-            h[..c.len()].iter().for_each(|v| put(v.to_le_bytes()));
-        } else {
-            b[..c.len()].convert_from_f32_slice(c);
-            b[..c.len()].iter().for_each(|v| put(v.to_le_bytes()));
-        }
-    }
-}
-
-/// Quantizes 32 values as ggml's reference q8_0 does (`d = max|x| / 127`, `q = round(x /
-/// d)`): the bytes into `q`, the scale's f16 bytes returned.
-fn quantize_q8_block(x: &[f32], q: &mut [u8]) -> [u8; 2] {
-    let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
-    let d = amax / 127.0;
-    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-    for (q, v) in q.iter_mut().zip(x) {
-        *q = (v * id).round() as i8 as u8;
-    }
-    half::f16::from_f32(d).to_le_bytes()
+    quantize_into(ty, x, out);
 }
 
 /// Where a q8_0 key's parts lie in its kv head's share of a page (`PAGE · row_bytes`
@@ -117,6 +70,37 @@ fn quantize_q8_block(x: &[f32], q: &mut [u8]) -> [u8; 2] {
 fn q8_key_parts(head: usize, dim: usize, row_bytes: usize) -> (usize, usize) {
     let base = head * PAGE * row_bytes;
     (base, base + dim * PAGE)
+}
+
+/// Where the key of kv head `head` (keys of `dim` values) at `slot` lies in its page, in
+/// bytes: value `p` at `first + p · stride`, and with q8_0 the f16 scale of block `b` at
+/// `scales + b · 2 · PAGE`.
+struct KeyAt {
+    first: usize,
+    stride: usize,
+    scales: Option<usize>,
+}
+
+fn key_at(ty: DType, head: usize, dim: usize, slot: usize, row_bytes: usize) -> KeyAt {
+    match ty {
+        DType::Q8_0 => {
+            let (qs, scales) = q8_key_parts(head, dim, row_bytes);
+            KeyAt {
+                first: qs + slot,
+                stride: PAGE,
+                scales: Some(scales + 2 * slot),
+            }
+        }
+        DType::F32 | DType::F16 | DType::BF16 => {
+            let width = ty.block_bytes();
+            KeyAt {
+                first: width * (head * dim * PAGE + slot),
+                stride: width * PAGE,
+                scales: None,
+            }
+        }
+        other => unreachable!("{other} is not a cache type"),
+    }
 }
 
 /// Stores the key `x` of kv head `head` at slot `slot` of `page`. Keys lie transposed in
@@ -131,35 +115,29 @@ pub fn store_key(
     slot: usize,
     row_bytes: usize,
 ) {
-    let first = head * x.len() * PAGE + slot;
-    match ty {
-        DType::F32 => {
-            for (p, v) in x.iter().enumerate() {
-                page[first + p * PAGE] = *v;
+    let at = key_at(ty, head, x.len(), slot, row_bytes);
+    let bytes = page_bytes_mut(page);
+    // Converted (or quantized) a block of 32 values at a time, as a row would be, then
+    // spread over the block's lines.
+    let mut buf = [0u8; 4 * 32];
+    for (b, blk) in x.chunks(32).enumerate() {
+        let enc = &mut buf[..ty
+            .row_bytes(blk.len())
+            .expect("cache rows are whole blocks")];
+        quantize_into(ty, blk, enc);
+        let values = match at.scales {
+            Some(scales) => {
+                let s = scales + b * 2 * PAGE;
+                bytes[s..s + 2].copy_from_slice(&enc[..2]);
+                &enc[2..]
             }
+            None => &enc[..],
+        };
+        let width = values.len() / blk.len();
+        for (p, v) in values.chunks_exact(width).enumerate() {
+            let o = at.first + (32 * b + p) * at.stride;
+            bytes[o..o + width].copy_from_slice(v);
         }
-        DType::F16 | DType::BF16 => {
-            let bytes = page_bytes_mut(page);
-            let mut at = 2 * first;
-            each_half(ty, x, |b| {
-                bytes[at..at + 2].copy_from_slice(&b);
-                at += 2 * PAGE;
-            });
-        }
-        DType::Q8_0 => {
-            let (qs, scales) = q8_key_parts(head, x.len(), row_bytes);
-            let bytes = page_bytes_mut(page);
-            let mut q = [0u8; 32];
-            for (b, blk) in x.chunks_exact(32).enumerate() {
-                let d = quantize_q8_block(blk, &mut q);
-                let at = scales + 2 * (b * PAGE + slot);
-                bytes[at..at + 2].copy_from_slice(&d);
-                for (p, v) in q.iter().enumerate() {
-                    bytes[qs + (32 * b + p) * PAGE + slot] = *v;
-                }
-            }
-        }
-        other => unreachable!("{other} is not a cache type"),
     }
 }
 
@@ -176,21 +154,15 @@ pub fn prefetch_key(
     slot: usize,
     row_bytes: usize,
 ) {
+    let at = key_at(ty, head, dim, slot, row_bytes);
     let bytes = page_bytes(page);
-    let (first, stride) = match ty {
-        DType::F32 => (4 * (head * dim * PAGE + slot), 4 * PAGE),
-        DType::F16 | DType::BF16 => (2 * (head * dim * PAGE + slot), 2 * PAGE),
-        DType::Q8_0 => {
-            let (qs, scales) = q8_key_parts(head, dim, row_bytes);
-            for b in 0..dim / 32 {
-                crate::simd::prefetch_write(&bytes[scales + 2 * (b * PAGE + slot)]);
-            }
-            (qs + slot, PAGE)
-        }
-        other => unreachable!("{other} is not a cache type"),
-    };
     for p in 0..dim {
-        crate::simd::prefetch_write(&bytes[first + p * stride]);
+        crate::simd::prefetch_write(&bytes[at.first + p * at.stride]);
+    }
+    if let Some(scales) = at.scales {
+        for b in 0..dim / 32 {
+            crate::simd::prefetch_write(&bytes[scales + b * 2 * PAGE]);
+        }
     }
 }
 
